@@ -1,0 +1,171 @@
+"""Meta-gradients: backpropagation through the inner loop's unroll.
+
+Two modes over the same :class:`~metaopt.inner.InnerLoop`:
+
+* full (``truncation_length=None``): the gradient of the lifetime meta-loss,
+  averaged over ``num_particles`` seeds, through all ``T`` inner steps;
+* truncated (``truncation_length=K``): persistent particles advance ``K`` steps
+  per outer step; the gradient flows through those ``K`` steps only
+  (``stop_gradient`` on the carried-in state), and particles reset at the end of
+  their lifetime (staggered, as in PES). This is truncated backprop through
+  time: cheap, but biased towards short-horizon behaviour.
+
+``remat=True`` wraps each inner step in ``jax.checkpoint`` so the backward pass
+stores one inner state per step instead of every intermediate.
+
+Particles whose loss or gradient is non-finite are left out of the average (and
+truncated particles restarted); the count is reported as ``nonfinite``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from metaopt import sharding
+from metaopt.inner import InnerLoop, MetaParams, rollout_loss
+from metaopt.outer import particles as P
+from metaopt.outer.base import fitness_summary, make_meta_optimizer, sanitize_losses
+
+
+def _finite_rows(tree) -> jax.Array:
+    """``[n]`` mask: row ``i`` of every leaf is finite."""
+    leaves = [jnp.isfinite(g).reshape(g.shape[0], -1).all(1) for g in jax.tree.leaves(tree)]
+    return jnp.stack(leaves).all(0)
+
+
+class MetaGradState(NamedTuple):
+    meta_params: Any
+    opt_state: Any
+    particles: Any  # P.Particles in truncated mode, () in full mode
+
+
+class MetaGradient:
+    """Gradient-based outer loop.
+
+    Args:
+      inner: the inner loop.
+      truncation_length: ``None`` for full backprop, else ``K`` (a divisor of the horizon).
+      num_particles: seeds per step (full) or persistent particles (truncated).
+      learning_rate, optimizer, clip_norm: the meta-optimizer (default Adam).
+      remat: ``jax.checkpoint`` each inner step.
+      stagger: truncated mode: start particles at random points of their lifetime.
+      mesh: ``"auto"``, a mesh, or ``None``: shards the particle axis.
+    """
+
+    def __init__(
+        self,
+        inner: InnerLoop,
+        truncation_length: int | None = None,
+        num_particles: int = 4,
+        learning_rate: float = 1e-3,
+        optimizer: optax.GradientTransformation | None = None,
+        clip_norm: float | None = None,
+        remat: bool = False,
+        stagger: bool = True,
+        mesh: Any = "auto",
+    ):
+        if num_particles < 1:
+            raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+        self.inner = inner
+        self.truncation_length = truncation_length
+        if truncation_length is not None:
+            self.num_truncations = P.check_truncation(inner, truncation_length)
+        self.num_particles = num_particles
+        self.remat = remat
+        self.stagger = stagger
+        self.opt = make_meta_optimizer(optimizer, learning_rate, clip_norm)
+        self.mesh = sharding.resolve_mesh(mesh, num_particles)
+        self.evals_per_step = num_particles
+
+    @property
+    def truncated(self) -> bool:
+        return self.truncation_length is not None
+
+    def meta_params(self, state: MetaGradState) -> MetaParams:
+        return state.meta_params
+
+    def _broadcast(self, theta):
+        n = self.num_particles
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), theta)
+
+    def _advance(self, theta, particles, key):
+        """Per-particle (loss, grad) over one truncation, and the advanced particles."""
+        k_reset, k_run = jax.random.split(key)
+        n = self.num_particles
+        particles, _ = P.reset_finished(
+            self.inner, self._broadcast(theta), particles, jax.random.split(k_reset, n)
+        )
+        particles = jax.lax.stop_gradient(particles)
+        keys = jax.random.split(k_run, n)
+
+        def one(state, step, k):
+            def f(th):
+                new, loss = P.advance(
+                    self.inner,
+                    jax.tree.map(lambda x: x[None], th),
+                    P.Particles(jax.tree.map(lambda x: x[None], state), step[None]),
+                    k[None],
+                    self.truncation_length,
+                    remat=self.remat,
+                )
+                return loss[0], new
+
+            (loss, new), g = jax.value_and_grad(f, has_aux=True)(theta)
+            return loss, g, jax.tree.map(lambda x: x[0], new)
+
+        state = sharding.shard_leading(particles.inner_state, self.mesh)
+        losses, grads, new = jax.vmap(one)(state, particles.step, keys)
+        return losses, grads, P.Particles(new.inner_state, new.step)
+
+    def init(self, key: jax.Array, meta_params: MetaParams) -> MetaGradState:
+        particles: Any = ()
+        if self.truncated:
+            k_p, k_burn = jax.random.split(key)
+            n = self.num_particles
+            particles = P.finished_particles(self.inner, self._broadcast(meta_params), k_p, n)
+            if self.stagger:
+                particles = P.burn_in(
+                    lambda parts, k: self._advance(meta_params, parts, k)[2],
+                    particles,
+                    k_burn,
+                    n,
+                    self.num_truncations,
+                )
+        return MetaGradState(meta_params, self.opt.init(meta_params), particles)
+
+    def gradient(self, state: MetaGradState, key: jax.Array):
+        """Meta-gradient at ``state.meta_params``.
+
+        Returns:
+          ``(grad, particles, metrics)``.
+        """
+        theta = state.meta_params
+        if self.truncated:
+            losses, grads, particles = self._advance(theta, state.particles, key)
+        else:
+            keys = sharding.shard_leading(jax.random.split(key, self.num_particles), self.mesh)
+            f = lambda th, k: rollout_loss(self.inner, th, k, remat=self.remat)
+            losses, grads = jax.vmap(jax.value_and_grad(f), in_axes=(None, 0))(theta, keys)
+            particles = ()
+        ok = jnp.isfinite(losses) & _finite_rows(grads)
+        count = jnp.maximum(jnp.sum(ok), 1)
+        grad = jax.tree.map(lambda g: jnp.sum(P.select(ok, g, jnp.zeros_like(g)), 0) / count, grads)
+        if self.truncated:  # restart particles that diverged
+            particles = P.Particles(
+                particles.inner_state, jnp.where(ok, particles.step, self.inner.horizon)
+            )
+        clean, num_bad = sanitize_losses(losses)
+        metrics = fitness_summary(clean, "loss")
+        metrics["nonfinite"] = num_bad
+        return grad, particles, metrics
+
+    def step(self, state: MetaGradState, key: jax.Array):
+        grad, particles, metrics = self.gradient(state, key)
+        updates, opt_state = self.opt.update(grad, state.opt_state, state.meta_params)
+        theta = optax.apply_updates(state.meta_params, updates)
+        metrics["grad_norm"] = optax.global_norm(grad)
+        return MetaGradState(theta, opt_state, particles), metrics

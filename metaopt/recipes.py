@@ -1,0 +1,98 @@
+"""The recipe registry: discovery jobs the ``metaopt`` command can run.
+
+A recipe module registers itself on import with :func:`register`; the built-in
+recipes live in ``metaopt.algorithms`` and are loaded by :func:`load_builtin`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from metaopt.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A runnable discovery job.
+
+    Attributes:
+      name: the command-line name (``metaopt <name>``).
+      description: one line for ``metaopt list``.
+      config_cls: a frozen dataclass of settings; its defaults are the ``default`` preset.
+      run: ``run(config, out_dir, resume, progress) -> summary dict``.
+      presets: named overrides of the defaults (``quick``, ``default``, ``paper``, ...).
+      evaluate: ``evaluate(run_dir, config, progress) -> summary dict`` for ``metaopt eval``.
+      extendable: config keys that may change on ``--resume`` (e.g. the number of generations).
+    """
+
+    name: str
+    description: str
+    config_cls: type
+    run: Callable[..., dict]
+    presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    evaluate: Callable[..., dict] | None = None
+    extendable: tuple[str, ...] = ("generations",)
+
+    def config(self, preset: str = "default", overrides: Mapping[str, Any] | None = None):
+        """The config of ``preset`` with ``overrides`` applied."""
+        from metaopt import config as cfg_lib
+
+        if preset != "default" and preset not in self.presets:
+            raise ConfigError(
+                f"unknown preset '{preset}' for recipe '{self.name}'; "
+                f"choose from {sorted({'default', *self.presets})}"
+            )
+        cfg = self.config_cls()
+        cfg = cfg_lib.replace(cfg, self.presets.get(preset, {}), context=f"{self.name} preset")
+        return cfg_lib.replace(cfg, overrides or {}, context=f"'{self.name}' config")
+
+
+_REGISTRY: dict[str, Recipe] = {}
+
+
+def register(recipe: Recipe) -> Recipe:
+    if recipe.name in _REGISTRY and _REGISTRY[recipe.name] is not recipe:
+        raise ValueError(f"recipe {recipe.name!r} is already registered")
+    _REGISTRY[recipe.name] = recipe
+    return recipe
+
+
+def load_builtin() -> None:
+    import metaopt.algorithms  # noqa: F401  (registers the built-in recipes)
+
+
+def get(name: str) -> Recipe:
+    load_builtin()
+    if name not in _REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown recipe '{name}'{hint}; run 'metaopt list' to see them")
+    return _REGISTRY[name]
+
+
+def all_recipes() -> dict[str, Recipe]:
+    load_builtin()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def run_dir_config(run_dir: str | Path) -> tuple[Recipe, Any, dict]:
+    """Reads ``run_dir/config.json``: the recipe, its config and the raw record."""
+    import json
+
+    from metaopt import config as cfg_lib
+
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.json)")
+    try:
+        record = json.loads(path.read_text())
+        recipe = get(record["recipe"])
+        cfg = cfg_lib.from_dict(recipe.config_cls, record["config"], context="saved config")
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path} is malformed: {e}") from None
+    return recipe, cfg, record
