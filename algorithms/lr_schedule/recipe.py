@@ -19,6 +19,7 @@ tuned on the validation split (``eval.json``, ``eval.md``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Literal
@@ -184,11 +185,18 @@ def plot_schedule(path: Path, schedules: dict[str, dict]) -> None:
     plt.close(fig)
 
 
+@functools.lru_cache(maxsize=8)
+def _evaluator(cfg: Config, split: str):
+    # Keys are arguments, not closure constants: constant keys would let XLA
+    # constant-fold the whole minibatch sampling of the unroll (seconds of compile).
+    inner = build_inner(cfg, split)
+    return jax.jit(lambda mp, keys: seed_losses(inner, mp, keys))
+
+
 def heldout_losses(cfg: Config, meta_params: dict, split: str, key: jax.Array) -> np.ndarray:
     """Final ``split`` losses of ``cfg.eval_seeds`` fresh training runs: ``[seeds]``."""
-    inner = build_inner(cfg, split)
     keys = jax.random.split(key, cfg.eval_seeds)
-    return np.asarray(jax.jit(lambda mp: seed_losses(inner, mp, keys))(meta_params))
+    return np.asarray(_evaluator(cfg, split)(meta_params, keys))
 
 
 def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> dict:
@@ -232,13 +240,14 @@ LR_GRID = tuple(float(x) for x in np.geomspace(1e-3, 1.0, 10))
 
 
 def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
-    """Test-split comparison: discovered vs initial schedule vs best constant lr (tuned on valid)."""
+    """Test split: discovered vs initial schedule vs best constant lr (tuned on valid)."""
     del progress
     learned = load_schedule(run_dir)
     key = jax.random.key(cfg.seed + 20_000)
     keys = jax.random.split(key, cfg.eval_seeds)
     grid = {"log_lr": jnp.log(jnp.asarray(LR_GRID))[:, None] * jnp.ones((1, cfg.knots))}
-    valid = np.asarray(population_losses(build_inner(cfg, "valid"), grid, keys)).mean(1)
+    pop_eval = jax.jit(lambda g, k: population_losses(build_inner(cfg, "valid"), g, k))
+    valid = np.asarray(pop_eval(grid, keys)).mean(1)
     best = int(np.nanargmin(valid))
     tuned = {"log_lr": grid["log_lr"][best]}
     rows = {}

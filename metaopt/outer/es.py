@@ -35,6 +35,10 @@ FITNESS_SHAPING: dict[str, Callable] = {
 }
 
 
+#: smallest step size a strategy with a ``std_min`` parameter may reach.
+STD_FLOOR = 1e-10
+
+
 class ESState(NamedTuple):
     strategy: Any  # the evosax strategy state (mean, std, optimizer state, best so far, ...)
 
@@ -63,7 +67,9 @@ class ES:
       optimizer: an explicit optax optimizer for the mean (overrides learning_rate).
       fitness_shaping: ``"centered_rank"``, ``"standardize"``, ``"normalize"``,
         ``"identity"``, a callable ``(population, fitness, state, params)``, or
-        ``None`` for the strategy's default.
+        ``None`` for the strategy's default (centered ranks for Open_ES and PGPE).
+        Strategies that rank with their own recombination weights (CMA_ES, SNES,
+        ...) refuse an override: replacing their weights breaks their update.
       num_steps: inner steps per lifetime (default ``inner.horizon``).
       eval_mean: also evaluate the current mean every generation (one more
         candidate's cost) and log it as ``mean_loss``.
@@ -88,7 +94,7 @@ class ES:
         sigma_min: float = 0.0,
         learning_rate: float | None = None,
         optimizer: optax.GradientTransformation | None = None,
-        fitness_shaping: str | Callable | None = "centered_rank",
+        fitness_shaping: str | Callable | None = None,
         num_steps: int | None = None,
         eval_mean: bool = True,
         mesh: Any = "auto",
@@ -111,9 +117,8 @@ class ES:
         self.sigma, self.sigma_decay, self.sigma_min = sigma, sigma_decay, sigma_min
         self.learning_rate, self.optimizer = learning_rate, optimizer
         if isinstance(fitness_shaping, str) and fitness_shaping not in FITNESS_SHAPING:
-            raise ValueError(
-                f"unknown fitness_shaping {fitness_shaping!r}; choose from {sorted(FITNESS_SHAPING)}"
-            )
+            choices = sorted(FITNESS_SHAPING)
+            raise ValueError(f"unknown fitness_shaping {fitness_shaping!r}; choose from {choices}")
         self.fitness_shaping = fitness_shaping
         self.strategy_kwargs = dict(strategy_kwargs or {})
         self.mesh = sharding.resolve_mesh(mesh, population_size)
@@ -129,6 +134,12 @@ class ES:
         if "metrics_fn" in accepted:
             kwargs.setdefault("metrics_fn", _no_metrics)  # we compute our own scalars
         if self.fitness_shaping is not None and "fitness_shaping_fn" in accepted:
+            default = accepted["fitness_shaping_fn"].default
+            if default is fs.weights_fitness_shaping_fn:
+                raise ValueError(
+                    f"{self.strategy_name} ranks candidates with its own recombination weights; "
+                    "leave fitness_shaping=None"
+                )
             fn = self.fitness_shaping
             kwargs.setdefault("fitness_shaping_fn", FITNESS_SHAPING.get(fn, fn))
         if "optimizer" in accepted:
@@ -149,6 +160,10 @@ class ES:
         params = strategy.default_params
         if "std_schedule" not in accepted and hasattr(params, "std_init"):
             params = params.replace(std_init=self.sigma)
+        if hasattr(params, "std_min"):
+            # evosax's CMA-style strategies let the step size decay to exactly 0
+            # after convergence, and the next update divides by it.
+            params = params.replace(std_min=max(self.sigma_min, STD_FLOOR))
         return strategy, params
 
     # -- the interface ------------------------------------------------------------
@@ -185,7 +200,12 @@ class ES:
             mean = strat.get_mean(sstate)
             keys = jax.random.split(k_eval, self.num_seeds)  # the population's seeds
             metrics["mean_loss"] = jnp.mean(seed_losses(self.inner, mean, keys, self.num_steps))
-        sstate, _ = strat.tell(k_tell, population, fitness, sstate, params)
+        new, _ = strat.tell(k_tell, population, fitness, sstate, params)
+        # Last line of defence: an update that made the mean non-finite (a
+        # strategy's numerical breakdown) is dropped, so the search carries on.
+        ok = jnp.all(jnp.isfinite(new.mean))
+        sstate = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, sstate)
+        metrics["rejected_update"] = (~ok).astype(jnp.int32)
         if hasattr(sstate, "std"):
             metrics["sigma"] = jnp.mean(sstate.std)
         return ESState(sstate), metrics

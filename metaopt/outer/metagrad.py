@@ -122,6 +122,9 @@ class MetaGradient:
         return losses, grads, P.Particles(new.inner_state, new.step)
 
     def init(self, key: jax.Array, meta_params: MetaParams) -> MetaGradState:
+        return jax.jit(self._init)(key, meta_params)
+
+    def _init(self, key: jax.Array, meta_params: MetaParams) -> MetaGradState:
         particles: Any = ()
         if self.truncated:
             k_p, k_burn = jax.random.split(key)
@@ -167,5 +170,5 @@ class MetaGradient:
         grad, particles, metrics = self.gradient(state, key)
         updates, opt_state = self.opt.update(grad, state.opt_state, state.meta_params)
         theta = optax.apply_updates(state.meta_params, updates)
-        metrics["grad_norm"] = optax.global_norm(grad)
+        metrics["grad_norm"] = optax.tree.norm(grad)
         return MetaGradState(theta, opt_state, particles), metrics

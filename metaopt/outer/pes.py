@@ -105,6 +105,9 @@ class PES:
         return P.Particles(*sharding.shard_leading(tuple(particles), self.mesh)), accum, losses
 
     def init(self, key: jax.Array, meta_params: MetaParams) -> PESState:
+        return jax.jit(self._init)(key, meta_params)
+
+    def _init(self, key: jax.Array, meta_params: MetaParams) -> PESState:
         k_p, k_burn = jax.random.split(key)
         n2 = 2 * self.num_pairs
         dim = FlatNoise.like(meta_params).dim
@@ -152,5 +155,5 @@ class PES:
         grad, particles, accum, metrics = self.gradient(state, key)
         updates, opt_state = self.opt.update(grad, state.opt_state, state.meta_params)
         theta = optax.apply_updates(state.meta_params, updates)
-        metrics["grad_norm"] = optax.global_norm(grad)
+        metrics["grad_norm"] = optax.tree.norm(grad)
         return PESState(theta, opt_state, particles, accum), metrics
