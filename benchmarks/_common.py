@@ -136,7 +136,7 @@ class MetaoptRunner:
 
     def __call__(self) -> None:
         self.carry, metrics = self._chunk(self.carry, self.gens_per_call)
-        self.last_mean_loss = float(metrics["fitness_mean"][-1])  # waits for the result
+        self.last_mean_loss = float(metrics["loss_mean"][-1])  # waits for the result
 
     def compiled_versions(self) -> int | None:
         return compiled_versions(self._chunk)
@@ -151,38 +151,59 @@ class MetaoptRunner:
 # ---------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class Samples:
+    """Seconds per call of one side: wall clock and this process's CPU time (all threads)."""
+
+    wall: list[float] = dataclasses.field(default_factory=list)
+    cpu: list[float] = dataclasses.field(default_factory=list)
+
+
 def time_interleaved(
     fns: dict[str, Callable[[], Any]],
     repeats: int,
-    warmup: int = 1,
+    warmup: int | dict[str, int] = 1,
+    budget_s: dict[str, float] | None = None,
     log: Callable[[str], None] | None = print,
-) -> dict[str, list[float]]:
-    """Wall-clock seconds of ``repeats`` calls of every function, calls alternated.
+) -> dict[str, Samples]:
+    """Times ``repeats`` calls of every function, the calls of the sides alternated.
 
-    Each function is called ``warmup`` times first (compilation, caches). Then
-    the functions run in turn, the order reversed every other round (ABBA...), so
-    that a slow spell on this shared machine hits every side alike. Every
-    function must block until its work is done.
+    Each function is first called ``warmup`` times (or ``warmup[name]``) for
+    compilation and caches. Then the functions run in turn, the order reversed
+    every other round (ABBA...), so that a slow spell on this shared machine hits
+    every side alike. Every function must block until its work is done. A side
+    named in ``budget_s`` is timed no more once its timed calls add up to that
+    many seconds (it keeps the samples it has, at least one).
+
+    CPU time is reported besides wall time: when another process competes for
+    the cores, wall time grows by the time spent waiting while CPU time grows
+    much less, so the ratio of CPU times is the steadier one for two sides that
+    run the same kind of code (not for spinning thread pools such as OpenMP's).
     """
+    budget_s = budget_s or {}
     for name, fn in fns.items():
+        n = warmup.get(name, 1) if isinstance(warmup, dict) else warmup
         t0 = time.perf_counter()
-        for _ in range(warmup):
+        for _ in range(n):
             fn()
-        if log:
+        if log and n:
             log(f"  warm-up {name}: {time.perf_counter() - t0:.1f} s (includes compilation)")
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    samples = {name: Samples() for name in fns}
     names = list(fns)
     for r in range(repeats):
+        timed = []
         for name in names if r % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
+            if sum(samples[name].wall) > budget_s.get(name, float("inf")):
+                continue
+            w0, c0 = time.perf_counter(), time.process_time()
             fns[name]()
-            times[name].append(time.perf_counter() - t0)
+            samples[name].cpu.append(time.process_time() - c0)
+            samples[name].wall.append(time.perf_counter() - w0)
+            timed.append(name)
         if log:
-            log(
-                f"  round {r + 1}/{repeats}: "
-                + ", ".join(f"{n} {times[n][-1]:.3f} s" for n in names)
-            )
-    return times
+            done = ", ".join(f"{n} {samples[n].wall[-1]:.3f} s" for n in names if n in timed)
+            log(f"  round {r + 1}/{repeats} (wall): {done}")
+    return samples
 
 
 def compiled_versions(jitted: Any) -> int | None:
@@ -238,6 +259,8 @@ def header(title: str, quick: bool) -> dict[str, Any]:
         f"   {info['date']}, {info['cores']} cores, 1-min load {info['load_avg_1m']}, "
         f"jax {info['jax']} on {info['backend']}"
     )
+    if info["load_avg_1m"] > 0.5:
+        print("   note: other processes are using the CPU; timings will be noisy")
     return info
 
 

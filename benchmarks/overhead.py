@@ -54,18 +54,22 @@ class HandwrittenES:
         knot_x = jnp.linspace(0.0, 1.0, w.knots)
         b1, b2, eps = 0.9, 0.999, 1e-8
 
+        # Weights are stored [out, in] (nn.Linear's convention): on this CPU, XLA then
+        # computes the vmapped weight gradients without transposing the hidden
+        # activations, ~10% faster than the [in, out] layout. (metaopt's MLP is
+        # [in, out] but gets the good layout through its extra size-1 seed axis.)
         def init_mlp(key):
             k1, k2 = jax.random.split(key)
             (a, h, c) = sizes
             return {
-                "w1": jax.random.normal(k1, (a, h)) * jnp.sqrt(2.0 / a),
+                "w1": jax.random.normal(k1, (h, a)) * jnp.sqrt(2.0 / a),
                 "b1": jnp.zeros((h,)),
-                "w2": jax.random.normal(k2, (h, c)) * jnp.sqrt(2.0 / h),
+                "w2": jax.random.normal(k2, (c, h)) * jnp.sqrt(2.0 / h),
                 "b2": jnp.zeros((c,)),
             }
 
         def loss(p, x, y):
-            logits = jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+            logits = jax.nn.relu(x @ p["w1"].T + p["b1"]) @ p["w2"].T + p["b2"]
             logp = jax.nn.log_softmax(logits)
             return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
 
@@ -137,6 +141,12 @@ class HandwrittenES:
         return self._chunk.lower(self.carry).compile().as_text()
 
 
+def hlo_stats(text: str) -> dict[str, int]:
+    """Instruction and dot counts of an optimised HLO module."""
+    lines = [ln for ln in text.splitlines() if " = " in ln and not ln.lstrip().startswith("//")]
+    return {"instructions": len(lines), "dots": sum(" dot(" in ln for ln in lines)}
+
+
 def main() -> None:
     args = parser(__doc__).parse_args()
     info = header("overhead: metaopt.ES vs hand-written JAX", args.quick)
@@ -147,43 +157,41 @@ def main() -> None:
     if not args.quick:
         print("   metaopt_default: ES's default eval_mean=True (one more lifetime: the mean's)")
         sides["metaopt_default"] = MetaoptRunner(gens, eval_mean=True)
-    times = time_interleaved(sides, repeats)
-    per_gen = {k: median(v) / gens for k, v in times.items()}
-    best = {k: min(v) / gens for k, v in times.items()}
-    for k in times:
+    samples = time_interleaved(sides, repeats)
+    wall = {k: median(v.wall) / gens for k, v in samples.items()}
+    cpu = {k: median(v.cpu) / gens for k, v in samples.items()}
+    for k in samples:
         print(
-            f"{k:>16}: {per_gen[k] * 1e3:7.1f} ms/generation median, {best[k] * 1e3:7.1f} min "
-            f"(last generation's mean valid loss {sides[k].last_mean_loss:.4f})"
+            f"{k:>16}: {wall[k] * 1e3:7.1f} ms/generation wall, {cpu[k] * 1e3:7.1f} ms CPU "
+            f"(medians; last generation's mean valid loss {sides[k].last_mean_loss:.4f})"
         )
     for k, side in sides.items():
         if (n := side.compiled_versions()) not in (1, None):
             print(f"WARNING: {k} was compiled {n} times; its timings include compilation")
 
-    ratio = per_gen["metaopt"] / per_gen["handwritten"]
-    ratio_min = best["metaopt"] / best["handwritten"]
+    ratio = wall["metaopt"] / wall["handwritten"]
+    ratio_cpu = cpu["metaopt"] / cpu["handwritten"]
     verdict = "met" if ratio <= TARGET else "NOT met"
-    print(f"ratio metaopt/handwritten = {ratio:.3f} of medians, {ratio_min:.3f} of minima")
-    print(f"target <= {TARGET}: {verdict}")
+    print(f"ratio metaopt/handwritten = {ratio:.3f} wall, {ratio_cpu:.3f} CPU time")
+    print(f"target <= {TARGET} (wall): {verdict}")
     result = {
         "name": "overhead",
         "ratio": round(ratio, 4),
         "target": TARGET,
         "met": ratio <= TARGET,
-        "ratio_of_minima": round(ratio_min, 4),
-        "metaopt_ms_per_gen": round(per_gen["metaopt"] * 1e3, 2),
-        "handwritten_ms_per_gen": round(per_gen["handwritten"] * 1e3, 2),
+        "ratio_cpu": round(ratio_cpu, 4),
+        "metaopt_ms_per_gen": round(wall["metaopt"] * 1e3, 2),
+        "handwritten_ms_per_gen": round(wall["handwritten"] * 1e3, 2),
     }
     if "metaopt_default" in sides:
-        ratio_default = per_gen["metaopt_default"] / per_gen["handwritten"]
+        ratio_default = wall["metaopt_default"] / wall["handwritten"]
         print(f"ratio metaopt_default/handwritten = {ratio_default:.3f} (one more lifetime)")
-        hlo = {k: len(sides[k].compiled_text()) for k in ("metaopt", "handwritten")}
-        print(
-            f"optimised HLO text: metaopt {hlo['metaopt']} chars, handwritten {hlo['handwritten']}"
-        )
+        hlo = {k: hlo_stats(sides[k].compiled_text()) for k in ("metaopt", "handwritten")}
+        print(f"optimised HLO of one call: {hlo}")
         result |= {
-            "metaopt_eval_mean_ms_per_gen": round(per_gen["metaopt_default"] * 1e3, 2),
+            "metaopt_eval_mean_ms_per_gen": round(wall["metaopt_default"] * 1e3, 2),
             "ratio_eval_mean": round(ratio_default, 4),
-            "hlo_chars": hlo,
+            "hlo": hlo,
         }
     emit(result | {"gens_per_call": gens, "repeats": repeats, "quick": args.quick, **info})
 

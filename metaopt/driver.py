@@ -34,7 +34,7 @@ PyTree = Any
 Callback = Callable[[int, PyTree, list[dict]], None]
 
 #: metrics shown on the progress bar, in order of preference.
-DISPLAY_KEYS = ("mean_loss", "fitness_best", "fitness_mean", "loss_mean", "nonfinite")
+DISPLAY_KEYS = ("center_loss", "loss_best", "loss_mean", "nonfinite")
 
 
 class TrainCarry(NamedTuple):
@@ -134,7 +134,7 @@ class _Progress:
             return
         last = rows[-1]
         for r in rows:
-            for k in ("mean_loss", "fitness_best", "loss_best"):
+            for k in ("center_loss", "loss_best"):
                 if k in r and np.isfinite(r[k]):
                     self.best = min(self.best, r[k])
                     break

@@ -1,4 +1,9 @@
-"""Plots of run logs (matplotlib is imported lazily, with the Agg backend)."""
+"""Plots of run logs.
+
+matplotlib is imported lazily and used through :class:`matplotlib.figure.Figure`
+directly, never through pyplot: saving a PNG must not switch the backend of a
+notebook kernel the user is plotting in.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,12 @@ import json
 from pathlib import Path
 
 
-def _pyplot():
-    import matplotlib
+def figure(figsize=(5.0, 3.3), nrows: int = 1, ncols: int = 1):
+    """A backend-free figure and its axes (``squeeze=False`` grid)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -28,10 +32,9 @@ def read_metrics(path: str | Path) -> list[dict]:
 def plot_metrics(log_path: str | Path, png_path: str | Path, title: str = "") -> Path:
     """One panel per metric group of a ``metrics.jsonl``: learning curves over outer steps.
 
-    Metrics sharing a prefix (``fitness_best``/``fitness_mean``/...) share a panel.
+    Metrics sharing a prefix (``loss_best``/``loss_mean``/...) share a panel.
     """
     rows = read_metrics(log_path)
-    plt = _pyplot()
     keys = [k for k in rows[0] if k not in ("step", "time")] if rows else []
     groups: dict[str, list[str]] = {}
     for k in keys:
@@ -39,7 +42,7 @@ def plot_metrics(log_path: str | Path, png_path: str | Path, title: str = "") ->
     n = max(1, len(groups))
     cols = min(3, n)
     nrows = -(-n // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.2 * nrows), squeeze=False)
+    fig, axes = figure((4.5 * cols, 3.2 * nrows), nrows, cols)
     steps = [r["step"] for r in rows]
     for ax, (g, ks) in zip(axes.flat, groups.items(), strict=False):
         for k in ks:
@@ -56,5 +59,4 @@ def plot_metrics(log_path: str | Path, png_path: str | Path, title: str = "") ->
     fig.tight_layout()
     png_path = Path(png_path)
     fig.savefig(png_path, dpi=110)
-    plt.close(fig)
     return png_path

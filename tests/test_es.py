@@ -138,7 +138,7 @@ def test_diverging_candidates_do_not_poison_the_run():
     )
     assert int(metrics["nonfinite"].sum()) > 0, "the test must actually produce NaN candidates"
     assert np.isfinite(value) and value < 1e-2
-    for k in ("fitness_mean", "fitness_best", "mean_loss"):
+    for k in ("loss_mean", "loss_best", "center_loss"):
         assert np.all(np.isfinite(np.asarray(metrics[k]))), k
 
 

@@ -122,22 +122,20 @@ def initial_meta_params(cfg: Config) -> dict:
 
 
 def build_outer(cfg: Config, inner: InnerLoop) -> outer_lib.OuterEstimator:
-    if cfg.outer == "es":
-        return outer_lib.ES(
-            inner,
-            cfg.strategy,
-            cfg.population,
-            cfg.seeds,
+    """The outer loop ``cfg.outer`` with the config's budget mapped onto its arguments."""
+    kwargs = {
+        "es": dict(
+            strategy=cfg.strategy,
+            population_size=cfg.population,
+            num_seeds=cfg.seeds,
             sigma=cfg.sigma,
-            learning_rate=cfg.meta_lr,
-        )
-    if cfg.outer == "pes":
-        return outer_lib.PES(
-            inner, cfg.population // 2, cfg.truncation, sigma=cfg.sigma, learning_rate=cfg.meta_lr
-        )
-    return outer_lib.MetaGradient(
-        inner, cfg.truncation, cfg.seeds, learning_rate=cfg.meta_lr, clip_norm=1.0
-    )
+        ),
+        "pes": dict(
+            num_pairs=cfg.population // 2, truncation_length=cfg.truncation, sigma=cfg.sigma
+        ),
+        "metagrad": dict(truncation_length=cfg.truncation, num_particles=cfg.seeds, clip_norm=1.0),
+    }[cfg.outer]
+    return outer_lib.make(cfg.outer, inner, learning_rate=cfg.meta_lr, **kwargs)
 
 
 def save_schedule(out: Path, meta_params: dict, cfg: Config) -> None:
@@ -167,11 +165,17 @@ def load_schedule(run_dir: Path) -> dict:
         return {"log_lr": jnp.asarray(f["log_lr"], jnp.float32)}
 
 
-def plot_schedule(path: Path, schedules: dict[str, dict]) -> None:
-    from metaopt.plotting import _pyplot
+def plot_schedule(schedules: dict[str, dict], ax=None, path: Path | None = None):
+    """Learning rate over training progress for each schedule; on ``ax`` or a new figure.
 
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.3))
+    Returns the axes; with ``path``, also saves the figure as PNG.
+    """
+    from metaopt.plotting import figure
+
+    fig = None
+    if ax is None:
+        fig, axes = figure()
+        ax = axes[0, 0]
     p = jnp.linspace(0, 1, 200)
     for label, mp in schedules.items():
         ax.plot(p, jax.vmap(lambda x, mp=mp: learning_rate(mp, x))(p), label=label)
@@ -180,9 +184,11 @@ def plot_schedule(path: Path, schedules: dict[str, dict]) -> None:
     ax.set_ylabel("learning rate")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    if path is not None:
+        fig = fig or ax.figure
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    return ax
 
 
 @functools.lru_cache(maxsize=8)
@@ -217,7 +223,7 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     )
     learned = jax.tree.map(jnp.asarray, result.meta_params)
     save_schedule(out, learned, cfg)
-    plot_schedule(out / "schedule.png", {"initial": init, "discovered": learned})
+    plot_schedule({"initial": init, "discovered": learned}, path=out / "schedule.png")
     key = jax.random.key(cfg.seed + 10_000)  # seeds never used in meta-training
     before = heldout_losses(cfg, init, "valid", key)
     after = heldout_losses(cfg, learned, "valid", key)

@@ -72,7 +72,7 @@ class ES:
         ...) refuse an override: replacing their weights breaks their update.
       num_steps: inner steps per lifetime (default ``inner.horizon``).
       eval_mean: also evaluate the current mean every generation (one more
-        candidate's cost) and log it as ``mean_loss``.
+        candidate's cost) and log it as ``center_loss``.
       mesh: ``"auto"`` (shard the population over all devices if more than one),
         a :class:`jax.sharding.Mesh`, or ``None``.
       strategy_kwargs: extra keyword arguments for the evosax constructor.
@@ -194,12 +194,12 @@ class ES:
         population, sstate = strat.ask(k_ask, state.strategy, params)
         raw = self.evaluate(population, k_eval)
         fitness, num_bad = sanitize_losses(raw)
-        metrics = fitness_summary(fitness)
+        metrics = fitness_summary(fitness, "loss")
         metrics["nonfinite"] = num_bad
         if self.eval_mean:
             mean = strat.get_mean(sstate)
             keys = jax.random.split(k_eval, self.num_seeds)  # the population's seeds
-            metrics["mean_loss"] = jnp.mean(seed_losses(self.inner, mean, keys, self.num_steps))
+            metrics["center_loss"] = jnp.mean(seed_losses(self.inner, mean, keys, self.num_steps))
         new, _ = strat.tell(k_tell, population, fitness, sstate, params)
         # Last line of defence: an update that made the mean non-finite (a
         # strategy's numerical breakdown) is dropped, so the search carries on.

@@ -1,0 +1,330 @@
+"""Optimizer programs: straight-line code over registers, encoded as arrays.
+
+A program reads the gradient ``g``, the parameter ``w``, two state slots ``m``
+and ``v`` and the step count ``t`` (1-based), and must assign ``update``;
+whatever it assigns to ``m`` and ``v`` is the new state. The learning rate and
+weight decay stay outside the program, as in optax's aliases: the applied
+update is ``-lr * (update + wd * w)``.
+
+Text form (what :func:`to_source` prints and :func:`parse` reads)::
+
+    m = interp(m, g, 0.1)
+    v = interp(v, square_g, 0.001)   # names other than g w m v t update are temporaries
+
+One operation per statement; an argument is a register name or a numeric
+literal (at most one literal per statement). The parser validates everything
+(unknown operations, wrong arity, undefined registers, too many temporaries or
+statements) and never evaluates text.
+
+Encoding: a :class:`Program` is four fixed-length arrays (opcode, destination,
+argument registers, constant); unused rows are ``nop``. Being a pytree of
+arrays, a whole population of *different* programs is run by one compiled
+interpreter under ``vmap`` (``lax.switch`` over opcodes inside a ``scan`` over
+instructions), with no recompilation per candidate.
+
+Reference: Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms".
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+MAX_LEN = 16  # statements per program
+NUM_TEMPS = 6  # temporaries r0.. available to a program
+INPUTS = ("g", "w", "m", "v", "t")
+OUTPUT = "update"
+REGISTERS = (*INPUTS, OUTPUT, *(f"r{i}" for i in range(NUM_TEMPS)))
+CONST = len(REGISTERS)  # register index that holds the current statement's constant
+NUM_REGS = CONST + 1
+REG = {name: i for i, name in enumerate(REGISTERS)}
+
+
+class ProgramError(ValueError):
+    """Malformed program text or encoding."""
+
+
+def _safe_div(a, b):
+    return a / jnp.where(jnp.abs(b) < 1e-12, jnp.where(b < 0, -1e-12, 1e-12), b)
+
+
+# name -> (arity, function, commutative). Order defines opcodes; never reorder
+# (encoded programs and checkpoints store opcodes).
+OPS: dict[str, tuple[int, Callable, bool]] = {
+    "nop": (0, None, False),
+    "copy": (1, lambda a: a, False),
+    "add": (2, jnp.add, True),
+    "sub": (2, jnp.subtract, False),
+    "mul": (2, jnp.multiply, True),
+    "div": (2, _safe_div, False),
+    "interp": (3, lambda x, y, w: (1.0 - w) * x + w * y, False),
+    "sign": (1, jnp.sign, False),
+    "abs": (1, jnp.abs, False),
+    "sqrt": (1, lambda a: jnp.sqrt(jnp.abs(a)), False),
+    "rsqrt": (1, lambda a: jax.lax.rsqrt(jnp.abs(a) + 1e-12), False),
+    "square": (1, jnp.square, False),
+    "neg": (1, jnp.negative, False),
+    "max": (2, jnp.maximum, True),
+    "min": (2, jnp.minimum, True),
+    "clip": (2, lambda a, c: jnp.clip(a, -jnp.abs(c), jnp.abs(c)), False),
+    "tanh": (1, jnp.tanh, False),
+    "exp": (1, lambda a: jnp.exp(jnp.clip(a, -50.0, 50.0)), False),
+    "log": (1, lambda a: jnp.log(jnp.abs(a) + 1e-12), False),
+    "pow": (2, lambda a, b: jnp.power(jnp.abs(a), b), False),
+}
+OPCODE = {name: i for i, name in enumerate(OPS)}
+ARITY = np.array([OPS[n][0] for n in OPS], np.int32)
+COMMUTATIVE = np.array([OPS[n][2] for n in OPS], bool)
+
+
+class Program(NamedTuple):
+    """An encoded program (a pytree of arrays; add a leading axis for populations)."""
+
+    op: jax.Array  # int32 [L]
+    dst: jax.Array  # int32 [L]
+    args: jax.Array  # int32 [L, 3]
+    const: jax.Array  # float32 [L]
+
+
+# ---------------------------------------------------------------------------
+# Text <-> encoding
+# ---------------------------------------------------------------------------
+
+_STMT = re.compile(r"^([A-Za-z_]\w*)\s*=\s*([A-Za-z_]\w*)\s*\((.*)\)$")
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+_NAME = re.compile(r"^[A-Za-z_]\w*$")
+
+
+def parse(text: str, max_len: int = MAX_LEN) -> Program:
+    """Parses program text into a :class:`Program`.
+
+    Raises:
+      ProgramError: naming the line and the problem.
+    """
+    ops, dsts, argss, consts = [], [], [], []
+    temps: dict[str, int] = {}
+    defined = set(INPUTS)
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line or line.startswith("def ") or line.startswith("return"):
+            continue
+        where = f"line {lineno} ({line!r})"
+        m = _STMT.match(line)
+        if not m:
+            raise ProgramError(f"{where}: expected 'name = op(arg, ...)'")
+        dst_name, op_name, arg_text = m.groups()
+        if op_name not in OPS or op_name == "nop":
+            raise ProgramError(f"{where}: unknown operation '{op_name}'")
+        arity = OPS[op_name][0]
+        args = [a.strip() for a in arg_text.split(",")] if arg_text.strip() else []
+        if len(args) != arity:
+            raise ProgramError(f"{where}: '{op_name}' takes {arity} arguments, got {len(args)}")
+        idx, const = [], 0.0
+        for a in args:
+            if _NUMBER.match(a):
+                if CONST in idx:
+                    raise ProgramError(f"{where}: at most one numeric constant per statement")
+                idx.append(CONST)
+                const = float(a)
+            elif _NAME.match(a):
+                if a not in defined:
+                    raise ProgramError(f"{where}: register '{a}' is used before it is assigned")
+                idx.append(REG.get(a, temps.get(a, -1)))
+            else:
+                raise ProgramError(f"{where}: bad argument {a!r}")
+        if dst_name in INPUTS[:2] or dst_name == "t":
+            raise ProgramError(f"{where}: cannot assign to input '{dst_name}'")
+        if dst_name in REG:
+            dst = REG[dst_name]
+        elif dst_name in temps:
+            dst = temps[dst_name]
+        else:
+            if len(temps) >= NUM_TEMPS:
+                raise ProgramError(f"{where}: more than {NUM_TEMPS} temporaries")
+            dst = temps[dst_name] = REG[f"r{len(temps)}"]
+        defined.add(dst_name)
+        ops.append(OPCODE[op_name])
+        dsts.append(dst)
+        argss.append(idx + [0] * (3 - len(idx)))
+        consts.append(const)
+    if len(ops) > max_len:
+        raise ProgramError(f"program has {len(ops)} statements; at most {max_len} are allowed")
+    if OUTPUT not in defined:
+        raise ProgramError(f"program never assigns '{OUTPUT}'")
+    return encode(ops, dsts, argss, consts, max_len)
+
+
+def encode(ops, dsts, argss, consts, max_len: int = MAX_LEN) -> Program:
+    n = len(ops)
+    pad = max_len - n
+    return Program(
+        op=jnp.asarray(list(ops) + [0] * pad, jnp.int32),
+        dst=jnp.asarray(list(dsts) + [REG[OUTPUT]] * pad, jnp.int32),
+        args=jnp.asarray([list(a) for a in argss] + [[0, 0, 0]] * pad, jnp.int32).reshape(
+            max_len, 3
+        ),
+        const=jnp.asarray(list(consts) + [0.0] * pad, jnp.float32),
+    )
+
+
+def _fmt_const(c: float) -> str:
+    s = f"{c:.6g}"
+    return s if ("." in s or "e" in s or "inf" in s or "nan" in s) else s + ".0"
+
+
+def statements(program: Program) -> list[tuple[str, str, list[str]]]:
+    """Decoded ``(dst, op, args)`` of the non-``nop`` rows."""
+    p = jax.tree.map(np.asarray, program)
+    out = []
+    for op, dst, args, c in zip(p.op, p.dst, p.args, p.const, strict=True):
+        name = list(OPS)[int(op)]
+        if name == "nop":
+            continue
+        arity = OPS[name][0]
+        names = [_fmt_const(float(c)) if a == CONST else REGISTERS[a] for a in args[:arity]]
+        out.append((REGISTERS[int(dst)], name, names))
+    return out
+
+
+def to_source(program: Program, name: str = "program") -> str:
+    """Readable text of ``program``; :func:`parse` reads it back to the same encoding."""
+    body = "".join(f"  {d} = {op}({', '.join(a)})\n" for d, op, a in statements(program))
+    return f"def {name}(g, w, m, v, t):\n{body}  return update, m, v\n"
+
+
+# ---------------------------------------------------------------------------
+# The interpreter
+# ---------------------------------------------------------------------------
+
+
+def _branches():
+    def make(fn, arity):
+        if fn is None:
+            return lambda a, b, c: jnp.zeros_like(a)
+        return lambda a, b, c: fn(*(a, b, c)[:arity])
+
+    return [make(fn, arity) for arity, fn, _ in OPS.values()]
+
+
+_BRANCHES = _branches()
+
+
+def run(program: Program, g, w, m, v, t):
+    """Executes ``program`` on flat float32 vectors; returns ``(update, m, v)``.
+
+    ``t`` is the 1-based step count (a scalar). Differentiable and vmappable
+    over programs (the ``lax.switch`` becomes a select over all operations).
+    """
+    regs = jnp.zeros((NUM_REGS,) + g.shape, g.dtype)
+    regs = regs.at[REG["g"]].set(g).at[REG["w"]].set(w).at[REG["m"]].set(m).at[REG["v"]].set(v)
+    regs = regs.at[REG["t"]].set(jnp.broadcast_to(jnp.asarray(t, g.dtype), g.shape))
+
+    def body(regs, row):
+        op, dst, args, const = row
+        regs = regs.at[CONST].set(jnp.broadcast_to(const, g.shape))
+        a, b, c = regs[args[0]], regs[args[1]], regs[args[2]]
+        out = jax.lax.switch(op, _BRANCHES, a, b, c)
+        out = jnp.where(op == 0, regs[dst], out)  # nop keeps the register
+        return regs.at[dst].set(out), None
+
+    regs, _ = jax.lax.scan(body, regs, tuple(program))
+    return regs[REG[OUTPUT]], regs[REG["m"]], regs[REG["v"]]
+
+
+# Compiled once per shape and reused by every exported optimizer: eager (un-jitted)
+# use of an exported optimizer must not re-trace the interpreter at every step.
+_run_jit = jax.jit(run)
+
+
+# ---------------------------------------------------------------------------
+# Export as an optax transformation
+# ---------------------------------------------------------------------------
+
+
+class ProgramState(NamedTuple):
+    count: jax.Array  # int32: steps taken
+    m: optax.Params
+    v: optax.Params
+
+
+def as_optax(
+    program: Program | str, learning_rate: float | optax.Schedule, weight_decay: float = 0.0
+) -> optax.GradientTransformation:
+    """``program`` as an optax optimizer: ``-lr * (update + weight_decay * w)``.
+
+    The returned transformation needs nothing from metaopt's search code at run
+    time beyond this module; ``update`` requires ``params`` (programs read ``w``).
+
+    Example:
+      >>> opt = as_optax(LION, learning_rate=3e-4, weight_decay=1.0)
+      >>> state = opt.init(params)
+      >>> updates, state = opt.update(grads, state, params)
+    """
+    if isinstance(program, str):
+        program = parse(program)
+    program = jax.tree.map(jnp.asarray, program)
+    schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
+
+    def init(params):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return ProgramState(jnp.zeros((), jnp.int32), zeros, zeros)
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("program optimizers need params: call update(grads, state, params)")
+        g, unravel = ravel_pytree(grads)
+        w, _ = ravel_pytree(params)
+        m, _ = ravel_pytree(state.m)
+        v, _ = ravel_pytree(state.v)
+        count = state.count + 1
+        u, m, v = _run_jit(program, g, w, m, v, count.astype(g.dtype))
+        lr = schedule(state.count)
+        step = -lr * (u + weight_decay * w)
+        return unravel(step.astype(g.dtype)), ProgramState(count, unravel(m), unravel(v))
+
+    return optax.GradientTransformation(init, update)
+
+
+# ---------------------------------------------------------------------------
+# Built-in programs
+# ---------------------------------------------------------------------------
+
+ADAMW = """
+m = interp(m, g, 0.1)
+g2 = square(g)
+v = interp(v, g2, 0.001)
+c1 = pow(0.9, t)
+c1 = sub(1.0, c1)
+mh = div(m, c1)
+c2 = pow(0.999, t)
+c2 = sub(1.0, c2)
+vh = div(v, c2)
+s = sqrt(vh)
+s = add(s, 1e-08)
+update = div(mh, s)
+"""
+
+LION = """
+c = interp(m, g, 0.1)
+update = sign(c)
+m = interp(m, g, 0.01)
+"""
+
+SGD_MOMENTUM = """
+m = mul(m, 0.9)
+m = add(m, g)
+update = copy(m)
+"""
+
+SIGNSGD = """
+update = sign(g)
+"""
+
+BUILTINS = {"adamw": ADAMW, "lion": LION, "sgd_momentum": SGD_MOMENTUM, "signsgd": SIGNSGD}
