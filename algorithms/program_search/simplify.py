@@ -1,0 +1,182 @@
+"""Redundancy removal for program search: dead code, structural and functional hashes.
+
+Three layers, cheapest first, each letting the search skip an evaluation:
+
+* :func:`remove_dead_code` -- statements whose result never reaches ``update``,
+  ``m`` or ``v`` are dropped (backward liveness).
+* :func:`structural_hash` -- a hash of the dataflow graph that ignores register
+  names and dead code, sorts the arguments of commutative operations and sees
+  through ``copy``; ``a + b`` and ``b + a`` hash alike (the published hash of
+  Chen et al. does not).
+* :func:`functional_fingerprints` / :func:`functional_hash` -- run programs on
+  fixed random inputs for a few steps, normalise the scale of the updates (the
+  learning rate is tuned outside the program, so a rescaled program is the same
+  optimizer), round and hash: functionally equivalent programs share one
+  fitness evaluation (:class:`FitnessCache`).
+
+References: Chen et al. 2023 (Lion); Gillard et al. 2023, "Unified Functional
+Hashing in AutoML".
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metaopt.algorithms.program_search.program import (
+    ARITY,
+    COMMUTATIVE,
+    CONST,
+    INPUTS,
+    OPCODE,
+    OUTPUT,
+    REG,
+    Program,
+    encode,
+    run,
+)
+
+_LIVE_OUT = (REG[OUTPUT], REG["m"], REG["v"])
+
+
+def _rows(program: Program):
+    p = jax.tree.map(np.asarray, program)
+    for op, dst, args, c in zip(p.op, p.dst, p.args, p.const, strict=True):
+        if op != 0:
+            yield int(op), int(dst), [int(a) for a in args[: ARITY[op]]], float(c)
+
+
+def remove_dead_code(program: Program) -> Program:
+    """``program`` without statements that cannot affect ``update``, ``m`` or ``v``."""
+    rows = list(_rows(program))
+    live = set(_LIVE_OUT)
+    keep = []
+    for op, dst, args, c in reversed(rows):
+        if dst in live:
+            live.discard(dst)
+            live.update(a for a in args if a != CONST)
+            keep.append((op, dst, args, c))
+    keep.reverse()
+    max_len = int(np.shape(program.op)[-1])
+    return encode(
+        [r[0] for r in keep],
+        [r[1] for r in keep],
+        [r[2] + [0] * (3 - len(r[2])) for r in keep],
+        [r[3] if CONST in r[2] else 0.0 for r in keep],
+        max_len,
+    )
+
+
+def structural_hash(program: Program, const_digits: int = 6) -> str:
+    """Hash of the dataflow graph of ``program`` (hex string)."""
+    value = {REG[name]: name for name in INPUTS}
+    value[REG[OUTPUT]] = "zero"
+    for r in range(len(REG)):
+        value.setdefault(r, "zero")
+    copy = OPCODE["copy"]
+    for op, dst, args, c in _rows(program):
+        operands = [f"c{c:.{const_digits}g}" if a == CONST else value[a] for a in args]
+        if op == copy:
+            value[dst] = operands[0]
+            continue
+        if COMMUTATIVE[op]:
+            operands = sorted(operands)
+        node = f"{op}(" + ",".join(operands) + ")"
+        value[dst] = hashlib.sha1(node.encode()).hexdigest()[:16]
+    out = "|".join(value[r] for r in _LIVE_OUT)
+    return hashlib.sha1(out.encode()).hexdigest()
+
+
+def fingerprint_inputs(key: jax.Array, dim: int = 16, steps: int = 4):
+    """Fixed random gradients and parameters the functional hash runs programs on."""
+    kg, kw = jax.random.split(key)
+    return jax.random.normal(kg, (steps, dim)), jax.random.normal(kw, (dim,))
+
+
+def functional_fingerprints(programs: Program, grads: jax.Array, w: jax.Array) -> jax.Array:
+    """Scale-normalised updates of each program over a few steps: ``[P, steps * dim]``.
+
+    ``programs`` has a leading population axis. Each update vector is divided by
+    its largest magnitude, so programs that differ only by a positive scale
+    produce equal fingerprints. Non-finite results stay non-finite (such a
+    program is rejected by the search before training).
+    """
+
+    def one(program):
+        def body(carry, xs):
+            m, v = carry
+            g, t = xs
+            u, m, v = run(program, g, w, m, v, t)
+            scale = jnp.max(jnp.abs(u))
+            return (m, v), jnp.where(scale > 0, u / scale, u)
+
+        ts = jnp.arange(1, grads.shape[0] + 1, dtype=grads.dtype)
+        zeros = jnp.zeros_like(w)
+        _, us = jax.lax.scan(body, (zeros, zeros), (grads, ts))
+        return us.reshape(-1)
+
+    return jax.vmap(one)(programs)
+
+
+def functional_hash(fingerprint: np.ndarray, digits: int = 4) -> str:
+    """Hash of one fingerprint rounded to ``digits`` decimals (``-0.0`` folded into ``0.0``)."""
+    f = np.asarray(fingerprint, np.float64)
+    if not np.all(np.isfinite(f)):
+        return "nonfinite"
+    r = np.round(f, digits) + 0.0
+    return hashlib.sha1(r.tobytes()).hexdigest()
+
+
+class FitnessCache:
+    """LRU cache of fitness by functional hash that forgets an entry after ``max_hits`` hits.
+
+    Forgetting after a few hits means one lucky (noisy) evaluation cannot be
+    reused forever: the program is evaluated again and the new value cached.
+    """
+
+    def __init__(self, max_size: int = 10_000, max_hits: int = 5):
+        self.max_size, self.max_hits = max_size, max_hits
+        self._data: collections.OrderedDict[str, list] = collections.OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: str):
+        entry = self._data.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        if entry[1] >= self.max_hits:
+            del self._data[key]
+            self.misses += 1
+            return None
+        entry[1] += 1
+        self._data.move_to_end(key)
+        self.hits += 1
+        return entry[0]
+
+    def put(self, key: str, value) -> None:
+        self._data[key] = [value, 0]
+        self._data.move_to_end(key)
+        while len(self._data) > self.max_size:
+            self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def state(self) -> dict:
+        """JSON-able contents (for checkpoints)."""
+        return {
+            "entries": [[k, v[0], v[1]] for k, v in self._data.items()],
+            "hits": self.hits,
+            "misses": self.misses,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict, max_size: int = 10_000, max_hits: int = 5) -> FitnessCache:
+        cache = cls(max_size, max_hits)
+        for k, value, hits in state["entries"]:
+            cache._data[k] = [value, hits]
+        cache.hits, cache.misses = state["hits"], state["misses"]
+        return cache
