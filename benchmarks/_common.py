@@ -26,11 +26,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from metaopt.algorithms.lr_schedule import recipe
-from metaopt.envs import datasets
 
 import metaopt
 from metaopt import driver
+from metaopt.algorithms.lr_schedule import recipe
+from metaopt.envs import datasets
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from _common import emit, header, median, parser, time_interleaved
-from metaopt.algorithms.lr_schedule import recipe
-from metaopt.envs import MLPClassification
 
 import metaopt
+from metaopt.algorithms.lr_schedule import recipe
+from metaopt.envs import MLPClassification
 
 TARGET = 0.25
 HIDDEN = (256, 256)

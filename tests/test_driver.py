@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ROOT, linear_quadratic
-from metaopt.algorithms.lr_schedule import recipe as lrs
 
 from metaopt import Checkpointer, MissingCheckpointError, driver, outer
+from metaopt.algorithms.lr_schedule import recipe as lrs
 
 SMALL = [
     "inner_steps=100",

@@ -6,9 +6,9 @@ import numpy as np
 import optax
 import pytest
 from conftest import black_box
-from metaopt.algorithms.lr_schedule import recipe as lrs
 
 from metaopt import driver
+from metaopt.algorithms.lr_schedule import recipe as lrs
 from metaopt.outer import ES, sanitize_losses
 
 

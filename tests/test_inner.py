@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from conftest import linear_quadratic
-from metaopt.envs import MLPClassification
 
+from metaopt.envs import MLPClassification
 from metaopt.inner import (
     ParametrizedOptimizer,
     population_losses,

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 from jax.flatten_util import ravel_pytree
+
 from metaopt.algorithms.program_search import (
     BUILTINS,
     ProgramError,

@@ -28,11 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from metaopt.envs import MLPClassification
 
 from metaopt import driver
 from metaopt import outer as outer_lib
 from metaopt.config import check
+from metaopt.envs import MLPClassification
 from metaopt.inner import (
     InnerLoop,
     ParametrizedOptimizer,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
