@@ -36,6 +36,8 @@ def plot_metrics(log_path: str | Path, png_path: str | Path, title: str = "") ->
     """
     rows = read_metrics(log_path)
     keys = [k for k in rows[0] if k not in ("step", "time")] if rows else []
+    # metrics that never change (e.g. a count of zero non-finite losses) get no panel
+    keys = [k for k in keys if len({r.get(k) for r in rows}) > 1] or keys
     groups: dict[str, list[str]] = {}
     for k in keys:
         groups.setdefault(k.split("_")[0], []).append(k)
