@@ -10,7 +10,9 @@ next older one is used and a warning says so.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,14 @@ import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Writes ``data`` as JSON so that ``path`` holds either the old or the new content."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 class MissingCheckpointError(FileNotFoundError):

@@ -12,25 +12,18 @@ Ctrl-C saves a checkpoint and exits with status 130 and the command to resume.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from metaopt import config as cfg_lib
+from metaopt.checkpoint import write_json_atomic
 from metaopt.config import ConfigError
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2
         raise ConfigError(message)
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _cmd_list() -> int:

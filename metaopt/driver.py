@@ -110,7 +110,7 @@ def _truncate_log(path: Path, last_step: int) -> None:
     path.write_text("".join(x + "\n" for x in keep))
 
 
-class _Progress:
+class ProgressBar:
     """A tqdm bar with the outer step, key metrics, evals/s and ETA."""
 
     def __init__(self, enabled: bool, total: int, initial: int, evals_per_step: int, desc: str):
@@ -245,7 +245,7 @@ def train(
     chunk = _make_chunk(outer)
     step = int(carry.step)
     history: list[dict] = []
-    bar = _Progress(progress, num_steps, step, outer.evals_per_step, desc)
+    bar = ProgressBar(progress, num_steps, step, outer.evals_per_step, desc)
     t0 = time.perf_counter()
     interrupted = False
     try:
