@@ -9,8 +9,13 @@ redundancy layer skipped, per round) and ``state.json`` (the search state,
 written atomically every ``checkpoint_every`` rounds; ``--resume`` continues
 exactly).
 
-Not built yet (see the issue): the funnel over larger tasks and the held-out
-evaluation with performance profiles.
+``metaopt eval RUN_DIR`` trains the top programs of the leaderboard and the
+AdamW / Lion / SGD-momentum / signSGD baselines on held-out workloads
+(:mod:`~metaopt.algorithms.program_search.heldout`) and writes ``heldout.json``,
+``heldout.md`` and ``heldout.png`` (performance profiles and test-loss curves).
+
+Not built yet (see the issue): the funnel that re-scores top candidates on
+progressively larger tasks during the search.
 """
 
 from __future__ import annotations
@@ -156,6 +161,51 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     }
 
 
+def evaluate(run_dir: Path, cfg: Config, progress: bool = True, top: int = 3) -> dict:
+    """Held-out comparison of the top ``top`` discovered programs with the baselines."""
+    from metaopt.algorithms.program_search import heldout
+    from metaopt.algorithms.program_search.program import BUILTINS
+
+    del progress
+    path = Path(run_dir) / "leaderboard.json"
+    if not path.exists():
+        raise MissingCheckpointError(f"{path} is missing: the search has not finished")
+    entries = {
+        f"discovered-{i + 1}": m["source"] for i, m in enumerate(json.loads(path.read_text())[:top])
+    }
+    entries.update({n: BUILTINS[n] for n in heldout.BASELINES})
+    result = heldout.evaluate(entries, seed=cfg.seed + 1234)
+    write_json_atomic(Path(run_dir) / "heldout.json", result)
+    heldout.plot(result, Path(run_dir) / "heldout.png")
+    lines = [
+        "| optimizer | profile score | " + " | ".join(result["workloads"]) + " |",
+        "|---|---|" + "---|" * len(result["workloads"]),
+    ]
+    for name in entries:
+        cells = []
+        for info in result["workloads"].values():
+            row = info["optimizers"][name]
+            cells.append(
+                f"{row['final_test_loss_median']:.4f} (lr {row['lr']:.0e}, "
+                f"{row['steps_to_target']:.0f} steps)"
+            )
+        lines.append(
+            f"| {name} | {result['profile'][name]['score']:.3f} | " + " | ".join(cells) + " |"
+        )
+    table = "\n".join(lines) + "\n"
+    (Path(run_dir) / "heldout.md").write_text(
+        "Median final test loss over seeds (chosen lr; steps to reach AdamW's median final "
+        "test loss)\n\n" + table
+    )
+    print(table)
+    adamw = result["profile"]["adamw"]["score"]
+    return {
+        n: f"profile score {result['profile'][n]['score']:.3f} (AdamW {adamw:.3f})"
+        for n in entries
+        if n.startswith("discovered")
+    }
+
+
 RECIPE = register(
     Recipe(
         name="program-search",
@@ -163,6 +213,7 @@ RECIPE = register(
         config_cls=Config,
         run=run,
         presets=PRESETS,
+        evaluate=evaluate,
         extendable=("rounds",),
     )
 )

@@ -1,0 +1,170 @@
+"""Held-out evaluation of optimizer programs, scored like AlgoPerf.
+
+Each optimizer (discovered programs and the AdamW / Lion / SGD-momentum /
+signSGD baselines, all as programs) trains every held-out workload -- tasks
+the search never saw, with other data and architectures -- at every learning
+rate of a shared grid over several seeds. Its learning rate is chosen per
+workload by the median *validation* loss at the end of training; the reported
+curves are *test* losses at that learning rate.
+
+Time-to-result: the number of steps at which an optimizer's median test-loss
+curve first reaches AdamW's median final test loss (infinite if never). The
+performance profile is ``rho(tau)`` = the fraction of workloads on which an
+optimizer's steps are within ``tau`` times the best optimizer's; the score is
+the area under ``rho`` for ``tau`` in ``[1, 4]`` divided by 3 (1.0 = fastest
+everywhere).
+
+Reference: Dahl et al. 2023, "Benchmarking Neural Network Training Algorithms".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metaopt.algorithms.program_search.evaluate import program_inner_loop
+from metaopt.algorithms.program_search.program import BUILTINS, parse
+from metaopt.envs import MLPClassification
+from metaopt.inner import unroll
+
+#: tasks the default search (digits, MLP 8) never trains on.
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "digits-mlp32x32": dict(dataset="digits", hidden=(32, 32), batch_size=64, steps=300),
+    "wine-mlp16": dict(dataset="wine", hidden=(16,), batch_size=32, steps=300),
+    "breast_cancer-mlp16": dict(dataset="breast_cancer", hidden=(16,), batch_size=32, steps=300),
+}
+BASELINES = ("adamw", "lion", "sgd_momentum", "signsgd")
+TAUS = np.linspace(1.0, 4.0, 121)
+
+
+def loss_curves(task_kwargs: dict, programs, log_lrs, keys, num_evals: int, split: str):
+    """``split`` loss every ``steps / num_evals`` steps: ``[P, G, S, num_evals]``."""
+    kw = dict(task_kwargs)
+    steps = kw.pop("steps")
+    if steps % num_evals:
+        raise ValueError(f"num_evals ({num_evals}) must divide steps ({steps})")
+    task = MLPClassification(eval_split=split, **kw)
+    inner = program_inner_loop(task, steps)
+
+    def curve(mp, key):
+        k_init, k_run = jax.random.split(key)
+        state = inner.init(mp, k_init)
+
+        def body(s, k):
+            s, _ = unroll(inner, mp, s, k, steps // num_evals)
+            return s, inner.meta_loss(mp, s, k)
+
+        _, losses = jax.lax.scan(body, state, jax.random.split(k_run, num_evals))
+        return losses
+
+    def per_program(program):
+        per_lr = lambda lr: jax.vmap(lambda k: curve({"program": program, "log_lr": lr}, k))(keys)
+        return jax.vmap(per_lr)(log_lrs)
+
+    return jax.vmap(per_program)(programs)
+
+
+def steps_to_target(curve: np.ndarray, target: float, eval_steps: np.ndarray) -> float:
+    """First evaluation step at which ``curve <= target`` (``inf`` if never)."""
+    hit = np.nonzero(np.asarray(curve) <= target)[0]
+    return float(eval_steps[hit[0]]) if len(hit) else float("inf")
+
+
+def performance_profile(times: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
+    """``times[name][w]``: steps on workload ``w``. Returns rho over :data:`TAUS` and the score."""
+    names = list(times)
+    t = np.array([times[n] for n in names], np.float64)  # [O, W]
+    best = np.min(t, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(np.isfinite(t), t / best, np.inf)
+    out = {}
+    for i, n in enumerate(names):
+        rho = np.array([np.mean(ratio[i] <= tau) for tau in TAUS])
+        score = float(np.trapezoid(rho, TAUS) / (TAUS[-1] - TAUS[0]))
+        out[n] = {"rho": rho.tolist(), "score": score}
+    return out
+
+
+def evaluate(
+    entries: dict[str, str],
+    lr_grid=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+    seeds: int = 3,
+    num_evals: int = 10,
+    workloads: dict[str, dict] | None = None,
+    seed: int = 1234,
+) -> dict[str, Any]:
+    """Trains every entry (name -> program source) on every held-out workload.
+
+    Returns a JSON-able dict: per workload the AdamW target, and per optimizer
+    the chosen lr, final test loss (median and spread over seeds), steps to
+    target and the median curve; plus the performance profile.
+    """
+    workloads = workloads or WORKLOADS
+    if "adamw" not in entries:
+        entries = {"adamw": BUILTINS["adamw"], **entries}
+    names = list(entries)
+    programs = jax.tree.map(lambda *xs: jnp.stack(xs), *[parse(entries[n]) for n in names])
+    log_lrs = jnp.log(jnp.asarray(lr_grid, jnp.float32))
+    keys = jax.random.split(jax.random.key(seed), seeds)
+    result: dict[str, Any] = {"workloads": {}, "lr_grid": list(lr_grid), "seeds": seeds}
+    times = {n: [] for n in names}
+    for wname, kw in workloads.items():
+        valid = np.asarray(loss_curves(kw, programs, log_lrs, keys, num_evals, "valid"))
+        test = np.asarray(loss_curves(kw, programs, log_lrs, keys, num_evals, "test"))
+        final_valid = np.median(valid[..., -1], axis=-1)  # [P, G]
+        final_valid = np.where(np.isfinite(final_valid), final_valid, np.inf)
+        best_g = np.argmin(final_valid, axis=1)
+        eval_steps = np.arange(1, num_evals + 1) * (kw["steps"] // num_evals)
+        chosen = test[np.arange(len(names)), best_g]  # [P, S, E]
+        median_curves = np.median(chosen, axis=1)  # [P, E]
+        target = float(median_curves[names.index("adamw"), -1])
+        rows = {}
+        for i, n in enumerate(names):
+            t = steps_to_target(median_curves[i], target, eval_steps)
+            times[n].append(t)
+            finals = chosen[i, :, -1]
+            rows[n] = {
+                "lr": float(lr_grid[best_g[i]]),
+                "final_test_loss_median": float(np.median(finals)),
+                "final_test_loss_min": float(np.min(finals)),
+                "final_test_loss_max": float(np.max(finals)),
+                "steps_to_target": t,
+                "median_curve": median_curves[i].tolist(),
+            }
+        result["workloads"][wname] = {
+            "target": target,
+            "eval_steps": eval_steps.tolist(),
+            "optimizers": rows,
+        }
+    result["profile"] = performance_profile(times)
+    return result
+
+
+def plot(result: dict[str, Any], path) -> None:
+    """Performance profiles (left) and median test-loss curves per workload (right)."""
+    from metaopt.plotting import figure
+
+    workloads = list(result["workloads"])
+    fig, axes = figure((4.2 * (1 + len(workloads)), 3.4), 1, 1 + len(workloads))
+    ax = axes[0, 0]
+    for name, prof in result["profile"].items():
+        ax.plot(TAUS, prof["rho"], label=f"{name} ({prof['score']:.2f})")
+    ax.set_xlabel("tau (steps / best steps)")
+    ax.set_ylabel("fraction of workloads")
+    ax.set_title("performance profile (score)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+    for ax, w in zip(axes[0, 1:], workloads, strict=True):
+        info = result["workloads"][w]
+        for name, row in info["optimizers"].items():
+            ax.plot(info["eval_steps"], row["median_curve"], label=name)
+        ax.axhline(info["target"], color="k", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.set_title(w)
+        ax.set_xlabel("step")
+        ax.set_ylabel("median test loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
