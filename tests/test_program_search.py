@@ -22,6 +22,7 @@ TINY = ps.Config(
     children=7,
     rounds=4,
     checkpoint_every=1,
+    heldout_every=2,
 )
 
 
@@ -51,6 +52,9 @@ def test_search_outputs_and_layer_accounting(full_run):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[-1]["best_fitness"] <= 1.0  # AdamW (fitness 1.0) is in the population
+    # the meta-overfitting check runs every heldout_every rounds and at the end
+    assert [r["heldout_best_fitness"] is not None for r in rows] == [False, True, False, True]
+    assert rows[-1]["heldout_best_fitness"] > 0
     board = json.loads((out / "leaderboard.json").read_text())
     assert board == sorted(board, key=lambda m: m["fitness"])
     assert (out / "best_program.txt").read_text() == state["best"]["source"]

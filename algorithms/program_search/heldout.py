@@ -126,6 +126,8 @@ def evaluate(
             t = steps_to_target(median_curves[i], target, eval_steps)
             times[n].append(t)
             finals = chosen[i, :, -1]
+            # diverged at every learning rate of the grid: report it as infinite loss
+            finals = np.where(np.isfinite(finals), finals, np.inf)
             rows[n] = {
                 "lr": float(lr_grid[best_g[i]]),
                 "final_test_loss_median": float(np.median(finals)),

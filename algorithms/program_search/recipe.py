@@ -28,6 +28,7 @@ from typing import Literal
 
 import numpy as np
 
+from metaopt.algorithms.program_search.program import parse
 from metaopt.algorithms.program_search.search import RegularizedEvolution, Scorer, SearchState
 from metaopt.checkpoint import MissingCheckpointError, write_json_atomic
 from metaopt.config import check
@@ -53,6 +54,9 @@ class Config:
     max_hits: int = 5
     checkpoint_every: int = 5
     leaderboard: int = 10
+    heldout_dataset: Literal["digits", "wine", "breast_cancer"] = "breast_cancer"
+    heldout_hidden: tuple[int, ...] = (16,)
+    heldout_every: int = 5
     seed: int = 0
 
     def __post_init__(self):
@@ -66,6 +70,7 @@ class Config:
         check(self.children >= 1, "children must be >= 1")
         check(self.rounds >= 0, "rounds must be >= 0")
         check(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
+        check(self.heldout_every >= 1, "heldout_every must be >= 1")
 
 
 PRESETS = {"quick": {"rounds": 10, "inner_steps": 100, "population": 16, "tournament": 4}}
@@ -77,6 +82,12 @@ def build(cfg: Config) -> RegularizedEvolution:
     return RegularizedEvolution(
         scorer, cfg.population, cfg.tournament, cfg.children, cfg.max_hits, cfg.seed
     )
+
+
+def heldout_scorer(cfg: Config) -> Scorer:
+    """Scores programs on a task the search does not train on (the meta-overfitting check)."""
+    task = MLPClassification(cfg.heldout_dataset, cfg.heldout_hidden, 32)
+    return Scorer(task, cfg.inner_steps, cfg.lr_grid, cfg.seeds, 2, cfg.seed + 777)
 
 
 def leaderboard(state: SearchState, k: int) -> list[dict]:
@@ -97,10 +108,18 @@ def plot_search(rows: list[dict], path: Path) -> None:
     ax = axes[0, 0]
     ax.plot(rounds, [r["best_fitness"] for r in rows], label="best so far")
     ax.plot(rounds, [r["population_median"] for r in rows], label="population median")
+    checked = [r for r in rows if r.get("heldout_best_fitness") is not None]
+    if checked:
+        ax.plot(
+            [r["step"] for r in checked],
+            [r["heldout_best_fitness"] for r in checked],
+            "o-",
+            label="best program on the held-out task",
+        )
     ax.axhline(1.0, color="k", lw=0.8, ls="--", label="AdamW")
     ax.set_yscale("log")
     ax.set_xlabel("round")
-    ax.set_ylabel("validation loss / AdamW's (proxy task)")
+    ax.set_ylabel("validation loss / AdamW's")
     ax.legend(fontsize=8)
     ax = axes[0, 1]
     for k in ("evaluated", "skipped_functional", "skipped_structural", "skipped_invalid"):
@@ -127,11 +146,15 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
         state, rows = search.init(), []
     log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     bar = ProgressBar(progress, cfg.rounds, state.round, cfg.children, "program-search")
+    check_heldout = heldout_scorer(cfg)
     try:
         while state.round < cfg.rounds:
             t0 = time.perf_counter()
             state, metrics = search.round(state)
-            row = {"step": state.round, **metrics}
+            row = {"step": state.round, **metrics, "heldout_best_fitness": None}
+            if state.round % cfg.heldout_every == 0:  # absolute rounds: resume-exact logs
+                fit, _ = check_heldout([parse(state.best["source"])], state.round)
+                row["heldout_best_fitness"] = float(fit[0])
             rows.append(row)
             with log_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -185,8 +208,9 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True, top: int = 3) ->
         cells = []
         for info in result["workloads"].values():
             row = info["optimizers"][name]
+            loss = row["final_test_loss_median"]
             cells.append(
-                f"{row['final_test_loss_median']:.4f} (lr {row['lr']:.0e}, "
+                ("diverged" if not np.isfinite(loss) else f"{loss:.4f}") + f" (lr {row['lr']:.0e}, "
                 f"{row['steps_to_target']:.0f} steps)"
             )
         lines.append(
