@@ -164,6 +164,7 @@ def time_interleaved(
     repeats: int,
     warmup: int | dict[str, int] = 1,
     budget_s: dict[str, float] | None = None,
+    min_calls: int = 1,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Samples]:
     """Times ``repeats`` calls of every function, the calls of the sides alternated.
@@ -172,8 +173,8 @@ def time_interleaved(
     compilation and caches. Then the functions run in turn, the order reversed
     every other round (ABBA...), so that a slow spell on this shared machine hits
     every side alike. Every function must block until its work is done. A side
-    named in ``budget_s`` is timed no more once its timed calls add up to that
-    many seconds (it keeps the samples it has, at least one).
+    named in ``budget_s`` is timed no more once it has ``min_calls`` samples and
+    its timed calls add up to more than its budget of seconds.
 
     CPU time is reported besides wall time: when another process competes for
     the cores, wall time grows by the time spent waiting while CPU time grows
@@ -193,7 +194,8 @@ def time_interleaved(
     for r in range(repeats):
         timed = []
         for name in names if r % 2 == 0 else names[::-1]:
-            if sum(samples[name].wall) > budget_s.get(name, float("inf")):
+            done = samples[name].wall
+            if len(done) >= min_calls and sum(done) > budget_s.get(name, float("inf")):
                 continue
             w0, c0 = time.perf_counter(), time.process_time()
             fns[name]()
@@ -259,7 +261,7 @@ def header(title: str, quick: bool) -> dict[str, Any]:
         f"   {info['date']}, {info['cores']} cores, 1-min load {info['load_avg_1m']}, "
         f"jax {info['jax']} on {info['backend']}"
     )
-    if info["load_avg_1m"] > 0.5:
+    if info["load_avg_1m"] > 0.5 * (info["cores"] or 1):
         print("   note: other processes are using the CPU; timings will be noisy")
     return info
 

@@ -206,7 +206,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.torch_threads)
     info = header("vs_torch: metaopt vs PyTorch CPU", args.quick)
-    gens, loop_gens, repeats, loop_budget = (2, 1, 3, 10.0) if args.quick else (5, 1, 7, 60.0)
+    gens, repeats = (2, 3) if args.quick else (5, 7)
+    loop_gens, loop_budget, loop_min = (1, 10.0, 1) if args.quick else (1, 60.0, 3)
     print(f"   workload: {WORKLOAD.describe()}")
     print(
         f"   torch {torch.__version__}, torch.set_num_threads({args.torch_threads}); "
@@ -218,10 +219,14 @@ def main() -> None:
         "torch_loop": TorchLoopES(loop_gens),
     }
     # The loop has nothing to compile and runs after torch_func has warmed torch up. It is
-    # timed until its calls add up to loop_budget seconds (at least once): under load,
+    # timed until it has loop_min calls adding up to loop_budget seconds: under load,
     # OpenMP's barriers can make one generation take minutes.
     samples = time_interleaved(
-        sides, repeats, warmup={"torch_loop": 0}, budget_s={"torch_loop": loop_budget}
+        sides,
+        repeats,
+        warmup={"torch_loop": 0},
+        budget_s={"torch_loop": loop_budget},
+        min_calls=loop_min,
     )
     per_gen = {k: median(v.wall) / sides[k].gens_per_call for k, v in samples.items()}
     for k, v in samples.items():
