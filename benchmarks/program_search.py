@@ -59,7 +59,7 @@ from metaopt.algorithms.program_search.evaluate import (
     program_inner_loop,
 )
 from metaopt.algorithms.program_search.mutate import mutate
-from metaopt.algorithms.program_search.program import BUILTINS, Program, parse
+from metaopt.algorithms.program_search.program import BUILTINS, Program, parse, stack_programs
 from metaopt.algorithms.program_search.simplify import (
     fingerprint_inputs,
     functional_fingerprints,
@@ -78,10 +78,6 @@ RTOL = 1e-3  # agreement required between the two sides
 SANE_LOSS = 10.0  # trainings with a higher validation loss diverged (chance: ln 10 = 2.3)
 
 
-def stack(programs: list[Program]) -> Program:
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *programs)
-
-
 def candidates(n: int, seed: int = PROGRAM_SEED) -> list[Program]:
     """AdamW (row 0, as in the search's ``Scorer``) and ``n - 1`` mutated programs.
 
@@ -96,7 +92,7 @@ def candidates(n: int, seed: int = PROGRAM_SEED) -> list[Program]:
     inputs = fingerprint_inputs(jax.random.key(seed + 1))
     fingerprint = jax.jit(lambda progs: functional_fingerprints(progs, *inputs))
     seen_s = {structural_hash(p) for p in pool}
-    seen_f = {functional_hash(f) for f in np.asarray(fingerprint(stack(pool)))}
+    seen_f = {functional_hash(f) for f in np.asarray(fingerprint(stack_programs(pool)))}
     while len(out) < n:
         kids = []
         while len(kids) < n:  # a fixed-size chunk: the fingerprint kernel compiles once
@@ -105,7 +101,7 @@ def candidates(n: int, seed: int = PROGRAM_SEED) -> list[Program]:
             if h not in seen_s:
                 seen_s.add(h)
                 kids.append(child)
-        for kid, f in zip(kids, np.asarray(fingerprint(stack(kids))), strict=True):
+        for kid, f in zip(kids, np.asarray(fingerprint(stack_programs(kids))), strict=True):
             h = functional_hash(f)
             if h == "nonfinite" or not np.any(f) or h in seen_f or len(out) == n:
                 continue
@@ -194,7 +190,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     programs = candidates(BATCH)
-    batch = stack(programs)
+    batch = stack_programs(programs)
     print(
         f"candidates: AdamW + {BATCH - 1} functionally distinct, valid mutants of the built-ins "
         f"(numpy seed {PROGRAM_SEED}; made in {time.perf_counter() - t0:.1f} s)"

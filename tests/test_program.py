@@ -15,6 +15,7 @@ from metaopt.algorithms.program_search import (
     run,
     to_source,
 )
+from metaopt.algorithms.program_search.program import stack_programs
 
 
 def updates_side_by_side(ours, ref, steps=300):
@@ -98,7 +99,7 @@ def test_invalid_programs_are_clear_errors(text, message):
 
 def test_one_compiled_interpreter_runs_a_population_of_different_programs():
     programs = [parse(BUILTINS[n]) for n in sorted(BUILTINS)]
-    pop = jax.tree.map(lambda *xs: jnp.stack(xs), *programs)
+    pop = stack_programs(programs)
     key = jax.random.key(1)
     g, w, m, v = (jax.random.normal(k, (33,)) for k in jax.random.split(key, 4))
     batched = jax.jit(jax.vmap(run, in_axes=(0, None, None, None, None, None)))

@@ -11,6 +11,7 @@ from metaopt.algorithms.program_search.evaluate import (
     grid_losses,
     program_inner_loop,
 )
+from metaopt.algorithms.program_search.program import stack_programs
 from metaopt.envs import MLPClassification
 from metaopt.inner import rollout_loss
 
@@ -49,7 +50,7 @@ def test_interpreted_adamw_training_equals_optax_adamw():
 def test_population_of_programs_and_learning_rates_in_one_kernel():
     inner = program_inner_loop(TASK, STEPS)
     names = ["adamw", "lion", "sgd_momentum", "signsgd"]
-    programs = jax.tree.map(lambda *xs: jnp.stack(xs), *[parse(BUILTINS[n]) for n in names])
+    programs = stack_programs([parse(BUILTINS[n]) for n in names])
     log_lrs = jnp.log(jnp.array([1e-3, 1e-2, 1e-1]))
     keys = jax.random.split(jax.random.key(1), 2)
     score = jax.jit(lambda p, lrs, k: grid_losses(inner, p, lrs, k))

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metaopt.algorithms.program_search.evaluate import program_inner_loop
-from metaopt.algorithms.program_search.program import BUILTINS, parse
+from metaopt.algorithms.program_search.program import BUILTINS, parse, stack_programs
 from metaopt.envs import MLPClassification
 from metaopt.inner import unroll
 
@@ -106,7 +106,7 @@ def evaluate(
     if "adamw" not in entries:
         entries = {"adamw": BUILTINS["adamw"], **entries}
     names = list(entries)
-    programs = jax.tree.map(lambda *xs: jnp.stack(xs), *[parse(entries[n]) for n in names])
+    programs = stack_programs([parse(entries[n]) for n in names])
     log_lrs = jnp.log(jnp.asarray(lr_grid, jnp.float32))
     keys = jax.random.split(jax.random.key(seed), seeds)
     result: dict[str, Any] = {"workloads": {}, "lr_grid": list(lr_grid), "seeds": seeds}

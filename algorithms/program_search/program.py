@@ -93,6 +93,11 @@ class Program(NamedTuple):
     const: jax.Array  # float32 [L]
 
 
+def stack_programs(programs) -> Program:
+    """A population: the programs stacked along a new leading axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *programs)
+
+
 # ---------------------------------------------------------------------------
 # Text <-> encoding
 # ---------------------------------------------------------------------------

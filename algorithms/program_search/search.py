@@ -38,7 +38,7 @@ from metaopt.algorithms.program_search.evaluate import (
     program_inner_loop,
 )
 from metaopt.algorithms.program_search.mutate import mutate
-from metaopt.algorithms.program_search.program import BUILTINS, parse, to_source
+from metaopt.algorithms.program_search.program import BUILTINS, parse, stack_programs, to_source
 from metaopt.algorithms.program_search.simplify import (
     FitnessCache,
     fingerprint_inputs,
@@ -47,10 +47,6 @@ from metaopt.algorithms.program_search.simplify import (
     remove_dead_code,
     structural_hash,
 )
-
-
-def stack(programs):
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *programs)
 
 
 class Scorer:
@@ -81,7 +77,7 @@ class Scorer:
         rows = [self.adamw, *programs]
         rows += [self.adamw] * (self.batch - len(rows))
         keys = jax.random.split(jax.random.fold_in(self.base, round_), self.seeds)
-        loss, idx = jax.device_get(self._score(stack(rows), keys))
+        loss, idx = jax.device_get(self._score(stack_programs(rows), keys))
         rel = np.asarray(loss[1 : 1 + len(programs)] / loss[0], np.float64)
         lrs = np.exp(np.asarray(self.log_lrs))[np.asarray(idx[1 : 1 + len(programs)])]
         return np.where(np.isfinite(rel), rel, np.inf), lrs
@@ -156,7 +152,7 @@ class RegularizedEvolution:
         )
 
     def _hashes(self, programs) -> list[str]:
-        fps = np.asarray(self._fingerprint(stack(programs)))
+        fps = np.asarray(self._fingerprint(stack_programs(programs)))
         out = []
         for f in fps:
             h = functional_hash(f)
