@@ -96,7 +96,7 @@ def _rows(metrics: dict, first_step: int, elapsed: float) -> list[dict]:
     ]
 
 
-def _truncate_log(path: Path, last_step: int) -> None:
+def truncate_log(path: Path, last_step: int) -> None:
     """Drops log rows written after the checkpoint a run resumes from."""
     if not path.exists():
         return
@@ -238,7 +238,7 @@ def train(
         if ckpt is None:
             raise MissingCheckpointError("resume=True needs an out_dir")
         _, carry = ckpt.restore_latest(carry)
-        _truncate_log(log_path, int(carry.step))
+        truncate_log(log_path, int(carry.step))
     elif log_path is not None and log_path.exists():
         log_path.unlink()
 

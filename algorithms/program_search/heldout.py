@@ -40,14 +40,18 @@ BASELINES = ("adamw", "lion", "sgd_momentum", "signsgd")
 TAUS = np.linspace(1.0, 4.0, 121)
 
 
-def loss_curves(task_kwargs: dict, programs, log_lrs, keys, num_evals: int, split: str):
-    """``split`` loss every ``steps / num_evals`` steps: ``[P, G, S, num_evals]``."""
+def loss_curves(task_kwargs: dict, programs, log_lrs, keys, num_evals: int):
+    """Validation and test loss every ``steps / num_evals`` steps of one training run each.
+
+    Returns ``(valid, test)``, each ``[P, G, S, num_evals]``: both splits are
+    read off the same trajectories, so nothing is trained twice.
+    """
     kw = dict(task_kwargs)
     steps = kw.pop("steps")
     if steps % num_evals:
         raise ValueError(f"num_evals ({num_evals}) must divide steps ({steps})")
-    task = MLPClassification(eval_split=split, **kw)
-    inner = program_inner_loop(task, steps)
+    inner = program_inner_loop(MLPClassification(eval_split="valid", **kw), steps)
+    test_task = MLPClassification(eval_split="test", **kw)
 
     def curve(mp, key):
         k_init, k_run = jax.random.split(key)
@@ -55,7 +59,7 @@ def loss_curves(task_kwargs: dict, programs, log_lrs, keys, num_evals: int, spli
 
         def body(s, k):
             s, _ = unroll(inner, mp, s, k, steps // num_evals)
-            return s, inner.meta_loss(mp, s, k)
+            return s, (inner.meta_loss(mp, s, k), test_task.valid_loss(s.params))
 
         _, losses = jax.lax.scan(body, state, jax.random.split(k_run, num_evals))
         return losses
@@ -112,8 +116,7 @@ def evaluate(
     result: dict[str, Any] = {"workloads": {}, "lr_grid": list(lr_grid), "seeds": seeds}
     times = {n: [] for n in names}
     for wname, kw in workloads.items():
-        valid = np.asarray(loss_curves(kw, programs, log_lrs, keys, num_evals, "valid"))
-        test = np.asarray(loss_curves(kw, programs, log_lrs, keys, num_evals, "test"))
+        valid, test = map(np.asarray, loss_curves(kw, programs, log_lrs, keys, num_evals))
         final_valid = np.median(valid[..., -1], axis=-1)  # [P, G]
         final_valid = np.where(np.isfinite(final_valid), final_valid, np.inf)
         best_g = np.argmin(final_valid, axis=1)

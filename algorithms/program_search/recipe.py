@@ -32,8 +32,9 @@ from metaopt.algorithms.program_search.program import parse
 from metaopt.algorithms.program_search.search import RegularizedEvolution, Scorer, SearchState
 from metaopt.checkpoint import MissingCheckpointError, write_json_atomic
 from metaopt.config import check
-from metaopt.driver import ProgressBar
+from metaopt.driver import ProgressBar, truncate_log
 from metaopt.envs import MLPClassification
+from metaopt.plotting import read_metrics
 from metaopt.recipes import Recipe, register
 
 
@@ -138,13 +139,11 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
         if not state_path.exists():
             raise MissingCheckpointError(f"no checkpoint found in {out} (state.json)")
         state = SearchState.from_json(json.loads(state_path.read_text()), cfg.max_hits)
-        rows = (
-            [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else []
-        )
-        rows = [r for r in rows if r["step"] <= state.round]
+        truncate_log(log_path, state.round)  # rounds logged after the checkpoint are redone
     else:
-        state, rows = search.init(), []
-    log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        state = search.init()
+        log_path.unlink(missing_ok=True)
+    rows = read_metrics(log_path) if log_path.exists() else []
     bar = ProgressBar(progress, cfg.rounds, state.round, cfg.children, "program-search")
     check_heldout = heldout_scorer(cfg)
     try:
