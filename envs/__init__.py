@@ -1,6 +1,14 @@
 """Environments and task families for metaopt (installed as ``metaopt.envs``)."""
 
-from metaopt.envs import datasets
+from metaopt.envs import datasets, families, rl
 from metaopt.envs.tasks import MLPClassification, cross_entropy, mlp_apply, mlp_init
 
-__all__ = ["MLPClassification", "cross_entropy", "datasets", "mlp_apply", "mlp_init"]
+__all__ = [
+    "MLPClassification",
+    "cross_entropy",
+    "datasets",
+    "families",
+    "mlp_apply",
+    "mlp_init",
+    "rl",
+]

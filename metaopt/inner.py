@@ -139,6 +139,11 @@ class Task(Protocol):
     def valid_loss(self, params: PyTree) -> jax.Array: ...
 
 
+def is_task_family(task: Any) -> bool:
+    """Whether ``task`` is a task family (draws instances) rather than a fixed :class:`Task`."""
+    return hasattr(task, "sample") and hasattr(task, "test_loss")
+
+
 class ParametrizedOptimizer(NamedTuple):
     """An optimizer whose update rule reads meta-parameters and training progress.
 
@@ -159,6 +164,7 @@ class TrainState(NamedTuple):
     opt_state: PyTree
     step: jax.Array  # int32 scalar: inner steps taken
     horizon: jax.Array  # int32 scalar: lifetime T
+    task: PyTree = ()  # the task instance, when training on a task family
 
     @property
     def progress(self) -> jax.Array:
@@ -170,6 +176,8 @@ def training_inner_loop(
 ) -> InnerLoop:
     """Builds the inner loop "train ``task`` for ``horizon`` steps with ``optimizer``".
 
+    ``task`` is a fixed :class:`Task` or a task family (:mod:`metaopt.envs.families`):
+    then every seed draws its own task instance, kept in ``TrainState.task``.
     The meta-loss is the task's validation loss of the final parameters.
 
     Example:
@@ -177,26 +185,36 @@ def training_inner_loop(
       >>> loss = rollout_loss(inner, meta_params, jax.random.key(0))
     """
 
+    family = is_task_family(task)
+
     def init(meta_params, key):
-        params = task.init_params(key)
+        if family:
+            instance = task.sample(jax.random.fold_in(key, 1))
+            params = task.init_params(key, instance)
+        else:
+            instance, params = (), task.init_params(key)
         return TrainState(
             params=params,
             opt_state=optimizer.init(meta_params, params),
             step=jnp.zeros((), jnp.int32),
             horizon=jnp.asarray(horizon, jnp.int32),
+            task=instance,
         )
 
     def step(meta_params, state, key):
-        batch = task.sample_batch(key)
+        batch = task.sample_batch(key, state.task) if family else task.sample_batch(key)
         loss, grads = jax.value_and_grad(task.loss)(state.params, batch)
         updates, opt_state = optimizer.update(
             meta_params, grads, state.opt_state, state.params, state.progress
         )
         params = optax.apply_updates(state.params, updates)
-        return TrainState(params, opt_state, state.step + 1, state.horizon), {"train_loss": loss}
+        new = TrainState(params, opt_state, state.step + 1, state.horizon, state.task)
+        return new, {"train_loss": loss}
 
     def meta_loss(meta_params, state, key):
         del meta_params, key
+        if family:
+            return task.valid_loss(state.params, state.task)
         return task.valid_loss(state.params)
 
     return InnerLoop(init=init, step=step, meta_loss=meta_loss, horizon=horizon, name=name)

@@ -1,0 +1,341 @@
+"""Task families: distributions over supervised training problems, with a registry.
+
+A *family* draws a task instance from a key (a teacher network, a covariance
+and true weights, a quadratic's curvature; or nothing, for a fixed dataset) and
+trains parameters on it. Everything an instance holds is arrays of shapes fixed
+by the family's settings, so instances are sampled *inside* jitted, vmapped
+inner loops: a population of optimizers is scored on a different task per seed
+in one kernel. :func:`metaopt.inner.training_inner_loop` accepts a family
+directly (the instance lives in ``TrainState.task``).
+
+Protocol (:class:`TaskFamily`)::
+
+    task   = family.sample(key)                   # pytree of arrays
+    params = family.init_params(key, task)
+    batch  = family.sample_batch(key, task)
+    loss   = family.loss(params, batch)           # training objective (scalar)
+    family.valid_loss(params, task)               # meta-training signal
+    family.test_loss(params, task)                # held-out evaluation only
+
+Registry: :func:`make` builds a family by name (``"digits-mlp32"``,
+``"teacher-student-small"``, ``"logistic-cond1000"``, ``"quadratic-100d"``, ...;
+:data:`FAMILIES` lists them), so meta-training and held-out evaluation can
+differ in width, depth, data, conditioning and horizon. Each registered family
+suggests a horizon (``steps``) and a learning-rate scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metaopt.envs import datasets
+from metaopt.envs.tasks import cross_entropy, mlp_apply, mlp_init
+from metaopt.inner import is_task_family as is_family  # noqa: F401  (re-export)
+
+PyTree = Any
+
+
+class TaskFamily(Protocol):
+    """A distribution over training problems (see the module docstring)."""
+
+    def sample(self, key: jax.Array) -> PyTree: ...
+
+    def init_params(self, key: jax.Array, task: PyTree) -> PyTree: ...
+
+    def sample_batch(self, key: jax.Array, task: PyTree) -> PyTree: ...
+
+    def loss(self, params: PyTree, batch: PyTree) -> jax.Array: ...
+
+    def valid_loss(self, params: PyTree, task: PyTree) -> jax.Array: ...
+
+    def test_loss(self, params: PyTree, task: PyTree) -> jax.Array: ...
+
+
+def num_params(family: TaskFamily) -> int:
+    """Parameter count of the family's model (traced abstractly, nothing is computed)."""
+    key = jax.random.key(0)
+    shapes = jax.eval_shape(lambda k: family.init_params(k, family.sample(k)), key)
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)))
+
+
+def _mse(pred: jax.Array, y: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.sum((pred - y) ** 2, axis=-1))
+
+
+def _bce(logits: jax.Array, y: jax.Array) -> jax.Array:
+    return jnp.mean(jax.nn.softplus(logits) - y * logits)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DatasetMLP:
+    """An MLP classifier on a scikit-learn dataset; the instance is the data itself.
+
+    The data (train/valid/test, standardised) is the same for every instance;
+    seeds vary the initialisation and the minibatches.
+    """
+
+    dataset: str = "digits"
+    hidden: tuple[int, ...] = (32,)
+    batch_size: int = 64
+    data_seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "data", datasets.load(self.dataset, self.data_seed))
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return (self.data.num_features, *self.hidden, self.data.num_classes)
+
+    def sample(self, key: jax.Array) -> PyTree:
+        del key
+        d = self.data
+        return {
+            "x_train": jnp.asarray(d.x_train),
+            "y_train": jnp.asarray(d.y_train),
+            "x_valid": jnp.asarray(d.x_valid),
+            "y_valid": jnp.asarray(d.y_valid),
+            "x_test": jnp.asarray(d.x_test),
+            "y_test": jnp.asarray(d.y_test),
+        }
+
+    def init_params(self, key: jax.Array, task: PyTree) -> PyTree:
+        del task
+        return mlp_init(key, self.sizes)
+
+    def sample_batch(self, key: jax.Array, task: PyTree) -> PyTree:
+        idx = jax.random.randint(key, (self.batch_size,), 0, task["x_train"].shape[0])
+        return task["x_train"][idx], task["y_train"][idx]
+
+    def loss(self, params: PyTree, batch: PyTree) -> jax.Array:
+        x, y = batch
+        return cross_entropy(mlp_apply(params, x), y)
+
+    def valid_loss(self, params: PyTree, task: PyTree) -> jax.Array:
+        return cross_entropy(mlp_apply(params, task["x_valid"]), task["y_valid"])
+
+    def test_loss(self, params: PyTree, task: PyTree) -> jax.Array:
+        return cross_entropy(mlp_apply(params, task["x_test"]), task["y_test"])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TeacherStudent:
+    """Regression onto a random teacher MLP (tanh) by a student MLP (ReLU).
+
+    Each instance draws a teacher and fixed train/valid/test inputs
+    ``x ~ N(0, I)``; targets are the teacher's outputs plus Gaussian noise
+    ``noise`` (train only; valid/test targets are clean, so their MSE measures
+    how well the student learned the teacher). Loss: squared error summed over
+    outputs, averaged over examples.
+    """
+
+    in_dim: int = 8
+    teacher_hidden: tuple[int, ...] = (16,)
+    hidden: tuple[int, ...] = (32,)
+    out_dim: int = 1
+    n_train: int = 512
+    n_eval: int = 256
+    noise: float = 0.1
+    batch_size: int = 32
+
+    def _teacher(self, params, x):
+        for layer in params[:-1]:
+            x = jnp.tanh(x @ layer["w"] + layer["b"])
+        return x @ params[-1]["w"] + params[-1]["b"]
+
+    def sample(self, key: jax.Array) -> PyTree:
+        k_t, k_b, k_x, k_n = jax.random.split(key, 4)
+        sizes = (self.in_dim, *self.teacher_hidden, self.out_dim)
+        teacher = [
+            {"w": layer["w"], "b": 0.5 * jax.random.normal(k, layer["b"].shape)}
+            for layer, k in zip(
+                mlp_init(k_t, sizes), jax.random.split(k_b, len(sizes) - 1), strict=True
+            )
+        ]
+        n = self.n_train + 2 * self.n_eval
+        x = jax.random.normal(k_x, (n, self.in_dim))
+        y = self._teacher(teacher, x)
+        y = y / (jnp.std(y[: self.n_train]) + 1e-6)  # unit-scale targets for every teacher
+        noisy = y[: self.n_train] + self.noise * jax.random.normal(k_n, y[: self.n_train].shape)
+        s1, s2 = self.n_train, self.n_train + self.n_eval
+        return {
+            "x_train": x[:s1],
+            "y_train": noisy,
+            "x_valid": x[s1:s2],
+            "y_valid": y[s1:s2],
+            "x_test": x[s2:],
+            "y_test": y[s2:],
+        }
+
+    def init_params(self, key: jax.Array, task: PyTree) -> PyTree:
+        del task
+        return mlp_init(key, (self.in_dim, *self.hidden, self.out_dim))
+
+    def sample_batch(self, key: jax.Array, task: PyTree) -> PyTree:
+        idx = jax.random.randint(key, (self.batch_size,), 0, self.n_train)
+        return task["x_train"][idx], task["y_train"][idx]
+
+    def loss(self, params: PyTree, batch: PyTree) -> jax.Array:
+        x, y = batch
+        return _mse(mlp_apply(params, x), y)
+
+    def valid_loss(self, params: PyTree, task: PyTree) -> jax.Array:
+        return _mse(mlp_apply(params, task["x_valid"]), task["y_valid"])
+
+    def test_loss(self, params: PyTree, task: PyTree) -> jax.Array:
+        return _mse(mlp_apply(params, task["x_test"]), task["y_test"])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LogisticRegression:
+    """Binary logistic regression on Gaussian data with a controlled condition number.
+
+    Each instance draws a random rotation ``Q``, feature scales whose squares
+    are log-spaced from 1 to ``1/condition`` (so the Hessian's condition number
+    at the start is about ``condition``), true weights ``w*`` and labels
+    ``y ~ Bernoulli(sigmoid(x w*))``.
+    """
+
+    dim: int = 16
+    condition: float = 100.0
+    n_train: int = 512
+    n_eval: int = 512
+    batch_size: int = 32
+
+    def sample(self, key: jax.Array) -> PyTree:
+        k_q, k_w, k_x, k_y = jax.random.split(key, 4)
+        q, _ = jnp.linalg.qr(jax.random.normal(k_q, (self.dim, self.dim)))
+        scales = jnp.sqrt(jnp.geomspace(1.0, 1.0 / self.condition, self.dim))
+        n = self.n_train + 2 * self.n_eval
+        x = (jax.random.normal(k_x, (n, self.dim)) * scales) @ q.T
+        w_star = 3.0 * q @ (jax.random.normal(k_w, (self.dim,)) / (scales * np.sqrt(self.dim)))
+        y = jax.random.bernoulli(k_y, jax.nn.sigmoid(x @ w_star)).astype(jnp.float32)
+        s1, s2 = self.n_train, self.n_train + self.n_eval
+        return {
+            "x_train": x[:s1],
+            "y_train": y[:s1],
+            "x_valid": x[s1:s2],
+            "y_valid": y[s1:s2],
+            "x_test": x[s2:],
+            "y_test": y[s2:],
+        }
+
+    def init_params(self, key: jax.Array, task: PyTree) -> PyTree:
+        del key, task
+        return {"w": jnp.zeros((self.dim,)), "b": jnp.zeros(())}
+
+    def _logits(self, params, x):
+        return x @ params["w"] + params["b"]
+
+    def sample_batch(self, key: jax.Array, task: PyTree) -> PyTree:
+        idx = jax.random.randint(key, (self.batch_size,), 0, self.n_train)
+        return task["x_train"][idx], task["y_train"][idx]
+
+    def loss(self, params: PyTree, batch: PyTree) -> jax.Array:
+        x, y = batch
+        return _bce(self._logits(params, x), y)
+
+    def valid_loss(self, params: PyTree, task: PyTree) -> jax.Array:
+        return _bce(self._logits(params, task["x_valid"]), task["y_valid"])
+
+    def test_loss(self, params: PyTree, task: PyTree) -> jax.Array:
+        return _bce(self._logits(params, task["x_test"]), task["y_test"])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NoisyQuadratic:
+    """The noisy quadratic model: ``L(x) = 1/2 sum_i h_i (x_i - c_i)^2``.
+
+    Curvatures ``h`` are log-spaced from 1 down to ``1/condition`` (randomly
+    permuted per instance); the minibatch loss replaces ``c`` by
+    ``c + noise * eps / sqrt(h)`` (gradient noise proportional to curvature, as
+    in Zhang et al. 2019). Valid and test loss are the exact noiseless loss;
+    the start is ``x = 0`` with ``c ~ N(0, I)``.
+    """
+
+    dim: int = 100
+    condition: float = 100.0
+    noise: float = 0.5
+
+    def sample(self, key: jax.Array) -> PyTree:
+        k_p, k_c = jax.random.split(key)
+        h = jax.random.permutation(k_p, jnp.geomspace(1.0, 1.0 / self.condition, self.dim))
+        return {"h": h, "c": jax.random.normal(k_c, (self.dim,))}
+
+    def init_params(self, key: jax.Array, task: PyTree) -> PyTree:
+        del key, task
+        return {"x": jnp.zeros((self.dim,))}
+
+    def sample_batch(self, key: jax.Array, task: PyTree) -> PyTree:
+        eps = jax.random.normal(key, (self.dim,))
+        return task["h"], task["c"] + self.noise * eps / jnp.sqrt(task["h"])
+
+    def loss(self, params: PyTree, batch: PyTree) -> jax.Array:
+        h, c = batch
+        return 0.5 * jnp.sum(h * (params["x"] - c) ** 2)
+
+    def valid_loss(self, params: PyTree, task: PyTree) -> jax.Array:
+        return self.loss(params, (task["h"], task["c"]))
+
+    test_loss = valid_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """A registered family with its suggested horizon (inner steps)."""
+
+    build: Callable[[], TaskFamily]
+    steps: int
+    description: str
+
+
+FAMILIES: dict[str, Spec] = {
+    "digits-mlp8": Spec(lambda: DatasetMLP("digits", (8,), 64), 200, "digits, MLP 64-8-10"),
+    "digits-mlp32": Spec(lambda: DatasetMLP("digits", (32,), 64), 300, "digits, MLP 64-32-10"),
+    "digits-mlp16x16": Spec(
+        lambda: DatasetMLP("digits", (16, 16), 64), 400, "digits, MLP 64-16-16-10"
+    ),
+    "digits-mlp32x32": Spec(
+        lambda: DatasetMLP("digits", (32, 32), 64), 300, "digits, MLP 64-32-32-10"
+    ),
+    "wine-mlp16": Spec(lambda: DatasetMLP("wine", (16,), 32), 300, "wine, MLP 13-16-3"),
+    "breast_cancer-mlp16": Spec(
+        lambda: DatasetMLP("breast_cancer", (16,), 32), 300, "breast cancer, MLP 30-16-2"
+    ),
+    "teacher-student-small": Spec(
+        lambda: TeacherStudent(8, (16,), (32,)), 200, "8-d inputs, tanh teacher 16, student 32"
+    ),
+    "teacher-student-large": Spec(
+        lambda: TeacherStudent(16, (32, 32), (64, 64), n_train=1024),
+        400,
+        "16-d inputs, tanh teacher 32x32, student 64x64",
+    ),
+    "logistic-cond10": Spec(lambda: LogisticRegression(16, 10.0), 200, "16-d, condition 10"),
+    "logistic-cond100": Spec(lambda: LogisticRegression(16, 100.0), 200, "16-d, condition 100"),
+    "logistic-cond1000": Spec(
+        lambda: LogisticRegression(32, 1000.0, n_train=1024), 400, "32-d, condition 1000"
+    ),
+    "quadratic-10d": Spec(lambda: NoisyQuadratic(10, 10.0), 100, "10-d, condition 10"),
+    "quadratic-100d": Spec(lambda: NoisyQuadratic(100, 1000.0), 300, "100-d, condition 1000"),
+}
+
+
+def make(name: str) -> TaskFamily:
+    """The registered family ``name`` (see :data:`FAMILIES`)."""
+    if name not in FAMILIES:
+        close = difflib.get_close_matches(name, list(FAMILIES), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(f"unknown task family '{name}'{hint}; choose from {sorted(FAMILIES)}")
+    return FAMILIES[name].build()
+
+
+def steps(name: str) -> int:
+    """The suggested horizon of the registered family ``name``."""
+    make(name)  # validates the name
+    return FAMILIES[name].steps
