@@ -5,13 +5,15 @@ import json
 import numpy as np
 import pytest
 
+from metaopt import profiles
 from metaopt.algorithms.program_search import BUILTINS, heldout
+from metaopt.envs import families
 
 
 def test_performance_profile_closed_form():
     times = {"a": [10.0, 20.0, np.inf], "b": [20.0, 10.0, 30.0]}
-    prof = heldout.performance_profile(times)
-    taus = heldout.TAUS
+    prof = profiles.performance_profile(times)
+    taus = profiles.TAUS
     # a: ratios [1, 2, inf] -> rho = 1/3 on [1, 2), 2/3 on [2, 4]
     expected_a = np.where(taus < 2, 1 / 3, 2 / 3)
     np.testing.assert_allclose(prof["a"]["rho"], expected_a)
@@ -23,12 +25,12 @@ def test_performance_profile_closed_form():
 
 def test_steps_to_target():
     steps = np.array([10, 20, 30])
-    assert heldout.steps_to_target(np.array([3.0, 1.0, 0.5]), 1.0, steps) == 20
-    assert heldout.steps_to_target(np.array([3.0, 2.0, 1.5]), 1.0, steps) == np.inf
+    assert profiles.steps_to_target(np.array([3.0, 1.0, 0.5]), 1.0, steps) == 20
+    assert profiles.steps_to_target(np.array([3.0, 2.0, 1.5]), 1.0, steps) == np.inf
 
 
 def test_heldout_evaluation_end_to_end(tmp_path):
-    tiny = {"wine-tiny": dict(dataset="wine", hidden=(4,), batch_size=16, steps=20)}
+    tiny = {"wine-tiny": (families.DatasetMLP("wine", (4,), 16), 20)}
     entries = {"lion": BUILTINS["lion"], "signsgd": BUILTINS["signsgd"]}
     result = heldout.evaluate(entries, lr_grid=(1e-2, 1e-1), seeds=2, num_evals=4, workloads=tiny)
     info = result["workloads"]["wine-tiny"]

@@ -8,13 +8,8 @@ workload by the median *validation* loss at the end of training; the reported
 curves are *test* losses at that learning rate.
 
 Time-to-result: the number of steps at which an optimizer's median test-loss
-curve first reaches AdamW's median final test loss (infinite if never). The
-performance profile is ``rho(tau)`` = the fraction of workloads on which an
-optimizer's steps are within ``tau`` times the best optimizer's; the score is
-the area under ``rho`` for ``tau`` in ``[1, 4]`` divided by 3 (1.0 = fastest
-everywhere).
-
-Reference: Dahl et al. 2023, "Benchmarking Neural Network Training Algorithms".
+curve first reaches AdamW's median final test loss (infinite if never), scored
+as a performance profile (:mod:`metaopt.profiles`).
 """
 
 from __future__ import annotations
@@ -27,31 +22,28 @@ import numpy as np
 
 from metaopt.algorithms.program_search.evaluate import program_inner_loop
 from metaopt.algorithms.program_search.program import BUILTINS, parse, stack_programs
-from metaopt.envs import MLPClassification
+from metaopt.envs import families
 from metaopt.inner import unroll
+from metaopt.profiles import TAUS, performance_profile, plot_profile, steps_to_target
 
-#: tasks the default search (digits, MLP 8) never trains on.
-WORKLOADS: dict[str, dict[str, Any]] = {
-    "digits-mlp32x32": dict(dataset="digits", hidden=(32, 32), batch_size=64, steps=300),
-    "wine-mlp16": dict(dataset="wine", hidden=(16,), batch_size=32, steps=300),
-    "breast_cancer-mlp16": dict(dataset="breast_cancer", hidden=(16,), batch_size=32, steps=300),
-}
+__all__ = ["BASELINES", "TAUS", "WORKLOADS", "evaluate", "loss_curves", "plot", "steps_to_target"]
+
+#: registered task families (:mod:`metaopt.envs.families`) the default search never
+#: trains on (other data, widths, depths, or problem class); each at its suggested horizon.
+WORKLOADS = ("digits-mlp32x32", "wine-mlp16", "breast_cancer-mlp16", "quadratic-100d")
 BASELINES = ("adamw", "lion", "sgd_momentum", "signsgd")
-TAUS = np.linspace(1.0, 4.0, 121)
 
 
-def loss_curves(task_kwargs: dict, programs, log_lrs, keys, num_evals: int):
+def loss_curves(family, steps: int, programs, log_lrs, keys, num_evals: int):
     """Validation and test loss every ``steps / num_evals`` steps of one training run each.
 
-    Returns ``(valid, test)``, each ``[P, G, S, num_evals]``: both splits are
-    read off the same trajectories, so nothing is trained twice.
+    ``family`` is a task family; seed ``i`` trains on the instance drawn from ``keys[i]``.
+    Returns ``(valid, test)``, each ``[P, G, S, num_evals]``: both splits are read
+    off the same trajectories, so nothing is trained twice.
     """
-    kw = dict(task_kwargs)
-    steps = kw.pop("steps")
     if steps % num_evals:
         raise ValueError(f"num_evals ({num_evals}) must divide steps ({steps})")
-    inner = program_inner_loop(MLPClassification(eval_split="valid", **kw), steps)
-    test_task = MLPClassification(eval_split="test", **kw)
+    inner = program_inner_loop(family, steps)
 
     def curve(mp, key):
         k_init, k_run = jax.random.split(key)
@@ -59,7 +51,7 @@ def loss_curves(task_kwargs: dict, programs, log_lrs, keys, num_evals: int):
 
         def body(s, k):
             s, _ = unroll(inner, mp, s, k, steps // num_evals)
-            return s, (inner.meta_loss(mp, s, k), test_task.valid_loss(s.params))
+            return s, (inner.meta_loss(mp, s, k), family.test_loss(s.params, s.task))
 
         _, losses = jax.lax.scan(body, state, jax.random.split(k_run, num_evals))
         return losses
@@ -71,42 +63,25 @@ def loss_curves(task_kwargs: dict, programs, log_lrs, keys, num_evals: int):
     return jax.vmap(per_program)(programs)
 
 
-def steps_to_target(curve: np.ndarray, target: float, eval_steps: np.ndarray) -> float:
-    """First evaluation step at which ``curve <= target`` (``inf`` if never)."""
-    hit = np.nonzero(np.asarray(curve) <= target)[0]
-    return float(eval_steps[hit[0]]) if len(hit) else float("inf")
-
-
-def performance_profile(times: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
-    """``times[name][w]``: steps on workload ``w``. Returns rho over :data:`TAUS` and the score."""
-    names = list(times)
-    t = np.array([times[n] for n in names], np.float64)  # [O, W]
-    best = np.min(t, axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = np.where(np.isfinite(t), t / best, np.inf)
-    out = {}
-    for i, n in enumerate(names):
-        rho = np.array([np.mean(ratio[i] <= tau) for tau in TAUS])
-        score = float(np.trapezoid(rho, TAUS) / (TAUS[-1] - TAUS[0]))
-        out[n] = {"rho": rho.tolist(), "score": score}
-    return out
-
-
 def evaluate(
     entries: dict[str, str],
     lr_grid=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
     seeds: int = 3,
     num_evals: int = 10,
-    workloads: dict[str, dict] | None = None,
+    workloads: dict[str, tuple[Any, int]] | None = None,
     seed: int = 1234,
 ) -> dict[str, Any]:
     """Trains every entry (name -> program source) on every held-out workload.
+
+    ``workloads`` maps a name to ``(task family, steps)``; by default the registered
+    families :data:`WORKLOADS` at their suggested horizons.
 
     Returns a JSON-able dict: per workload the AdamW target, and per optimizer
     the chosen lr, final test loss (median and spread over seeds), steps to
     target and the median curve; plus the performance profile.
     """
-    workloads = workloads or WORKLOADS
+    if workloads is None:
+        workloads = {w: (families.make(w), families.steps(w)) for w in WORKLOADS}
     if "adamw" not in entries:
         entries = {"adamw": BUILTINS["adamw"], **entries}
     names = list(entries)
@@ -115,12 +90,13 @@ def evaluate(
     keys = jax.random.split(jax.random.key(seed), seeds)
     result: dict[str, Any] = {"workloads": {}, "lr_grid": list(lr_grid), "seeds": seeds}
     times = {n: [] for n in names}
-    for wname, kw in workloads.items():
-        valid, test = map(np.asarray, loss_curves(kw, programs, log_lrs, keys, num_evals))
+    for wname, (family, steps) in workloads.items():
+        curves = loss_curves(family, steps, programs, log_lrs, keys, num_evals)
+        valid, test = map(np.asarray, curves)
         final_valid = np.median(valid[..., -1], axis=-1)  # [P, G]
         final_valid = np.where(np.isfinite(final_valid), final_valid, np.inf)
         best_g = np.argmin(final_valid, axis=1)
-        eval_steps = np.arange(1, num_evals + 1) * (kw["steps"] // num_evals)
+        eval_steps = np.arange(1, num_evals + 1) * (steps // num_evals)
         chosen = test[np.arange(len(names)), best_g]  # [P, S, E]
         median_curves = np.median(chosen, axis=1)  # [P, E]
         target = float(median_curves[names.index("adamw"), -1])
@@ -154,14 +130,7 @@ def plot(result: dict[str, Any], path) -> None:
 
     workloads = list(result["workloads"])
     fig, axes = figure((4.2 * (1 + len(workloads)), 3.4), 1, 1 + len(workloads))
-    ax = axes[0, 0]
-    for name, prof in result["profile"].items():
-        ax.plot(TAUS, prof["rho"], label=f"{name} ({prof['score']:.2f})")
-    ax.set_xlabel("tau (steps / best steps)")
-    ax.set_ylabel("fraction of workloads")
-    ax.set_title("performance profile (score)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=7)
+    plot_profile(result["profile"], axes[0, 0])
     for ax, w in zip(axes[0, 1:], workloads, strict=True):
         info = result["workloads"][w]
         for name, row in info["optimizers"].items():

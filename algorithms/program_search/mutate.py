@@ -26,6 +26,7 @@ from metaopt.algorithms.program_search.simplify import structural_hash
 
 _OP_NAMES = [n for n in OPS if n != "nop"]
 _DESTS = [OUTPUT, "m", "v", *(f"r{i}" for i in range(NUM_TEMPS))]
+SLOT_NAMES = ("m", "v")
 CONST_PROB = 0.25  # chance that a new argument is a constant
 
 
@@ -33,9 +34,18 @@ def _fmt(c: float) -> str:
     return repr(float(np.float32(c)))
 
 
-def _available(stmts, pos: int) -> list[str]:
+def _available(stmts, pos: int, slots: int = 2) -> list[str]:
     """Registers readable at statement ``pos``: the inputs and everything assigned before."""
-    return sorted(set(INPUTS) | {d for d, _, _ in stmts[:pos]})
+    banned = set(SLOT_NAMES[slots:])
+    return sorted((set(INPUTS) | {d for d, _, _ in stmts[:pos]}) - banned)
+
+
+def uses_slots(program: Program) -> int:
+    """How many state slots (``m``, ``v``) ``program`` reads or writes."""
+    names = set()
+    for dst, _, args in statements(program):
+        names.update([dst, *args])
+    return 2 if "v" in names else (1 if "m" in names else 0)
 
 
 def _random_args(rng, arity: int, available: list[str]) -> list[str]:
@@ -53,14 +63,15 @@ def _is_const(a: str) -> bool:
     return a[0].isdigit() or a[0] in "+-."
 
 
-def _mutate_once(stmts, rng):
+def _mutate_once(stmts, rng, slots: int = 2):
     stmts = [(d, op, list(a)) for d, op, a in stmts]
+    dests = [d for d in _DESTS if d not in SLOT_NAMES[slots:]]
     kind = rng.choice(["insert", "delete", "modify"])
     if kind == "insert" and len(stmts) < MAX_LEN:
         pos = int(rng.integers(0, len(stmts) + 1))
         op = str(rng.choice(_OP_NAMES))
-        args = _random_args(rng, OPS[op][0], _available(stmts, pos))
-        stmts.insert(pos, (str(rng.choice(_DESTS)), op, args))
+        args = _random_args(rng, OPS[op][0], _available(stmts, pos, slots))
+        stmts.insert(pos, (str(rng.choice(dests)), op, args))
     elif kind == "delete" and len(stmts) > 1:
         del stmts[int(rng.integers(len(stmts)))]
     elif stmts:
@@ -76,10 +87,10 @@ def _mutate_once(stmts, rng):
             if same:
                 op = str(rng.choice(same))
         elif what == "dst":
-            dst = str(rng.choice(_DESTS))
+            dst = str(rng.choice(dests))
         elif args:
             j = int(rng.integers(len(args)))
-            args[j] = _random_args(rng, 1, _available(stmts, i))[0]
+            args[j] = _random_args(rng, 1, _available(stmts, i, slots))[0]
             if sum(_is_const(a) for a in args) > 1:
                 return None
         stmts[i] = (dst, op, args)
@@ -90,8 +101,13 @@ def source_of(stmts) -> str:
     return "".join(f"{d} = {op}({', '.join(a)})\n" for d, op, a in stmts)
 
 
-def mutate(program: Program, rng: np.random.Generator, max_tries: int = 100) -> Program:
+def mutate(
+    program: Program, rng: np.random.Generator, max_tries: int = 100, slots: int = 2
+) -> Program:
     """A valid child of ``program`` with a different structural hash.
+
+    ``slots=1`` never introduces the second state slot ``v`` (the one-state-slot
+    search space: everything must be built from ``m``), ``slots=0`` neither ``m``.
 
     Returns ``program`` itself if ``max_tries`` attempts all fail (reported by the
     search as a failed mutation).
@@ -99,7 +115,7 @@ def mutate(program: Program, rng: np.random.Generator, max_tries: int = 100) -> 
     parent = structural_hash(program)
     stmts = statements(program)
     for _ in range(max_tries):
-        child = _mutate_once(stmts, rng)
+        child = _mutate_once(stmts, rng, slots)
         if child is None:
             continue
         try:

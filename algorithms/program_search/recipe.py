@@ -1,21 +1,28 @@
-"""Recipe ``program-search``: Lion-style symbolic discovery of optimizers (stage 0).
+"""Recipe ``program-search``: Lion-style symbolic discovery of optimizers.
 
-Runs batched regularized evolution warm-started from AdamW on a proxy task
-(an MLP on a scikit-learn dataset) and writes, in the run directory:
-``best_program.txt`` (simplified source of the best program), ``leaderboard.json``
-(top unique programs with fitness and learning rate), ``metrics.jsonl``,
-``search.png`` (best and median relative fitness, and the evaluations each
-redundancy layer skipped, per round) and ``state.json`` (the search state,
-written atomically every ``checkpoint_every`` rounds; ``--resume`` continues
-exactly).
+Stage 0 runs batched regularized evolution warm-started from AdamW on a family
+of proxy tasks (task families from :mod:`metaopt.envs.families`: by default a
+digits MLP, a teacher-student regression and an ill-conditioned logistic
+regression; fitness = validation loss relative to AdamW, averaged over tasks
+and seeds). The funnel (stage 1) then re-scores the top unique programs on
+larger tasks, for more steps, over more seeds; the program that is best there
+is the result. The run directory holds:
+
+``best_program.txt`` (simplified source of the funnel's winner),
+``leaderboard.json`` (top unique programs with their fitness at each stage and
+learning rates), ``metrics.jsonl``, ``search.png`` (best and median proxy
+fitness and the best program's fitness on a held-out task per round -- the
+meta-overfitting picture -- and the evaluations each redundancy layer skipped)
+and ``state.json`` (the search state, written atomically every
+``checkpoint_every`` rounds; ``--resume`` continues exactly).
 
 ``metaopt eval RUN_DIR`` trains the top programs of the leaderboard and the
 AdamW / Lion / SGD-momentum / signSGD baselines on held-out workloads
 (:mod:`~metaopt.algorithms.program_search.heldout`) and writes ``heldout.json``,
 ``heldout.md`` and ``heldout.png`` (performance profiles and test-loss curves).
 
-Not built yet (see the issue): the funnel that re-scores top candidates on
-progressively larger tasks during the search.
+``slots=1`` searches the one-state-slot space (no ``v``), warm-started from
+SGD with momentum unless ``warm_start`` says otherwise.
 """
 
 from __future__ import annotations
@@ -24,71 +31,104 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
-from metaopt.algorithms.program_search.program import parse
+from metaopt.algorithms.program_search.program import BUILTINS, parse
 from metaopt.algorithms.program_search.search import RegularizedEvolution, Scorer, SearchState
 from metaopt.checkpoint import MissingCheckpointError, write_json_atomic
 from metaopt.config import check
 from metaopt.driver import ProgressBar, truncate_log
-from metaopt.envs import MLPClassification
+from metaopt.envs import families
 from metaopt.plotting import read_metrics
 from metaopt.recipes import Recipe, register
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Settings of ``program-search`` (defaults = the ``default`` preset)."""
+    """Settings of ``program-search`` (defaults = the ``default`` preset).
 
-    dataset: Literal["digits", "wine", "breast_cancer"] = "digits"
-    hidden: tuple[int, ...] = (8,)
-    batch_size: int = 64
+    Task names are registered task families (``metaopt.envs.families.FAMILIES``).
+    """
+
+    tasks: tuple[str, ...] = ("digits-mlp8", "teacher-student-small", "logistic-cond100")
     inner_steps: int = 200
     lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)
     seeds: int = 2
     population: int = 32
     tournament: int = 8
     children: int = 15
-    rounds: int = 60
+    rounds: int = 40
+    slots: int = 2
+    warm_start: str = ""  # a built-in program; "" = adamw (slots=2) or sgd_momentum (slots<2)
     max_hits: int = 5
     checkpoint_every: int = 5
     leaderboard: int = 10
-    heldout_dataset: Literal["digits", "wine", "breast_cancer"] = "breast_cancer"
-    heldout_hidden: tuple[int, ...] = (16,)
+    funnel_top: int = 6
+    funnel_tasks: tuple[str, ...] = (
+        "digits-mlp16x16",
+        "teacher-student-large",
+        "logistic-cond1000",
+    )
+    funnel_seeds: int = 4
+    heldout_task: str = "breast_cancer-mlp16"
     heldout_every: int = 5
     seed: int = 0
 
     def __post_init__(self):
+        for name in (*self.tasks, *self.funnel_tasks, self.heldout_task):
+            check(
+                name in families.FAMILIES,
+                f"unknown task family '{name}'; choose from {sorted(families.FAMILIES)}",
+            )
+        check(len(self.tasks) >= 1, "tasks must name at least one task family")
         check(self.inner_steps >= 1, "inner_steps must be >= 1")
         check(
             len(self.lr_grid) >= 1 and all(x > 0 for x in self.lr_grid),
             "lr_grid must hold positive learning rates",
         )
-        check(self.seeds >= 1, "seeds must be >= 1")
+        check(self.seeds >= 1 and self.funnel_seeds >= 1, "seeds must be >= 1")
         check(2 <= self.tournament <= self.population, "need 2 <= tournament <= population")
         check(self.children >= 1, "children must be >= 1")
         check(self.rounds >= 0, "rounds must be >= 0")
+        check(self.slots in (0, 1, 2), "slots must be 0, 1 or 2")
+        check(
+            self.warm_start in ("", *BUILTINS),
+            f"unknown warm_start '{self.warm_start}'; choose from {sorted(BUILTINS)}",
+        )
         check(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
         check(self.heldout_every >= 1, "heldout_every must be >= 1")
+        check(self.funnel_top >= 0, "funnel_top must be >= 0 (0 turns the funnel off)")
+
+    @property
+    def start(self) -> str:
+        return self.warm_start or ("adamw" if self.slots == 2 else "sgd_momentum")
 
 
-PRESETS = {"quick": {"rounds": 10, "inner_steps": 100, "population": 16, "tournament": 4}}
+PRESETS = {
+    "quick": {"rounds": 8, "inner_steps": 100, "population": 16, "tournament": 4, "funnel_top": 3},
+    "one-slot": {"slots": 1},
+}
 
 
 def build(cfg: Config) -> RegularizedEvolution:
-    task = MLPClassification(cfg.dataset, cfg.hidden, cfg.batch_size)
-    scorer = Scorer(task, cfg.inner_steps, cfg.lr_grid, cfg.seeds, cfg.children + 1, cfg.seed)
+    tasks = [(families.make(name), cfg.inner_steps) for name in cfg.tasks]
+    scorer = Scorer(tasks, cfg.lr_grid, cfg.seeds, cfg.children + 1, cfg.seed)
     return RegularizedEvolution(
-        scorer, cfg.population, cfg.tournament, cfg.children, cfg.max_hits, cfg.seed
+        scorer,
+        cfg.population,
+        cfg.tournament,
+        cfg.children,
+        cfg.max_hits,
+        cfg.seed,
+        slots=cfg.slots,
     )
 
 
 def heldout_scorer(cfg: Config) -> Scorer:
     """Scores programs on a task the search does not train on (the meta-overfitting check)."""
-    task = MLPClassification(cfg.heldout_dataset, cfg.heldout_hidden, 32)
-    return Scorer(task, cfg.inner_steps, cfg.lr_grid, cfg.seeds, 2, cfg.seed + 777)
+    task = (families.make(cfg.heldout_task), families.steps(cfg.heldout_task))
+    return Scorer([task], cfg.lr_grid, cfg.seeds, 2, cfg.seed + 777)
 
 
 def leaderboard(state: SearchState, k: int) -> list[dict]:
@@ -99,6 +139,30 @@ def leaderboard(state: SearchState, k: int) -> list[dict]:
             seen.add(m["source"])
             out.append(m)
     return out[:k]
+
+
+def funnel(cfg: Config, board: list[dict], progress: bool = True) -> list[dict]:
+    """Stage 1: re-scores the top ``funnel_top`` entries of ``board`` on ``funnel_tasks``.
+
+    Every funnel task runs at its family's suggested horizon (longer than the proxy's)
+    over ``funnel_seeds`` fresh seeds. Returns the entries with ``fitness_funnel``
+    and ``lr_funnel`` added, best first; entries past ``funnel_top`` keep no funnel
+    score and follow in proxy order.
+    """
+    top = [dict(m) for m in board[: cfg.funnel_top]]
+    if not top:
+        return [dict(m) for m in board]
+    tasks = [(families.make(n), families.steps(n)) for n in cfg.funnel_tasks]
+    scorer = Scorer(tasks, cfg.lr_grid, cfg.funnel_seeds, len(top) + 1, cfg.seed + 999)
+    bar = ProgressBar(progress, 1, 0, len(top), "funnel")
+    t0 = time.perf_counter()
+    fit, lrs = scorer([parse(m["source"]) for m in top], 0)
+    bar.update([{"loss_best": float(np.min(fit))}], time.perf_counter() - t0)
+    bar.close()
+    for m, f, lr in zip(top, fit, lrs, strict=True):
+        m["fitness_funnel"], m["lr_funnel"] = float(f), lr.tolist()
+    top.sort(key=lambda m: m["fitness_funnel"])
+    return top + [dict(m) for m in board[cfg.funnel_top :]]
 
 
 def plot_search(rows: list[dict], path: Path) -> None:
@@ -141,7 +205,7 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
         state = SearchState.from_json(json.loads(state_path.read_text()), cfg.max_hits)
         truncate_log(log_path, state.round)  # rounds logged after the checkpoint are redone
     else:
-        state = search.init()
+        state = search.init(BUILTINS[cfg.start])
         log_path.unlink(missing_ok=True)
     rows = read_metrics(log_path) if log_path.exists() else []
     bar = ProgressBar(progress, cfg.rounds, state.round, cfg.children, "program-search")
@@ -166,20 +230,24 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     finally:
         bar.close()
     write_json_atomic(state_path, state.to_json())
-    board = leaderboard(state, cfg.leaderboard)
+    board = funnel(cfg, leaderboard(state, cfg.leaderboard), progress)
     write_json_atomic(out / "leaderboard.json", board)
-    (out / "best_program.txt").write_text(state.best["source"])
+    winner = board[0] if board else state.best
+    (out / "best_program.txt").write_text(winner["source"])
     if rows:
         plot_search(rows, out / "search.png")
     t = state.totals
     skipped = t["structural"] + t["functional"] + t["invalid"]
-    return {
-        "best_fitness (val loss / AdamW's)": f"{state.best['fitness']:.4f}",
-        "best_lr": f"{state.best['lr']:.3g}",
+    summary = {
+        "proxy_fitness (val loss / AdamW's)": f"{winner['fitness']:.4f}",
+    }
+    if "fitness_funnel" in winner:
+        summary["funnel_fitness (larger tasks)"] = f"{winner['fitness_funnel']:.4f}"
+    return summary | {
         "children": t["children"],
         "evaluations_skipped": f"{skipped} ({skipped / max(t['children'], 1):.0%}: "
         f"structural {t['structural']}, functional {t['functional']}, invalid {t['invalid']})",
-        "best_program": "\n" + state.best["source"],
+        "best_program": "\n" + winner["source"],
     }
 
 
@@ -232,7 +300,7 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True, top: int = 3) ->
 RECIPE = register(
     Recipe(
         name="program-search",
-        description="Lion-style symbolic search for optimizers (stage 0: proxy task only)",
+        description="Lion-style symbolic search for optimizers (proxy tasks, funnel, held-out)",
         config_cls=Config,
         run=run,
         presets=PRESETS,

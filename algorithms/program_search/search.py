@@ -37,7 +37,7 @@ from metaopt.algorithms.program_search.evaluate import (
     grid_losses,
     program_inner_loop,
 )
-from metaopt.algorithms.program_search.mutate import mutate
+from metaopt.algorithms.program_search.mutate import mutate, uses_slots
 from metaopt.algorithms.program_search.program import BUILTINS, parse, stack_programs, to_source
 from metaopt.algorithms.program_search.simplify import (
     FitnessCache,
@@ -50,37 +50,57 @@ from metaopt.algorithms.program_search.simplify import (
 
 
 class Scorer:
-    """Scores a batch of programs relative to AdamW, in one compiled kernel.
+    """Scores a batch of programs relative to AdamW on one or more tasks, in compiled kernels.
+
+    Fitness of a program is the mean over tasks of its best-over-the-lr-grid
+    validation loss (mean over seeds) divided by AdamW's on the same seeds, so
+    1.0 means "as good as AdamW" and lower is better. With task families every
+    seed is a different task instance.
 
     Args:
-      task: a supervised task (see :mod:`metaopt.envs`).
-      steps: inner training steps per run.
-      lr_grid: learning rates each program is tried at (the best counts).
-      seeds: training seeds per (program, lr).
-      batch: programs per call (padded with AdamW), so the kernel compiles once.
-      seed: base seed; round ``r`` uses seeds derived from ``(seed, r)``.
+      tasks: ``(task, steps)`` pairs: a task or task family and its inner horizon.
+        One kernel is compiled per task.
+      lr_grid: learning rates each program is tried at (the best counts, per task).
+      seeds: training seeds (task instances) per (program, lr, task).
+      batch: programs per call (padded with AdamW), so each kernel compiles once.
+      seed: base seed; round ``r`` uses seeds derived from ``(seed, r, task index)``.
     """
 
-    def __init__(self, task, steps: int, lr_grid, seeds: int, batch: int, seed: int = 0):
-        self.inner = program_inner_loop(task, steps)
+    def __init__(self, tasks, lr_grid, seeds: int, batch: int, seed: int = 0):
+        if not tasks:
+            raise ValueError("a Scorer needs at least one task")
+        self.inners = [program_inner_loop(task, steps) for task, steps in tasks]
         self.log_lrs = jnp.log(jnp.asarray(lr_grid, jnp.float32))
         self.seeds, self.batch, self.base = seeds, batch, jax.random.key(seed)
         self.adamw = parse(BUILTINS["adamw"])
-        self._score = jax.jit(
-            lambda progs, keys: best_over_grid(grid_losses(self.inner, progs, self.log_lrs, keys))
-        )
+        self._score = [
+            jax.jit(
+                lambda progs, keys, inner=inner: best_over_grid(
+                    grid_losses(inner, progs, self.log_lrs, keys)
+                )
+            )
+            for inner in self.inners
+        ]
 
     def __call__(self, programs: list, round_: int) -> tuple[np.ndarray, np.ndarray]:
-        """Relative fitness and best grid learning rate of each program (``len <= batch - 1``)."""
+        """Relative fitness ``[n]`` and best grid learning rate per task ``[n, tasks]``.
+
+        At most ``batch - 1`` programs per call (row 0 is AdamW).
+        """
         if len(programs) > self.batch - 1:
             raise ValueError(f"at most {self.batch - 1} programs per call")
         rows = [self.adamw, *programs]
         rows += [self.adamw] * (self.batch - len(rows))
-        keys = jax.random.split(jax.random.fold_in(self.base, round_), self.seeds)
-        loss, idx = jax.device_get(self._score(stack_programs(rows), keys))
-        rel = np.asarray(loss[1 : 1 + len(programs)] / loss[0], np.float64)
-        lrs = np.exp(np.asarray(self.log_lrs))[np.asarray(idx[1 : 1 + len(programs)])]
-        return np.where(np.isfinite(rel), rel, np.inf), lrs
+        batch, n = stack_programs(rows), len(programs)
+        key = jax.random.fold_in(self.base, round_)
+        rels, lrs = [], []
+        for i, score in enumerate(self._score):
+            keys = jax.random.split(jax.random.fold_in(key, i), self.seeds)
+            loss, idx = jax.device_get(score(batch, keys))
+            rel = np.asarray(loss[1 : 1 + n] / loss[0], np.float64)
+            rels.append(np.where(np.isfinite(rel), rel, np.inf))
+            lrs.append(np.exp(np.asarray(self.log_lrs))[np.asarray(idx[1 : 1 + n])])
+        return np.mean(rels, axis=0), np.stack(lrs, axis=1)
 
 
 @dataclasses.dataclass
@@ -118,6 +138,7 @@ class RegularizedEvolution:
         max_hits: int = 5,
         seed: int = 0,
         mutate_fn: Callable = mutate,
+        slots: int = 2,
     ):
         if children > scorer.batch - 1:
             raise ValueError(f"children ({children}) must be < the scorer's batch ({scorer.batch})")
@@ -128,16 +149,24 @@ class RegularizedEvolution:
             seed,
             mutate_fn,
         )
+        if slots not in (0, 1, 2):
+            raise ValueError(f"slots must be 0, 1 or 2, got {slots}")
+        self.slots = slots
         self._fp_inputs = fingerprint_inputs(jax.random.key(seed + 1))
         self._fingerprint = jax.jit(lambda progs: functional_fingerprints(progs, *self._fp_inputs))
 
     def init(self, warm_start: str = BUILTINS["adamw"]) -> SearchState:
         program = remove_dead_code(parse(warm_start))
+        if uses_slots(program) > self.slots:
+            raise ValueError(
+                f"the warm start uses {uses_slots(program)} state slots but the search allows "
+                f"{self.slots}: start from a program that fits (e.g. sgd_momentum for slots=1)"
+            )
         fit, lrs = self.scorer([program], 0)
         member = {
             "source": to_source(program),
             "fitness": float(fit[0]),
-            "lr": float(lrs[0]),
+            "lr": lrs[0].tolist(),
             "born": 0,
         }
         rng = np.random.default_rng(self.seed)
@@ -169,7 +198,8 @@ class RegularizedEvolution:
         for _ in range(self.children):
             picks = rng.choice(len(state.population), size=self.tournament, replace=False)
             parent = min((state.population[i] for i in picks), key=lambda m: m["fitness"])
-            kids.append(remove_dead_code(self.mutate_fn(parse(parent["source"]), rng)))
+            child = self.mutate_fn(parse(parent["source"]), rng, slots=self.slots)
+            kids.append(remove_dead_code(child))
 
         counts = dict.fromkeys(("structural", "functional", "invalid", "evaluated"), 0)
         shashes = [structural_hash(k) for k in kids]
@@ -178,7 +208,7 @@ class RegularizedEvolution:
         if unknown:
             for i, f in zip(unknown, self._hashes([kids[i] for i in unknown]), strict=True):
                 state.struct_to_func[shashes[i]] = f
-        fitness, lrs = [None] * len(kids), [float("nan")] * len(kids)
+        fitness, lrs = [None] * len(kids), [None] * len(kids)
         todo: dict[str, list[int]] = {}
         for i, s in enumerate(shashes):
             f = state.struct_to_func[s]
@@ -200,9 +230,9 @@ class RegularizedEvolution:
             fit, best_lrs = self.scorer([kids[i] for i in firsts], r)
             counts["evaluated"] = len(firsts)
             for (f, idx), value, lr in zip(todo.items(), fit, best_lrs, strict=True):
-                state.cache.put(f, (float(value), float(lr)))
+                state.cache.put(f, (float(value), lr.tolist()))
                 for i in idx:
-                    fitness[i], lrs[i] = float(value), float(lr)
+                    fitness[i], lrs[i] = float(value), lr.tolist()
 
         for kid, fit, lr in zip(kids, fitness, lrs, strict=True):
             member = {"source": to_source(kid), "fitness": fit, "lr": lr, "born": r}
