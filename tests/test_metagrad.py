@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from metaopt.algorithms.hypergradient import ridge_closed_form_hypergradient, ridge_problem
 from metaopt.inner import InnerLoop, rollout_loss
 from metaopt.outer import MetaGradient
 
@@ -43,26 +44,6 @@ def test_full_metagradient_matches_finite_differences(remat):
         fd = (f(up) - f(down)) / (2 * eps)
         np.testing.assert_allclose(grad[name], fd, rtol=2e-2, atol=1e-5)
     assert int(metrics["nonfinite"]) == 0
-
-
-def ridge_problem(n=80, n_valid=60, d=5, seed=0, noise=0.5):
-    rng = np.random.default_rng(seed)
-    w_true = rng.normal(size=d)
-    x, xv = rng.normal(size=(n, d)), rng.normal(size=(n_valid, d))
-    y = x @ w_true + noise * rng.normal(size=n)
-    yv = xv @ w_true + noise * rng.normal(size=n_valid)
-    return [jnp.asarray(a, jnp.float32) for a in (x, y, xv, yv)]
-
-
-def ridge_closed_form_hypergradient(x, y, xv, yv, lam):
-    """d L_valid(w*(lam)) / d log(lam) with w* = (X'X/n + lam I)^-1 X'y/n."""
-    x, y, xv, yv = (np.asarray(a, np.float64) for a in (x, y, xv, yv))
-    n, d = x.shape
-    h = x.T @ x / n + lam * np.eye(d)
-    w = np.linalg.solve(h, x.T @ y / n)
-    dw_dlam = -np.linalg.solve(h, w)
-    grad_w = xv.T @ (xv @ w - yv) / len(yv)
-    return lam * grad_w @ dw_dlam
 
 
 def test_metagradient_matches_ridge_closed_form():

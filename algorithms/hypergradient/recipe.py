@@ -1,0 +1,497 @@
+"""Recipe ``hypergradient``: learn L2 regularisation by unrolled and implicit hypergradients.
+
+Two bilevel problems (see :mod:`.problems`), each with one shared strength
+(``scalar``) and one strength per feature (``per_feature``), learned in log
+space by Adam on the validation loss, with two hypergradients:
+
+* ``unrolled``: backprop through ``unroll_steps`` steps of preconditioned
+  gradient descent (the core's ``MetaGradient`` over :func:`.unrolled_inner_loop`);
+* ``implicit``: the implicit function theorem, ``jax.lax.custom_root`` with a
+  Newton solve and conjugate-gradient tangent solves (``MetaGradient`` over
+  :func:`.implicit_inner_loop`).
+
+Problems: ridge regression on synthetic data where only a few features matter
+(closed-form hypergradient available), and logistic regression on scikit-learn's
+breast-cancer data (checked against finite differences). Before training, the
+run checks the hypergradients at the starting point in float64 (and float32)
+against those references.
+
+Outputs: ``checks.json`` (hypergradient errors), ``results.json`` and
+``hparams.npz`` (learned strengths, valid/test losses), ``hypergradient.png``
+(validation loss vs outer step, unrolled vs implicit), one sub-directory per
+run with its ``metrics.jsonl`` and checkpoints, ``summary.md``.
+``metaopt eval RUN_DIR`` reports test-split results against references (the
+best scalar strength of a grid tuned on validation; scikit-learn's
+``LogisticRegression`` for the real dataset) in ``eval.json`` / ``eval.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metaopt import driver
+from metaopt.algorithms.hypergradient.implicit import argmin, newton
+from metaopt.algorithms.hypergradient.problems import (
+    Bilevel,
+    RegressionData,
+    implicit_inner_loop,
+    logistic_bilevel,
+    ridge_bilevel,
+    ridge_closed_form_hypergradient,
+    synthetic_regression,
+    unrolled_inner_loop,
+)
+from metaopt.checkpoint import MissingCheckpointError
+from metaopt.config import check
+from metaopt.inner import InnerLoop
+from metaopt.outer import MetaGradient
+from metaopt.recipes import Recipe, register
+
+PyTree = Any
+PROBLEMS = ("ridge", "logistic")
+REGULARISERS = ("scalar", "per_feature")
+METHODS = ("unrolled", "implicit")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Settings of the ``hypergradient`` recipe (defaults = the ``default`` preset)."""
+
+    ridge_features: int = 20
+    ridge_relevant: int = 5
+    ridge_train: int = 40
+    ridge_valid: int = 40
+    ridge_test: int = 2000
+    ridge_noise: float = 1.0
+    ridge_lam0: float = 1e-2
+    dataset: Literal["breast_cancer"] = "breast_cancer"
+    logistic_lam0: float = 1e-4
+    unroll_steps: int = 300
+    newton_steps: int = 30
+    cg_tol: float = 1e-6
+    outer_steps: int = 200
+    meta_lr: float = 0.05
+    steps_per_call: int = 10
+    checkpoint_every: int = 50
+    regularisers: tuple[str, ...] = REGULARISERS
+    checks: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        check(
+            1 <= self.ridge_relevant <= self.ridge_features,
+            "need 1 <= ridge_relevant <= ridge_features",
+        )
+        check(
+            self.ridge_train >= 2 and self.ridge_valid >= 2 and self.ridge_test >= 2,
+            "ridge_train, ridge_valid and ridge_test must be >= 2",
+        )
+        check(self.ridge_noise >= 0, "ridge_noise must be >= 0")
+        check(self.ridge_lam0 > 0 and self.logistic_lam0 > 0, "initial strengths must be > 0")
+        check(self.unroll_steps >= 1, "unroll_steps must be >= 1")
+        check(self.newton_steps >= 1, "newton_steps must be >= 1")
+        check(self.cg_tol > 0, "cg_tol must be > 0")
+        check(self.outer_steps >= 0, "outer_steps must be >= 0")
+        check(self.meta_lr > 0, "meta_lr must be > 0")
+        check(self.steps_per_call >= 1, "steps_per_call must be >= 1")
+        check(
+            len(self.regularisers) >= 1 and set(self.regularisers) <= set(REGULARISERS),
+            f"regularisers must be a non-empty subset of {list(REGULARISERS)}",
+        )
+
+
+PRESETS = {
+    "quick": {"outer_steps": 40, "unroll_steps": 100, "ridge_test": 500, "checkpoint_every": 20},
+}
+
+
+def ridge_data(cfg: Config) -> RegressionData:
+    """The synthetic ridge problem of ``cfg`` (deterministic in ``cfg.seed``)."""
+    return synthetic_regression(
+        cfg.ridge_train,
+        cfg.ridge_valid,
+        cfg.ridge_test,
+        cfg.ridge_features,
+        cfg.ridge_relevant,
+        cfg.ridge_noise,
+        cfg.seed,
+    )
+
+
+def problems(cfg: Config) -> dict[str, Bilevel]:
+    """``{"ridge": ..., "logistic": ...}``; data arrays in the current default precision."""
+    return {
+        "ridge": ridge_bilevel(ridge_data(cfg)),
+        "logistic": logistic_bilevel(cfg.dataset, cfg.seed),
+    }
+
+
+@functools.lru_cache(maxsize=4)
+def _problems(cfg: Config) -> dict[str, Bilevel]:
+    # float32 problems shared by run and evaluate (the float64 checks build their own)
+    return problems(cfg)
+
+
+def lam0(cfg: Config, problem: str) -> float:
+    return cfg.ridge_lam0 if problem == "ridge" else cfg.logistic_lam0
+
+
+def build_inner(
+    cfg: Config, problem: Bilevel, method: str, cg_tol: float | None = None
+) -> InnerLoop:
+    """The inner loop of ``method`` ("unrolled" or "implicit") on ``problem``."""
+    if method == "unrolled":
+        return unrolled_inner_loop(problem, cfg.unroll_steps)
+    return implicit_inner_loop(problem, newton(cfg.newton_steps), cg_tol or cfg.cg_tol)
+
+
+def hypergradient_fn(inner: InnerLoop):
+    """``hparams -> (validation loss, hypergradient)`` through the core's MetaGradient."""
+    mg = MetaGradient(inner, None, num_particles=1, mesh=None)
+
+    def f(hparams):
+        grad, _, metrics = mg.gradient(mg.init(jax.random.key(0), hparams), jax.random.key(0))
+        return metrics["loss_mean"], grad
+
+    return jax.jit(f)
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def hypergradient_checks(cfg: Config, x64: bool) -> dict:
+    """Hypergradients at the starting point vs the closed form (ridge) and FD (logistic).
+
+    For each problem, regulariser and method: the relative error
+    ``|g - g_ref| / |g_ref|``. The ridge reference is the exact closed form;
+    the logistic reference is a central finite difference of the exact-solution
+    validation loss along a random direction (so it checks a directional derivative).
+    In float64 the CG tolerance is 1e-12 (not ``cfg.cg_tol``), so that the
+    implicit error is that of the method. Both references are of the *exact*
+    inner solution: the unrolled hypergradient differentiates ``unroll_steps``
+    GD steps instead, so its error also measures how far those steps are from
+    convergence (its truncation bias).
+
+    Returns:
+      ``{"problem/regulariser/method": relative error}``.
+    """
+    out = {}
+    with jax.enable_x64(x64):
+        dtype = jnp.float64 if x64 else jnp.float32
+        data = ridge_data(cfg)
+        probs = problems(cfg)
+        rng = np.random.default_rng(cfg.seed)
+        for pname, prob in probs.items():
+            exact_loss = None
+            if pname == "logistic":
+                solver = newton(cfg.newton_steps)
+
+                def exact_loss(hp, prob=prob, solver=solver):
+                    init = jax.tree.map(lambda a: jnp.asarray(a, dtype), prob.init_params)
+                    return prob.valid_loss(argmin(prob.objective, init, hp, solver))
+
+                exact_loss = jax.jit(exact_loss)
+            for reg in cfg.regularisers:
+                hp0 = prob.hparams(lam0(cfg, pname), reg == "per_feature")
+                # per-feature: spread the strengths so that the check is not symmetric
+                spread = rng.uniform(-1, 1, hp0["log_lam"].shape)
+                hp = {"log_lam": jnp.asarray(hp0["log_lam"] + spread, dtype)}
+                direction = rng.normal(size=hp["log_lam"].shape)
+                for method in METHODS:
+                    inner = build_inner(cfg, prob, method, 1e-12 if x64 else None)
+                    _, g = hypergradient_fn(inner)(hp)
+                    g = np.asarray(g["log_lam"], np.float64)
+                    if pname == "ridge":
+                        lam = np.exp(np.asarray(hp["log_lam"], np.float64))
+                        ref = ridge_closed_form_hypergradient(
+                            data.x, data.y, data.x_valid, data.y_valid, lam
+                        )
+                        err = _rel(g, ref)
+                    else:
+                        eps = 1e-5 if x64 else 1e-2
+                        v = jnp.asarray(direction, dtype)
+                        fd = (
+                            exact_loss({"log_lam": hp["log_lam"] + eps * v})
+                            - exact_loss({"log_lam": hp["log_lam"] - eps * v})
+                        ) / (2 * eps)
+                        err = _rel(np.sum(g * direction), float(fd))
+                    out[f"{pname}/{reg}/{method}"] = err
+    return out
+
+
+def _train(outer, hp0, out: Path, cfg: Config, resume: bool, progress: bool, desc: str):
+    kwargs = dict(
+        key=jax.random.key(cfg.seed),
+        num_steps=cfg.outer_steps,
+        out_dir=out,
+        steps_per_call=cfg.steps_per_call,
+        checkpoint_every=cfg.checkpoint_every,
+        progress=progress,
+        plot=False,
+        desc=desc,
+    )
+    try:
+        return driver.train(outer, hp0, resume=resume, **kwargs)
+    except MissingCheckpointError:
+        if not resume:
+            raise
+        # an interrupted run may not have reached this sub-run yet: start it
+        return driver.train(outer, hp0, resume=False, **kwargs)
+
+
+def solution(cfg: Config, pname: str, method: str, hparams):
+    """The inner solution that ``method``'s inner loop produces for ``hparams`` (float32)."""
+    return _solution_fn(cfg, pname, method)(hparams)
+
+
+@functools.lru_cache(maxsize=16)
+def _solution_fn(cfg: Config, pname: str, method: str):
+    inner = build_inner(cfg, _problems(cfg)[pname], method)
+
+    def f(hparams):
+        state = inner.init(hparams, jax.random.key(0))
+        state, _ = jax.lax.scan(
+            lambda s, k: (inner.step(hparams, s, k)[0], None),
+            state,
+            jax.random.split(jax.random.key(0), inner.horizon),
+        )
+        return state
+
+    return jax.jit(f)
+
+
+LAM_GRID = tuple(float(x) for x in np.geomspace(1e-5, 10.0, 25))
+
+
+def grid_best(cfg: Config, pname: str) -> tuple[float, PyTree]:
+    """The scalar strength of :data:`LAM_GRID` with the lowest validation loss (exact solutions).
+
+    Returns ``(lam, solution)``.
+    """
+    sols, valid = _grid_fn(cfg, pname)(jnp.log(jnp.asarray(LAM_GRID, jnp.float32)))
+    valid = np.asarray(valid)
+    best = int(np.nanargmin(np.where(np.isfinite(valid), valid, np.inf)))
+    return LAM_GRID[best], jax.tree.map(lambda a: a[best], sols)
+
+
+@functools.lru_cache(maxsize=4)
+def _grid_fn(cfg: Config, pname: str):
+    prob, solve = _problems(cfg)[pname], _solution_fn(cfg, pname, "implicit")
+
+    def f(log_lams):
+        sols = jax.vmap(lambda lp: solve({"log_lam": lp}))(log_lams)
+        return sols, jax.vmap(prob.valid_loss)(sols)
+
+    return jax.jit(f)
+
+
+def _losses(problem: Bilevel, params) -> dict:
+    row = {
+        "train_loss": float(problem.train_loss(params)),
+        "valid_loss": float(problem.valid_loss(params)),
+        "test_loss": float(problem.test_loss(params)),
+    }
+    for split in ("valid", "test"):
+        for k, v in problem.metrics(params, split).items():
+            row[f"{split}_{k}"] = float(v)
+    return row
+
+
+def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> dict:
+    out = Path(out)
+    checks = {}
+    if cfg.checks:  # float64, so that the errors measure the methods, not float32 rounding
+        checks = hypergradient_checks(cfg, x64=True)
+        (out / "checks.json").write_text(json.dumps(checks, indent=2) + "\n")
+    probs = _problems(cfg)
+    results, learned = {}, {}
+    for pname, prob in probs.items():
+        for reg in cfg.regularisers:
+            hp0 = prob.hparams(lam0(cfg, pname), reg == "per_feature")
+            for method in METHODS:
+                name = f"{pname}-{reg}-{method}"
+                inner = build_inner(cfg, prob, method)
+                outer = MetaGradient(inner, None, 1, learning_rate=cfg.meta_lr, mesh=None)
+                res = _train(outer, hp0, out / name, cfg, resume, progress, name)
+                hp = jax.tree.map(jnp.asarray, res.meta_params)
+                learned[name] = np.asarray(hp["log_lam"])
+                results[name] = {
+                    "lam": np.exp(np.asarray(hp["log_lam"], np.float64)).tolist(),
+                    "start": _losses(prob, solution(cfg, pname, method, hp0)),
+                    "learned": _losses(prob, solution(cfg, pname, method, hp)),
+                }
+    np.savez(out / "hparams.npz", **learned)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    refs = {p: float(probs[p].valid_loss(grid_best(cfg, p)[1])) for p in PROBLEMS}
+    plot_runs(out, cfg, out / "hypergradient.png", refs)
+    summary = {
+        f"hypergradient rel. error vs exact, {k} (float64)": f"{v:.2e}" for k, v in checks.items()
+    }
+    for name, r in results.items():
+        summary[name] = (
+            f"valid {r['start']['valid_loss']:.4f} -> {r['learned']['valid_loss']:.4f}, "
+            f"test {r['start']['test_loss']:.4f} -> {r['learned']['test_loss']:.4f}"
+        )
+    (out / "summary.md").write_text(
+        "# hypergradient run\n\n"
+        + "".join(f"- {k}: {v}\n" for k, v in summary.items())
+        + "\n![hypergradient](hypergradient.png)\n"
+    )
+    return summary
+
+
+def plot_runs(
+    run_dir: Path,
+    cfg: Config,
+    path: Path | None = None,
+    references: dict[str, float] | None = None,
+    ax_grid=None,
+):
+    """Validation loss vs outer step, unrolled vs implicit, one panel per problem x regulariser.
+
+    Each curve is the validation loss of the inner solution its method
+    differentiates: ``unroll_steps`` GD steps from zero (unrolled) or the exact
+    minimiser (implicit). ``references[problem]`` draws a dashed line (the
+    exact-solution validation loss of the best scalar strength of a grid).
+    """
+    from metaopt.plotting import figure, read_metrics
+
+    fig = None
+    if ax_grid is None:
+        ncols = len(cfg.regularisers)
+        fig, ax_grid = figure((5.0 * ncols, 6.5), len(PROBLEMS), ncols)
+    for i, pname in enumerate(PROBLEMS):
+        for j, reg in enumerate(cfg.regularisers):
+            ax = ax_grid[i, j]
+            for method in METHODS:
+                log = Path(run_dir) / f"{pname}-{reg}-{method}" / "metrics.jsonl"
+                if not log.exists():
+                    continue
+                rows = read_metrics(log)
+                label = (
+                    f"unrolled (K={cfg.unroll_steps})"
+                    if method == "unrolled"
+                    else ("implicit (custom_root + CG)")
+                )
+                ax.plot([r["step"] for r in rows], [r["loss_mean"] for r in rows], label=label)
+            if references and pname in references:
+                ax.axhline(references[pname], color="k", ls="--", lw=1, label="best scalar (grid)")
+            ax.set_title(f"{pname}, {reg.replace('_', '-')} strength", fontsize=10)
+            ax.set_xlabel("outer step (Adam on log lambda)")
+            ax.set_ylabel("validation loss of the inner solution")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    if fig is not None:
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=110)
+    return ax_grid
+
+
+def _sklearn_reference(cfg: Config) -> dict:
+    """scikit-learn's LogisticRegression (an independent solver), C chosen on validation."""
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    from metaopt.envs import datasets
+
+    d = datasets.load(cfg.dataset, cfg.seed)
+    x_train, x_valid, x_test = (np.asarray(a, np.float64) for a in (d.x_train, d.x_valid, d.x_test))
+
+    def log_loss(clf, x, y):  # mean cross-entropy from the logits, stable in float64
+        z = clf.decision_function(x)
+        return float(np.mean(np.logaddexp(0.0, z) - y * z))
+
+    best = None
+    # one BLAS thread: these problems are tiny, and threads next to a busy JAX
+    # process (or on a shared machine) made the fits ~25x slower
+    with threadpool_limits(1):
+        for lam in LAM_GRID:
+            # sklearn minimises C * sum(log-loss) + |w|^2 / 2: our mean loss with lam = 1/(C n)
+            clf = LogisticRegression(C=1.0 / (lam * len(x_train)), max_iter=10_000, tol=1e-8)
+            clf.fit(x_train, d.y_train)
+            valid = log_loss(clf, x_valid, d.y_valid)
+            if best is None or valid < best[0]:
+                best = (valid, lam, clf)
+    valid, lam, clf = best
+    return {
+        "lam": lam,
+        "valid_loss": valid,
+        "test_loss": log_loss(clf, x_test, d.y_test),
+        "test_accuracy": float(clf.score(x_test, d.y_test)),
+    }
+
+
+def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
+    """Test-split results of the learned strengths against tuned-on-validation references."""
+    del progress
+    run_dir = Path(run_dir)
+    path = run_dir / "hparams.npz"
+    if not path.exists():
+        raise MissingCheckpointError(f"{path} is missing: the run has not finished")
+    with np.load(path, allow_pickle=False) as f:
+        learned = {k: jnp.asarray(f[k]) for k in f.files}
+    probs = _problems(cfg)
+    rows: dict[str, dict] = {}
+    for pname, prob in probs.items():
+        # reference: the best scalar strength of a grid, chosen on validation (exact solutions)
+        best_lam, best_sol = grid_best(cfg, pname)
+        start = prob.hparams(lam0(cfg, pname), False)
+        rows[f"{pname}: start (lambda={lam0(cfg, pname):g})"] = _losses(
+            prob, solution(cfg, pname, "implicit", start)
+        )
+        rows[
+            f"{pname}: best scalar lambda of a {len(LAM_GRID)}-point grid "
+            f"({best_lam:.3g}, tuned on valid)"
+        ] = _losses(prob, best_sol)
+        for reg in cfg.regularisers:
+            for method in METHODS:
+                name = f"{pname}-{reg}-{method}"
+                hp = {"log_lam": learned[name]}
+                row = _losses(prob, solution(cfg, pname, method, hp))
+                if method == "unrolled":
+                    # the strength learned through K steps, used with the exact solution
+                    row["test_loss_exact_solution"] = float(
+                        prob.test_loss(solution(cfg, pname, "implicit", hp))
+                    )
+                rows[f"{pname}: learned {reg.replace('_', '-')}, {method}"] = row
+        if pname == "ridge" and "per_feature" in cfg.regularisers:
+            # does it find the structure? (only the first ridge_relevant features matter)
+            lam = np.exp(np.asarray(learned["ridge-per_feature-implicit"], np.float64))
+            row = rows["ridge: learned per-feature, implicit"]
+            row["median_lam_relevant"] = float(np.median(lam[: cfg.ridge_relevant]))
+            row["median_lam_irrelevant"] = float(np.median(lam[cfg.ridge_relevant :]))
+    sk = _sklearn_reference(cfg)
+    name = f"logistic: scikit-learn LogisticRegression, C tuned on valid (lambda={sk['lam']:.3g})"
+    rows[name] = sk
+    (run_dir / "eval.json").write_text(json.dumps(rows, indent=2) + "\n")
+    md = "| model | valid loss | test loss | test accuracy |\n|---|---|---|---|\n"
+    for name, r in rows.items():
+        acc = f"{r['test_accuracy']:.3f}" if "test_accuracy" in r else ""
+        md += f"| {name} | {r['valid_loss']:.4f} | {r['test_loss']:.4f} | {acc} |\n"
+    (run_dir / "eval.md").write_text(md)
+    print(md)
+    return {name: f"test {r['test_loss']:.4f}" for name, r in rows.items()}
+
+
+RECIPE = register(
+    Recipe(
+        name="hypergradient",
+        description="learn L2 strengths by unrolled vs implicit (custom_root + CG) hypergradients",
+        config_cls=Config,
+        run=run,
+        presets=PRESETS,
+        evaluate=evaluate,
+        extendable=("outer_steps",),
+    )
+)
