@@ -1,0 +1,248 @@
+"""Evaluation of discovered objectives: TA-LPO vs LPO, PPO and DPO across horizons and environments.
+
+For every setting -- the meta-training environment at horizons ``N/4, N/2, N,
+2N`` (``eval_horizons``) and each of ``eval_envs`` at its own horizon -- every
+objective trains ``eval_seeds`` fresh PPO agents on seeds never used in
+meta-training (the same seeds for every objective), and the final mean episode
+return is reported as mean, standard deviation and standard error over seeds.
+TA-LPO reads progress ``n/N`` relative to each run's own horizon, which is what
+lets it transfer across horizons.
+
+All objectives of one setting run in one compiled, vmapped computation: the
+policy loss is a "mixed" objective that evaluates every candidate loss and
+selects one by an integer in the meta-parameters. This costs the two drift
+networks' forward/backward for every run (tens of percent of a PPO update) but
+compiles each setting once instead of once per objective.
+
+Outputs in the run directory: ``eval.json`` (all returns and mean learning
+curves), ``eval.md`` (the table) and ``eval.png`` (return vs horizon on the
+meta-training environment, bars per other environment, learning curves at N).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metaopt.algorithms.lpo import objectives as obj_lib
+from metaopt.algorithms.lpo import ppo
+from metaopt.inner import unroll
+
+#: evaluated objectives, in table order: (key, label).
+OBJECTIVES = (
+    ("ta_lpo", "TA-LPO (discovered)"),
+    ("lpo", "LPO (discovered)"),
+    ("ppo", "PPO (clipped)"),
+    ("dpo", "DPO"),
+)
+_INDEX = {k: i for i, (k, _) in enumerate(OBJECTIVES)}
+MAX_CURVE_POINTS = 200
+
+
+def mixed_objective(meta_params, ratio, advantage, progress):
+    """The loss of objective number ``meta_params["index"]`` (order of :data:`OBJECTIVES`).
+
+    ``meta_params``: ``{"index": int32, "ta_lpo": drift params, "lpo": drift params}``.
+    """
+    losses = jnp.stack(
+        [
+            obj_lib.ta_lpo(meta_params["ta_lpo"], ratio, advantage, progress),
+            obj_lib.lpo(meta_params["lpo"], ratio, advantage, progress),
+            obj_lib.clipped_ppo(None, ratio, advantage, progress),
+            obj_lib.dpo(None, ratio, advantage, progress),
+        ]
+    )
+    return losses[meta_params["index"]]
+
+
+def candidates(learned: dict[str, dict], hidden: int) -> tuple[list[str], dict]:
+    """``(keys, population)``: the objectives to evaluate and their stacked meta-parameters."""
+    keys = [k for k, _ in OBJECTIVES if k not in obj_lib.NUM_FEATURES or k in learned]
+    params = {
+        name: learned.get(name, obj_lib.zeros_like_drift_params(name, hidden))
+        for name in obj_lib.NUM_FEATURES
+    }
+    rows = [{"index": jnp.int32(_INDEX[k]), **params} for k in keys]
+    return keys, jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
+
+
+def _runner(pcfg: ppo.PPOConfig):
+    inner = ppo.make_ppo(pcfg, mixed_objective, name="ppo-mixed")
+
+    def one(mp, key):
+        k_init, k_run = jax.random.split(key)
+        state = inner.init(mp, k_init)
+        _, metrics = unroll(inner, mp, state, k_run, inner.horizon)
+        return metrics["return"]  # [N]; the last entry is the final mean return
+
+    return jax.jit(lambda pop, keys: jax.vmap(lambda mp: jax.vmap(lambda k: one(mp, k))(keys))(pop))
+
+
+def returns_over_training(
+    pcfg: ppo.PPOConfig, learned: dict[str, dict], keys: jax.Array, hidden: int = 128
+) -> dict[str, np.ndarray]:
+    """Mean-return curves ``{objective: [seeds, updates]}`` of every objective on ``pcfg``."""
+    names, pop = candidates(learned, hidden)
+    curves = np.asarray(_runner(pcfg)(pop, keys))
+    return dict(zip(names, curves, strict=True))
+
+
+def settings(cfg) -> list[dict]:
+    """The evaluation settings of a ``ta-lpo`` config: meta-training env at each horizon, then
+    each other environment."""
+    base = cfg.learner
+    out = []
+    for h in cfg.eval_horizons:
+        p = ppo.horizon_config(base, h)
+        label = f"{base.env} {h:g}N"
+        out.append({"env": base.env, "fraction": h, "cfg": p, "label": label})
+    for env, steps in zip(cfg.eval_envs, cfg.eval_timesteps, strict=True):
+        p = ppo.ppo_config(env, total_timesteps=steps)
+        out.append({"env": p.env, "fraction": None, "cfg": p, "label": p.env})
+    return out
+
+
+def _stats(x: np.ndarray) -> dict:
+    x = np.asarray(x, np.float64)
+    return {
+        "mean": float(x.mean()),
+        "std": float(x.std()),
+        "stderr": float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan"),
+        "returns": [float(v) for v in x],
+    }
+
+
+def _downsample(curve: np.ndarray) -> list[float]:
+    idx = np.unique(np.linspace(0, len(curve) - 1, min(len(curve), MAX_CURVE_POINTS)).astype(int))
+    return [float(curve[i]) for i in idx]
+
+
+def run_evaluation(cfg, learned: dict[str, dict], progress: bool = True) -> dict:
+    """Every objective in every setting; a JSON-ready dict."""
+    from tqdm.auto import tqdm
+
+    keys = jax.random.split(jax.random.key(cfg.seed + 20_000), cfg.eval_seeds)
+    result = {"seeds": cfg.eval_seeds, "meta_env": cfg.env, "settings": []}
+    todo = settings(cfg)
+    bar = tqdm(todo, desc="ta-lpo eval", unit="setting", disable=not progress)
+    for s in bar:
+        p = s["cfg"]
+        bar.set_postfix_str(f"{s['label']} ({ppo.env_steps(p)} steps)")
+        curves = returns_over_training(p, learned, keys, cfg.hidden)
+        result["settings"].append(
+            {
+                "label": s["label"],
+                "env": s["env"],
+                "horizon_fraction": s["fraction"],
+                "timesteps": ppo.env_steps(p),
+                "updates": p.num_updates,
+                "ppo": dataclasses.asdict(p),
+                "results": {
+                    k: {**_stats(c[:, -1]), "mean_curve": _downsample(c.mean(0))}
+                    for k, c in curves.items()
+                },
+            }
+        )
+    return result
+
+
+def markdown(result: dict) -> str:
+    """The table: rows = objectives, columns = settings, cells = mean ± std (best in bold)."""
+    labels = dict(OBJECTIVES)
+    sets = result["settings"]
+    names = list(sets[0]["results"])
+    head = "| objective | " + " | ".join(f"{s['label']} ({s['timesteps']:,} steps)" for s in sets)
+    lines = [head + " |", "|---|" + "---|" * len(sets)]
+    for k in names:
+        cells = []
+        for s in sets:
+            r = s["results"][k]
+            best = max(v["mean"] for v in s["results"].values())
+            cell = f"{r['mean']:.1f} ± {r['std']:.1f}"
+            cells.append(f"**{cell}**" if r["mean"] == best else cell)
+        lines.append(f"| {labels[k]} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        f"Final mean episode return, mean ± std over {result['seeds']} seeds unseen in "
+        f"meta-training (same seeds for every objective). N = the meta-training horizon."
+    )
+    if "ta_lpo" in names and "ppo" in names:
+        lines.append("")
+        lines.append("TA-LPO minus PPO (± combined standard error):")
+        lines.append("")
+        for s in sets:
+            a, b = s["results"]["ta_lpo"], s["results"]["ppo"]
+            se = float(np.hypot(a["stderr"], b["stderr"]))
+            lines.append(f"- {s['label']}: {a['mean'] - b['mean']:+.1f} ± {se:.1f}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str | Path) -> None:
+    """Return vs horizon (meta env), bars for the other envs, learning curves at N."""
+    from metaopt.plotting import figure
+
+    labels = dict(OBJECTIVES)
+    sets = result["settings"]
+    horizon = [s for s in sets if s["horizon_fraction"] is not None]
+    others = [s for s in sets if s["horizon_fraction"] is None]
+    at_n = [s for s in horizon if s["horizon_fraction"] == 1.0]
+    ncols = (1 if horizon else 0) + len(others) + (1 if at_n else 0)
+    fig, axes = figure((3.6 * ncols, 3.2), 1, max(ncols, 1))
+    axs = list(axes[0])
+    names = list(sets[0]["results"])
+    if horizon:
+        ax = axs.pop(0)
+        x = [s["horizon_fraction"] for s in horizon]
+        for k in names:
+            m = [s["results"][k]["mean"] for s in horizon]
+            e = [s["results"][k]["stderr"] for s in horizon]
+            ax.errorbar(x, m, yerr=e, marker="o", capsize=3, label=labels[k])
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(x, [f"{v:g}N" for v in x])
+        ax.set_title(f"{result['meta_env']}: final return vs horizon", fontsize=9)
+        ax.set_ylabel("final return")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for s in others:
+        ax = axs.pop(0)
+        m = [s["results"][k]["mean"] for k in names]
+        e = [s["results"][k]["stderr"] for k in names]
+        ax.bar(range(len(names)), m, yerr=e, capsize=3, color=[f"C{i}" for i in range(len(names))])
+        ax.set_xticks(range(len(names)), [labels[k].split(" ")[0] for k in names])
+        ax.set_title(f"{s['label']} ({s['timesteps']:,} steps)", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    if at_n:
+        ax = axs.pop(0)
+        s = at_n[0]
+        for k in names:
+            c = s["results"][k]["mean_curve"]
+            ax.plot(np.linspace(0, s["timesteps"], len(c)), c, label=labels[k])
+        ax.set_title(f"{s['label']}: mean return during training", fontsize=9)
+        ax.set_xlabel("environment steps")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def evaluate_run(run_dir: Path, cfg, progress: bool = True) -> dict:
+    """``metaopt eval`` for a ``ta-lpo`` run: writes eval.json / eval.md / eval.png."""
+    from metaopt.algorithms.lpo.recipe import load_meta_params
+
+    learned = {name: load_meta_params(run_dir, name) for name in cfg.phases}
+    result = run_evaluation(cfg, learned, progress)
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(result)
+    (run_dir / "eval.md").write_text(md)
+    plot(result, run_dir / "eval.png")
+    print(md)
+    labels = dict(OBJECTIVES)
+    return {
+        f"{labels[k]} @ {s['label']}": f"{r['mean']:.1f} +- {r['std']:.1f}"
+        for s in result["settings"]
+        for k, r in s["results"].items()
+    }

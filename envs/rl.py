@@ -1,0 +1,221 @@
+"""Reinforcement-learning environments: gymnax 1.0 behind a small ``make(name)``.
+
+``make(name)`` returns ``(env, env_params)`` where ``env`` wraps a gymnax 1.0
+environment with what a PPO learner needs:
+
+* observations flattened to float32 vectors (MinAtar's ``10 x 10 x C`` boolean
+  grids become 100*C floats), so one MLP actor-critic fits every environment;
+* episode statistics tracked in the state (LogWrapper-style): the running
+  return and length of the current episode, and the return and length of the
+  last *completed* episode of each environment, plus a count of completed
+  episodes (so a caller can tell a real return from the initial placeholder).
+
+The wrapped env keeps gymnax 1.0's interface: ``reset(key, params) -> (obs,
+state)`` and ``step(key, state, action, params) -> (obs, state, reward,
+terminated, truncated, info)``, auto-resetting at episode ends. ``terminated``
+is a true terminal state (no bootstrapping); ``truncated`` is the time limit,
+where ``info["final_observation"]`` (flattened) is the observation *before*
+the reset, to bootstrap the value from.
+
+Example:
+  >>> env, params = make("CartPole-v1")
+  >>> obs, state = env.reset(jax.random.key(0), params)
+  >>> obs, state, reward, terminated, truncated, info = env.step(key, state, 1, params)
+  >>> info["returned_episode_return"]  # last completed episode's return
+
+References:
+  Lange 2022, "gymnax: A JAX-based Reinforcement Learning Environment Library".
+  Young & Tian 2019, "MinAtar: An Atari-Inspired Testbed for Thorough and
+  Reproducible Reinforcement Learning Experiments".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from metaopt.config import ConfigError
+
+#: supported environments (gymnax ids) and short aliases accepted by :func:`make`.
+ENVIRONMENTS: tuple[str, ...] = (
+    "CartPole-v1",
+    "Acrobot-v1",
+    "Breakout-MinAtar",
+    "SpaceInvaders-MinAtar",
+    "Asterix-MinAtar",
+    "Freeway-MinAtar",
+)
+ALIASES: dict[str, str] = {
+    "CartPole": "CartPole-v1",
+    "Acrobot": "Acrobot-v1",
+    "Breakout": "Breakout-MinAtar",
+    "SpaceInvaders": "SpaceInvaders-MinAtar",
+    "Asterix": "Asterix-MinAtar",
+    "Freeway": "Freeway-MinAtar",
+}
+
+
+@struct.dataclass
+class EpisodeState:
+    """State of a wrapped environment (one environment; ``vmap`` for many).
+
+    Attributes:
+      env_state: the gymnax environment's own state.
+      episode_return: float32 return of the episode in progress.
+      episode_length: int32 steps of the episode in progress.
+      returned_episode_return: float32 return of the last completed episode (0 before any).
+      returned_episode_length: int32 length of the last completed episode (0 before any).
+      episodes: int32 number of completed episodes.
+    """
+
+    env_state: Any
+    episode_return: jax.Array
+    episode_length: jax.Array
+    returned_episode_return: jax.Array
+    returned_episode_length: jax.Array
+    episodes: jax.Array
+
+
+class RLEnv:
+    """A gymnax 1.0 environment with flattened float32 observations and episode statistics.
+
+    Args:
+      name: the gymnax id (for messages).
+      env: the gymnax environment.
+    """
+
+    def __init__(self, name: str, env: Any):
+        self.name = name
+        self.env = env
+
+    # -- spaces -----------------------------------------------------------------
+
+    def observation_size(self, params: Any) -> int:
+        """Length of the flattened observation vector."""
+        return int(math.prod(self.env.observation_space(params).shape))
+
+    def num_actions(self, params: Any) -> int:
+        """Number of discrete actions."""
+        return int(self.env.action_space(params).n)
+
+    # -- dynamics -----------------------------------------------------------------
+
+    @staticmethod
+    def _flat(obs: jax.Array) -> jax.Array:
+        return jnp.reshape(obs, (-1,)).astype(jnp.float32)
+
+    def reset(self, key: jax.Array, params: Any) -> tuple[jax.Array, EpisodeState]:
+        """``(obs [D] float32, state)`` at the start of an episode."""
+        obs, env_state = self.env.reset(key, params)
+        zero_f, zero_i = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
+        state = EpisodeState(env_state, zero_f, zero_i, zero_f, zero_i, zero_i)
+        return self._flat(obs), state
+
+    def step(
+        self, key: jax.Array, state: EpisodeState, action: jax.Array, params: Any
+    ) -> tuple[jax.Array, EpisodeState, jax.Array, jax.Array, jax.Array, dict]:
+        """One step, auto-resetting at episode ends (gymnax 1.0's 6-tuple).
+
+        Returns:
+          ``(obs, state, reward, terminated, truncated, info)``: ``obs`` [D] float32
+          (the first observation of the next episode after a reset), ``reward``
+          float32, ``terminated``/``truncated`` bool, and ``info`` with
+          ``final_observation`` [D] (the observation reached by this step, before any
+          reset), ``returned_episode`` (bool: this step ended an episode),
+          ``returned_episode_return``/``_length`` and ``episodes`` from the new state.
+        """
+        obs, env_state, reward, terminated, truncated, info = self.env.step(
+            key, state.env_state, action, params
+        )
+        reward = jnp.asarray(reward, jnp.float32)
+        terminated = jnp.asarray(terminated, jnp.bool_)
+        truncated = jnp.asarray(truncated, jnp.bool_)
+        done = terminated | truncated
+        ret = state.episode_return + reward
+        length = state.episode_length + 1
+        new = EpisodeState(
+            env_state=env_state,
+            episode_return=jnp.where(done, 0.0, ret),
+            episode_length=jnp.where(done, 0, length),
+            returned_episode_return=jnp.where(done, ret, state.returned_episode_return),
+            returned_episode_length=jnp.where(done, length, state.returned_episode_length),
+            episodes=state.episodes + done.astype(jnp.int32),
+        )
+        info = {
+            "final_observation": self._flat(info["final_observation"]),
+            "returned_episode": done,
+            "returned_episode_return": new.returned_episode_return,
+            "returned_episode_length": new.returned_episode_length,
+            "episodes": new.episodes,
+        }
+        return self._flat(obs), new, reward, terminated, truncated, info
+
+
+def canonical_name(name: str) -> str:
+    """The gymnax id of ``name`` (an id or a short alias); a ConfigError if unsupported."""
+    if name in ENVIRONMENTS:
+        return name
+    if name in ALIASES:
+        return ALIASES[name]
+    raise ConfigError(f"unknown environment '{name}'; choose from {list(ENVIRONMENTS)}")
+
+
+def make(name: str, **param_overrides: Any) -> tuple[RLEnv, Any]:
+    """The environment ``name`` wrapped for PPO, and its (default) parameters.
+
+    Args:
+      name: a gymnax id from :data:`ENVIRONMENTS` (``"CartPole-v1"``,
+        ``"Breakout-MinAtar"``, ...) or a short alias (``"Breakout"``).
+      **param_overrides: fields of the gymnax ``EnvParams`` to change (e.g.
+        ``max_steps_in_episode=200``).
+
+    Returns:
+      ``(env, env_params)``.
+
+    Raises:
+      ConfigError: unknown environment or parameter.
+    """
+    import gymnax
+
+    gid = canonical_name(name)
+    env, params = gymnax.make(gid)
+    if param_overrides:
+        unknown = sorted(set(param_overrides) - set(params.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"{gid} has no parameter(s) {unknown}")
+        params = params.replace(**param_overrides)
+    return RLEnv(gid, env), params
+
+
+def random_returns(
+    name: str, key: jax.Array, num_envs: int = 16, num_steps: int = 1000
+) -> tuple[jax.Array, jax.Array]:
+    """Uniform-random-action rollouts: ``(sum of completed returns, completed episodes)``.
+
+    A reference point (CartPole-v1's random policy averages ~22) and the workload of
+    the environment-stepping benchmark.
+    """
+    env, params = make(name)
+    n_actions = env.num_actions(params)
+    k_reset, k_run = jax.random.split(key)
+    _, state = jax.vmap(lambda k: env.reset(k, params))(jax.random.split(k_reset, num_envs))
+
+    def body(carry, k):
+        state, total, count = carry
+        k_act, k_step = jax.random.split(k)
+        actions = jax.random.randint(k_act, (num_envs,), 0, n_actions)
+        keys = jax.random.split(k_step, num_envs)
+        _, state, _, _, _, info = jax.vmap(lambda kk, s, a: env.step(kk, s, a, params))(
+            keys, state, actions
+        )
+        done = info["returned_episode"]
+        total = total + jnp.sum(jnp.where(done, info["returned_episode_return"], 0.0))
+        return (state, total, count + jnp.sum(done)), None
+
+    init = (state, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+    (_, total, count), _ = jax.lax.scan(body, init, jax.random.split(k_run, num_steps))
+    return total, count
