@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -169,7 +170,7 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def hypergradient_checks(cfg: Config, x64: bool) -> dict:
+def hypergradient_checks(cfg: Config, x64: bool, progress: bool = False) -> dict:
     """Hypergradients at the starting point vs the closed form (ridge) and FD (logistic).
 
     For each problem, regulariser and method: the relative error
@@ -185,8 +186,12 @@ def hypergradient_checks(cfg: Config, x64: bool) -> dict:
     Returns:
       ``{"problem/regulariser/method": relative error}``.
     """
+    from tqdm.auto import tqdm
+
     out = {}
-    with jax.enable_x64(x64):
+    total = len(PROBLEMS) * len(cfg.regularisers) * len(METHODS)
+    bar = tqdm(total=total, desc="hypergradient checks", disable=not progress, file=sys.stderr)
+    with bar, jax.enable_x64(x64):
         dtype = jnp.float64 if x64 else jnp.float32
         data = ridge_data(cfg)
         probs = problems(cfg)
@@ -226,6 +231,7 @@ def hypergradient_checks(cfg: Config, x64: bool) -> dict:
                         ) / (2 * eps)
                         err = _rel(np.sum(g * direction), float(fd))
                     out[f"{pname}/{reg}/{method}"] = err
+                    bar.update(1)
     return out
 
 
@@ -311,7 +317,7 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     out = Path(out)
     checks = {}
     if cfg.checks:  # float64, so that the errors measure the methods, not float32 rounding
-        checks = hypergradient_checks(cfg, x64=True)
+        checks = hypergradient_checks(cfg, x64=True, progress=progress)
         (out / "checks.json").write_text(json.dumps(checks, indent=2) + "\n")
     probs = _problems(cfg)
     results, learned = {}, {}
@@ -434,7 +440,8 @@ def _sklearn_reference(cfg: Config) -> dict:
 
 def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
     """Test-split results of the learned strengths against tuned-on-validation references."""
-    del progress
+    from tqdm.auto import tqdm
+
     run_dir = Path(run_dir)
     path = run_dir / "hparams.npz"
     if not path.exists():
@@ -443,7 +450,9 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
         learned = {k: jnp.asarray(f[k]) for k in f.files}
     probs = _problems(cfg)
     rows: dict[str, dict] = {}
+    bar = tqdm(total=len(probs) + 1, desc="eval", disable=not progress, file=sys.stderr)
     for pname, prob in probs.items():
+        bar.set_postfix_str(pname)
         # reference: the best scalar strength of a grid, chosen on validation (exact solutions)
         best_lam, best_sol = grid_best(cfg, pname)
         start = prob.hparams(lam0(cfg, pname), False)
@@ -471,7 +480,11 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
             row = rows["ridge: learned per-feature, implicit"]
             row["median_lam_relevant"] = float(np.median(lam[: cfg.ridge_relevant]))
             row["median_lam_irrelevant"] = float(np.median(lam[cfg.ridge_relevant :]))
+        bar.update(1)
+    bar.set_postfix_str("scikit-learn reference")
     sk = _sklearn_reference(cfg)
+    bar.update(1)
+    bar.close()
     name = f"logistic: scikit-learn LogisticRegression, C tuned on valid (lambda={sk['lam']:.3g})"
     rows[name] = sk
     (run_dir / "eval.json").write_text(json.dumps(rows, indent=2) + "\n")

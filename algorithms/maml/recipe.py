@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -91,6 +92,7 @@ class Config:
 
 PRESETS = {
     "quick": {"generations": 3000, "eval_tasks": 300, "checkpoint_every": 1000},
+    "paper": {"generations": 70_000, "checkpoint_every": 10_000},  # Finn et al.'s iterations
 }
 
 #: fine-tuning step sizes tried for the pretrained baseline (chosen on validation tasks).
@@ -181,13 +183,29 @@ def curves(cfg: Config, params, key: jax.Array, lr: float, num_steps: int | None
     return np.asarray(fn(params, key, jnp.float32(lr)))
 
 
+#: test MSE above which an adaptation counts as diverged (amplitudes are <= 5).
+DIVERGED = 1e3
+
+
 def _stats(mse: np.ndarray) -> dict:
+    """Per-step summaries over tasks of ``mse[task, step]``.
+
+    Repeated steps with the trained step size can diverge on a few tasks: an
+    MSE above :data:`DIVERGED` (40x the largest squared amplitude) or
+    non-finite is counted in ``diverged`` and left out of mean/std/sem; the
+    median uses every task (a diverged task counts as +inf).
+    """
     n = mse.shape[0]
+    ok = np.isfinite(mse) & (mse < DIVERGED)
+    finite = np.where(ok, mse, np.nan)
+    count = np.maximum(ok.sum(0), 1)
+    std = np.nanstd(finite, 0) if ok.any() else np.zeros(mse.shape[1])
     return {
-        "mean": mse.mean(0).tolist(),
-        "std": mse.std(0).tolist(),
-        "sem": (mse.std(0) / np.sqrt(n)).tolist(),
-        "median": np.median(mse, 0).tolist(),
+        "mean": np.nan_to_num(np.nanmean(finite, 0) if ok.any() else std).tolist(),
+        "std": np.nan_to_num(std).tolist(),
+        "sem": np.nan_to_num(std / np.sqrt(count)).tolist(),
+        "median": np.median(np.where(ok, mse, np.inf), 0).tolist(),
+        "diverged": (~ok).sum(0).astype(int).tolist(),
         "tasks": int(n),
     }
 
@@ -310,21 +328,31 @@ def plot_fits(
 
 def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
     """Adaptation of MAML vs the pretrained baseline on fresh tasks (JSON, markdown, plots)."""
-    del progress  # a few seconds: two compiled calls
+    from tqdm.auto import tqdm
+
     run_dir = Path(run_dir)
     maml = load_params(run_dir / "maml_params.npz")
     base = load_params(run_dir / "pretrained_params.npz")
     k_valid, k_test, k_plot = jax.random.split(jax.random.key(cfg.seed + 20_000), 3)
     # the baseline's fine-tuning step size, tuned on validation tasks (by 1-step MSE)
-    valid = {lr: float(curves(cfg, base, k_valid, lr)[:, 1].mean()) for lr in FINETUNE_GRID}
+    bar = tqdm(total=len(FINETUNE_GRID) + 4, desc="eval", disable=not progress, file=sys.stderr)
+    valid = {}
+    for lr in FINETUNE_GRID:
+        valid[lr] = float(curves(cfg, base, k_valid, lr)[:, 1].mean())
+        bar.update(1)
     valid = {lr: v if np.isfinite(v) else np.inf for lr, v in valid.items()}
     best_lr = min(valid, key=valid.get)
-    rows = {
-        f"MAML (step {cfg.inner_lr})": _stats(curves(cfg, maml, k_test, cfg.inner_lr)),
-        f"pretrained (step {cfg.inner_lr})": _stats(curves(cfg, base, k_test, cfg.inner_lr)),
-    }
+    models = [
+        (f"MAML (step {cfg.inner_lr})", maml, cfg.inner_lr),
+        (f"pretrained (step {cfg.inner_lr})", base, cfg.inner_lr),
+    ]
     if best_lr != cfg.inner_lr:
-        rows[f"pretrained (step {best_lr}, tuned)"] = _stats(curves(cfg, base, k_test, best_lr))
+        models.append((f"pretrained (step {best_lr}, tuned)", base, best_lr))
+    bar.total = len(FINETUNE_GRID) + len(models) + 1  # + the figures
+    rows = {}
+    for name, params, lr in models:
+        rows[name] = _stats(curves(cfg, params, k_test, lr))
+        bar.update(1)
     record = {
         "rows": rows,
         "finetune_lr_valid_mse_1_step": {str(k): v for k, v in valid.items()},
@@ -337,12 +365,18 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
     md = (
         f"Test MSE on {cfg.eval_tasks} fresh sinusoid tasks ({cfg.eval_points} test points "
         f"each) after s steps of SGD on K={cfg.k_support} points: mean +- std over tasks "
-        "(standard error of the mean = std / sqrt(tasks)).\n\n"
+        "(median in parentheses; standard error of the mean = std / sqrt(tasks)). Tasks "
+        f"whose MSE diverged (above {DIVERGED:g} or not finite) are counted and left out of "
+        "mean and std.\n\n"
         "| model | " + " | ".join(f"s={s}" for s in show) + " |\n"
         "|---|" + "---|" * len(show) + "\n"
     )
     for name, r in rows.items():
-        cells = [f"{r['mean'][s]:.3f} +- {r['std'][s]:.3f}" for s in show]
+        cells = [
+            f"{r['mean'][s]:.3f} +- {r['std'][s]:.3f} ({r['median'][s]:.3f})"
+            + (f", {r['diverged'][s]} diverged" if r["diverged"][s] else "")
+            for s in show
+        ]
         md += f"| {name} | " + " | ".join(cells) + " |\n"
     (run_dir / "eval.md").write_text(md)
     print(md)
@@ -353,6 +387,8 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
         k_plot,
         cfg.k_support,
     )
+    bar.update(1)
+    bar.close()
     return {k: f"{r['mean'][1]:.3f} +- {r['std'][1]:.3f} after 1 step" for k, r in rows.items()}
 
 
