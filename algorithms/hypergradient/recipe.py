@@ -128,7 +128,8 @@ def ridge_data(cfg: Config) -> RegressionData:
 
 
 def problems(cfg: Config) -> dict[str, Bilevel]:
-    """``{"ridge": ..., "logistic": ...}``; data arrays in the current default precision."""
+    """``{"ridge": ..., "logistic": ...}`` (float32 data; float64 hyperparameters, as in
+    :func:`hypergradient_checks`, run the computation in float64)."""
     return {
         "ridge": ridge_bilevel(ridge_data(cfg)),
         "logistic": logistic_bilevel(cfg.dataset, cfg.seed),
