@@ -3,7 +3,21 @@
 Importing this package registers every built-in recipe with :mod:`metaopt.recipes`.
 """
 
-from metaopt.algorithms import hypergradient, lpo, lr_schedule, maml, program_search
+from metaopt.algorithms import (
+    hypergradient,
+    learned_optimizers,
+    lpo,
+    lr_schedule,
+    maml,
+    program_search,
+)
 from metaopt.algorithms.program_search import recipe as _program_search_recipe  # noqa: F401
 
-__all__ = ["hypergradient", "lpo", "lr_schedule", "maml", "program_search"]
+__all__ = [
+    "hypergradient",
+    "learned_optimizers",
+    "lpo",
+    "lr_schedule",
+    "maml",
+    "program_search",
+]

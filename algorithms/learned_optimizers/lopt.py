@@ -1,0 +1,439 @@
+"""A per-parameter MLP learned optimizer, usable as an ``optax.GradientTransformation``.
+
+This module is self-contained: at run time it needs only ``jax``, ``numpy`` and
+``optax`` (no metaopt training code), so a meta-trained optimizer can be used
+by someone who never imports the rest of the toolkit::
+
+    from metaopt.algorithms.learned_optimizers.lopt import as_optax
+    opt = as_optax("runs/lopt")            # reads runs/lopt/learned_optimizer.npz
+    state = opt.init(params)
+    updates, state = opt.update(grads, state, params)   # params are required
+    params = optax.apply_updates(params, updates)
+
+The update rule, for every parameter tensor of any pytree:
+
+* accumulators: momenta ``m_k`` of the gradient at decays ``spec.decays``
+  (bias-corrected, as Adam's) and a second moment ``v`` (decay ``spec.beta2``);
+* per-parameter features (``2 K + 3`` of them): the gradient ``g``, the
+  parameter ``p`` and the momenta ``m_k``, each divided by its root mean square
+  over the tensor (Metz et al.'s second-moment normalisation, so the features
+  are scale-free), and the rms-normalised values ``g / sqrt(v)`` and
+  ``m_k / sqrt(v)``;
+* features shared by the whole step: training progress ``t / T`` and
+  ``log(T) / 10``;
+* a small MLP (ReLU, ``spec.hidden``) applied to every parameter's feature
+  vector independently outputs a direction ``d`` and a log step size ``s``,
+  softly bounded by ``tanh`` to ``|d| < max_direction``, ``|s| < max_log_step``
+  (so that an optimizer meta-trained on one family cannot take unbounded steps
+  on another);
+* the step is ``-base_lr * exp(s) * (a + d)`` where ``a`` is Adam's direction
+  ``m_hat / (sqrt(v_hat) + eps)`` when ``spec.nominal`` (a "nominal" descent
+  term, Harrison et al. 2022, which keeps the learned optimizer stable and
+  makes it exactly Adam(base_lr) when the output layer is zero) and ``0``
+  otherwise (the plain Metz et al. form).
+
+The output layer is initialised small (``spec.out_scale``), so the initial
+optimizer is Adam with learning rate ``base_lr`` plus a small perturbation.
+
+Weights are saved as ``.npz`` (plain arrays and a JSON string; loading never
+unpickles).
+
+References:
+  Metz et al. 2019, "Understanding and correcting pathologies in the training
+  of learned optimizers"; Metz et al. 2022, "Practical tradeoffs between memory,
+  compute, and performance in learned optimizers"; Harrison, Metz, Sohl-Dickstein
+  2022, "A Closer Look at Learned Optimization: Stability, Robustness, and
+  Inductive Biases".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+PyTree = Any
+
+#: file name of the exported optimizer inside a run directory.
+WEIGHTS_FILE = "learned_optimizer.npz"
+_FORMAT = "metaopt.learned_optimizer/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class LOptSpec:
+    """Architecture and fixed hyperparameters of the MLP learned optimizer (not learned).
+
+    Attributes:
+      hidden: hidden layer widths of the per-parameter MLP.
+      decays: momentum decay rates (``K`` timescales).
+      beta2: decay of the second moment ``v``.
+      eps: added to ``sqrt(v_hat)`` (as in Adam).
+      base_lr: step size multiplying ``exp(s)``.
+      nominal: add Adam's direction to the learned direction.
+      nominal_decay: which momentum the nominal (Adam) direction uses; one of ``decays``.
+      out_scale: scale of the output layer at initialisation (relative to LeCun-normal).
+      max_log_step: bound on ``|s|`` (soft, ``tanh``): the learned step size stays within
+        ``exp(+-max_log_step)`` times ``base_lr``.
+      max_direction: bound on ``|d|`` (soft, ``tanh``).
+    """
+
+    hidden: tuple[int, ...] = (32, 32)
+    decays: tuple[float, ...] = (0.5, 0.9, 0.99, 0.999)
+    beta2: float = 0.999
+    eps: float = 1e-8
+    base_lr: float = 1e-3
+    nominal: bool = True
+    nominal_decay: float = 0.9
+    out_scale: float = 0.01
+    max_log_step: float = 3.0
+    max_direction: float = 3.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        object.__setattr__(self, "decays", tuple(float(d) for d in self.decays))
+        if not self.hidden or min(self.hidden) < 1:
+            raise ValueError(f"hidden widths must be >= 1, got {self.hidden}")
+        if not self.decays or not all(0.0 <= d < 1.0 for d in self.decays):
+            raise ValueError(f"decays must lie in [0, 1), got {self.decays}")
+        if not 0.0 <= self.beta2 < 1.0:
+            raise ValueError(f"beta2 must lie in [0, 1), got {self.beta2}")
+        if min(self.base_lr, self.eps, self.max_log_step, self.max_direction) <= 0:
+            raise ValueError("base_lr, eps, max_log_step and max_direction must be > 0")
+        if self.nominal and self.nominal_decay not in self.decays:
+            raise ValueError(f"nominal_decay {self.nominal_decay} must be one of decays")
+
+    @property
+    def num_param_features(self) -> int:
+        """Features computed per parameter: g, p, m_k (normalised), g/sqrt(v), m_k/sqrt(v)."""
+        return 2 * len(self.decays) + 3
+
+    @property
+    def num_global_features(self) -> int:
+        """Features shared by every parameter of a step: t/T and log(T)/10."""
+        return 2
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in d.items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> LOptSpec:
+        return cls(**json.loads(text))
+
+
+class LOptState(NamedTuple):
+    """State of the learned optimizer for a parameter pytree.
+
+    Attributes:
+      count: int32 scalar, updates taken so far.
+      mom: the parameters' structure, each leaf float32 ``[*leaf.shape, K]`` (momenta).
+      nu: the parameters' structure, each leaf float32 ``leaf.shape`` (second moment).
+    """
+
+    count: jax.Array
+    mom: PyTree
+    nu: PyTree
+
+
+# ---------------------------------------------------------------------------
+# Meta-parameters: the per-parameter MLP.
+# ---------------------------------------------------------------------------
+
+
+def init_weights(key: jax.Array, spec: LOptSpec = LOptSpec()) -> dict:
+    """LeCun-normal MLP weights, zero biases; the output layer scaled by ``spec.out_scale``.
+
+    Returns ``{"layers": [{"w": [fan_in, fan_out], "b": [fan_out]}, ...]}``; the
+    input width is ``num_param_features + num_global_features``, the output width 2
+    (direction, log step size).
+    """
+    sizes = (spec.num_param_features + spec.num_global_features, *spec.hidden, 2)
+    keys = jax.random.split(key, len(sizes) - 1)
+    layers = []
+    for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:], strict=True)):
+        scale = (spec.out_scale if i == len(sizes) - 2 else 1.0) / math.sqrt(a)
+        layers.append({"w": scale * jax.random.normal(k, (a, b)), "b": jnp.zeros((b,))})
+    return {"layers": layers}
+
+
+def num_weights(spec: LOptSpec = LOptSpec()) -> int:
+    """Number of meta-parameters (MLP weights and biases)."""
+    sizes = (spec.num_param_features + spec.num_global_features, *spec.hidden, 2)
+    return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+
+
+def _mlp(layers: list[dict], x: jax.Array, glob: jax.Array) -> jax.Array:
+    """The per-parameter MLP on ``x`` ``[N, Fp]`` with shared features ``glob`` ``[Fg]``.
+
+    The first layer's contribution of the shared features is computed once, not per row.
+    """
+    fp = x.shape[-1]
+    w0, b0 = layers[0]["w"], layers[0]["b"]
+    h = x @ w0[:fp] + (glob @ w0[fp:] + b0)
+    for layer in layers[1:]:
+        h = jax.nn.relu(h)
+        h = h @ layer["w"] + layer["b"]
+    return h
+
+
+def _rms_normalise(x: jax.Array) -> jax.Array:
+    """Each column of ``x`` ``[n, F]`` divided by its root mean square over the rows."""
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=0, keepdims=True) + 1e-30)
+
+
+# ---------------------------------------------------------------------------
+# The update rule.
+# ---------------------------------------------------------------------------
+
+
+def init_state(params: PyTree, spec: LOptSpec = LOptSpec()) -> LOptState:
+    """Zero accumulators (float32, whatever the parameters' dtype) and ``count = 0``."""
+    k = len(spec.decays)
+    return LOptState(
+        count=jnp.zeros((), jnp.int32),
+        mom=jax.tree.map(lambda p: jnp.zeros((*jnp.shape(p), k), jnp.float32), params),
+        nu=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params),
+    )
+
+
+def update(
+    weights: dict,
+    grads: PyTree,
+    state: LOptState,
+    params: PyTree,
+    progress: jax.Array,
+    horizon: jax.Array | float,
+    spec: LOptSpec = LOptSpec(),
+) -> tuple[PyTree, LOptState]:
+    """One learned-optimizer step.
+
+    Args:
+      weights: the MLP's weights (:func:`init_weights`).
+      grads: gradients, any pytree of float arrays (scalars included).
+      state: :class:`LOptState` of the same structure.
+      params: the current parameters (the ``p`` feature); same structure.
+      progress: float scalar, training progress ``t / T``.
+      horizon: the training horizon ``T`` (for the ``log T`` feature).
+      spec: the fixed architecture and hyperparameters.
+
+    Returns:
+      ``(updates, new_state)``; updates have the gradients' structure and dtypes
+      and are to be *added* to the parameters (optax convention).
+    """
+    treedef = jax.tree.structure(grads)
+    g_leaves = treedef.flatten_up_to(grads)
+    p_leaves = treedef.flatten_up_to(params)
+    m_leaves = treedef.flatten_up_to(state.mom)
+    v_leaves = treedef.flatten_up_to(state.nu)
+    decays = jnp.asarray(spec.decays, jnp.float32)
+    b2 = jnp.float32(spec.beta2)
+    count = state.count + 1
+    t = count.astype(jnp.float32)
+    corr_m = 1.0 - decays**t  # [K]
+    corr_v = 1.0 - b2**t
+    nominal_idx = spec.decays.index(spec.nominal_decay) if spec.nominal else None
+
+    new_m, new_v, feats, nominal = [], [], [], []
+    for g, p, m, v in zip(g_leaves, p_leaves, m_leaves, v_leaves, strict=True):
+        g32 = jnp.asarray(g, jnp.float32)
+        m = decays * m + (1.0 - decays) * g32[..., None]
+        v = b2 * v + (1.0 - b2) * jnp.square(g32)
+        new_m.append(m)
+        new_v.append(v)
+        gf = g32.reshape(-1, 1)
+        mhat = m.reshape(-1, len(spec.decays)) / corr_m
+        inv = 1.0 / (jnp.sqrt(v.reshape(-1, 1) / corr_v) + spec.eps)
+        raw = jnp.concatenate([gf, jnp.asarray(p, jnp.float32).reshape(-1, 1), mhat], axis=1)
+        feats.append(jnp.concatenate([_rms_normalise(raw), gf * inv, mhat * inv], axis=1))
+        if nominal_idx is not None:
+            nominal.append(mhat[:, nominal_idx] * inv[:, 0])
+
+    horizon = jnp.asarray(horizon, jnp.float32)
+    glob = jnp.stack([jnp.asarray(progress, jnp.float32), jnp.log(horizon) / 10.0])
+    sizes = [f.shape[0] for f in feats]
+    out = _mlp(weights["layers"], jnp.concatenate(feats, axis=0), glob)  # [N, 2]
+    direction = spec.max_direction * jnp.tanh(out[:, 0] / spec.max_direction)
+    log_step = spec.max_log_step * jnp.tanh(out[:, 1] / spec.max_log_step)
+    if nominal:
+        direction = direction + jnp.concatenate(nominal)
+    step = -spec.base_lr * jnp.exp(log_step) * direction
+    splits = np.cumsum(sizes)[:-1].tolist()
+    updates = [
+        u.reshape(jnp.shape(g)).astype(jnp.result_type(g))
+        for u, g in zip(jnp.split(step, splits), g_leaves, strict=True)
+    ]
+    new_state = LOptState(count=count, mom=treedef.unflatten(new_m), nu=treedef.unflatten(new_v))
+    return treedef.unflatten(updates), new_state
+
+
+# ---------------------------------------------------------------------------
+# Export: optax transformations and the .npz format.
+# ---------------------------------------------------------------------------
+
+
+class ScaleByLearnedState(NamedTuple):
+    """optax state of :func:`scale_by_learned_optimizer` (an :class:`LOptState`)."""
+
+    inner: LOptState
+
+
+def scale_by_learned_optimizer(
+    weights: dict, num_steps: int, spec: LOptSpec = LOptSpec()
+) -> optax.GradientTransformation:
+    """The MLP learned optimizer with fixed ``weights`` as an optax transformation.
+
+    Args:
+      weights: the MLP's weights (e.g. from :func:`load`).
+      num_steps: the training horizon ``T``: progress is ``min(count / T, 1)``.
+      spec: the architecture the weights belong to.
+
+    ``update(grads, state, params)`` requires ``params``.
+    """
+    if int(num_steps) < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    weights = jax.tree.map(jnp.asarray, weights)
+    horizon = float(num_steps)
+
+    def init_fn(params):
+        return ScaleByLearnedState(init_state(params, spec))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(
+                "the learned optimizer needs params: call update(grads, state, params)"
+            )
+        inner = state.inner
+        progress = jnp.minimum(inner.count.astype(jnp.float32) / jnp.float32(horizon), 1.0)
+        new_updates, inner = update(weights, updates, inner, params, progress, horizon, spec)
+        return new_updates, ScaleByLearnedState(inner)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adam_from_hyperparams(hyper: dict) -> optax.GradientTransformation:
+    """``optax.adam`` with meta-learned ``log_lr``, ``logit_b1``, ``logit_b2``."""
+    lr, b1, b2 = adam_hyperparams(hyper)
+    return optax.adam(float(lr), b1=float(b1), b2=float(b2))
+
+
+def adam_hyperparams(hyper: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(lr, b1, b2)`` from the unconstrained meta-parameters ``log_lr``, ``logit_b1/2``."""
+    return (
+        jnp.exp(hyper["log_lr"]),
+        jax.nn.sigmoid(hyper["logit_b1"]),
+        jax.nn.sigmoid(hyper["logit_b2"]),
+    )
+
+
+def _flatten(tree: PyTree, prefix: str = "") -> dict[str, np.ndarray]:
+    """``{"layers/0/w": array, ...}`` for nested dicts and lists of arrays."""
+    out = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}/"))
+    elif isinstance(tree, list | tuple):
+        for i, v in enumerate(tree):
+            out.update(_flatten(v, f"{prefix}{i}/"))
+    else:
+        out[prefix[:-1]] = np.asarray(tree)
+    return out
+
+
+def _unflatten(flat: dict[str, np.ndarray]) -> PyTree:
+    root: dict = {}
+    for path, value in flat.items():
+        node = root
+        parts = path.split("/")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+
+    def listify(node):
+        if not isinstance(node, dict):
+            return node
+        node = {k: listify(v) for k, v in node.items()}
+        if node and all(k.isdigit() for k in node):
+            return [node[str(i)] for i in range(len(node))]
+        return node
+
+    return listify(root)
+
+
+def save(path: str | Path, kind: str, weights: PyTree, horizon: int, spec: LOptSpec | None = None):
+    """Writes an exported optimizer: ``kind`` is ``"mlp"`` (with ``spec``) or ``"adam"``."""
+    if kind not in ("mlp", "adam"):
+        raise ValueError(f"kind must be 'mlp' or 'adam', got {kind!r}")
+    meta = {"format": _FORMAT, "kind": kind, "horizon": int(horizon)}
+    if kind == "mlp":
+        meta["spec"] = json.loads((spec or LOptSpec()).to_json())
+    arrays = {f"w/{k}": np.asarray(v, np.float32) for k, v in _flatten(weights).items()}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, __meta__=np.array(json.dumps(meta)), **arrays)
+    tmp.replace(path)
+
+
+class Exported(NamedTuple):
+    """What :func:`load` returns."""
+
+    kind: str  # "mlp" or "adam"
+    weights: PyTree
+    horizon: int  # the meta-training horizon T
+    spec: LOptSpec | None
+
+
+def load(path: str | Path) -> Exported:
+    """Reads an optimizer written by :func:`save` (a file or a run directory)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the run has not finished")
+    with np.load(path, allow_pickle=False) as f:
+        meta = json.loads(str(f["__meta__"]))
+        flat = {k[2:]: np.asarray(f[k]) for k in f.files if k.startswith("w/")}
+    if meta.get("format") != _FORMAT:
+        raise ValueError(f"{path} is not a metaopt learned-optimizer file")
+    spec = LOptSpec(**meta["spec"]) if meta["kind"] == "mlp" else None
+    weights = jax.tree.map(jnp.asarray, _unflatten(flat))
+    return Exported(meta["kind"], weights, int(meta["horizon"]), spec)
+
+
+def as_optax(
+    weights_or_run_dir: PyTree | str | Path,
+    num_steps: int | None = None,
+    spec: LOptSpec | None = None,
+) -> optax.GradientTransformation:
+    """The meta-trained optimizer as an ``optax.GradientTransformation``.
+
+    Args:
+      weights_or_run_dir: a run directory, a ``.npz`` file written by :func:`save`,
+        or MLP weights (a pytree from :func:`init_weights` / meta-training).
+      num_steps: training horizon ``T`` the optimizer should plan for (the
+        progress feature is ``t / T``); default: the meta-training horizon
+        stored with the weights (required when passing raw weights).
+      spec: the architecture of raw weights (default ``LOptSpec()``); ignored for files.
+
+    Returns:
+      The learned MLP optimizer (``update`` needs ``params``), or ``optax.adam`` with
+      the meta-learned hyperparameters for runs of the Adam baseline.
+
+    Example:
+      >>> opt = as_optax("runs/lopt", num_steps=1000)
+      >>> updates, state = opt.update(grads, opt.init(params), params)
+    """
+    if isinstance(weights_or_run_dir, str | Path):
+        exp = load(weights_or_run_dir)
+        if exp.kind == "adam":
+            return adam_from_hyperparams(exp.weights)
+        return scale_by_learned_optimizer(exp.weights, num_steps or exp.horizon, exp.spec)
+    if num_steps is None:
+        raise ValueError("num_steps is required when passing weights directly")
+    return scale_by_learned_optimizer(weights_or_run_dir, num_steps, spec or LOptSpec())

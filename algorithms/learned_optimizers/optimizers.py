@@ -1,0 +1,106 @@
+"""The learned optimizers and their baselines as :class:`metaopt.inner.ParametrizedOptimizer`.
+
+A ``ParametrizedOptimizer`` reads its meta-parameters on every update, so the
+core's outer estimators (ES, PES, truncated meta-gradients) train it unchanged
+through :func:`metaopt.inner.training_inner_loop`:
+
+* :func:`mlp_optimizer` -- the per-parameter MLP learned optimizer of
+  :mod:`.lopt` (meta-parameters: the MLP's weights);
+* :func:`adam_optimizer` -- the hand-designed baseline with learnable
+  hyperparameters: Adam whose ``log lr``, ``logit b1`` and ``logit b2`` are the
+  meta-parameters, run by ``optax.inject_hyperparams(optax.adam)``;
+* :func:`tuned_optimizer` -- Adam / AdamW / Lion whose only meta-parameter is
+  ``log_lr`` (the learning-rate grids of held-out evaluation).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from metaopt.algorithms.learned_optimizers import lopt
+from metaopt.inner import ParametrizedOptimizer
+
+PyTree = Any
+
+#: hand-designed optimizers of held-out evaluation: optax constructor and fixed settings.
+#: Lion's weight decay is 10x AdamW's, as Chen et al. 2023 recommend.
+TUNED: dict[str, tuple[Any, dict]] = {
+    "adam": (optax.adam, {}),
+    "adamw": (optax.adamw, {"weight_decay": 1e-2}),
+    "lion": (optax.lion, {"weight_decay": 1e-1}),
+}
+
+
+def mlp_optimizer(spec: lopt.LOptSpec, horizon: int) -> ParametrizedOptimizer:
+    """The MLP learned optimizer; ``meta_params`` are its weights (:func:`lopt.init_weights`).
+
+    ``horizon`` is ``T`` for the ``log T`` feature; ``progress`` comes from the
+    inner loop. It computes exactly what ``lopt.as_optax(weights, horizon, spec)`` does.
+    """
+
+    def init(meta_params, params):
+        del meta_params
+        return lopt.init_state(params, spec)
+
+    def update(meta_params, grads, state, params, progress):
+        return lopt.update(meta_params, grads, state, params, progress, horizon, spec)
+
+    return ParametrizedOptimizer(init, update)
+
+
+def initial_adam_hyperparams(lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999) -> dict:
+    """Unconstrained meta-parameters of :func:`adam_optimizer` for the given Adam settings."""
+    logit = lambda b: float(np.log(b / (1.0 - b)))
+    return {
+        "log_lr": jnp.asarray(np.log(lr), jnp.float32),
+        "logit_b1": jnp.asarray(logit(b1), jnp.float32),
+        "logit_b2": jnp.asarray(logit(b2), jnp.float32),
+    }
+
+
+def _injected(build, meta_to_hyper, **fixed) -> ParametrizedOptimizer:
+    """An ``inject_hyperparams`` optimizer whose injected values are set from meta-params."""
+    dummy = {k: jnp.asarray(v, jnp.float32) for k, v in meta_to_hyper(None).items()}
+    base = optax.inject_hyperparams(build)(**dummy, **fixed)
+
+    def init(meta_params, params):
+        del meta_params
+        return base.init(params)
+
+    def update(meta_params, grads, state, params, progress):
+        del progress
+        hyper = dict(state.hyperparams)
+        hyper.update(
+            {k: jnp.asarray(v, jnp.float32) for k, v in meta_to_hyper(meta_params).items()}
+        )
+        return base.update(grads, state._replace(hyperparams=hyper), params)
+
+    return ParametrizedOptimizer(init, update)
+
+
+def adam_optimizer() -> ParametrizedOptimizer:
+    """Adam with meta-learned ``lr = exp(log_lr)``, ``b1 = sigmoid(logit_b1)``, ``b2 = ...``."""
+
+    def hyper(mp):
+        if mp is None:
+            return {"learning_rate": 1e-3, "b1": 0.9, "b2": 0.999}
+        lr, b1, b2 = lopt.adam_hyperparams(mp)
+        return {"learning_rate": lr, "b1": b1, "b2": b2}
+
+    return _injected(optax.adam, hyper)
+
+
+def tuned_optimizer(name: str) -> ParametrizedOptimizer:
+    """``name`` in :data:`TUNED` with meta-parameters ``{"log_lr": scalar}``."""
+    if name not in TUNED:
+        raise ValueError(f"unknown baseline {name!r}; choose from {sorted(TUNED)}")
+    build, fixed = TUNED[name]
+
+    def hyper(mp):
+        return {"learning_rate": 1e-3 if mp is None else jnp.exp(mp["log_lr"])}
+
+    return _injected(build, hyper, **fixed)

@@ -1,0 +1,377 @@
+"""Recipe ``learned-optimizer``: meta-train a per-parameter MLP optimizer on a task family.
+
+The learner trains a model drawn from a task family (:mod:`metaopt.envs.families`,
+a new task instance per seed) for ``inner_steps`` steps with the learned
+optimizer of :mod:`.lopt` (or, with ``optimizer=adam``, the hand-designed
+baseline: Adam with meta-learned ``lr``, ``b1``, ``b2``). The meta-loss is the
+validation loss. Any of the core's outer estimators trains it, over the same
+inner loop:
+
+* ``outer=es``: evolution strategies over whole lifetimes (final validation loss);
+* ``outer=pes``: persistent ES over truncations of ``truncation`` steps (sum of
+  the validation losses at the truncations' ends, unbiased over the long horizon);
+* ``outer=metagrad``: truncated backprop through ``truncation`` steps (biased
+  towards short-horizon behaviour).
+
+Outputs in the run directory: ``learned_optimizer.npz`` (weights and
+architecture; :func:`lopt.as_optax` turns it into an optax transformation),
+``training.png`` (validation-loss curves of the initial and the meta-trained
+optimizer on unseen tasks), ``curves.png`` and ``metrics.jsonl``
+(meta-training), ``summary.md``. ``metaopt eval RUN_DIR`` compares it with tuned
+Adam/AdamW/Lion on held-out tasks (:mod:`.evaluate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metaopt import driver
+from metaopt import outer as outer_lib
+from metaopt.algorithms.learned_optimizers import lopt
+from metaopt.algorithms.learned_optimizers.optimizers import (
+    adam_optimizer,
+    initial_adam_hyperparams,
+    mlp_optimizer,
+    tuned_optimizer,
+)
+from metaopt.checkpoint import write_json_atomic
+from metaopt.config import check
+from metaopt.envs import families
+from metaopt.inner import InnerLoop, ParametrizedOptimizer, training_inner_loop, unroll
+from metaopt.recipes import Recipe, register
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Settings of the ``learned-optimizer`` recipe (defaults = the ``default`` preset)."""
+
+    # what is meta-trained, on what
+    optimizer: Literal["mlp", "adam"] = "mlp"
+    family: str = "teacher-student-small"
+    inner_steps: int = 1000
+    hidden: tuple[int, ...] = (32, 32)
+    base_lr: float | None = None
+    nominal: bool = True
+    # the outer loop
+    outer: Literal["es", "pes", "metagrad"] = "pes"
+    population: int = 32
+    seeds: int = 4
+    sigma: float = 0.01
+    meta_lr: float = 1e-3
+    truncation: int = 50
+    clip_norm: float = 1.0
+    generations: int = 4000
+    steps_per_call: int = 50
+    checkpoint_every: int = 500
+    seed: int = 0
+    # held-out evaluation (metaopt eval)
+    eval_seeds: int = 5
+    eval_families: tuple[str, ...] = (
+        "teacher-student-large",
+        "digits-mlp32x32",
+        "logistic-cond100",
+    )
+    eval_horizon_mult: int = 2
+    eval_points: int = 10
+    lr_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+
+    def __post_init__(self):
+        for name in (self.family, *self.eval_families):
+            check(
+                name in families.FAMILIES,
+                f"unknown task family '{name}'; choose from {sorted(families.FAMILIES)}",
+            )
+        check(self.inner_steps >= 1, "inner_steps must be >= 1")
+        check(all(h >= 1 for h in self.hidden) and self.hidden, "hidden widths must be >= 1")
+        check(self.base_lr is None or self.base_lr > 0, "base_lr must be > 0 (or none: tuned)")
+        check(self.population >= 2 and self.population % 2 == 0, "population must be even, >= 2")
+        check(self.seeds >= 1, "seeds must be >= 1")
+        check(self.sigma > 0, "sigma must be > 0")
+        check(self.meta_lr > 0, "meta_lr must be > 0")
+        check(self.clip_norm > 0, "clip_norm must be > 0")
+        check(self.generations >= 0, "generations must be >= 0")
+        check(self.steps_per_call >= 1, "steps_per_call must be >= 1")
+        check(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
+        check(self.eval_seeds >= 1, "eval_seeds must be >= 1")
+        check(self.eval_horizon_mult >= 1, "eval_horizon_mult must be >= 1")
+        check(self.eval_points >= 1, "eval_points must be >= 1")
+        check(
+            self.inner_steps % self.eval_points == 0,
+            f"eval_points ({self.eval_points}) must divide inner_steps ({self.inner_steps})",
+        )
+        check(len(self.lr_grid) >= 1 and min(self.lr_grid) > 0, "lr_grid must be positive")
+        if self.outer != "es":
+            check(
+                1 <= self.truncation and self.inner_steps % self.truncation == 0,
+                f"truncation ({self.truncation}) must divide inner_steps ({self.inner_steps})",
+            )
+
+    @property
+    def spec(self) -> lopt.LOptSpec:
+        """The architecture; ``base_lr`` must have been resolved (see :func:`resolve_base_lr`)."""
+        if self.base_lr is None:
+            raise ValueError("base_lr is not resolved yet: call resolve_base_lr(cfg) first")
+        return lopt.LOptSpec(hidden=self.hidden, base_lr=self.base_lr, nominal=self.nominal)
+
+
+PRESETS = {
+    "quick": {
+        "inner_steps": 200,
+        "truncation": 20,
+        "hidden": (16,),
+        "population": 16,
+        "seeds": 2,
+        "generations": 120,
+        "steps_per_call": 20,
+        "checkpoint_every": 40,
+        "eval_seeds": 3,
+        "eval_families": ("teacher-student-large",),
+        "eval_points": 5,
+        "lr_grid": (1e-3, 1e-2, 1e-1),
+    },
+}
+
+
+@functools.lru_cache(maxsize=32)
+def tuned_curves_fn(name: str, family: str, horizon: int, points: int):
+    """Jitted ``(log_lrs [G], keys [S]) -> (valid, test)`` each ``[G, S, points]`` for the
+    hand-designed optimizer ``name`` (:data:`optimizers.TUNED`) over a learning-rate grid."""
+    f = loss_curves(family, tuned_optimizer(name), horizon, points)
+    return jax.jit(jax.vmap(lambda lr, keys: f({"log_lr": lr}, keys), in_axes=(0, None)))
+
+
+def tune_adam_lr(cfg: Config) -> float:
+    """Adam's best learning rate of ``cfg.lr_grid`` on the meta-training family.
+
+    Mean final validation loss over ``eval_seeds`` runs on seeds that neither
+    meta-training nor evaluation use.
+    """
+    keys = jax.random.split(jax.random.key(cfg.seed + 30_000), cfg.eval_seeds)
+    log_lrs = jnp.log(jnp.asarray(cfg.lr_grid, jnp.float32))
+    f = tuned_curves_fn("adam", cfg.family, cfg.inner_steps, cfg.eval_points)
+    valid = np.asarray(f(log_lrs, keys)[0][:, :, -1], np.float64)
+    valid = np.where(np.isfinite(valid), valid, np.inf).mean(axis=1)
+    return float(cfg.lr_grid[int(np.argmin(valid))])
+
+
+def resolve_base_lr(cfg: Config, out: Path | None = None, reuse: bool = True) -> Config:
+    """``cfg`` with ``base_lr`` set: as given, else Adam's tuned lr on the meta-training family.
+
+    The tuned value is stored in ``out/base_lr.json`` and, with ``reuse``, read
+    back from there (resume, evaluation).
+    """
+    if cfg.base_lr is not None:
+        return cfg
+    path = Path(out) / "base_lr.json" if out is not None else None
+    if reuse and path is not None and path.exists():
+        lr = float(json.loads(path.read_text())["base_lr"])
+    else:
+        lr = tune_adam_lr(cfg)
+        if path is not None:
+            write_json_atomic(path, {"base_lr": lr, "tuned_on": cfg.family, "grid": cfg.lr_grid})
+    return dataclasses.replace(cfg, base_lr=lr)
+
+
+def build_optimizer(cfg: Config, horizon: int | None = None) -> ParametrizedOptimizer:
+    """The meta-trained optimizer of ``cfg``, planning for ``horizon`` (default ``inner_steps``)."""
+    if cfg.optimizer == "adam":
+        return adam_optimizer()
+    return mlp_optimizer(cfg.spec, horizon or cfg.inner_steps)
+
+
+def build_inner(cfg: Config, family: str | None = None, horizon: int | None = None) -> InnerLoop:
+    """Train a model of ``family`` (default ``cfg.family``) for ``horizon`` steps."""
+    horizon = horizon or cfg.inner_steps
+    return training_inner_loop(
+        families.make(family or cfg.family),
+        build_optimizer(cfg, horizon),
+        horizon,
+        f"learned-optimizer[{cfg.optimizer}]",
+    )
+
+
+def initial_meta_params(cfg: Config) -> dict:
+    """MLP weights with a small output layer (~Adam(base_lr)), or Adam(base_lr)'s settings."""
+    if cfg.optimizer == "adam":
+        return initial_adam_hyperparams(cfg.base_lr)
+    return lopt.init_weights(jax.random.fold_in(jax.random.key(cfg.seed), 7), cfg.spec)
+
+
+def build_outer(cfg: Config, inner: InnerLoop) -> outer_lib.OuterEstimator:
+    """The outer loop ``cfg.outer`` with the config's budget mapped onto its arguments.
+
+    ``population`` is the number of ES candidates or of PES particles (``population / 2``
+    antithetic pairs); ``seeds`` is the number of tasks per ES candidate or of
+    truncated meta-gradient particles.
+    """
+    if cfg.outer == "es":
+        return outer_lib.make(
+            "es",
+            inner,
+            population_size=cfg.population,
+            num_seeds=cfg.seeds,
+            sigma=cfg.sigma,
+            learning_rate=cfg.meta_lr,
+        )
+    if cfg.outer == "pes":
+        return outer_lib.make(
+            "pes",
+            inner,
+            num_pairs=cfg.population // 2,
+            truncation_length=cfg.truncation,
+            sigma=cfg.sigma,
+            learning_rate=cfg.meta_lr,
+            clip_norm=cfg.clip_norm,
+        )
+    return outer_lib.make(
+        "metagrad",
+        inner,
+        truncation_length=cfg.truncation,
+        num_particles=cfg.seeds,
+        learning_rate=cfg.meta_lr,
+        clip_norm=cfg.clip_norm,
+    )
+
+
+def save_optimizer(out: Path, cfg: Config, meta_params) -> Path:
+    """Writes ``learned_optimizer.npz`` (weights + architecture + horizon) into ``out``."""
+    path = Path(out) / lopt.WEIGHTS_FILE
+    spec = cfg.spec if cfg.optimizer == "mlp" else None
+    lopt.save(path, cfg.optimizer, meta_params, cfg.inner_steps, spec)
+    return path
+
+
+def load_optimizer(run_dir: Path) -> dict:
+    """The meta-parameters saved by :func:`save_optimizer` (clear error if unfinished)."""
+    from metaopt.checkpoint import MissingCheckpointError
+
+    try:
+        return lopt.load(run_dir).weights
+    except FileNotFoundError as e:
+        raise MissingCheckpointError(str(e)) from None
+
+
+def loss_curves(family: str, optimizer: ParametrizedOptimizer, horizon: int, points: int):
+    """``(meta_params, keys) -> (valid, test)``, each ``[S, points]`` (not jitted).
+
+    One training run per key (a fresh task instance and initialisation); the
+    validation and test losses are read off the same trajectory every
+    ``horizon / points`` steps.
+    """
+    if horizon % points:
+        raise ValueError(f"points ({points}) must divide the horizon ({horizon})")
+    fam = families.make(family)
+    inner = training_inner_loop(fam, optimizer, horizon)
+
+    def curve(mp, key):
+        k_init, k_run = jax.random.split(key)
+        state = inner.init(mp, k_init)
+
+        def body(s, k):
+            s, _ = unroll(inner, mp, s, k, horizon // points)
+            return s, (fam.valid_loss(s.params, s.task), fam.test_loss(s.params, s.task))
+
+        _, (valid, test) = jax.lax.scan(body, state, jax.random.split(k_run, points))
+        return valid, test
+
+    return jax.vmap(curve, in_axes=(None, 0))
+
+
+@functools.lru_cache(maxsize=16)
+def curve_fn(cfg: Config, family: str, horizon: int, points: int):
+    """Jitted :func:`loss_curves` of the config's optimizer (keys are arguments, so
+    XLA cannot constant-fold the unroll)."""
+    return jax.jit(loss_curves(family, build_optimizer(cfg, horizon), horizon, points))
+
+
+def plot_training(curves: dict[str, np.ndarray], steps: np.ndarray, path: Path, title: str):
+    """Median (line) and min-max band over seeds of validation-loss curves."""
+    from metaopt.plotting import figure
+
+    fig, axes = figure()
+    ax = axes[0, 0]
+    for name, c in curves.items():
+        line = ax.plot(steps, np.median(c, 0), label=name)[0]
+        ax.fill_between(steps, c.min(0), c.max(0), color=line.get_color(), alpha=0.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("inner step")
+    ax.set_ylabel("validation loss")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> dict:
+    cfg = resolve_base_lr(cfg, out, reuse=resume)
+    inner = build_inner(cfg)
+    outer = build_outer(cfg, inner)
+    init = initial_meta_params(cfg)
+    result = driver.train(
+        outer,
+        init,
+        key=jax.random.key(cfg.seed),
+        num_steps=cfg.generations,
+        out_dir=out,
+        resume=resume,
+        steps_per_call=cfg.steps_per_call,
+        checkpoint_every=cfg.checkpoint_every,
+        progress=progress,
+        desc=f"learned-optimizer [{cfg.optimizer}, {cfg.outer}]",
+    )
+    learned = jax.tree.map(jnp.asarray, result.meta_params)
+    save_optimizer(out, cfg, learned)
+    # unseen tasks of the meta-training family (seeds never used in meta-training)
+    keys = jax.random.split(jax.random.key(cfg.seed + 10_000), cfg.eval_seeds)
+    f = curve_fn(cfg, cfg.family, cfg.inner_steps, cfg.eval_points)
+    before, after = (np.asarray(f(mp, keys)[0]) for mp in (init, learned))
+    steps = np.arange(1, cfg.eval_points + 1) * (cfg.inner_steps // cfg.eval_points)
+    plot_training(
+        {"initial": before, "meta-trained": after},
+        steps,
+        out / "training.png",
+        f"{cfg.family}, T={cfg.inner_steps}, {cfg.eval_seeds} unseen tasks",
+    )
+    fmt = lambda x: f"{x.mean():.4g} +- {x.std():.2g}"
+    summary = {
+        "valid_loss_initial": fmt(before[:, -1]),
+        "valid_loss_meta_trained": fmt(after[:, -1]),
+        "optimizer": str(out / lopt.WEIGHTS_FILE),
+        "run_dir": str(out),
+    }
+    (out / "summary.md").write_text(
+        f"# learned-optimizer run ({cfg.optimizer}, outer={cfg.outer})\n\n"
+        f"Final validation loss on {cfg.eval_seeds} unseen {cfg.family} tasks "
+        f"(T={cfg.inner_steps}), mean +- std over tasks:\n\n"
+        + "".join(f"- {k}: {v}\n" for k, v in summary.items())
+        + "\nUse it: `metaopt.algorithms.learned_optimizers.as_optax(RUN_DIR)`.\n\n"
+        + "![training](training.png)\n\n![curves](curves.png)\n"
+    )
+    return summary
+
+
+def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
+    from metaopt.algorithms.learned_optimizers import evaluate as evaluate_lib
+
+    return evaluate_lib.evaluate_run(Path(run_dir), cfg, progress=progress)
+
+
+RECIPE = register(
+    Recipe(
+        name="learned-optimizer",
+        description="per-parameter MLP learned optimizer on task families, by ES/PES/meta-gradient",
+        config_cls=Config,
+        run=run,
+        presets=PRESETS,
+        evaluate=evaluate,
+    )
+)
