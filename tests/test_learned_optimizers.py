@@ -13,6 +13,7 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
+import metaopt
 from metaopt import cli
 from metaopt.algorithms.learned_optimizers import evaluate, lopt, optimizers, recipe
 from metaopt.envs import families
@@ -314,12 +315,54 @@ def test_recipe_runs_resumes_exactly_and_evaluates(tmp_path, capsys):
     assert list(result["workloads"]) == ["quadratic-10d T=20"]
     for info in result["workloads"].values():
         rows = info["optimizers"]
-        assert set(rows) == {"meta-trained", "initial", "adam", "adamw", "lion"}
+        names = {"meta-trained", "initial", "meta-trained, lr tuned", "adam", "adamw", "lion"}
+        assert set(rows) == names
         assert rows["adam"]["minus_adam_mean"] == 0.0
         assert info["target"] == pytest.approx(rows["adam"]["median_curve"][-1])
         assert rows["adam"]["lr"] in (0.01, 0.1)
-    assert set(result["profile"]) == {"meta-trained", "initial", "adam", "adamw", "lion"}
+    assert set(result["profile"]) == names
     assert (a / "eval.png").exists() and "| quadratic-10d T=20 |" in (a / "eval.md").read_text()
+
+
+@pytest.mark.parametrize("optimizer, outer", [("mlp", "es"), ("adam", "metagrad")])
+def test_every_outer_loop_trains_both_optimizers(optimizer, outer):
+    cfg = recipe.Config(
+        optimizer=optimizer,
+        outer=outer,
+        family="quadratic-10d",
+        inner_steps=20,
+        truncation=10,
+        hidden=(4,),
+        base_lr=0.05,
+        population=4,
+        seeds=2,
+        sigma=0.05,
+        meta_lr=0.05,
+        eval_points=2,
+    )
+    outer_est = recipe.build_outer(cfg, recipe.build_inner(cfg))
+    init = recipe.initial_meta_params(cfg)
+    result = metaopt.train(outer_est, init, key=jax.random.key(0), num_steps=3, progress=False)
+    before, after = ravel_pytree(init)[0], ravel_pytree(result.meta_params)[0]
+    assert bool(jnp.all(jnp.isfinite(after))) and not bool(jnp.allclose(before, after))
+    assert all(r["nonfinite"] == 0 for r in result.history)
+
+
+def test_lr_scaled_optimizer_rescales_the_meta_trained_one():
+    cfg = recipe.Config(hidden=(4,), base_lr=0.01)
+    w = lopt.init_weights(jax.random.key(0), cfg.spec)
+    params = {"w": jnp.linspace(-1.0, 1.0, 6)}
+    g = fake_grads(params, 0)
+    plain, scaled = recipe.build_optimizer(cfg, 100), recipe.lr_scaled_optimizer(cfg, 100)
+
+    @jax.jit
+    def updates(lr):
+        mp = {"weights": w, "log_lr": jnp.log(lr)}
+        return scaled.update(mp, g, scaled.init(mp, params), params, 0.3)[0]["w"]
+
+    ref = plain.update(w, g, plain.init(w, params), params, 0.3)[0]["w"]
+    np.testing.assert_allclose(updates(0.01), ref, rtol=1e-6)
+    np.testing.assert_allclose(updates(0.03), 3 * ref, rtol=1e-5)
 
 
 def test_evaluation_workloads_are_in_distribution_longer_and_other_families():

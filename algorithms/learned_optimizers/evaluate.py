@@ -34,6 +34,15 @@ from metaopt.algorithms.learned_optimizers import recipe
 from metaopt.algorithms.learned_optimizers.optimizers import TUNED
 
 REFERENCE = "adam"
+LR_TUNED = "meta-trained, lr tuned"
+
+
+def _lr_scaled_fn(cfg: recipe.Config, family: str, horizon: int, points: int):
+    """Jitted ``(log_lrs [G], weights, keys [S]) -> (valid, test)`` each ``[G, S, points]``."""
+    opt = recipe.lr_scaled_optimizer(cfg, horizon)
+    f = recipe.loss_curves(family, opt, horizon, points)
+    per_lr = lambda lr, w, keys: f({"weights": w, "log_lr": lr}, keys)
+    return jax.jit(jax.vmap(per_lr, in_axes=(0, None, None)))
 
 
 def workloads(cfg: recipe.Config) -> dict[str, tuple[str, int, str]]:
@@ -66,14 +75,20 @@ def _stats(finals: np.ndarray) -> dict[str, Any]:
 def evaluate(
     cfg: recipe.Config, meta_params, progress: bool = True, include_initial: bool = True
 ) -> dict[str, Any]:
-    """Runs the comparison (see the module docstring); returns a JSON-able dict."""
+    """Runs the comparison (see the module docstring); returns a JSON-able dict.
+
+    ``cfg.base_lr`` must be resolved (:func:`recipe.resolve_base_lr`): the
+    ``initial`` entry is the untrained optimizer at that step size.
+    """
+    if cfg.base_lr is None:
+        raise ValueError("cfg.base_lr is not resolved: call recipe.resolve_base_lr(cfg, run_dir)")
     keys = jax.random.split(jax.random.key(cfg.seed + 20_000), cfg.eval_seeds)
     log_lrs = jnp.log(jnp.asarray(cfg.lr_grid, jnp.float32))
     entries: dict[str, Any] = {"meta-trained": meta_params}
     if include_initial:
         entries["initial"] = recipe.initial_meta_params(cfg)
     works = workloads(cfg)
-    names = [*entries, *TUNED]
+    names = [*entries, LR_TUNED, *TUNED]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -94,11 +109,17 @@ def evaluate(
             test_curves[name], lrs[name] = np.asarray(test), None
             if bar:
                 bar.update()
-        for name in TUNED:
-            valid, test = map(
-                np.asarray,
-                recipe.tuned_curves_fn(name, family, horizon, cfg.eval_points)(log_lrs, keys),
+        grids = {
+            name: lambda name=name: recipe.tuned_curves_fn(name, family, horizon, cfg.eval_points)(
+                log_lrs, keys
             )
+            for name in TUNED
+        }
+        grids[LR_TUNED] = lambda: _lr_scaled_fn(cfg, family, horizon, cfg.eval_points)(
+            log_lrs, meta_params, keys
+        )
+        for name in [LR_TUNED, *TUNED]:
+            valid, test = map(np.asarray, grids[name]())
             best = int(np.argmin(np.mean(_finite(valid[:, :, -1]), axis=1)))
             test_curves[name], lrs[name] = test[best], float(cfg.lr_grid[best])
             if bar:
@@ -150,7 +171,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for ax, w in zip(flat[1:], works, strict=False):
         info = result["workloads"][w]
         for name, row in info["optimizers"].items():
-            style = "-" if name == "meta-trained" else ("--" if name == "initial" else ":")
+            style = {"meta-trained": "-", "initial": "--", LR_TUNED: "-."}.get(name, ":")
             lr = "" if row["lr"] is None else f" lr={row['lr']:.0e}"
             ax.plot(info["eval_steps"], row["median_curve"], style, label=f"{name}{lr}")
         ax.axhline(info["target"], color="k", lw=0.6, ls="--")

@@ -187,6 +187,28 @@ def build_optimizer(cfg: Config, horizon: int | None = None) -> ParametrizedOpti
     return mlp_optimizer(cfg.spec, horizon or cfg.inner_steps)
 
 
+def lr_scaled_optimizer(cfg: Config, horizon: int | None = None) -> ParametrizedOptimizer:
+    """The meta-trained optimizer with its step size replaced: meta-parameters
+    ``{"weights": ..., "log_lr": scalar}``; every update is scaled by ``exp(log_lr)`` over
+    the optimizer's own step size (``base_lr``, or the learned Adam lr), which is the
+    same as re-tuning ``base_lr`` (the update is linear in it).
+    """
+    base = build_optimizer(cfg, horizon)
+
+    def own_lr(weights):
+        return jnp.exp(weights["log_lr"]) if cfg.optimizer == "adam" else cfg.base_lr
+
+    def init(mp, params):
+        return base.init(mp["weights"], params)
+
+    def update(mp, grads, state, params, progress):
+        updates, state = base.update(mp["weights"], grads, state, params, progress)
+        scale = jnp.exp(mp["log_lr"]) / own_lr(mp["weights"])
+        return jax.tree.map(lambda u: (scale * u).astype(u.dtype), updates), state
+
+    return ParametrizedOptimizer(init, update)
+
+
 def build_inner(cfg: Config, family: str | None = None, horizon: int | None = None) -> InnerLoop:
     """Train a model of ``family`` (default ``cfg.family``) for ``horizon`` steps."""
     horizon = horizon or cfg.inner_steps
@@ -312,6 +334,7 @@ def plot_training(curves: dict[str, np.ndarray], steps: np.ndarray, path: Path, 
 
 
 def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> dict:
+    """Meta-trains (resolving ``base_lr`` first), exports the optimizer, plots, summarises."""
     cfg = resolve_base_lr(cfg, out, reuse=resume)
     inner = build_inner(cfg)
     outer = build_outer(cfg, inner)
