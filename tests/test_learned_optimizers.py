@@ -91,6 +91,8 @@ def test_optax_conformance_pure_scan_stable_any_pytree():
     assert all(np.isfinite(flat(p)))
     with pytest.raises(ValueError, match="needs params"):
         opt.update(grads, state)
+    empty = opt.update({}, opt.init({}), {})  # an empty tree is a valid (trivial) input
+    assert empty[0] == {} and int(empty[1].inner.count) == 1
 
 
 def test_per_tensor_normalisation_makes_updates_gradient_scale_free():

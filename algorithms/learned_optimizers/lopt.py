@@ -228,6 +228,8 @@ def update(
       and are to be *added* to the parameters (optax convention).
     """
     treedef = jax.tree.structure(grads)
+    if treedef.num_leaves == 0:  # nothing to train (optax allows empty parameter trees)
+        return grads, state._replace(count=state.count + 1)
     g_leaves = treedef.flatten_up_to(grads)
     p_leaves = treedef.flatten_up_to(params)
     m_leaves = treedef.flatten_up_to(state.mom)
