@@ -34,7 +34,7 @@ PyTree = Any
 Callback = Callable[[int, PyTree, list[dict]], None]
 
 #: metrics shown on the progress bar, in order of preference.
-DISPLAY_KEYS = ("center_loss", "loss_best", "loss_mean", "nonfinite")
+DISPLAY_KEYS = ("center_loss", "loss_best", "loss_mean", "nonfinite", "cache_hits")
 
 
 class TrainCarry(NamedTuple):

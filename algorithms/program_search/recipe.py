@@ -222,7 +222,7 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
             with log_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             bar.update(
-                [{"loss_best": row["best_fitness"], "cache_hits": state.cache.hits}],
+                [{"loss_best": row["children_best"], "cache_hits": state.cache.hits}],
                 time.perf_counter() - t0,
             )
             if state.round % cfg.checkpoint_every == 0 or state.round == cfg.rounds:
