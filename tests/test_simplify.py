@@ -46,6 +46,28 @@ def test_dead_code_removal_keeps_behaviour():
     assert structural_hash(full) == structural_hash(slim)
 
 
+def test_dead_state_is_removed_across_steps():
+    from metaopt.algorithms.program_search.program import run
+
+    # m feeds v and v feeds the update next step: both slots are live
+    chained = parse("m = add(m, g)\nr0 = abs(v)\nv = copy(m)\nupdate = add(g, r0)")
+    assert remove_dead_code(chained).op.tolist() == chained.op.tolist()
+    # m is written but no update ever reads it: every write to m is dead
+    dead = parse("m = interp(m, g, 0.1)\nv = interp(v, g, 0.5)\nupdate = div(g, v)")
+    slim = remove_dead_code(dead)
+    assert "m =" not in to_source(slim) and "v = interp" in to_source(slim)
+    g = jax.random.normal(jax.random.key(0), (5, 7))
+    states = [(np.zeros(7), np.zeros(7)), (np.zeros(7), np.zeros(7))]
+    for t in range(5):  # same updates at every step
+        outs = []
+        for i, p in enumerate((dead, slim)):
+            u, m, v = run(p, g[t], g[t], *states[i], t + 1.0)
+            states[i] = (m, v)
+            outs.append(u)
+        np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6)
+    assert structural_hash(dead) == structural_hash(slim)
+
+
 def test_structural_hash_ignores_names_dead_code_and_argument_order():
     lion = structural_hash(parse(BUILTINS["lion"]))
     assert structural_hash(parse(LION_VARIANT)) == lion  # names + dead code

@@ -36,6 +36,7 @@ import numpy as np
 
 from metaopt.algorithms.program_search.program import BUILTINS, parse
 from metaopt.algorithms.program_search.search import RegularizedEvolution, Scorer, SearchState
+from metaopt.algorithms.program_search.simplify import structural_hash
 from metaopt.checkpoint import MissingCheckpointError, write_json_atomic
 from metaopt.config import check
 from metaopt.driver import ProgressBar, truncate_log
@@ -58,7 +59,7 @@ class Config:
     population: int = 32
     tournament: int = 8
     children: int = 15
-    rounds: int = 40
+    rounds: int = 60
     slots: int = 2
     warm_start: str = ""  # a built-in program; "" = adamw (slots=2) or sgd_momentum (slots<2)
     max_hits: int = 5
@@ -132,11 +133,18 @@ def heldout_scorer(cfg: Config) -> Scorer:
 
 
 def leaderboard(state: SearchState, k: int) -> list[dict]:
-    """Top ``k`` unique programs of the current population (by source)."""
+    """Top ``k`` functionally distinct programs of the population and the best so far.
+
+    Programs that differ only in dead code, names or in ways the functional hash
+    cannot see count once (the first, i.e. fittest, stands for them), so the funnel
+    and the held-out evaluation do not spend their budget on copies.
+    """
     seen, out = set(), []
     for m in sorted(state.population + [state.best], key=lambda m: m["fitness"]):
-        if m["source"] not in seen and np.isfinite(m["fitness"]):
-            seen.add(m["source"])
+        s_hash = structural_hash(parse(m["source"]))
+        f_hash = state.struct_to_func.get(s_hash, s_hash)
+        if f_hash not in seen and np.isfinite(m["fitness"]):
+            seen.add(f_hash)
             out.append(m)
     return out[:k]
 

@@ -2,8 +2,9 @@
 
 Three layers, cheapest first, each letting the search skip an evaluation:
 
-* :func:`remove_dead_code` -- statements whose result never reaches ``update``,
-  ``m`` or ``v`` are dropped (backward liveness).
+* :func:`remove_dead_code` -- statements whose result never reaches a present or
+  future ``update`` are dropped (backward liveness, iterated across steps through
+  the state slots ``m`` and ``v``).
 * :func:`structural_hash` -- a hash of the dataflow graph that ignores register
   names and dead code, sorts the arguments of commutative operations and sees
   through ``copy``; ``a + b`` and ``b + a`` hash alike (the published hash of
@@ -50,17 +51,34 @@ def _rows(program: Program):
             yield int(op), int(dst), [int(a) for a in args[: ARITY[op]]], float(c)
 
 
-def remove_dead_code(program: Program) -> Program:
-    """``program`` without statements that cannot affect ``update``, ``m`` or ``v``."""
-    rows = list(_rows(program))
-    live = set(_LIVE_OUT)
-    keep = []
+def _live_rows(rows, live_out: set[int]) -> tuple[list, set[int]]:
+    """Backward liveness: the rows that reach ``live_out`` and the registers live at entry."""
+    live, keep = set(live_out), []
     for op, dst, args, c in reversed(rows):
         if dst in live:
             live.discard(dst)
             live.update(a for a in args if a != CONST)
             keep.append((op, dst, args, c))
     keep.reverse()
+    return keep, live
+
+
+def remove_dead_code(program: Program) -> Program:
+    """``program`` without statements that cannot affect any future ``update``.
+
+    Liveness runs across steps: a state slot (``m``, ``v``) is kept only if the
+    update reads it, directly or through the other slot, at some later step; a slot
+    nobody reads is dead state and every write to it is dropped (it then keeps its
+    initial zeros, which nothing observes).
+    """
+    rows = list(_rows(program))
+    live_out = {REG[OUTPUT]}
+    while True:  # fixed point over steps: a slot live at entry is live at exit
+        keep, at_entry = _live_rows(rows, live_out)
+        grown = live_out | (at_entry & {REG["m"], REG["v"]})
+        if grown == live_out:
+            break
+        live_out = grown
     max_len = int(np.shape(program.op)[-1])
     return encode(
         [r[0] for r in keep],
@@ -72,7 +90,8 @@ def remove_dead_code(program: Program) -> Program:
 
 
 def structural_hash(program: Program, const_digits: int = 6) -> str:
-    """Hash of the dataflow graph of ``program`` (hex string)."""
+    """Hash of the dataflow graph of ``program`` after dead-code removal (hex string)."""
+    program = remove_dead_code(program)
     value = {REG[name]: name for name in INPUTS}
     value[REG[OUTPUT]] = "zero"
     for r in range(len(REG)):
