@@ -84,7 +84,7 @@ class LOptSpec:
       max_direction: bound on ``|d|`` (soft, ``tanh``).
     """
 
-    hidden: tuple[int, ...] = (32, 32)
+    hidden: tuple[int, ...] = (16,)
     decays: tuple[float, ...] = (0.5, 0.9, 0.99, 0.999)
     beta2: float = 0.999
     eps: float = 1e-8
@@ -170,22 +170,24 @@ def num_weights(spec: LOptSpec = LOptSpec()) -> int:
 
 
 def _mlp(layers: list[dict], x: jax.Array, glob: jax.Array) -> jax.Array:
-    """The per-parameter MLP on ``x`` ``[N, Fp]`` with shared features ``glob`` ``[Fg]``.
+    """The per-parameter MLP on ``x`` ``[Fp, N]`` (feature-major) with shared ``glob`` ``[Fg]``.
 
-    The first layer's contribution of the shared features is computed once, not per row.
+    Returns ``[2, N]``. Parameters are the columns: on CPU, ``W^T @ X`` with the
+    long axis last runs 2-3x faster than ``X @ W`` for these narrow layers. The
+    first layer's contribution of the shared features is computed once, not per column.
     """
-    fp = x.shape[-1]
+    fp = x.shape[0]
     w0, b0 = layers[0]["w"], layers[0]["b"]
-    h = x @ w0[:fp] + (glob @ w0[fp:] + b0)
+    h = w0[:fp].T @ x + (glob @ w0[fp:] + b0)[:, None]
     for layer in layers[1:]:
         h = jax.nn.relu(h)
-        h = h @ layer["w"] + layer["b"]
+        h = layer["w"].T @ h + layer["b"][:, None]
     return h
 
 
 def _rms_normalise(x: jax.Array) -> jax.Array:
-    """Each column of ``x`` ``[n, F]`` divided by its root mean square over the rows."""
-    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=0, keepdims=True) + 1e-30)
+    """Each row of ``x`` ``[F, n]`` divided by its root mean square over the columns."""
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=1, keepdims=True) + 1e-30)
 
 
 # ---------------------------------------------------------------------------
@@ -249,20 +251,20 @@ def update(
         v = b2 * v + (1.0 - b2) * jnp.square(g32)
         new_m.append(m)
         new_v.append(v)
-        gf = g32.reshape(-1, 1)
-        mhat = m.reshape(-1, len(spec.decays)) / corr_m
-        inv = 1.0 / (jnp.sqrt(v.reshape(-1, 1) / corr_v) + spec.eps)
-        raw = jnp.concatenate([gf, jnp.asarray(p, jnp.float32).reshape(-1, 1), mhat], axis=1)
-        feats.append(jnp.concatenate([_rms_normalise(raw), gf * inv, mhat * inv], axis=1))
+        gf = g32.reshape(1, -1)  # feature-major: [features, parameters of this tensor]
+        mhat = m.reshape(-1, len(spec.decays)).T / corr_m[:, None]
+        inv = 1.0 / (jnp.sqrt(v.reshape(1, -1) / corr_v) + spec.eps)
+        raw = jnp.concatenate([gf, jnp.asarray(p, jnp.float32).reshape(1, -1), mhat], axis=0)
+        feats.append(jnp.concatenate([_rms_normalise(raw), gf * inv, mhat * inv], axis=0))
         if nominal_idx is not None:
-            nominal.append(mhat[:, nominal_idx] * inv[:, 0])
+            nominal.append(mhat[nominal_idx] * inv[0])
 
     horizon = jnp.asarray(horizon, jnp.float32)
     glob = jnp.stack([jnp.asarray(progress, jnp.float32), jnp.log(horizon) / 10.0])
-    sizes = [f.shape[0] for f in feats]
-    out = _mlp(weights["layers"], jnp.concatenate(feats, axis=0), glob)  # [N, 2]
-    direction = spec.max_direction * jnp.tanh(out[:, 0] / spec.max_direction)
-    log_step = spec.max_log_step * jnp.tanh(out[:, 1] / spec.max_log_step)
+    sizes = [f.shape[1] for f in feats]
+    out = _mlp(weights["layers"], jnp.concatenate(feats, axis=1), glob)  # [2, N]
+    direction = spec.max_direction * jnp.tanh(out[0] / spec.max_direction)
+    log_step = spec.max_log_step * jnp.tanh(out[1] / spec.max_log_step)
     if nominal:
         direction = direction + jnp.concatenate(nominal)
     step = -spec.base_lr * jnp.exp(log_step) * direction

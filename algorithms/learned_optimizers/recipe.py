@@ -57,7 +57,7 @@ class Config:
     optimizer: Literal["mlp", "adam"] = "mlp"
     family: str = "teacher-student-small"
     inner_steps: int = 1000
-    hidden: tuple[int, ...] = (32, 32)
+    hidden: tuple[int, ...] = (16,)
     base_lr: float | None = None
     nominal: bool = True
     # the outer loop
@@ -126,7 +126,6 @@ PRESETS = {
     "quick": {
         "inner_steps": 200,
         "truncation": 20,
-        "hidden": (16,),
         "population": 16,
         "seeds": 2,
         "generations": 120,
