@@ -142,6 +142,37 @@ def ppo_config(env: str, **overrides: Any) -> PPOConfig:
 # ---------------------------------------------------------------------------
 
 
+def orthogonal(scale: float = 1.0):
+    """Orthogonal initialisation without LAPACK: Gram-Schmidt (twice) on a Gaussian matrix.
+
+    The same distribution (Haar, positive diagonal of R) and, for the same key, the same
+    matrix to float error as ``flax.linen.initializers.orthogonal``. Written in plain
+    XLA ops because the LAPACK QR that flax calls deadlocks XLA:CPU (jaxlib 0.10.2) when
+    it runs batched under ``vmap`` on a 2-thread intra-op pool: two QR kernels each
+    block a pool thread waiting for sub-tasks that need the other thread (seen as PPO
+    population runs hanging forever with idle threads, measured here).
+    """
+
+    def init(key, shape, dtype=jnp.float32):
+        rows = math.prod(shape[:-1])
+        cols = shape[-1]
+        n, k = max(rows, cols), min(rows, cols)
+        a = jax.random.normal(key, (n, k), jnp.float32)
+
+        def column(j, q):
+            v = a[:, j]
+            for _ in range(2):  # re-orthogonalise: classical Gram-Schmidt is then stable
+                v = v - q @ (q.T @ v)
+            return q.at[:, j].set(v / jnp.linalg.norm(v))
+
+        q = jax.lax.fori_loop(0, k, column, jnp.zeros_like(a))
+        if rows < cols:
+            q = q.T
+        return (scale * q).reshape(shape).astype(dtype)
+
+    return init
+
+
 class ActorCritic(nn.Module):
     """Separate MLP actor (logits ``[..., num_actions]``) and critic (value ``[...]``).
 
@@ -154,11 +185,11 @@ class ActorCritic(nn.Module):
     activation: str = "tanh"
 
     def setup(self):
-        hidden_init = nn.initializers.orthogonal(np.sqrt(2))
+        hidden_init = orthogonal(np.sqrt(2))
         self.actor_layers = [nn.Dense(h, kernel_init=hidden_init) for h in self.hidden]
         self.critic_layers = [nn.Dense(h, kernel_init=hidden_init) for h in self.hidden]
-        self.actor_out = nn.Dense(self.num_actions, kernel_init=nn.initializers.orthogonal(0.01))
-        self.critic_out = nn.Dense(1, kernel_init=nn.initializers.orthogonal(1.0))
+        self.actor_out = nn.Dense(self.num_actions, kernel_init=orthogonal(0.01))
+        self.critic_out = nn.Dense(1, kernel_init=orthogonal(1.0))
 
     def _torso(self, layers, x):
         act = nn.tanh if self.activation == "tanh" else nn.relu
