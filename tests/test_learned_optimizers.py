@@ -272,6 +272,7 @@ def test_pes_is_less_biased_than_truncated_metagradient_on_a_long_horizon():
 # ---------------------------------------------------------------------------
 
 TINY = [
+    "outer=pes",
     "family=quadratic-10d",
     "inner_steps=20",
     "truncation=10",

@@ -61,16 +61,16 @@ class Config:
     base_lr: float | None = None
     nominal: bool = True
     # the outer loop
-    outer: Literal["es", "pes", "metagrad"] = "pes"
+    outer: Literal["es", "pes", "metagrad"] = "es"
     population: int = 32
     seeds: int = 4
     sigma: float = 0.01
-    meta_lr: float = 1e-3
+    meta_lr: float = 0.01
     truncation: int = 50
     clip_norm: float = 1.0
-    generations: int = 4000
-    steps_per_call: int = 50
-    checkpoint_every: int = 500
+    generations: int = 50
+    steps_per_call: int = 5
+    checkpoint_every: int = 10
     seed: int = 0
     # held-out evaluation (metaopt eval)
     eval_seeds: int = 5
@@ -122,15 +122,24 @@ class Config:
         return lopt.LOptSpec(hidden=self.hidden, base_lr=self.base_lr, nominal=self.nominal)
 
 
+#: the default is ES (50 generations x 32 candidates x 4 tasks x T=1000); ``pes`` is PES
+#: at the same number of inner steps (4000 outer steps x 32 particles x 50 steps).
 PRESETS = {
+    "pes": {
+        "outer": "pes",
+        "meta_lr": 1e-3,
+        "generations": 4000,
+        "steps_per_call": 50,
+        "checkpoint_every": 500,
+    },
     "quick": {
         "inner_steps": 200,
         "truncation": 20,
         "population": 16,
         "seeds": 2,
-        "generations": 120,
-        "steps_per_call": 20,
-        "checkpoint_every": 40,
+        "generations": 40,
+        "steps_per_call": 10,
+        "checkpoint_every": 20,
         "eval_seeds": 3,
         "eval_families": ("teacher-student-large",),
         "eval_points": 5,
