@@ -174,18 +174,18 @@ def test_orthogonal_init_matches_flax_without_lapack():
     compiled form calls no LAPACK kernel (batched LAPACK QR deadlocks XLA:CPU under vmap)."""
     import flax.linen as nn
 
-    for shape in [(4, 64), (64, 64), (64, 2), (400, 64), (64, 1)]:
+    for shape in [(4, 64), (64, 64), (64, 2)]:
         key = jax.random.key(shape[0] + shape[1])
         ours = ppo.orthogonal(np.sqrt(2))(key, shape)
         ref = nn.initializers.orthogonal(np.sqrt(2))(key, shape)
         np.testing.assert_allclose(ours, ref, atol=2e-6)
-    hlo = (
-        jax.jit(jax.vmap(lambda k: ppo.orthogonal()(k, (64, 64))))
-        .lower(jax.random.split(jax.random.key(0), 4))
-        .compile()
-        .as_text()
-    )
-    assert "lapack" not in hlo.lower() and "custom-call" not in hlo
+
+    def hlo(init):
+        keys = jax.random.split(jax.random.key(0), 4)
+        return jax.jit(jax.vmap(lambda k: init(k, (64, 64)))).lower(keys).compile().as_text()
+
+    assert 'custom_call_target="lapack' in hlo(nn.initializers.orthogonal())
+    assert "custom-call" not in hlo(ppo.orthogonal())
 
 
 def test_ppo_config_rejects_bad_settings():
@@ -320,7 +320,8 @@ TINY = [
     "baseline_lpo=true",
     "eval_seeds=2",
     "eval_horizons=1",
-    "eval_timesteps=2048",
+    "eval_envs=",
+    "eval_timesteps=",
 ]
 
 
@@ -351,7 +352,7 @@ def test_recipe_resumes_each_phase_exactly_and_evaluates(tmp_path):
 
     _cli(["eval", str(a), "--no-progress"], cache, tmp_path)
     result = json.loads((a / "eval.json").read_text())
-    assert [s["label"] for s in result["settings"]] == ["CartPole-v1 1N", "Acrobot-v1"]
+    assert [s["label"] for s in result["settings"]] == ["CartPole-v1 1N"]
     for s in result["settings"]:
         assert list(s["results"]) == ["ta_lpo", "lpo", "ppo", "dpo"]
         assert all(len(r["returns"]) == 2 for r in s["results"].values())
@@ -366,7 +367,7 @@ def test_recipe_resumes_each_phase_exactly_and_evaluates(tmp_path):
         (["env=Pong"], "unknown environment 'Pong'"),
         (["timesteps=100"], "total_timesteps (100) must be >= num_envs * num_steps"),
         (["population=7"], "population must be even"),
-        (["eval_envs=Acrobot-v1,Breakout-MinAtar"], "eval_timesteps (2 values) must give one"),
+        (["eval_envs=Acrobot-v1,Breakout,Freeway"], "eval_timesteps (2 values) must give one"),
         (["objective=ppo"], "objective must be one of ['ta_lpo', 'lpo']"),
     ],
 )
