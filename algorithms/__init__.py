@@ -6,6 +6,7 @@ Importing this package registers every built-in recipe with :mod:`metaopt.recipe
 from metaopt.algorithms import (
     hypergradient,
     learned_optimizers,
+    lpg,
     lpo,
     lr_schedule,
     maml,
@@ -16,6 +17,7 @@ from metaopt.algorithms.program_search import recipe as _program_search_recipe  
 __all__ = [
     "hypergradient",
     "learned_optimizers",
+    "lpg",
     "lpo",
     "lr_schedule",
     "maml",

@@ -48,6 +48,10 @@ ENVIRONMENTS: tuple[str, ...] = (
     "SpaceInvaders-MinAtar",
     "Asterix-MinAtar",
     "Freeway-MinAtar",
+    "Catch-bsuite",
+    "DeepSea-bsuite",
+    "FourRooms-misc",
+    "BernoulliBandit-misc",
 )
 ALIASES: dict[str, str] = {
     "CartPole": "CartPole-v1",
@@ -56,6 +60,10 @@ ALIASES: dict[str, str] = {
     "SpaceInvaders": "SpaceInvaders-MinAtar",
     "Asterix": "Asterix-MinAtar",
     "Freeway": "Freeway-MinAtar",
+    "Catch": "Catch-bsuite",
+    "DeepSea": "DeepSea-bsuite",
+    "FourRooms": "FourRooms-misc",
+    "BernoulliBandit": "BernoulliBandit-misc",
 }
 
 

@@ -31,6 +31,17 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def has_checkpoint(directory: str | Path) -> bool:
+    """Whether ``directory/checkpoints`` holds at least one checkpoint (a run phase started)."""
+    if not (Path(directory) / "checkpoints").exists():
+        return False
+    ckpt = Checkpointer(Path(directory) / "checkpoints")
+    try:
+        return bool(ckpt.steps())
+    finally:
+        ckpt.close()
+
+
 class MissingCheckpointError(FileNotFoundError):
     """Raised when a resume is asked for and no readable checkpoint exists."""
 

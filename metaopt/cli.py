@@ -12,6 +12,7 @@ Ctrl-C saves a checkpoint and exits with status 130 and the command to resume.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -68,9 +69,16 @@ def _cmd_recipe(name: str, argv: list[str]) -> int:
     p.add_argument(
         "--distributed", action="store_true", help="call jax.distributed.initialize() first"
     )
+    has_outer = "outer" in {f.name for f in dataclasses.fields(recipe.config_cls)}
+    if has_outer:
+        p.add_argument("--outer", default=None, help="outer estimator (same as outer=...)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     overrides = cfg_lib.parse_overrides(args.overrides)
+    if has_outer and args.outer is not None:
+        if "outer" in overrides and overrides["outer"] != args.outer:
+            raise ConfigError(f"--outer {args.outer} contradicts outer={overrides['outer']}")
+        overrides["outer"] = args.outer
 
     if args.resume and args.out is None:
         raise ConfigError("--resume needs --out DIR (the run to continue)")

@@ -53,6 +53,17 @@ class Recipe:
 _REGISTRY: dict[str, Recipe] = {}
 
 
+def write_summary(out: str | Path, title: str, summary: Mapping[str, Any], notes: str = "") -> None:
+    """Writes a run's ``summary.md`` (``# title``, one bullet per entry, then ``notes``)
+    and ``summary.json``."""
+    import json
+
+    out = Path(out)
+    bullets = "".join(f"- {k}: {v}\n" for k, v in summary.items())
+    (out / "summary.md").write_text(f"# {title}\n\n{bullets}" + (f"\n{notes}" if notes else ""))
+    (out / "summary.json").write_text(json.dumps(dict(summary), indent=2) + "\n")
+
+
 def register(recipe: Recipe) -> Recipe:
     if recipe.name in _REGISTRY and _REGISTRY[recipe.name] is not recipe:
         raise ValueError(f"recipe {recipe.name!r} is already registered")

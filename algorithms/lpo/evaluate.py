@@ -107,7 +107,8 @@ def settings(cfg) -> list[dict]:
     return out
 
 
-def _stats(x: np.ndarray) -> dict:
+def seed_stats(x: np.ndarray) -> dict:
+    """Mean, std and standard error over seeds, and the values."""
     x = np.asarray(x, np.float64)
     return {
         "mean": float(x.mean()),
@@ -117,7 +118,8 @@ def _stats(x: np.ndarray) -> dict:
     }
 
 
-def _downsample(curve: np.ndarray) -> list[float]:
+def downsample(curve: np.ndarray) -> list[float]:
+    """At most ``MAX_CURVE_POINTS`` evenly spaced points of a curve, as floats."""
     idx = np.unique(np.linspace(0, len(curve) - 1, min(len(curve), MAX_CURVE_POINTS)).astype(int))
     return [float(curve[i]) for i in idx]
 
@@ -143,7 +145,7 @@ def run_evaluation(cfg, learned: dict[str, dict], progress: bool = True) -> dict
                 "updates": p.num_updates,
                 "ppo": dataclasses.asdict(p),
                 "results": {
-                    k: {**_stats(c[:, -1]), "mean_curve": _downsample(c.mean(0))}
+                    k: {**seed_stats(c[:, -1]), "mean_curve": downsample(c.mean(0))}
                     for k, c in curves.items()
                 },
             }

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,12 +51,12 @@ from metaopt import driver
 from metaopt import outer as outer_lib
 from metaopt.algorithms.lpo import objectives as obj_lib
 from metaopt.algorithms.lpo import ppo
-from metaopt.checkpoint import Checkpointer, MissingCheckpointError
+from metaopt.checkpoint import MissingCheckpointError, has_checkpoint
 from metaopt.config import check
 from metaopt.envs import rl
 from metaopt.inner import InnerLoop
 from metaopt.plotting import read_metrics
-from metaopt.recipes import Recipe, register
+from metaopt.recipes import Recipe, register, write_summary
 
 LEARNED = ("lpo", "ta_lpo")
 
@@ -186,16 +185,6 @@ def load_objective(run_dir: str | Path, name: str = "ta_lpo") -> Callable:
     return functools.partial(obj_lib.OBJECTIVES[name], load_meta_params(run_dir, name))
 
 
-def _has_checkpoint(directory: Path) -> bool:
-    if not (directory / "checkpoints").exists():
-        return False
-    ckpt = Checkpointer(directory / "checkpoints")
-    try:
-        return bool(ckpt.steps())
-    finally:
-        ckpt.close()
-
-
 def meta_train(cfg: Config, name: str, out: Path, resume: bool, progress: bool) -> dict:
     """Meta-trains the drift ``name`` with ES; writes ``out/name/`` and ``out/name.npz``."""
     inner = build_inner(cfg, name)
@@ -203,7 +192,7 @@ def meta_train(cfg: Config, name: str, out: Path, resume: bool, progress: bool) 
     phase_dir = out / name
     phase_dir.mkdir(parents=True, exist_ok=True)
     # A resumed run may have been stopped before this phase started.
-    resume_phase = resume and _has_checkpoint(phase_dir)
+    resume_phase = resume and has_checkpoint(phase_dir)
     # Each phase gets its own key, so LPO and TA-LPO see independent noise and seeds.
     key = jax.random.fold_in(jax.random.key(cfg.seed), LEARNED.index(name))
     result = driver.train(
@@ -283,15 +272,15 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
         summary.update(_phase_summary(out, name))
     summary["wall_time_s"] = f"{time.perf_counter() - t0:.0f} (this process)"
     summary["run_dir"] = str(out)
-    (out / "summary.md").write_text(
-        "# ta-lpo run\n\n"
-        + "".join(f"- {k}: {v}\n" for k, v in summary.items())
-        + "\nReturns are final mean episode returns of PPO runs on the meta-training seeds.\n"
+    write_summary(
+        out,
+        "ta-lpo run",
+        summary,
+        "Returns are final mean episode returns of PPO runs on the meta-training seeds.\n"
         "Use the discovered objective: "
         "`metaopt.algorithms.lpo.load_objective(RUN_DIR)(ratio, advantage, progress)`.\n"
-        "\n![drift](drift.png)\n\n![meta-training](meta_training.png)\n"
+        "\n![drift](drift.png)\n\n![meta-training](meta_training.png)\n",
     )
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 

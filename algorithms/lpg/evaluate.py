@@ -1,0 +1,237 @@
+"""Evaluation of learned LPG objectives across agent lifetimes.
+
+Every objective trains ``eval_seeds`` fresh agents (seeds never used in
+meta-training, the same for every objective) for each lifetime in
+``eval_lifetimes`` -- inside and outside the meta-training range -- and the
+final mean episode return (a fresh rollout of the final policy) is reported as
+mean, standard deviation and standard error over seeds.
+
+Objectives: the meta-trained LPG networks of the run, REINFORCE (the untrained
+LPG: its initialisation), A2C (the critic's GAE advantage) -- all on the same
+agent, optimiser and rollouts, in one compiled computation (agents whose
+lifetime is over are frozen, so every lifetime shares one ``unroll``) -- and
+PPO (:mod:`metaopt.algorithms.lpo.ppo`, clipped objective, same environment
+steps per update and lifetime) as an outside reference.
+
+Outputs in the run directory: ``eval.json`` (returns and mean learning and
+entropy curves), ``eval.md`` (the table), ``eval.png`` (return vs lifetime,
+curves) and ``progress.png`` (how the learned targets change with progress;
+:mod:`~metaopt.algorithms.lpg.plots`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metaopt.algorithms.lpg import agent as agent_lib
+from metaopt.algorithms.lpg import network
+from metaopt.algorithms.lpo.evaluate import downsample, seed_stats
+from metaopt.inner import unroll
+
+LABELS = {
+    "ta_lpg_es": "TA-LPG (ES)",
+    "ta_lpg_metagrad": "TA-LPG (meta-gradient)",
+    "lpg_es": "LPG, no temporal inputs (ES)",
+    "reinforce": "REINFORCE (untrained LPG)",
+    "a2c": "A2C",
+    "ppo": "PPO (clipped)",
+}
+
+
+def candidates(cfg, learned: dict[str, dict]) -> tuple[list[str], dict]:
+    """``(names, stacked meta-parameters)`` of the ``"mixed"`` objective for each candidate."""
+    init = network.init_params(jax.random.key(cfg.seed), cfg.y_dim, cfg.hidden, cfg.embed, True)
+    rows = {name: (network.pad_to_temporal(p), 0.0) for name, p in learned.items()}
+    rows["reinforce"] = (init, 0.0)
+    rows["a2c"] = (init, 1.0)
+    names = list(rows)
+    stacked = [{"lpg": p, "a2c": jnp.float32(w)} for p, w in rows.values()]
+    return names, jax.tree.map(lambda *xs: jnp.stack(xs), *stacked)
+
+
+def agent_runs(cfg, population, lifetimes, keys):
+    """Trains every candidate x lifetime x seed: ``(final returns [O, L, S], curves)``.
+
+    ``curves`` holds ``return`` and ``entropy`` per update, ``[O, L, S, max(lifetimes)]``.
+    """
+    acfg = cfg.agent
+    acfg = type(acfg)(**{**acfg.__dict__, "lifetime_min": 1, "lifetime_max": max(lifetimes)})
+    inner = agent_lib.make_agent(acfg, "mixed", name="lpg-eval")
+
+    def one(mp, lifetime, key):
+        k_init, k_run, k_eval = jax.random.split(key, 3)
+        state = inner.init_with_lifetime(k_init, lifetime)
+        state, metrics = unroll(inner, mp, state, k_run, inner.horizon)
+        _, final = inner.outer_objective(mp, state, k_eval)
+        return final, {"return": metrics["return"], "entropy": metrics["entropy"]}
+
+    f = jax.vmap(jax.vmap(jax.vmap(one, (None, None, 0)), (None, 0, None)), (0, None, None))
+    return jax.jit(f)(population, jnp.asarray(lifetimes, jnp.int32), keys)
+
+
+def ppo_runs(cfg, lifetimes, keys) -> tuple[np.ndarray, list[np.ndarray]]:
+    """PPO (clipped) with the agent's environment steps per update, one lifetime at a time."""
+    from metaopt.algorithms.lpo import ppo
+
+    a = cfg.agent
+    finals, curves = [], []
+    for n in lifetimes:
+        pcfg = ppo.ppo_config(
+            a.env,
+            num_envs=a.num_envs,
+            num_steps=a.num_steps,
+            total_timesteps=n * a.steps_per_update,
+            num_minibatches=4 if a.steps_per_update % 4 == 0 else 1,
+            lr=a.lr,
+        )
+        run = jax.jit(jax.vmap(lambda k, p=pcfg: ppo.train(p, "ppo", None, k)[1]["return"]))
+        c = np.asarray(run(keys))  # [S, n]
+        finals.append(c[:, -1])
+        curves.append(c)
+    return np.stack(finals), curves
+
+
+def run_evaluation(cfg, learned: dict[str, dict], progress: bool = True) -> dict:
+    """Every objective at every lifetime; a JSON-ready dict."""
+    from tqdm.auto import tqdm
+
+    lifetimes = list(cfg.eval_lifetimes)
+    keys = jax.random.split(jax.random.key(cfg.seed + 30_000), cfg.eval_seeds)
+    names, population = candidates(cfg, learned)
+    steps = 1 + (len(lifetimes) if cfg.eval_ppo else 0)
+    bar = tqdm(total=steps, desc="ta-lpg eval", unit="part", disable=not progress)
+    bar.set_postfix_str(f"{len(names)} objectives x {len(lifetimes)} lifetimes")
+    finals, curves = agent_runs(cfg, population, lifetimes, keys)
+    finals = np.asarray(finals)
+    ret_curves, ent_curves = np.asarray(curves["return"]), np.asarray(curves["entropy"])
+    bar.update()
+    results = {}
+    for i, name in enumerate(names):
+        results[name] = [
+            {
+                **seed_stats(finals[i, j]),
+                "mean_curve": downsample(ret_curves[i, j, :, :n].mean(0)),
+                "entropy_curve": downsample(ent_curves[i, j, :, :n].mean(0)),
+            }
+            for j, n in enumerate(lifetimes)
+        ]
+    if cfg.eval_ppo:
+        bar.set_postfix_str("PPO")
+        from metaopt.algorithms.lpo import ppo  # noqa: F401
+
+        pf, pc = ppo_runs(cfg, lifetimes, keys)
+        bar.update(len(lifetimes))
+        results["ppo"] = [
+            {**seed_stats(pf[j]), "mean_curve": downsample(pc[j].mean(0)), "entropy_curve": []}
+            for j in range(len(lifetimes))
+        ]
+    bar.close()
+    a = cfg.agent
+    return {
+        "env": a.env,
+        "seeds": cfg.eval_seeds,
+        "lifetimes": lifetimes,
+        "train_range": [a.lifetime_min, a.lifetime_max],
+        "steps_per_update": a.steps_per_update,
+        "results": results,
+    }
+
+
+def markdown(result: dict) -> str:
+    """Rows = objectives, columns = lifetimes, cells = mean ± std (best in bold)."""
+    lo, hi = result["train_range"]
+    lts = result["lifetimes"]
+    res = result["results"]
+
+    def tag(n):
+        return "in range" if lo <= n <= hi else "outside"
+
+    head = "| objective | " + " | ".join(f"N={n} ({tag(n)})" for n in lts) + " |"
+    lines = [head, "|---|" + "---|" * len(lts)]
+    for name, rows in res.items():
+        cells = []
+        for j, r in enumerate(rows):
+            best = max(v[j]["mean"] for v in res.values())
+            cell = f"{r['mean']:.2f} ± {r['std']:.2f}"
+            cells.append(f"**{cell}**" if r["mean"] == best else cell)
+        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        f"{result['env']}: final mean episode return after N agent updates "
+        f"({result['steps_per_update']} env steps each), mean ± std over {result['seeds']} "
+        f"seeds unseen in meta-training; meta-training lifetimes were log-uniform in "
+        f"[{lo}, {hi}]."
+    )
+    if "ta_lpg_es" in res and "ta_lpg_metagrad" in res:
+        lines += ["", "TA-LPG (ES) minus TA-LPG (meta-gradient), ± combined standard error:", ""]
+        for j, n in enumerate(lts):
+            a, b = res["ta_lpg_es"][j], res["ta_lpg_metagrad"][j]
+            se = float(np.hypot(a["stderr"], b["stderr"]))
+            lines.append(f"- N={n}: {a['mean'] - b['mean']:+.3f} ± {se:.3f}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str | Path) -> None:
+    """Final return vs lifetime; learning and entropy curves at the longest in-range lifetime."""
+    from metaopt.plotting import figure
+
+    lo, hi = result["train_range"]
+    lts = result["lifetimes"]
+    res = result["results"]
+    fig, axes = figure((11, 3.3), 1, 3)
+    ax = axes[0, 0]
+    for name, rows in res.items():
+        ax.errorbar(
+            lts,
+            [r["mean"] for r in rows],
+            yerr=[r["stderr"] for r in rows],
+            marker="o",
+            capsize=3,
+            label=LABELS.get(name, name),
+        )
+    ax.axvspan(lo, hi, color="0.9", zorder=0, label="meta-training range")
+    ax.set_xscale("log")
+    ax.set_xlabel("agent lifetime N (updates)")
+    ax.set_ylabel("final return")
+    ax.set_title(f"{result['env']}: final return vs lifetime", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    inside = [j for j, n in enumerate(lts) if lo <= n <= hi]
+    j = inside[-1] if inside else len(lts) - 1
+    for col, key, ylabel in ((1, "mean_curve", "mean return"), (2, "entropy_curve", "entropy")):
+        ax = axes[0, col]
+        for name, rows in res.items():
+            c = rows[j][key]
+            if c:
+                ax.plot(np.linspace(0, 1, len(c)), c, label=LABELS.get(name, name))
+        ax.set_xlabel(f"training progress n/N (N = {lts[j]})")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{ylabel} during training", fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def evaluate_run(run_dir: Path, cfg, progress: bool = True) -> dict:
+    """``metaopt eval`` for a ``ta-lpg`` run: eval.json / eval.md / eval.png / progress.png."""
+    from metaopt.algorithms.lpg import plots
+    from metaopt.algorithms.lpg.recipe import load_meta_params
+
+    learned = {name: load_meta_params(run_dir, name) for name in cfg.phases}
+    result = run_evaluation(cfg, learned, progress)
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(result)
+    (run_dir / "eval.md").write_text(md)
+    plot(result, run_dir / "eval.png")
+    plots.plot_progress(cfg, learned, run_dir / "progress.png", run_dir / "progress.json")
+    print(md)
+    return {
+        f"{LABELS.get(k, k)} @ N={n}": f"{r['mean']:.2f} +- {r['std']:.2f}"
+        for k, rows in result["results"].items()
+        for n, r in zip(result["lifetimes"], rows, strict=True)
+    }

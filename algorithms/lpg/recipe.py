@@ -1,0 +1,298 @@
+"""Recipe ``ta-lpg``: LPG / TA-LPG meta-trained by ES and by truncated meta-gradients.
+
+One run meta-trains up to three objectives on the same agent inner loop
+(:func:`~metaopt.algorithms.lpg.agent.make_agent`, lifetimes drawn
+log-uniformly from ``[lifetime_min, lifetime_max]`` updates):
+
+* ``ta_lpg_es``: TA-LPG by the core ``ES`` (Open_ES, antithetic; every candidate
+  of a generation trains on the same environment seeds and lifetimes, whole
+  lifetimes, fitness = final mean return);
+* ``ta_lpg_metagrad``: TA-LPG by the core ``MetaGradient``, truncated to ``K``
+  agent updates with persistent agents (frozen at the end of their lifetime and
+  replaced when the horizon ends), outer loss = A2C with GAE from the critic on a
+  fresh rollout plus the LPG regularisers, Adam;
+* ``lpg_es``: the LPG without temporal inputs, by ES (the ablation).
+
+``outer=es|metagrad|both`` chooses the phases (``--outer`` on the command line).
+``metaopt eval RUN_DIR`` compares them with REINFORCE (the untrained LPG), A2C
+and PPO at lifetimes inside and outside the meta-training range
+(:mod:`~metaopt.algorithms.lpg.evaluate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metaopt import driver
+from metaopt import outer as outer_lib
+from metaopt.algorithms.lpg import agent as agent_lib
+from metaopt.algorithms.lpg import network
+from metaopt.algorithms.lpo.recipe import save_meta_params
+from metaopt.checkpoint import MissingCheckpointError, has_checkpoint
+from metaopt.config import check
+from metaopt.envs import rl
+from metaopt.plotting import read_metrics
+from metaopt.recipes import Recipe, register, write_summary
+
+#: every objective a run can meta-train, in order: name -> (outer, temporal).
+PHASES: dict[str, tuple[str, bool]] = {
+    "ta_lpg_es": ("es", True),
+    "ta_lpg_metagrad": ("metagrad", True),
+    "lpg_es": ("es", False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Settings of the ``ta-lpg`` recipe (defaults = the ``default`` preset)."""
+
+    env: str = "Catch-bsuite"
+    outer: Literal["es", "metagrad", "both"] = "both"
+    baseline_lpg: bool = True  # also ES-train the LPG without temporal inputs
+    # the agent (see AgentConfig)
+    num_envs: int = 16
+    num_steps: int = 20
+    lifetime_min: int = 20
+    lifetime_max: int = 200
+    agent_lr: float = 3e-3
+    y_dim: int = 8
+    # the LPG network
+    hidden: int = 32
+    embed: int = 8
+    # ES
+    strategy: str = "Open_ES"
+    population: int = 32
+    seeds: int = 2
+    sigma: float = 0.03
+    es_lr: float = 0.03
+    generations: int = 40
+    # truncated meta-gradient
+    truncation: int = 5
+    particles: int = 8
+    metagrad_lr: float = 1e-3
+    metagrad_steps: int = 2000
+    clip_norm: float = 1.0
+    remat: bool = False
+    # driver
+    steps_per_call: int = 1
+    checkpoint_every: int = 10
+    # evaluation
+    eval_seeds: int = 8
+    eval_lifetimes: tuple[int, ...] = (10, 20, 60, 200, 400)
+    eval_ppo: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        check(
+            self.outer in ("es", "metagrad", "both"),
+            f"outer must be es, metagrad or both, got '{self.outer}'",
+        )
+        check(self.hidden >= 1 and self.embed >= 1, "hidden and embed must be >= 1")
+        check(self.population >= 2 and self.population % 2 == 0, "population must be even, >= 2")
+        check(self.seeds >= 1 and self.particles >= 1, "seeds and particles must be >= 1")
+        check(self.sigma > 0 and self.es_lr > 0 and self.metagrad_lr > 0, "rates must be > 0")
+        check(self.generations >= 0 and self.metagrad_steps >= 0, "step counts must be >= 0")
+        check(
+            self.truncation >= 1 and self.lifetime_max % self.truncation == 0,
+            f"truncation ({self.truncation}) must divide lifetime_max ({self.lifetime_max})",
+        )
+        check(self.steps_per_call >= 1 and self.checkpoint_every >= 1, "driver steps must be >= 1")
+        check(self.eval_seeds >= 1, "eval_seeds must be >= 1")
+        check(all(n >= 1 for n in self.eval_lifetimes), "eval_lifetimes must be >= 1")
+        self.agent  # noqa: B018  (validates the agent settings)
+
+    @property
+    def agent(self) -> agent_lib.AgentConfig:
+        return agent_lib.AgentConfig(
+            env=rl.canonical_name(self.env),
+            num_envs=self.num_envs,
+            num_steps=self.num_steps,
+            lifetime_min=self.lifetime_min,
+            lifetime_max=self.lifetime_max,
+            lr=self.agent_lr,
+            y_dim=self.y_dim,
+        )
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        out = []
+        if self.outer in ("es", "both"):
+            out.append("ta_lpg_es")
+        if self.outer in ("metagrad", "both"):
+            out.append("ta_lpg_metagrad")
+        if self.baseline_lpg and self.outer in ("es", "both"):
+            out.append("lpg_es")
+        return tuple(out)
+
+
+PRESETS = {
+    "quick": {
+        "lifetime_min": 10,
+        "lifetime_max": 40,
+        "population": 8,
+        "seeds": 1,
+        "generations": 3,
+        "particles": 4,
+        "metagrad_steps": 20,
+        "baseline_lpg": False,
+        "checkpoint_every": 2,
+        "eval_seeds": 2,
+        "eval_lifetimes": (10, 40),
+        "eval_ppo": False,
+    },
+}
+
+
+def initial_meta_params(cfg: Config, name: str) -> dict:
+    temporal = PHASES[name][1]
+    key = jax.random.key(cfg.seed)  # the same initial GRU for every phase
+    return network.init_params(key, cfg.y_dim, cfg.hidden, cfg.embed, temporal=temporal)
+
+
+def build_outer(cfg: Config, name: str, inner) -> outer_lib.OuterEstimator:
+    kind = PHASES[name][0]
+    if kind == "es":
+        return outer_lib.make(
+            "es",
+            inner,
+            strategy=cfg.strategy,
+            population_size=cfg.population,
+            num_seeds=cfg.seeds,
+            sigma=cfg.sigma,
+            learning_rate=cfg.es_lr,
+        )
+    return outer_lib.make(
+        "metagrad",
+        inner,
+        truncation_length=cfg.truncation,
+        num_particles=cfg.particles,
+        learning_rate=cfg.metagrad_lr,
+        clip_norm=cfg.clip_norm,
+        remat=cfg.remat,
+    )
+
+
+def load_meta_params(run_dir: str | Path, name: str = "ta_lpg_es") -> dict:
+    """The meta-trained LPG network ``name`` of a finished run (see :data:`PHASES`)."""
+    path = Path(run_dir) / f"{name}.npz"
+    if not path.exists():
+        raise MissingCheckpointError(f"{path} is missing: the run has not finished this phase")
+    with np.load(path, allow_pickle=False) as f:
+        return {k: jnp.asarray(f[k], jnp.float32) for k in f.files}
+
+
+def load_objective(run_dir: str | Path, name: str = "ta_lpg_es"):
+    """The discovered objective as a pure function of a rollout.
+
+    Returns ``targets(rewards, dones, pi_a, y, y_next, progress, lifetime, gamma=0.99)
+    -> (pi_hat, y_hat, delta)`` (shapes of :func:`metaopt.algorithms.lpg.network.targets`);
+    the agent's loss is ``mean(-pi_hat * log pi(a|s)) + KL(y_hat || y(s))``.
+    """
+    params = load_meta_params(run_dir, name)
+
+    def targets(rewards, dones, pi_a, y, y_next, progress, lifetime, gamma=0.99):
+        return network.targets(params, rewards, dones, pi_a, y, y_next, progress, lifetime, gamma)
+
+    return targets
+
+
+def meta_train(cfg: Config, name: str, out: Path, resume: bool, progress: bool) -> dict:
+    """Meta-trains phase ``name``; writes ``out/name/`` and ``out/name.npz``."""
+    inner = agent_lib.make_agent(cfg.agent, "lpg", name=f"lpg-agent-{name}")
+    outer = build_outer(cfg, name, inner)
+    phase_dir = out / name
+    phase_dir.mkdir(parents=True, exist_ok=True)
+    resume_phase = resume and has_checkpoint(phase_dir)
+    key = jax.random.fold_in(jax.random.key(cfg.seed), list(PHASES).index(name))
+    steps = cfg.generations if PHASES[name][0] == "es" else cfg.metagrad_steps
+    per_call = cfg.steps_per_call if PHASES[name][0] == "es" else max(cfg.steps_per_call, 10)
+    result = driver.train(
+        outer,
+        initial_meta_params(cfg, name),
+        key=key,
+        num_steps=steps,
+        out_dir=phase_dir,
+        resume=resume_phase,
+        steps_per_call=per_call,
+        checkpoint_every=cfg.checkpoint_every * (1 if PHASES[name][0] == "es" else 10),
+        progress=progress,
+        desc=f"ta-lpg [{name}] {cfg.env}",
+    )
+    learned = jax.tree.map(jnp.asarray, result.meta_params)
+    save_meta_params(out / f"{name}.npz", learned)
+    return learned
+
+
+def _phase_summary(out: Path, name: str) -> dict:
+    rows = read_metrics(out / name / "metrics.jsonl")
+    if not rows:
+        return {}
+    key = "center_loss" if "center_loss" in rows[0] else "loss_mean"
+    ret = [-r[key] for r in rows]
+    k = max(1, len(ret) // 10)
+    return {
+        f"{name}_return_first_{k}": f"{np.mean(ret[:k]):.3f}",
+        f"{name}_return_last_{k}": f"{np.mean(ret[-k:]):.3f}",
+    }
+
+
+def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> dict:
+    from metaopt.algorithms.lpg import plots
+
+    t0 = time.perf_counter()
+    learned = {}
+    for name in cfg.phases:
+        learned[name] = meta_train(cfg, name, out, resume, progress)
+    plots.plot_meta_training(out, cfg.phases, out / "meta_training.png")
+    a = cfg.agent
+    summary = {
+        "env": a.env,
+        "lifetimes": f"log-uniform [{a.lifetime_min}, {a.lifetime_max}] updates of "
+        f"{a.steps_per_update} env steps",
+        "phases": ", ".join(cfg.phases),
+        "es": f"{cfg.strategy}, population {cfg.population} x {cfg.seeds} seeds, "
+        f"{cfg.generations} generations",
+        "metagrad": f"K={cfg.truncation}, {cfg.particles} particles, {cfg.metagrad_steps} steps, "
+        f"Adam {cfg.metagrad_lr:g}",
+    }
+    for name in cfg.phases:
+        summary.update(_phase_summary(out, name))
+    summary["wall_time_s"] = f"{time.perf_counter() - t0:.0f} (this process)"
+    summary["run_dir"] = str(out)
+    write_summary(
+        out,
+        "ta-lpg run",
+        summary,
+        "Returns: final mean episode return of agents on the meta-training seeds "
+        "(ES: the distribution mean; meta-gradient: the particles at their truncation ends).\n"
+        "Use a discovered objective: "
+        "`metaopt.algorithms.lpg.load_objective(RUN_DIR, 'ta_lpg_es')`.\n"
+        "\n![meta-training](meta_training.png)\n",
+    )
+    return summary
+
+
+def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
+    from metaopt.algorithms.lpg.evaluate import evaluate_run
+
+    return evaluate_run(Path(run_dir), cfg, progress=progress)
+
+
+RECIPE = register(
+    Recipe(
+        name="ta-lpg",
+        description="LPG / TA-LPG learned RL objectives by ES and by truncated meta-gradients",
+        config_cls=Config,
+        run=run,
+        presets=PRESETS,
+        evaluate=evaluate,
+        extendable=("generations", "metagrad_steps"),
+    )
+)
