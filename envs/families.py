@@ -21,7 +21,8 @@ Registry: :func:`make` builds a family by name (``"digits-mlp32"``,
 ``"teacher-student-small"``, ``"logistic-cond1000"``, ``"quadratic-100d"``, ...;
 :data:`FAMILIES` lists them), so meta-training and held-out evaluation can
 differ in width, depth, data, conditioning and horizon. Each registered family
-suggests a horizon (``steps``) and a learning-rate scale.
+suggests a horizon (``steps``); learning rates are tuned per family by the callers
+(the learned-optimizer recipe grid-searches Adam's on validation before meta-training).
 """
 
 from __future__ import annotations

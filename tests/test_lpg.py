@@ -19,7 +19,7 @@ from metaopt.config import ConfigError
 from metaopt.inner import unroll
 
 TINY = agent_lib.AgentConfig(
-    num_envs=2, num_steps=4, lifetime_min=2, lifetime_max=6, hidden=(8,), y_dim=3
+    num_envs=2, num_steps=4, meta_steps=8, lifetime_min=2, lifetime_max=6, hidden=(8,), y_dim=3
 )
 
 
@@ -221,6 +221,7 @@ def test_es_and_metagrad_run_on_the_same_inner_loop_object():
 SMALL = [
     "num_envs=2",
     "num_steps=5",
+    "meta_steps=10",
     "lifetime_min=2",
     "lifetime_max=6",
     "hidden=4",

@@ -375,3 +375,24 @@ def test_recipe_rejects_bad_config_in_one_line(capsys, tmp_path, args, message):
     code = cli.main(["ta-lpo", "--out", str(tmp_path / "r"), *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_final_return_counts_every_episode_of_the_window():
+    """CartPole pays 1 per step, so with the whole run as the window the completed
+    episodes' returns add up to every step taken minus the episodes still running."""
+    cfg = ppo.ppo_config("CartPole-v1", total_timesteps=6 * 512, fitness_window=1.0)
+    inner = ppo.make_ppo(cfg, "ppo")
+
+    @jax.jit
+    def run(key):
+        state = inner.init(None, key)
+        state, _ = metaopt.unroll(inner, None, state, key, inner.horizon)
+        return state, inner.meta_loss(None, state, key)
+
+    state, loss = run(jax.random.key(0))
+    running = float(jnp.sum(state.env_state.episode_return))
+    assert float(state.window_return) == ppo.env_steps(cfg) - running
+    assert float(state.window_episodes) == float(jnp.sum(state.env_state.episodes))
+    assert float(loss) == pytest.approx(-float(state.window_return) / float(state.window_episodes))
+    # the default window: the last 10% of the updates (at least one)
+    assert ppo.ppo_config("CartPole-v1", total_timesteps=6 * 512).window_start == 5

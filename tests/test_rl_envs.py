@@ -45,7 +45,7 @@ def _side_by_side(name: str, steps: int, num_envs: int = 4):
     return jax.jit(run)(jax.random.key(3))
 
 
-@pytest.mark.parametrize("name", ["CartPole-v1", "Breakout-MinAtar"])
+@pytest.mark.parametrize("name", ["CartPole-v1", "Breakout-MinAtar", "Catch-bsuite"])
 def test_wrapper_matches_gymnax_log_and_flatten_wrappers(name):
     (o1, o2), (rec1, rec2, final_obs, episodes) = _side_by_side(name, steps=400)
     np.testing.assert_array_equal(o1, o2)

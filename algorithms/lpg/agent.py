@@ -25,8 +25,9 @@ frozen (its updates are no-ops), so one ``unroll`` of ``horizon`` steps holds
 whole lifetimes of every length and batches over them.
 
 ``meta_loss`` serves both outer loops (ES and meta-gradients) unchanged: its
-*value* is minus the final mean episode return after a fresh rollout (ES's
-fitness), and its *gradient* is that of the A2C surrogate on that rollout plus
+*value* is minus the mean return of the episodes completed in a fresh rollout of
+``meta_steps`` steps by the final policy (ES's fitness), and its *gradient* is that
+of the A2C surrogate on that rollout plus
 the LPG regularisers (a zero-valued ``f - stop_gradient(f)`` term): the
 score-function estimate of the return's gradient, which is what meta-gradient
 LPG follows. :func:`outer_objective` is that surrogate with its own value, for
@@ -60,6 +61,7 @@ class AgentConfig:
     env: str = "Catch-bsuite"
     num_envs: int = 16
     num_steps: int = 20  # rollout length per update
+    meta_steps: int = 100  # length of the fresh rollout that meta_loss scores
     lifetime_min: int = 20  # updates
     lifetime_max: int = 80
     hidden: tuple[int, ...] = (64,)
@@ -77,7 +79,10 @@ class AgentConfig:
 
     def __post_init__(self):
         rl.canonical_name(self.env)
-        check(self.num_envs >= 1 and self.num_steps >= 1, "num_envs and num_steps must be >= 1")
+        check(
+            self.num_envs >= 1 and self.num_steps >= 1 and self.meta_steps >= 1,
+            "num_envs, num_steps and meta_steps must be >= 1",
+        )
         check(
             1 <= self.lifetime_min <= self.lifetime_max,
             f"need 1 <= lifetime_min <= lifetime_max, got {self.lifetime_min}, {self.lifetime_max}",
@@ -115,6 +120,7 @@ class Rollout(NamedTuple):
     action: jax.Array  # [T, E] int32
     reward: jax.Array  # [T, E]
     done: jax.Array  # [T, E] float32
+    episode_return: jax.Array  # [T, E] the return of the episode that ended at t (else 0)
 
 
 # ---------------------------------------------------------------------------
@@ -177,6 +183,15 @@ class AgentLoop(InnerLoop):
 # ---------------------------------------------------------------------------
 
 
+def mean_episode_return(traj: Rollout, env_state: rl.EpisodeState) -> jax.Array:
+    """Mean return of the episodes completed during ``traj`` (every environment, every
+    episode: many more than one per environment); if none completed, the last
+    completed episodes' (:func:`~metaopt.algorithms.lpo.ppo.final_return`)."""
+    count = jnp.sum(traj.done)
+    mean = jnp.sum(traj.episode_return) / jnp.maximum(count, 1.0)
+    return jnp.where(count > 0, mean, final_return(env_state))
+
+
 def log_uniform_lifetime(key, lo: int, hi: int) -> jax.Array:
     u = jax.random.uniform(key, (), minval=math.log(lo), maxval=math.log(hi + 1))
     return jnp.clip(jnp.floor(jnp.exp(u)), lo, hi).astype(jnp.int32)
@@ -230,7 +245,7 @@ def make_agent(
             k, log_uniform_lifetime(k_life, cfg.lifetime_min, cfg.lifetime_max)
         )
 
-    def rollout(agent, env_state, obs, key):
+    def rollout(agent, env_state, obs, key, length=cfg.num_steps):
         def body(carry, k):
             env_state, obs = carry
             k_act, k_step = jax.random.split(k)
@@ -240,12 +255,11 @@ def make_agent(
                 lambda kk, s, a: env.step(kk, s, a, env_params)
             )(jax.random.split(k_step, E), env_state, action)
             done = (term | trunc).astype(jnp.float32)
-            step = Rollout(obs, info["final_observation"], action, reward, done)
+            ended = jnp.where(info["returned_episode"], info["returned_episode_return"], 0.0)
+            step = Rollout(obs, info["final_observation"], action, reward, done, ended)
             return (env_state, nobs), step
 
-        (env_state, obs), traj = jax.lax.scan(
-            body, (env_state, obs), jax.random.split(key, cfg.num_steps)
-        )
+        (env_state, obs), traj = jax.lax.scan(body, (env_state, obs), jax.random.split(key, length))
         return traj, env_state, obs
 
     def advantages(critic, traj, last_obs):
@@ -334,7 +348,7 @@ def make_agent(
 
     def outer_objective(meta_params, state, key):
         """``(A2C surrogate + LPG regularisers, final return)`` after a fresh rollout."""
-        traj, env_state, obs = rollout(state.agent, state.env_state, state.obs, key)
+        traj, env_state, obs = rollout(state.agent, state.env_state, state.obs, key, cfg.meta_steps)
         critic = jax.lax.stop_gradient(state.critic)
         adv, _ = advantages(critic, traj, obs)
         adv = jax.lax.stop_gradient(network.normalise(adv))
@@ -348,7 +362,7 @@ def make_agent(
             kl_uniform = jnp.sum(y_hat * jnp.log(jnp.maximum(y_hat * cfg.y_dim, 1e-12)), -1)
             surrogate = surrogate + cfg.reg_pi * jnp.mean(delta**2)
             surrogate = surrogate + cfg.reg_y * jnp.mean(kl_uniform)
-        return surrogate, final_return(env_state)
+        return surrogate, mean_episode_return(traj, env_state)
 
     def lpg_inputs(state, key):
         traj, _, _ = rollout(state.agent, state.env_state, state.obs, key)

@@ -59,6 +59,7 @@ class Config:
     # the agent (see AgentConfig)
     num_envs: int = 16
     num_steps: int = 20
+    meta_steps: int = 100  # fresh rollout scored by the meta-loss (fitness, A2C outer loss)
     lifetime_min: int = 20
     lifetime_max: int = 200
     agent_lr: float = 3e-3
@@ -70,7 +71,7 @@ class Config:
     strategy: str = "Open_ES"
     population: int = 32
     seeds: int = 2
-    sigma: float = 0.03
+    sigma: float = 0.1
     es_lr: float = 0.03
     generations: int = 40
     # truncated meta-gradient
@@ -114,6 +115,7 @@ class Config:
             env=rl.canonical_name(self.env),
             num_envs=self.num_envs,
             num_steps=self.num_steps,
+            meta_steps=self.meta_steps,
             lifetime_min=self.lifetime_min,
             lifetime_max=self.lifetime_max,
             lr=self.agent_lr,

@@ -3,8 +3,10 @@
 For every setting -- the meta-training environment at horizons ``N/4, N/2, N,
 2N`` (``eval_horizons``) and each of ``eval_envs`` at its own horizon -- every
 objective trains ``eval_seeds`` fresh PPO agents on seeds never used in
-meta-training (the same seeds for every objective), and the final mean episode
-return is reported as mean, standard deviation and standard error over seeds.
+meta-training (the same seeds for every objective), and the final return (the
+mean return of every episode that ended in the last ``fitness_window`` of the
+run, :func:`~metaopt.algorithms.lpo.ppo.window_return`) is reported as mean,
+standard deviation and standard error over seeds.
 TA-LPO reads progress ``n/N`` relative to each run's own horizon, which is what
 lets it transfer across horizons.
 
@@ -77,19 +79,26 @@ def _runner(pcfg: ppo.PPOConfig):
     def one(mp, key):
         k_init, k_run = jax.random.split(key)
         state = inner.init(mp, k_init)
-        _, metrics = unroll(inner, mp, state, k_run, inner.horizon)
-        return metrics["return"]  # [N]; the last entry is the final mean return
+        state, metrics = unroll(inner, mp, state, k_run, inner.horizon)
+        return metrics["return"], ppo.window_return(state)  # [N] curve, the final return
 
     return jax.jit(lambda pop, keys: jax.vmap(lambda mp: jax.vmap(lambda k: one(mp, k))(keys))(pop))
 
 
 def returns_over_training(
     pcfg: ppo.PPOConfig, learned: dict[str, dict], keys: jax.Array, hidden: int = 128
-) -> dict[str, np.ndarray]:
-    """Mean-return curves ``{objective: [seeds, updates]}`` of every objective on ``pcfg``."""
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{objective: (curves [seeds, updates], final returns [seeds])}`` on ``pcfg``.
+
+    A curve holds the mean return of each environment's last completed episode after
+    every update; the final return is :func:`ppo.window_return` (every episode that
+    ended in the last ``fitness_window`` of the run, the meta-training fitness).
+    """
     names, pop = candidates(learned, hidden)
-    curves = np.asarray(_runner(pcfg)(pop, keys))
-    return dict(zip(names, curves, strict=True))
+    curves, finals = _runner(pcfg)(pop, keys)
+    return {
+        n: (np.asarray(c), np.asarray(f)) for n, c, f in zip(names, curves, finals, strict=True)
+    }
 
 
 def settings(cfg) -> list[dict]:
@@ -145,8 +154,8 @@ def run_evaluation(cfg, learned: dict[str, dict], progress: bool = True) -> dict
                 "updates": p.num_updates,
                 "ppo": dataclasses.asdict(p),
                 "results": {
-                    k: {**seed_stats(c[:, -1]), "mean_curve": downsample(c.mean(0))}
-                    for k, c in curves.items()
+                    k: {**seed_stats(f), "mean_curve": downsample(c.mean(0))}
+                    for k, (c, f) in curves.items()
                 },
             }
         )
@@ -170,8 +179,10 @@ def markdown(result: dict) -> str:
         lines.append(f"| {labels[k]} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
-        f"Final mean episode return, mean ± std over {result['seeds']} seeds unseen in "
-        f"meta-training (same seeds for every objective). N = the meta-training horizon."
+        f"Final return (mean return of the episodes that ended in the last "
+        f"{sets[0]['ppo'].get('fitness_window', 0.1):.0%} of training), "
+        f"mean ± std over {result['seeds']} seeds unseen in meta-training (same seeds for "
+        f"every objective). N = the meta-training horizon."
     )
     if "ta_lpo" in names and "ppo" in names:
         lines.append("")

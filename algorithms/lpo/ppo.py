@@ -75,6 +75,9 @@ class PPOConfig:
     hidden: tuple[int, ...] = (64, 64)
     activation: Literal["tanh", "relu"] = "tanh"
     bootstrap_truncated: bool = True
+    # the final return (fitness, evaluation) is the mean return of every episode that
+    # ends in the last `fitness_window` of the updates (at least the last update)
+    fitness_window: float = 0.1
 
     def __post_init__(self):
         rl.canonical_name(self.env)
@@ -95,6 +98,7 @@ class PPOConfig:
         check(0 < self.gamma <= 1 and 0 <= self.gae_lambda <= 1, "gamma, gae_lambda in (0, 1]")
         check(self.max_grad_norm > 0, "max_grad_norm must be > 0")
         check(self.value_clip >= 0, "value_clip must be >= 0")
+        check(0 < self.fitness_window <= 1, "fitness_window must be in (0, 1]")
         check(all(h >= 1 for h in self.hidden), "hidden widths must be >= 1")
 
     @property
@@ -110,6 +114,11 @@ class PPOConfig:
     @property
     def minibatch_size(self) -> int:
         return self.batch_size // self.num_minibatches
+
+    @property
+    def window_start(self) -> int:
+        """The first update whose completed episodes count towards the final return."""
+        return self.num_updates - max(1, math.ceil(self.fitness_window * self.num_updates))
 
 
 #: per-environment PPO settings (CartPole/Acrobot: the common classic-control
@@ -223,6 +232,8 @@ class PPOState(NamedTuple):
     obs: jax.Array  # [E, D] float32: current observations
     update: jax.Array  # int32 scalar: updates done (n)
     horizon: jax.Array  # int32 scalar: updates in the run (N)
+    window_return: jax.Array  # float32: sum of returns of episodes ended in the final window
+    window_episodes: jax.Array  # float32: their number
 
     @property
     def progress(self) -> jax.Array:
@@ -237,6 +248,15 @@ class Transition(NamedTuple):
     value: jax.Array  # V_old(s)
     reward: jax.Array  # with gamma * V(final obs) added at truncations
     done: jax.Array  # float32: the episode ended at this step (terminated or truncated)
+
+
+def window_return(state: PPOState) -> jax.Array:
+    """The run's final return: the mean return of the episodes that ended during the
+    last ``fitness_window`` of its updates (dozens of episodes, where the last completed
+    episode of each environment is only ``num_envs``); :func:`final_return` if none
+    ended there."""
+    mean = state.window_return / jnp.maximum(state.window_episodes, 1.0)
+    return jnp.where(state.window_episodes > 0, mean, final_return(state.env_state))
 
 
 def final_return(env_state: rl.EpisodeState) -> jax.Array:
@@ -309,7 +329,8 @@ def make_ppo(
       ``InnerLoop`` whose state is a :class:`PPOState`, whose step is one PPO update
       with metrics ``return`` (mean last completed episode return), ``policy_loss``,
       ``value_loss``, ``entropy``, ``approx_kl``, ``clip_fraction`` (share of samples
-      with ``|r - 1| > 0.2``), and whose meta-loss is ``-return`` at the end.
+      with ``|r - 1| > 0.2``), and whose meta-loss is minus the final return
+      (:func:`window_return`: every episode ended in the last ``fitness_window``).
     """
     objective_fn = resolve_objective(objective)
     env, env_params = rl.make(cfg.env)
@@ -343,6 +364,8 @@ def make_ppo(
             obs=obs,
             update=jnp.zeros((), jnp.int32),
             horizon=jnp.asarray(num_updates, jnp.int32),
+            window_return=jnp.zeros((), jnp.float32),
+            window_episodes=jnp.zeros((), jnp.float32),
         )
 
     def rollout(params, env_state, obs, key):
@@ -359,21 +382,21 @@ def make_ppo(
             )(jax.random.split(k_env, cfg.num_envs), env_state, action)
             done = (terminated | truncated).astype(jnp.float32)
             t = Transition(obs, action, log_prob, value, reward, done)
-            if not cfg.bootstrap_truncated:
-                return (env_state, next_obs), t
-            return (env_state, next_obs), (t, info["final_observation"], truncated & ~terminated)
+            ended = jnp.where(info["returned_episode"], info["returned_episode_return"], 0.0)
+            cut = truncated & ~terminated
+            return (env_state, next_obs), (t, info["final_observation"], cut, ended)
 
-        (env_state, obs), out = jax.lax.scan(
+        (env_state, obs), (traj, final_obs, cut, ended) = jax.lax.scan(
             env_step, (env_state, obs), jax.random.split(key, cfg.num_steps)
         )
+        episodes = (jnp.sum(ended), jnp.sum(traj.done))
         if not cfg.bootstrap_truncated:
-            return env_state, obs, out
-        traj, final_obs, cut = out
+            return env_state, obs, traj, episodes
         # One batched critic call after the scan instead of one per step: the
         # rollout is latency-bound, every op inside the scan costs a dispatch.
         v_final = net.apply(params, final_obs, method=ActorCritic.value)
         reward = traj.reward + jnp.where(cut, cfg.gamma * v_final, 0.0)
-        return env_state, obs, traj._replace(reward=reward)
+        return env_state, obs, traj._replace(reward=reward), episodes
 
     def loss_fn(params, meta_params, batch, progress):
         traj, adv, targets = batch
@@ -404,7 +427,9 @@ def make_ppo(
 
     def step(meta_params, state, key):
         k_roll, k_epochs = jax.random.split(key)
-        env_state, obs, traj = rollout(state.params, state.env_state, state.obs, k_roll)
+        env_state, obs, traj, (ended_sum, ended_count) = rollout(
+            state.params, state.env_state, state.obs, k_roll
+        )
         last_value = net.apply(state.params, obs, method=ActorCritic.value)
         adv, targets = gae(
             traj.reward, traj.value, traj.done, last_value, cfg.gamma, cfg.gae_lambda
@@ -435,14 +460,24 @@ def make_ppo(
             (state.params, state.opt_state),
             jax.random.split(k_epochs, cfg.update_epochs),
         )
-        new = PPOState(params, opt_state, env_state, obs, state.update + 1, state.horizon)
+        in_window = (state.update >= cfg.window_start).astype(jnp.float32)
+        new = PPOState(
+            params,
+            opt_state,
+            env_state,
+            obs,
+            state.update + 1,
+            state.horizon,
+            state.window_return + in_window * ended_sum,
+            state.window_episodes + in_window * ended_count,
+        )
         metrics = {k: jnp.mean(v) for k, v in aux.items()}
         metrics["return"] = final_return(env_state)
         return new, metrics
 
     def meta_loss(meta_params, state, key):
         del meta_params, key
-        return -final_return(state.env_state)
+        return -window_return(state)
 
     label = name or f"ppo-{getattr(objective, '__name__', objective)}"
     return InnerLoop(init=init, step=step, meta_loss=meta_loss, horizon=num_updates, name=label)

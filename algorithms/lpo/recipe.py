@@ -5,7 +5,9 @@ probability ratio ``r``, the advantage ``A`` and training progress ``p = n/N``
 (:mod:`~metaopt.algorithms.lpo.objectives`). Each candidate is scored by whole
 PPO runs (:mod:`~metaopt.algorithms.lpo.ppo`) on ``env`` for ``timesteps``
 environment steps (the horizon ``N``), vmapped over population x seeds; fitness
-is the final mean episode return. The core's ``ES`` (Open_ES by default) and
+is the final return: the mean return of every episode that ended in the last 10%
+of the run (``PPOConfig.fitness_window``; the last completed episode of each of 4
+environments alone was too noisy to rank candidates). The core's ``ES`` (Open_ES by default) and
 driver do the meta-training, so progress bar, checkpoints and exact
 ``--resume`` are the core's.
 
