@@ -108,7 +108,7 @@ def test_initial_lpg_is_reinforce_and_non_temporal_equals_padded():
 
 
 def test_untrained_lpg_trains_exactly_like_reinforce_and_a2c_learns_catch():
-    cfg = agent_lib.AgentConfig(lifetime_min=60, lifetime_max=60, lr=1e-2)
+    cfg = agent_lib.AgentConfig(lifetime_min=60, lifetime_max=60, optimizer="adam", lr=1e-2)
     meta = network.init_params(jax.random.key(0))
     runs = {}
     for obj, mp in (("lpg", meta), ("reinforce", {}), ("a2c", {})):

@@ -66,7 +66,11 @@ class AgentConfig:
     lifetime_max: int = 80
     hidden: tuple[int, ...] = (64,)
     y_dim: int = 8
-    lr: float = 3e-3
+    # The agent's optimiser (the critic always uses Adam). SGD by default: its step is
+    # proportional to the targets, so the LPG controls the step size (under Adam the
+    # scale of pi_hat is normalised away) and meta-gradients through it stay smooth.
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 1.0
     critic_lr: float = 3e-3
     gamma: float = 0.99
     gae_lambda: float = 0.95
@@ -90,6 +94,10 @@ class AgentConfig:
         check(all(h >= 1 for h in self.hidden), "hidden widths must be >= 1")
         check(self.y_dim >= 2, "y_dim must be >= 2")
         check(self.lr > 0 and self.critic_lr > 0, "lr and critic_lr must be > 0")
+        check(
+            self.optimizer in ("sgd", "adam"),
+            f"optimizer must be sgd or adam, got '{self.optimizer}'",
+        )
         check(0 < self.gamma <= 1 and 0 <= self.gae_lambda <= 1, "gamma, gae_lambda in (0, 1]")
 
     @property
@@ -218,7 +226,7 @@ def make_agent(
     obs_size = env.observation_size(env_params)
     # eps_root keeps Adam differentiable where a gradient entry is exactly zero
     # (d sqrt(v)/dv is infinite at v = 0, which turns meta-gradients into NaN).
-    agent_opt = optax.adam(cfg.lr, eps_root=1e-12)
+    agent_opt = optax.adam(cfg.lr, eps_root=1e-12) if cfg.optimizer == "adam" else optax.sgd(cfg.lr)
     critic_opt = optax.adam(cfg.critic_lr)
     E = cfg.num_envs
 

@@ -62,7 +62,8 @@ class Config:
     meta_steps: int = 100  # fresh rollout scored by the meta-loss (fitness, A2C outer loss)
     lifetime_min: int = 20
     lifetime_max: int = 200
-    agent_lr: float = 3e-3
+    agent_optimizer: Literal["sgd", "adam"] = "sgd"
+    agent_lr: float = 1.0
     y_dim: int = 8
     # the LPG network
     hidden: int = 32
@@ -88,6 +89,7 @@ class Config:
     eval_seeds: int = 8
     eval_lifetimes: tuple[int, ...] = (10, 20, 60, 200, 400)
     eval_ppo: bool = True
+    ppo_lr: float = 3e-3  # the PPO baseline's Adam learning rate
     seed: int = 0
 
     def __post_init__(self):
@@ -118,6 +120,7 @@ class Config:
             meta_steps=self.meta_steps,
             lifetime_min=self.lifetime_min,
             lifetime_max=self.lifetime_max,
+            optimizer=self.agent_optimizer,
             lr=self.agent_lr,
             y_dim=self.y_dim,
         )
