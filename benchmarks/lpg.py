@@ -110,6 +110,7 @@ def main() -> None:
     emit(
         {
             "name": "lpg",
+            "ratio": round(mem_ratio, 3) if mem_ratio else None,  # memory, plain / remat
             "metagrad_step_s": round(t["metagrad"], 4),
             "metagrad_remat_step_s": round(t["metagrad_remat"], 4),
             "remat_time_ratio": round(t["metagrad_remat"] / t["metagrad"], 3),
