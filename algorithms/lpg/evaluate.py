@@ -11,6 +11,7 @@ LPG: its initialisation), A2C (the critic's GAE advantage) -- all on the same
 agent, optimiser and rollouts, in one compiled computation (agents whose
 lifetime is over are frozen, so every lifetime shares one ``unroll``) -- and
 PPO (:mod:`metaopt.algorithms.lpo.ppo`, clipped objective, Adam at ``ppo_lr``,
+final return over the episodes that ended in its last 10% of training,
 4 epochs x 4 minibatches per rollout, the same environment steps per update and
 lifetime) as an outside reference: it takes 16 gradient steps per rollout where
 the others take one, so it is the stronger learner per environment step.
@@ -91,10 +92,14 @@ def ppo_runs(cfg, lifetimes, keys) -> tuple[np.ndarray, list[np.ndarray]]:
             num_minibatches=4 if a.steps_per_update % 4 == 0 else 1,
             lr=cfg.ppo_lr,
         )
-        run = jax.jit(jax.vmap(lambda k, p=pcfg: ppo.train(p, "ppo", None, k)[1]["return"]))
-        c = np.asarray(run(keys))  # [S, n]
-        finals.append(c[:, -1])
-        curves.append(c)
+
+        def one(k, p=pcfg):
+            state, metrics = ppo.train(p, "ppo", None, k)
+            return metrics["return"], ppo.window_return(state)
+
+        c, f = jax.jit(jax.vmap(one))(keys)  # [S, n], [S]
+        finals.append(np.asarray(f))
+        curves.append(np.asarray(c))
     return np.stack(finals), curves
 
 
@@ -164,8 +169,10 @@ def markdown(result: dict) -> str:
         lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
-        f"{result['env']}: final mean episode return after N agent updates "
-        f"({result['steps_per_update']} env steps each), mean ± std over {result['seeds']} "
+        f"{result['env']}: final return after N agent updates "
+        f"({result['steps_per_update']} env steps each): the mean return of every episode "
+        f"of a fresh rollout of the final policy (PPO: of every episode that ended in its "
+        f"last 10% of training), mean ± std over {result['seeds']} "
         f"seeds unseen in meta-training; meta-training lifetimes were log-uniform in "
         f"[{lo}, {hi}]."
     )
