@@ -83,7 +83,7 @@ def main() -> None:
     samples = time_interleaved(
         {"metagrad": mg, "metagrad_remat": mgr, "es": es},
         repeats,
-        warmup=2,  # the second call of a step compiles again (weak types in the first state)
+        warmup=2,  # the ES step's second call was seen to take as long as a compilation
         budget_s={"es": 60.0},
         min_calls=2,
     )
