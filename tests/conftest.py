@@ -15,6 +15,18 @@ from metaopt.inner import InnerLoop
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# One persistent XLA compilation cache per test session, shared with the
+# subprocesses and notebook kernels the tests start (they inherit the variable):
+# many tests compile the same programs again (a run, then its resumed copy; the
+# recipes' CLI runs; a notebook and the tests of its recipe), and compiling is most
+# of this suite's time on a CPU. It starts empty, so every session compiles
+# everything once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="metaopt-tests-xla-")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+
 
 def black_box(f) -> InnerLoop:
     """An inner loop with no inner training: the meta-loss is ``f(meta_params["x"])``."""
