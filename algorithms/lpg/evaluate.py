@@ -129,7 +129,6 @@ def run_evaluation(cfg, learned: dict[str, dict], progress: bool = True) -> dict
         ]
     if cfg.eval_ppo:
         bar.set_postfix_str("PPO")
-        from metaopt.algorithms.lpo import ppo  # noqa: F401
 
         pf, pc = ppo_runs(cfg, lifetimes, keys)
         bar.update(len(lifetimes))
