@@ -10,6 +10,17 @@ and learning-curve plots.
 Exactness: chunk boundaries are a function of the absolute step only, and
 checkpoints are taken at chunk boundaries, so a resumed run executes the very
 same compiled computations on the very same bits as an uninterrupted one.
+Every chunk runs one compiled program of ``steps_per_call`` steps; a chunk that
+should run fewer (the last one, or one after resuming mid-chunk) masks the
+surplus steps with ``lax.cond``, so nothing is compiled twice.
+
+Stopping: SIGINT (Ctrl-C) and SIGTERM (how SLURM and Kubernetes preempt a job)
+both stop the run after the current chunk, save a checkpoint and raise
+:class:`Interrupted`; the ``metaopt`` command then exits with 130 or 143.
+
+:func:`train_host` is the same loop for searches whose step runs on the host
+(program search: mutation and bookkeeping in Python around compiled scoring
+kernels); its state is plain JSON and is checkpointed with the same manager.
 """
 
 from __future__ import annotations
@@ -27,7 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metaopt.checkpoint import Checkpointer, MissingCheckpointError
+from metaopt import sharding
+from metaopt.checkpoint import Checkpointer, MissingCheckpointError, write_text_atomic
+from metaopt.config import ConfigError
 from metaopt.outer.base import OuterEstimator
 
 PyTree = Any
@@ -51,13 +64,35 @@ class TrainResult(NamedTuple):
     interrupted: bool
 
 
-class Interrupted(Exception):
-    """Raised by :func:`train` after Ctrl-C, once a checkpoint has been written."""
+class HostResult(NamedTuple):
+    state: Any  # the host step's JSON state after the last step
+    history: list[dict]
+    step: int
 
-    def __init__(self, step: int, directory: Path | None):
-        self.step, self.directory = step, directory
+
+class Interrupted(Exception):
+    """Raised by :func:`train` after SIGINT/SIGTERM, once a checkpoint has been written.
+
+    Attributes:
+      step: outer steps done (and saved).
+      directory: the checkpoint directory, or ``None`` for an in-memory run.
+      signum: the signal that stopped the run (``signal.SIGINT`` or ``signal.SIGTERM``).
+    """
+
+    def __init__(self, step: int, directory: Path | None, signum: int = signal.SIGINT):
+        self.step, self.directory, self.signum = step, directory, signum
         where = f"; checkpoint saved in {directory}" if directory else ""
-        super().__init__(f"interrupted at outer step {step}{where}")
+        name = signal.Signals(signum).name
+        super().__init__(f"interrupted by {name} at outer step {step}{where}")
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention: 128 + the signal number (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + int(self.signum)
+
+
+class RunExistsError(ConfigError):
+    """A fresh run was asked for in a directory that already holds a started run."""
 
 
 def _one_step(outer: OuterEstimator, c: TrainCarry, _=None):
@@ -67,11 +102,24 @@ def _one_step(outer: OuterEstimator, c: TrainCarry, _=None):
     return TrainCarry(state, key, c.step + 1), metrics
 
 
-def _make_chunk(outer: OuterEstimator):
-    def chunk(carry: TrainCarry, length: int):
-        return jax.lax.scan(lambda c, x: _one_step(outer, c, x), carry, None, length=length)
+def _make_chunk(outer: OuterEstimator, length: int, carry: TrainCarry):
+    """One compiled chunk of ``length`` steps, of which the first ``active`` run.
 
-    return jax.jit(chunk, static_argnums=1)
+    ``active`` is a traced argument: a short chunk reuses the same program, the
+    masked steps leave the carry untouched and their metrics are dropped.
+    """
+    _, shapes = jax.eval_shape(lambda c: _one_step(outer, c), carry)
+
+    def skip(c: TrainCarry):
+        return c, {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()}
+
+    def chunk(carry: TrainCarry, active: jax.Array):
+        def body(c, i):
+            return jax.lax.cond(i < active, lambda c: _one_step(outer, c), skip, c)
+
+        return jax.lax.scan(body, carry, jnp.arange(length))
+
+    return jax.jit(chunk)
 
 
 def canonical_carry(outer: OuterEstimator, carry: TrainCarry) -> TrainCarry:
@@ -87,17 +135,20 @@ def canonical_carry(outer: OuterEstimator, carry: TrainCarry) -> TrainCarry:
     )
 
 
-def _rows(metrics: dict, first_step: int, elapsed: float) -> list[dict]:
+def _rows(metrics: dict, first_step: int, count: int, elapsed: float) -> list[dict]:
     host = jax.device_get(metrics)
-    n = len(next(iter(host.values()))) if host else 0
     return [
         {"step": first_step + i + 1, **{k: float(v[i]) for k, v in host.items()}, "time": elapsed}
-        for i in range(n)
+        for i in range(count)
     ]
 
 
 def truncate_log(path: Path, last_step: int) -> None:
-    """Drops log rows written after the checkpoint a run resumes from."""
+    """Drops log rows written after the checkpoint a run resumes from.
+
+    The log is rewritten to a temporary file and renamed over the old one, so a
+    crash during the rewrite leaves the old log, never a partial one.
+    """
     if not path.exists():
         return
     keep = []
@@ -107,19 +158,40 @@ def truncate_log(path: Path, last_step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:
             continue  # a half-written line from a killed process
-    path.write_text("".join(x + "\n" for x in keep))
+    write_text_atomic(path, "".join(x + "\n" for x in keep))
+
+
+#: what the progress bar's fields mean (printed once above the bar).
+PROGRESS_LEGEND = (
+    "progress: center_loss = meta-loss of the current meta-parameters (ES mean); "
+    "loss_best / loss_mean = best / mean meta-loss of this step's candidates or particles; "
+    "best = lowest of those seen so far (lower is better); evals/s = inner runs per second"
+)
 
 
 class ProgressBar:
-    """A tqdm bar with the outer step, key metrics, evals/s and ETA."""
+    """A tqdm bar with the outer step, key metrics, evals/s and ETA.
 
-    def __init__(self, enabled: bool, total: int, initial: int, evals_per_step: int, desc: str):
+    Fields: see :data:`PROGRESS_LEGEND` (printed once when the bar opens).
+    """
+
+    def __init__(
+        self,
+        enabled: bool,
+        total: int,
+        initial: int,
+        evals_per_step: int,
+        desc: str,
+        legend: str | None = PROGRESS_LEGEND,
+    ):
         self.bar = None
         self.evals_per_step = evals_per_step
         self.best = math.inf
-        if enabled:
+        if enabled and jax.process_index() == 0:
             from tqdm.auto import tqdm
 
+            if legend:
+                print(legend, file=sys.stderr)
             self.bar = tqdm(
                 total=total,
                 initial=initial,
@@ -150,33 +222,115 @@ class ProgressBar:
             self.bar.close()
 
 
-class _SigintFlag:
-    """First Ctrl-C asks for a clean stop after the current chunk; a second one aborts."""
+class StopFlag:
+    """SIGINT or SIGTERM asks for a clean stop after the current chunk; a second
+    SIGINT aborts at once. The previous handlers are restored on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
-        self._old = None
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread (e.g. some notebook runners)
-            self._old = None
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some notebook runners)
+                pass
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
+        self.signum = self.signum or signum
         print(
-            "\nmetaopt: stopping after this chunk and saving a checkpoint (Ctrl-C again to abort)",
+            f"\nmetaopt: {signal.Signals(signum).name} received; stopping after this chunk "
+            "and saving a checkpoint (Ctrl-C again to abort)",
             file=sys.stderr,
         )
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
         return False
+
+
+def _prepare_dir(out: Path | None, resume: bool, overwrite: bool, max_to_keep: int):
+    """Checkpointer and log path of a run directory, refusing to clobber a started run."""
+    if out is None:
+        if resume:
+            raise MissingCheckpointError("resume=True needs an out_dir")
+        return None, None
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a directory")
+    from metaopt.checkpoint import checkpoint_steps
+
+    log_path = out / "metrics.jsonl"
+    if not resume and checkpoint_steps(out / "checkpoints"):
+        if not overwrite:
+            raise RunExistsError(
+                f"{out} already holds a started run (checkpoints/); pass resume=True to "
+                "continue it, overwrite=True to replace it, or choose another directory"
+            )
+        if jax.process_index() == 0:
+            import shutil
+
+            shutil.rmtree(out / "checkpoints")
+    ckpt = Checkpointer(out / "checkpoints", max_to_keep)
+    return ckpt, log_path
+
+
+def _loop(
+    advance: Callable[[int], tuple[list[dict], float]],
+    save: Callable[[int], None] | None,
+    *,
+    step: int,
+    num_steps: int,
+    steps_per_call: int,
+    every: int,
+    log_path: Path | None,
+    bar: ProgressBar,
+    callbacks: Sequence[Callable[[int, list[dict]], None]],
+) -> tuple[list[dict], int, int | None]:
+    """The host loop shared by :func:`train` and :func:`train_host`.
+
+    ``advance(length)`` runs ``length`` steps and returns their log rows and the
+    seconds they took; ``save(step)`` writes a checkpoint. Returns the rows, the
+    final step and the signal that stopped the loop early (or ``None``).
+    """
+    history: list[dict] = []
+    writer = log_path is not None and jax.process_index() == 0
+    with StopFlag() as stop:
+        while step < num_steps:
+            length = min(steps_per_call - step % steps_per_call, num_steps - step)
+            rows, seconds = advance(length)
+            step += length
+            history.extend(rows)
+            if writer:
+                with log_path.open("a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in rows)
+            bar.update(rows, seconds)
+            for cb in callbacks:
+                cb(step, rows)
+            # every process stops at the same step, whichever of them got the signal
+            stopping = sharding.any_process(stop.requested)
+            if save is not None and (step % every == 0 or step == num_steps or stopping):
+                save(step)
+            if stopping and step < num_steps:
+                return history, step, stop.signum or signal.SIGTERM
+    return history, step, None
+
+
+def _check_steps(num_steps: int, steps_per_call: int) -> None:
+    if num_steps < 0:
+        raise ValueError(f"num_steps must be >= 0, got {num_steps}")
+    if steps_per_call < 1:
+        raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call}")
 
 
 def train(
@@ -187,6 +341,7 @@ def train(
     num_steps: int,
     out_dir: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     steps_per_call: int = 10,
     checkpoint_every: int | None = None,
     max_to_keep: int = 3,
@@ -200,11 +355,13 @@ def train(
     Args:
       outer: an outer estimator (ES, PES, MetaGradient) over some inner loop.
       meta_params: the initial meta-parameters (a pytree).
-      key: PRNG key of the whole run.
+      key: PRNG key of the whole run (a typed key, ``jax.random.key(seed)``).
       num_steps: total outer steps (generations) of the run.
       out_dir: run directory for ``metrics.jsonl``, ``checkpoints/`` and
         ``curves.png``; ``None`` keeps everything in memory.
       resume: continue from the newest readable checkpoint in ``out_dir``.
+      overwrite: with ``resume=False``, replace a run already started in ``out_dir``
+        (without it, that is a :class:`RunExistsError`).
       steps_per_call: outer steps per jitted call.
       checkpoint_every: outer steps between checkpoints (rounded up to a
         multiple of ``steps_per_call``); default: every ``10 * steps_per_call``.
@@ -217,69 +374,157 @@ def train(
       A :class:`TrainResult`.
 
     Raises:
-      Interrupted: after Ctrl-C, once the state has been checkpointed.
+      Interrupted: after SIGINT/SIGTERM, once the state has been checkpointed.
       MissingCheckpointError: ``resume=True`` and ``out_dir`` has no readable checkpoint.
+      CheckpointMismatchError: the checkpoint was written for another state structure.
+      RunExistsError: ``out_dir`` holds a started run and neither resume nor overwrite is set.
     """
-    if num_steps < 0:
-        raise ValueError(f"num_steps must be >= 0, got {num_steps}")
-    if steps_per_call < 1:
-        raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call}")
+    _check_steps(num_steps, steps_per_call)
+    if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
+        raise TypeError(
+            f"key must be a typed PRNG key (jax.random.key(seed)), got {type(key).__name__}"
+            + (f" of dtype {key.dtype}" if hasattr(key, "dtype") else "")
+        )
     every = checkpoint_every or 10 * steps_per_call
     every = steps_per_call * max(1, math.ceil(every / steps_per_call))
 
     out = Path(out_dir) if out_dir is not None else None
-    ckpt = Checkpointer(out / "checkpoints", max_to_keep) if out is not None else None
-    log_path = out / "metrics.jsonl" if out is not None else None
+    ckpt, log_path = _prepare_dir(out, resume, overwrite, max_to_keep)
 
     k_init, k_run = jax.random.split(key)
     carry = TrainCarry(outer.init(k_init, meta_params), k_run, jnp.zeros((), jnp.int32))
     carry = canonical_carry(outer, carry)
+    carry = sharding.replicate(carry)  # multi-process: the layout the jitted step returns
     if resume:
-        if ckpt is None:
-            raise MissingCheckpointError("resume=True needs an out_dir")
         _, carry = ckpt.restore_latest(carry)
-        truncate_log(log_path, int(carry.step))
-    elif log_path is not None and log_path.exists():
-        log_path.unlink()
+        if jax.process_index() == 0:
+            truncate_log(log_path, int(carry.step))
+    elif log_path is not None and log_path.exists() and jax.process_index() == 0:
+        log_path.unlink()  # rows of a run that never reached a checkpoint
 
-    chunk = _make_chunk(outer)
+    chunk = _make_chunk(outer, steps_per_call, carry)
     step = int(carry.step)
-    history: list[dict] = []
     bar = ProgressBar(progress, num_steps, step, outer.evals_per_step, desc)
     t0 = time.perf_counter()
-    interrupted = False
+    state = {"carry": carry}
+
+    def advance(length: int):
+        tc = time.perf_counter()
+        state["carry"], metrics = chunk(state["carry"], jnp.int32(length))
+        first = int(state["carry"].step) - length
+        return _rows(metrics, first, length, time.perf_counter() - t0), time.perf_counter() - tc
+
+    save = (lambda s: ckpt.save(s, state["carry"])) if ckpt is not None else None
+    cbs = [lambda s, rows, cb=cb: cb(s, state["carry"].outer_state, rows) for cb in callbacks]
     try:
-        with _SigintFlag() as sigint:
-            while step < num_steps:
-                length = min(steps_per_call - step % steps_per_call, num_steps - step)
-                tc = time.perf_counter()
-                carry, metrics = chunk(carry, length)
-                rows = _rows(metrics, step, time.perf_counter() - t0)
-                step += length
-                history.extend(rows)
-                if log_path is not None:
-                    with log_path.open("a") as f:
-                        f.writelines(json.dumps(r) + "\n" for r in rows)
-                bar.update(rows, time.perf_counter() - tc)
-                for cb in callbacks:
-                    cb(step, carry.outer_state, rows)
-                if ckpt is not None and (
-                    step % every == 0 or step == num_steps or sigint.requested
-                ):
-                    ckpt.save(step, carry)
-                if sigint.requested and step < num_steps:
-                    interrupted = True
-                    break
+        history, step, signum = _loop(
+            advance,
+            save,
+            step=step,
+            num_steps=num_steps,
+            steps_per_call=steps_per_call,
+            every=every,
+            log_path=log_path,
+            bar=bar,
+            callbacks=cbs,
+        )
     finally:
         bar.close()
         if ckpt is not None:
             ckpt.close()
-    if interrupted:
-        raise Interrupted(step, ckpt.directory if ckpt else None)
-    if plot and out is not None and log_path.exists():
+    if signum is not None:
+        raise Interrupted(step, ckpt.directory if ckpt else None, signum)
+    if plot and out is not None and log_path.exists() and jax.process_index() == 0:
         from metaopt.plotting import plot_metrics
 
         plot_metrics(log_path, out / "curves.png", title=desc)
-    return TrainResult(
-        carry.outer_state, outer.meta_params(carry.outer_state), history, step, interrupted
+    carry = state["carry"]
+    meta = outer.meta_params(carry.outer_state)
+    return TrainResult(carry.outer_state, meta, history, step, False)
+
+
+def train_host(
+    step_fn: Callable[[Any], tuple[Any, dict[str, float]]],
+    state: Any,
+    *,
+    num_steps: int,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    checkpoint_every: int = 1,
+    max_to_keep: int = 3,
+    callbacks: Sequence[Callable[[int, Any, list[dict]], None]] = (),
+    progress: bool = True,
+    evals_per_step: int = 1,
+    desc: str = "search",
+    legend: str | None = None,
+) -> HostResult:
+    """The driver loop for a step that runs on the host.
+
+    Same run directory, log, checkpoints (keep-N, unreadable-checkpoint fallback),
+    progress bar, SIGINT/SIGTERM handling and exact resume as :func:`train`, for a
+    search whose step is Python around compiled kernels (program search).
+
+    Args:
+      step_fn: ``state -> (state, metrics)``; one outer step (a search round).
+        ``metrics`` is a flat dict of numbers (None allowed) logged to ``metrics.jsonl``.
+      state: the initial state, JSON-serialisable (lists, dicts, numbers, strings);
+        it must hold everything the next steps depend on (RNG state included),
+        so that resuming from it repeats the uninterrupted run exactly.
+      num_steps, out_dir, resume, overwrite, checkpoint_every, max_to_keep,
+      progress, desc: as in :func:`train` (one step per chunk).
+      callbacks: ``f(step, state, rows)`` after each step.
+      evals_per_step: inner runs per step, for the progress bar's rate.
+      legend: a line explaining the progress bar's fields.
+
+    Returns:
+      A :class:`HostResult`.
+    """
+    _check_steps(num_steps, 1)
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt, log_path = _prepare_dir(out, resume, overwrite, max_to_keep)
+    step = 0
+    if resume:
+        _, saved = ckpt.restore_latest_json()
+        step, state = int(saved["step"]), saved["state"]
+        if jax.process_index() == 0:
+            truncate_log(log_path, step)
+    elif log_path is not None and log_path.exists() and jax.process_index() == 0:
+        log_path.unlink()
+    bar = ProgressBar(progress, num_steps, step, evals_per_step, desc, legend=legend)
+    t0 = time.perf_counter()
+    box = {"state": state, "step": step}
+
+    def advance(length: int):
+        assert length == 1
+        tc = time.perf_counter()
+        box["state"], metrics = step_fn(box["state"])
+        box["step"] += 1
+        row = {"step": box["step"], **metrics, "time": time.perf_counter() - t0}
+        return [row], time.perf_counter() - tc
+
+    save = (
+        (lambda s: ckpt.save_json(s, {"step": s, "state": box["state"]}))
+        if ckpt is not None
+        else None
     )
+    cbs = [lambda s, rows, cb=cb: cb(s, box["state"], rows) for cb in callbacks]
+    try:
+        history, step, signum = _loop(
+            advance,
+            save,
+            step=step,
+            num_steps=num_steps,
+            steps_per_call=1,
+            every=max(1, checkpoint_every),
+            log_path=log_path,
+            bar=bar,
+            callbacks=cbs,
+        )
+    finally:
+        bar.close()
+        if ckpt is not None:
+            ckpt.close()
+    if signum is not None:
+        raise Interrupted(step, ckpt.directory if ckpt else None, signum)
+    return HostResult(box["state"], history, step)

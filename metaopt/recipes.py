@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from metaopt.config import ConfigError
+from metaopt.rundir import RunDir, write_summary  # noqa: F401  (write_summary: for recipes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +27,12 @@ class Recipe:
       presets: named overrides of the defaults (``quick``, ``default``, ``paper``, ...).
       evaluate: ``evaluate(run_dir, config, progress) -> summary dict`` for ``metaopt eval``.
       extendable: config keys that may change on ``--resume`` (e.g. the number of generations).
+      build: ``build(config)`` constructs the recipe's objects (inner and outer loops,
+        task families) without running anything: the dry build that
+        :func:`metaopt.run` does before it writes into the run directory, so an
+        invalid combination of settings fails before a directory exists.
+      commands: sub-commands, ``metaopt <name> <command> [args]`` calls ``commands[command](args)``
+        (an exit status; bad input raises ``ConfigError``).
     """
 
     name: str
@@ -35,6 +42,8 @@ class Recipe:
     presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     evaluate: Callable[..., dict] | None = None
     extendable: tuple[str, ...] = ("generations",)
+    build: Callable[[Any], Any] | None = None
+    commands: Mapping[str, Callable[[list[str]], int]] = dataclasses.field(default_factory=dict)
 
     def config(self, preset: str = "default", overrides: Mapping[str, Any] | None = None):
         """The config of ``preset`` with ``overrides`` applied."""
@@ -51,17 +60,6 @@ class Recipe:
 
 
 _REGISTRY: dict[str, Recipe] = {}
-
-
-def write_summary(out: str | Path, title: str, summary: Mapping[str, Any], notes: str = "") -> None:
-    """Writes a run's ``summary.md`` (``# title``, one bullet per entry, then ``notes``)
-    and ``summary.json``."""
-    import json
-
-    out = Path(out)
-    bullets = "".join(f"- {k}: {v}\n" for k, v in summary.items())
-    (out / "summary.md").write_text(f"# {title}\n\n{bullets}" + (f"\n{notes}" if notes else ""))
-    (out / "summary.json").write_text(json.dumps(dict(summary), indent=2) + "\n")
 
 
 def register(recipe: Recipe) -> Recipe:
@@ -93,17 +91,12 @@ def all_recipes() -> dict[str, Recipe]:
 
 def run_dir_config(run_dir: str | Path) -> tuple[Recipe, Any, dict]:
     """Reads ``run_dir/config.json``: the recipe, its config and the raw record."""
-    import json
-
     from metaopt import config as cfg_lib
 
-    path = Path(run_dir) / "config.json"
-    if not path.exists():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.json)")
+    record = RunDir(run_dir).record()
+    recipe = get(record["recipe"])
     try:
-        record = json.loads(path.read_text())
-        recipe = get(record["recipe"])
         cfg = cfg_lib.from_dict(recipe.config_cls, record["config"], context="saved config")
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ConfigError(f"{path} is malformed: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{Path(run_dir) / 'config.json'}: {e}") from None
     return recipe, cfg, record
