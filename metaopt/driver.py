@@ -54,6 +54,37 @@ class TrainCarry(NamedTuple):
     outer_state: PyTree
     key: jax.Array
     step: jax.Array  # int32 scalar: outer steps done
+    best: PyTree = ()  # with validation: Best, the best-on-validation meta-parameters so far
+
+
+class Best(NamedTuple):
+    """The best meta-parameters on the validation tasks so far (part of the checkpoint)."""
+
+    value: jax.Array  # float32 scalar, +inf before the first validation
+    step: jax.Array  # int32 scalar: outer step at which they were validated
+    meta_params: PyTree
+
+
+class Validation(NamedTuple):
+    """Periodic evaluation of the current meta-parameters on *fixed* validation tasks.
+
+    What meta-training learned is judged on these (never on a step's own noisy
+    fitness): their metrics are logged (``valid_*`` fields of ``metrics.jsonl``,
+    plotted next to the training fitness) and the best meta-parameters under
+    ``select`` are kept as the run's result (``TrainResult.best_meta_params``).
+
+    Attributes:
+      fn: ``meta_params -> {name: scalar}``, jit-able; use fixed keys/tasks inside it.
+        Names without a ``valid_`` prefix get one.
+      every: outer steps between validations (rounded up to a multiple of
+        ``steps_per_call``); the initial meta-parameters (step 0) and the last
+        step are always validated.
+      select: the metric (after prefixing) whose minimum picks the best meta-parameters.
+    """
+
+    fn: Callable[[PyTree], dict[str, jax.Array]]
+    every: int = 10
+    select: str = "valid_loss"
 
 
 class TrainResult(NamedTuple):
@@ -62,6 +93,8 @@ class TrainResult(NamedTuple):
     history: list[dict]  # one dict of floats per outer step (this process's steps only)
     step: int
     interrupted: bool
+    best_meta_params: PyTree = None  # with validation: best on the validation tasks
+    best_step: int | None = None
 
 
 class HostResult(NamedTuple):
@@ -326,6 +359,39 @@ def _loop(
     return history, step, None
 
 
+def _round_up(every: int, steps_per_call: int) -> int:
+    return steps_per_call * max(1, math.ceil(every / steps_per_call))
+
+
+def _make_validate(validation: Validation | None, outer: OuterEstimator, steps_per_call: int):
+    """``carry -> (carry with the best updated, {valid_*: float})``, or None."""
+    if validation is None:
+        return None
+    if validation.every < 1:
+        raise ValueError(f"validation.every must be >= 1, got {validation.every}")
+
+    def metrics_of(outer_state):
+        out = validation.fn(outer.meta_params(outer_state))
+        return {(k if k.startswith("valid_") else f"valid_{k}"): v for k, v in out.items()}
+
+    fn = jax.jit(metrics_of)
+
+    def validate(carry: TrainCarry):
+        metrics = {k: float(v) for k, v in jax.device_get(fn(carry.outer_state)).items()}
+        if validation.select not in metrics:
+            raise KeyError(
+                f"validation.fn returned {sorted(metrics)}; no {validation.select!r} to select on"
+            )
+        value = metrics[validation.select]
+        if np.isfinite(value) and value < float(carry.best.value):
+            params = jax.tree.map(jnp.asarray, outer.meta_params(carry.outer_state))
+            carry = carry._replace(best=Best(jnp.float32(value), carry.step, params))
+        metrics[f"{validation.select}_best"] = float(carry.best.value)
+        return carry, metrics
+
+    return validate
+
+
 def _check_steps(num_steps: int, steps_per_call: int) -> None:
     if num_steps < 0:
         raise ValueError(f"num_steps must be >= 0, got {num_steps}")
@@ -349,6 +415,7 @@ def train(
     progress: bool = True,
     plot: bool = True,
     desc: str = "meta-train",
+    validation: Validation | None = None,
 ) -> TrainResult:
     """Meta-trains ``meta_params`` with ``outer`` for ``num_steps`` outer steps.
 
@@ -369,6 +436,8 @@ def train(
       callbacks: ``f(step, outer_state, rows)`` called on the host after each chunk.
       progress: show a progress bar.
       plot: write ``curves.png`` at the end (needs matplotlib).
+      validation: a :class:`Validation`: evaluate the meta-parameters on fixed
+        validation tasks periodically, log ``valid_*`` and keep the best.
 
     Returns:
       A :class:`TrainResult`.
@@ -385,8 +454,8 @@ def train(
             f"key must be a typed PRNG key (jax.random.key(seed)), got {type(key).__name__}"
             + (f" of dtype {key.dtype}" if hasattr(key, "dtype") else "")
         )
-    every = checkpoint_every or 10 * steps_per_call
-    every = steps_per_call * max(1, math.ceil(every / steps_per_call))
+    every = _round_up(checkpoint_every or 10 * steps_per_call, steps_per_call)
+    validation_every = _round_up(validation.every, steps_per_call) if validation else 0
 
     out = Path(out_dir) if out_dir is not None else None
     ckpt, log_path = _prepare_dir(out, resume, overwrite, max_to_keep)
@@ -395,6 +464,12 @@ def train(
     carry = TrainCarry(outer.init(k_init, meta_params), k_run, jnp.zeros((), jnp.int32))
     carry = canonical_carry(outer, carry)
     carry = sharding.replicate(carry)  # multi-process: the layout the jitted step returns
+    validate = _make_validate(validation, outer, steps_per_call)
+    if validation is not None:
+        params0 = outer.meta_params(carry.outer_state)
+        carry = carry._replace(
+            best=Best(jnp.float32(jnp.inf), jnp.int32(0), jax.tree.map(jnp.asarray, params0))
+        )
     if resume:
         _, carry = ckpt.restore_latest(carry)
         if jax.process_index() == 0:
@@ -402,17 +477,30 @@ def train(
     elif log_path is not None and log_path.exists() and jax.process_index() == 0:
         log_path.unlink()  # rows of a run that never reached a checkpoint
 
-    chunk = _make_chunk(outer, steps_per_call, carry)
+    chunk = _make_chunk(outer, steps_per_call, carry._replace(best=()))
     step = int(carry.step)
     bar = ProgressBar(progress, num_steps, step, outer.evals_per_step, desc)
     t0 = time.perf_counter()
     state = {"carry": carry}
 
+    if validate is not None and step == 0:  # the starting point, logged as step 0
+        state["carry"], row = validate(state["carry"])
+        if log_path is not None and jax.process_index() == 0:
+            with log_path.open("a") as f:
+                f.write(json.dumps({"step": 0, **row, "time": 0.0}) + "\n")
+
     def advance(length: int):
         tc = time.perf_counter()
-        state["carry"], metrics = chunk(state["carry"], jnp.int32(length))
+        c = state["carry"]
+        c2, metrics = chunk(c._replace(best=()), jnp.int32(length))
+        state["carry"] = c2._replace(best=c.best)
         first = int(state["carry"].step) - length
-        return _rows(metrics, first, length, time.perf_counter() - t0), time.perf_counter() - tc
+        rows = _rows(metrics, first, length, time.perf_counter() - t0)
+        s = first + length
+        if validate is not None and (s % validation_every == 0 or s == num_steps):
+            state["carry"], valid = validate(state["carry"])
+            rows[-1].update(valid)
+        return rows, time.perf_counter() - tc
 
     save = (lambda s: ckpt.save(s, state["carry"])) if ckpt is not None else None
     cbs = [lambda s, rows, cb=cb: cb(s, state["carry"].outer_state, rows) for cb in callbacks]
@@ -440,7 +528,12 @@ def train(
         plot_metrics(log_path, out / "curves.png", title=desc)
     carry = state["carry"]
     meta = outer.meta_params(carry.outer_state)
-    return TrainResult(carry.outer_state, meta, history, step, False)
+    if validation is None:
+        return TrainResult(carry.outer_state, meta, history, step, False)
+    best = carry.best
+    return TrainResult(
+        carry.outer_state, meta, history, step, False, best.meta_params, int(best.step)
+    )
 
 
 def train_host(
@@ -458,6 +551,8 @@ def train_host(
     evals_per_step: int = 1,
     desc: str = "search",
     legend: str | None = None,
+    to_json: Callable[[Any], Any] = lambda s: s,
+    from_json: Callable[[Any], Any] = lambda d: d,
 ) -> HostResult:
     """The driver loop for a step that runs on the host.
 
@@ -468,14 +563,16 @@ def train_host(
     Args:
       step_fn: ``state -> (state, metrics)``; one outer step (a search round).
         ``metrics`` is a flat dict of numbers (None allowed) logged to ``metrics.jsonl``.
-      state: the initial state, JSON-serialisable (lists, dicts, numbers, strings);
-        it must hold everything the next steps depend on (RNG state included),
-        so that resuming from it repeats the uninterrupted run exactly.
+      state: the initial state; ``to_json(state)`` must be JSON-serialisable (lists,
+        dicts, numbers, strings) and hold everything the next steps depend on (RNG
+        state included), so that resuming from it repeats the uninterrupted run exactly.
       num_steps, out_dir, resume, overwrite, checkpoint_every, max_to_keep,
       progress, desc: as in :func:`train` (one step per chunk).
       callbacks: ``f(step, state, rows)`` after each step.
       evals_per_step: inner runs per step, for the progress bar's rate.
       legend: a line explaining the progress bar's fields.
+      to_json, from_json: convert the state to and from its JSON form (default: the
+        state is JSON already); called only when a checkpoint is written or read.
 
     Returns:
       A :class:`HostResult`.
@@ -486,7 +583,7 @@ def train_host(
     step = 0
     if resume:
         _, saved = ckpt.restore_latest_json()
-        step, state = int(saved["step"]), saved["state"]
+        step, state = int(saved["step"]), from_json(saved["state"])
         if jax.process_index() == 0:
             truncate_log(log_path, step)
     elif log_path is not None and log_path.exists() and jax.process_index() == 0:
@@ -504,7 +601,7 @@ def train_host(
         return [row], time.perf_counter() - tc
 
     save = (
-        (lambda s: ckpt.save_json(s, {"step": s, "state": box["state"]}))
+        (lambda s: ckpt.save_json(s, {"step": s, "state": to_json(box["state"])}))
         if ckpt is not None
         else None
     )

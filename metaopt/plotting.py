@@ -35,9 +35,11 @@ def plot_metrics(log_path: str | Path, png_path: str | Path, title: str = "") ->
     Metrics sharing a prefix (``loss_best``/``loss_mean``/...) share a panel.
     """
     rows = read_metrics(log_path)
-    keys = [k for k in rows[0] if k not in ("step", "time")] if rows else []
+    keys = []  # every metric of any row (validation rows carry only valid_* fields)
+    for r in rows:
+        keys += [k for k in r if k not in ("step", "time") and k not in keys]
     # metrics that never change (e.g. a count of zero non-finite losses) get no panel
-    keys = [k for k in keys if len({r.get(k) for r in rows}) > 1] or keys
+    keys = [k for k in keys if len({r.get(k) for r in rows if k in r}) > 1] or keys
     groups: dict[str, list[str]] = {}
     for k in keys:
         groups.setdefault(k.split("_")[0], []).append(k)

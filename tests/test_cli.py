@@ -50,18 +50,87 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, args, message):
 
 def test_run_directory_is_never_overwritten_and_resume_needs_a_checkpoint(capsys, tmp_path):
     run = tmp_path / "run"
-    run.mkdir()
+    (run / "checkpoints" / "2").mkdir(parents=True)  # a started run
     (run / "config.json").write_text(
         json.dumps({"recipe": "lr-schedule", "preset": "default", "config": {}})
     )
     code, _, err = run_cli(capsys, "lr-schedule", "--out", str(run))
     assert code == 2 and "already holds a run" in err
-    code, _, err = run_cli(capsys, "lr-schedule", "--out", str(run), "--resume")
+    code, _, err = run_cli(capsys, "lr-schedule", "--out", str(tmp_path / "nothing"), "--resume")
     assert code == 2 and "no checkpoint found" in err
     code, _, err = run_cli(capsys, "lr-schedule", "--out", str(run), "--resume", "population=8")
     assert code == 2 and "cannot change 'population' when resuming" in err
+    code, _, err = run_cli(
+        capsys, "lr-schedule", "--out", str(run), "--resume", "--preset", "quick"
+    )
+    assert code == 2 and "differs from the run's preset 'default'" in err
     code, _, err = run_cli(capsys, "eval", str(run))
     assert code == 2 and "meta_params.npz is missing" in err
+
+
+TINY = ["inner_steps=10", "hidden=4", "population=4", "seeds=1", "generations=2", "eval_seeds=2"]
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["strategy=OpenES"], "unknown evosax strategy 'OpenES'"),
+        (["outer=pes", "truncation=0"], "truncation must be >= 1"),
+        (["eval_seeds=0"], "eval_seeds must be >= 2"),
+    ],
+)
+def test_bad_config_writes_nothing_and_the_directory_stays_usable(capsys, tmp_path, bad, message):
+    """Bad input: one error line, exit 2, nothing written; then a valid run in the same --out."""
+    run = tmp_path / "r"
+    code, _, err = run_cli(capsys, "lr-schedule", "--out", str(run), "--no-progress", *TINY, *bad)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("metaopt: error: ") and message in lines[0], err
+    assert not run.exists()
+    code, out, err = run_cli(capsys, "lr-schedule", "--out", str(run), "--no-progress", *TINY)
+    assert code == 0, err
+    assert (run / "meta_params.npz").exists() and "valid_loss_discovered" in out
+
+
+def test_out_naming_a_file_is_one_line(capsys, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    code, _, err = run_cli(capsys, "lr-schedule", "--out", str(f))
+    assert code == 2 and err.strip() == f"metaopt: error: --out {f} exists and is not a directory"
+
+
+def test_run_that_crashed_before_its_first_checkpoint_can_be_rerun_or_resumed(capsys, tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.json").write_text(  # what a crash before the first checkpoint leaves
+        json.dumps({"recipe": "lr-schedule", "preset": "default", "config": {"generations": 2}})
+    )
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss_mean": 1.0}\n')
+    code, _, err = run_cli(
+        capsys, "lr-schedule", "--out", str(run), "--resume", "--no-progress", *TINY
+    )
+    assert code == 2 and "cannot change" in err  # resume keeps the saved config...
+    code, _, err = run_cli(capsys, "lr-schedule", "--out", str(run), "--no-progress", *TINY)
+    assert code == 0, err  # ...and a fresh run replaces the unstarted one
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and "loss_mean" in rows[0] and "time" in rows[0]
+
+
+def test_version_print_config_and_help(capsys):
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and out.startswith("metaopt ")
+    code, out, _ = run_cli(
+        capsys, "lr-schedule", "--print-config", "--preset", "quick", "sigma=0.2"
+    )
+    record = json.loads(out)
+    assert code == 0 and record["preset"] == "quick" and record["config"]["sigma"] == 0.2
+    assert record["config"]["generations"] == 12  # the quick preset's value
+    with pytest.raises(SystemExit) as e:
+        cli.main(["lr-schedule", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert "population" in out and "int" in out and "default 32" in out
+    assert "quick" in out and "generations=12" in out and "es|pes|metagrad" in out
 
 
 def test_console_script_exit_code():
