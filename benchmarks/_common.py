@@ -99,9 +99,9 @@ def metaopt_es(workload: Workload = WORKLOAD, eval_mean: bool = False):
     inner = recipe.build_inner(cfg)
     es = metaopt.ES(
         inner,
-        "Open_ES",
-        workload.population,
-        1,
+        strategy="Open_ES",
+        population_size=workload.population,
+        num_seeds=1,
         sigma=workload.sigma,
         learning_rate=workload.meta_lr,
         eval_mean=eval_mean,

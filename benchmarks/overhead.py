@@ -5,7 +5,7 @@ Measures the steady-state time per ES generation of the common workload (see
 for 100 Adam steps with its own learned learning-rate schedule on sklearn
 digits) two ways, in one process, calls alternated, median over repeats:
 
-* metaopt: ``metaopt.ES(inner, "Open_ES", 64, 1, ...)`` over the lr-schedule
+* metaopt: ``metaopt.ES(inner, strategy="Open_ES", population_size=64, ...)`` over the lr-schedule
   recipe's learner, run by the driver's jitted chunk (``lax.scan`` over
   generations);
 * hand-written: the same computation as a competent JAX user would write it

@@ -10,6 +10,10 @@ Everything an outer loop needs (full unrolls, batches over seeds and over a
 population of meta-parameters) is built from these with ``lax.scan`` and
 ``vmap``; nothing here runs Python loops over time or over candidates.
 
+:meth:`InnerLoop.validate` checks these contracts once, abstractly (``jax.eval_shape``,
+no FLOPs); every outer estimator calls it in ``init``, so a malformed inner loop
+fails with one line naming the function instead of deep inside ``scan``.
+
 Training progress ``t / T`` and the horizon ``T`` are ordinary state: the
 learners built by :func:`training_inner_loop` keep them in :class:`TrainState`
 and pass ``progress`` to the parametrized optimizer, so temporally-aware
@@ -19,7 +23,7 @@ meta-parameters can read them.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -52,6 +56,138 @@ class InnerLoop:
     def __post_init__(self):
         if not isinstance(self.horizon, int) or self.horizon < 1:
             raise ValueError(f"InnerLoop.horizon must be a positive int, got {self.horizon!r}")
+
+    def validate(self, meta_params: MetaParams, key: jax.Array | None = None) -> PyTree:
+        """Checks ``init`` / ``step`` / ``meta_loss`` against the interface, abstractly.
+
+        Runs each function once under :func:`jax.eval_shape` (tracing only, no
+        computation): ``init`` must return a pytree of arrays, ``step`` a pair
+        ``(state, metrics)`` whose state has the structure, shapes and dtypes of the
+        state it was given (it is a ``lax.scan`` carry) and whose metrics are a dict,
+        and ``meta_loss`` a floating-point scalar.
+
+        Args:
+          meta_params: meta-parameters (arrays or :class:`jax.ShapeDtypeStruct`).
+          key: a typed PRNG key (default ``jax.random.key(0)``; only its type matters).
+
+        Returns:
+          The abstract inner state (a pytree of :class:`jax.ShapeDtypeStruct`).
+
+        Raises:
+          InnerLoopError: naming the function and what it returned.
+          TypeError: ``key`` is not a typed PRNG key.
+        """
+        key = jax.random.key(0) if key is None else key
+        check_key(key, f"InnerLoop {self.name!r}")
+        state = self._abstract("init(meta_params, key)", self.init, meta_params, key)
+        if not _all_arrays(state):
+            self._fail(f"init must return a pytree of arrays, got {_describe(state)}")
+        out = self._abstract("step(meta_params, state, key)", self.step, meta_params, state, key)
+        if not isinstance(out, tuple | list) or len(out) != 2:
+            got = _describe(out).replace("an array", "a single array")
+            self._fail(f"step must return (state, metrics), got {got}")
+        new_state, metrics = out
+        if not isinstance(metrics, Mapping):
+            self._fail(
+                "step must return (state, metrics) with metrics a dict of arrays, got "
+                f"({_describe(new_state)}, {_describe(metrics)}); does step return only the state?"
+            )
+        diff = _tree_difference(state, new_state)
+        if diff:
+            self._fail(
+                "step must return a state with the structure, shapes and dtypes of the state it "
+                f"was given (it is a lax.scan carry): {diff}"
+            )
+        loss = self._abstract(
+            "meta_loss(meta_params, state, key)", self.meta_loss, meta_params, state, key
+        )
+        if not isinstance(loss, jax.ShapeDtypeStruct) or loss.shape != ():
+            shape = getattr(loss, "shape", None)
+            got = f"shape {tuple(shape)}" if shape is not None else _describe(loss)
+            self._fail(f"meta_loss must return a scalar, got {got}")
+        if not jnp.issubdtype(loss.dtype, jnp.floating):
+            self._fail(f"meta_loss must return a floating-point scalar, got {loss.dtype}")
+        return state
+
+    def _fail(self, message: str):
+        raise InnerLoopError(f"InnerLoop {self.name!r}: {message}")
+
+    def _abstract(self, what: str, fn: Callable, *args: Any) -> Any:
+        try:
+            return jax.eval_shape(fn, *args)
+        except InnerLoopError:
+            raise
+        except Exception as e:  # the user's function failed: say which one
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise InnerLoopError(
+                f"InnerLoop {self.name!r}: {what} failed: {type(e).__name__}: {first}"
+            ) from e
+
+
+class InnerLoopError(TypeError, ValueError):
+    """An :class:`InnerLoop` function that does not honour the interface."""
+
+
+def check_key(key: Any, where: str) -> None:
+    """Raises ``TypeError`` unless ``key`` is one typed PRNG key (``jax.random.key(seed)``).
+
+    Works on tracers (it reads only the dtype and shape), so outer estimators call
+    it inside jitted steps too.
+    """
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise TypeError(
+                f"{where}: expected one PRNG key, got a batch of keys of shape {key.shape}"
+            )
+        return
+    if dtype is not None and dtype == jnp.uint32 and key.shape[-1:] == (2,):
+        got = f"a raw uint32{list(key.shape)} key array (jax.random.PRNGKey)"
+        hint = "use jax.random.key(seed), or jax.random.wrap_key_data(key) to convert"
+    else:
+        got = _describe(key)
+        hint = "use jax.random.key(seed)"
+    raise TypeError(f"{where}: key must be a typed PRNG key, got {got}; {hint}")
+
+
+def _all_arrays(tree: PyTree) -> bool:
+    return all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
+
+
+def _describe(x: Any) -> str:
+    """A short description of a value or abstract value, for error messages."""
+    if isinstance(x, jax.ShapeDtypeStruct | jax.Array):
+        return f"an array {x.dtype}{list(x.shape)}"
+    if isinstance(x, tuple | list):
+        return f"a {type(x).__name__} of {len(x)}"
+    if x is None:
+        return "None"
+    if isinstance(x, bool | int | float):
+        return f"the {type(x).__name__} {x!r}"
+    return f"a {type(x).__name__}"
+
+
+def _tree_difference(a: PyTree, b: PyTree) -> str:
+    """The first difference in structure, shape or dtype between two abstract pytrees."""
+    la, ta = jax.tree_util.tree_flatten_with_path(a)
+    lb, tb = jax.tree_util.tree_flatten_with_path(b)
+    if ta != tb:
+        return f"given {_describe_structure(a)}, returned {_describe_structure(b)}"
+    for (path, x), (_, y) in zip(la, lb, strict=True):
+        if x.shape != y.shape or x.dtype != y.dtype:
+            where = jax.tree_util.keystr(path) or "the state"
+            return (
+                f"{where} was given as {x.dtype}{list(x.shape)} "
+                f"and returned as {y.dtype}{list(y.shape)}"
+            )
+    return ""
+
+
+def _describe_structure(tree: PyTree) -> str:
+    if isinstance(tree, jax.ShapeDtypeStruct):
+        return _describe(tree)
+    n = len(jax.tree.leaves(tree))
+    return f"{_describe(tree)} with {n} array{'s' if n != 1 else ''}"
 
 
 def unroll(

@@ -1,5 +1,7 @@
 """ES on evosax strategies: black-box optima, robustness to divergence, a real learner."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,9 @@ from conftest import black_box
 
 from metaopt import driver
 from metaopt.algorithms.lr_schedule import recipe as lrs
-from metaopt.outer import ES, sanitize_losses
+from metaopt.config import ConfigError
+from metaopt.outer import ES, STRATEGIES, check_strategy, sanitize_losses
+from metaopt.outer.es import UNSUPPORTED
 
 
 def rosenbrock(x):
@@ -25,14 +29,12 @@ def sphere(x):
 
 
 def run_es(f, x0, generations, **kwargs):
-    """All generations inside one jitted lax.scan (the driver's chunk)."""
+    """All generations inside one jitted lax.scan."""
     es = ES(black_box(f), num_seeds=1, **kwargs)
-    carry = driver.TrainCarry(
-        es.init(jax.random.key(0), {"x": x0}), jax.random.key(1), jnp.zeros((), jnp.int32)
-    )
-    carry = driver.canonical_carry(es, carry)
-    carry, metrics = driver._make_chunk(es)(carry, generations)
-    return float(f(es.meta_params(carry.outer_state)["x"])), metrics
+    state = es.init(jax.random.key(0), {"x": x0})
+    keys = jax.random.split(jax.random.key(1), generations)
+    state, metrics = jax.jit(lambda s: jax.lax.scan(es.step, s, keys))(state)
+    return float(f(es.meta_params(state)["x"])), metrics
 
 
 def cosine_adam(lr, steps):
@@ -98,18 +100,68 @@ def test_other_strategies_minimise_a_sphere(strategy, kwargs):
 
 
 def test_weight_based_strategies_refuse_a_shaping_override():
-    es = ES(black_box(sphere), "CMA_ES", 8, fitness_shaping="centered_rank")
     with pytest.raises(ValueError, match="recombination weights"):
-        es.init(jax.random.key(0), {"x": jnp.zeros(3)})
+        ES(black_box(sphere), strategy="CMA_ES", population_size=8, fitness_shaping="centered_rank")
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="unknown evosax strategy 'Open-ES'"):
-        ES(black_box(sphere), "Open-ES")
+    with pytest.raises(
+        ConfigError, match="unknown evosax strategy 'Open-ES'; did you mean 'Open_ES'"
+    ):
+        ES(black_box(sphere), strategy="Open-ES")
+    with pytest.raises(ConfigError, match="'SimpleGA': it is population-based"):
+        check_strategy("SimpleGA")
+    with pytest.raises(ConfigError, match="'SV_Open_ES': it keeps several"):
+        check_strategy("SV_Open_ES")
+    assert check_strategy("CMA_ES") == "CMA_ES"
     with pytest.raises(ValueError, match="fitness_shaping"):
         ES(black_box(sphere), fitness_shaping="ranks")
-    with pytest.raises(RuntimeError, match="init"):
-        ES(black_box(sphere)).step(None, jax.random.key(0))
+    with pytest.raises(TypeError, match="ES.step: key must be a typed PRNG key"):
+        es = ES(black_box(sphere), population_size=4)
+        es.step(es.init(jax.random.key(0), {"x": jnp.zeros(2)}), 0)
+
+
+def test_strategy_table_matches_evosax():
+    """:data:`STRATEGIES` says what each constructor takes: check it against evosax itself
+    (an evosax upgrade that changes a constructor fails here, not inside a run)."""
+    from evosax.algorithms import distribution_based_algorithms
+    from evosax.core.fitness_shaping import weights_fitness_shaping_fn
+
+    assert set(STRATEGIES) | set(UNSUPPORTED) == set(distribution_based_algorithms)
+    for name, accepts in STRATEGIES.items():
+        sig = inspect.signature(distribution_based_algorithms[name].__init__).parameters
+        assert accepts.optimizer == ("optimizer" in sig), name
+        assert accepts.std_schedule == ("std_schedule" in sig), name
+        own = sig["fitness_shaping_fn"].default is weights_fitness_shaping_fn
+        assert accepts.own_weights == own, name
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_every_supported_strategy_runs_jitted_from_its_state(strategy):
+    """One jitted generation of every strategy in the table, with the strategy's
+    hyperparameters read from the state (as after a restore), not from the object."""
+    es = ES(black_box(sphere), strategy=strategy, population_size=8, sigma=0.3, eval_mean=False)
+    state = es.init(jax.random.key(0), {"x": jnp.full(3, 1.0)})
+    fresh = ES(black_box(sphere), strategy=strategy, population_size=8, sigma=0.3, eval_mean=False)
+    new, metrics = jax.jit(fresh.step)(state, jax.random.key(1))  # never init-ed: no hidden state
+    assert jax.tree.structure(new) == jax.tree.structure(state)
+    assert np.all(np.isfinite(np.asarray(new.meta_params["x"]))), strategy
+    assert np.isfinite(float(metrics["loss_mean"]))
+
+
+def test_strategy_hyperparameters_live_in_the_state():
+    """sigma reaches CMA_ES through ``params.std_init`` in the state, and the state's
+    params (not the constructor's) drive the next generation."""
+    es = ES(black_box(sphere), strategy="CMA_ES", population_size=8, sigma=0.7)
+    state = es.init(jax.random.key(0), {"x": jnp.zeros(3)})
+    np.testing.assert_allclose(float(state.params.std_init), 0.7)
+    np.testing.assert_allclose(np.asarray(state.strategy.std), 0.7)
+    assert float(state.params.std_min) > 0.0
+    step = jax.jit(es.step)
+    a, _ = step(state, jax.random.key(1))
+    other = state._replace(params=state.params.replace(c_mean=state.params.c_mean * 0.5))
+    b, _ = step(other, jax.random.key(1))
+    assert not np.allclose(np.asarray(a.meta_params["x"]), np.asarray(b.meta_params["x"]))
 
 
 def test_sanitize_losses():

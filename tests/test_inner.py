@@ -1,14 +1,20 @@
-"""The inner-loop primitives against plain references."""
+"""The inner-loop primitives against plain references; InnerLoop validation."""
+
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from conftest import linear_quadratic
 
 from metaopt.envs import MLPClassification
 from metaopt.inner import (
+    InnerLoop,
+    InnerLoopError,
     ParametrizedOptimizer,
+    check_key,
     population_losses,
     rollout_loss,
     seed_losses,
@@ -90,3 +96,106 @@ def test_progress_is_visible_to_the_optimizer(key):
         task.valid_loss(inner.init(None, jax.random.split(key, 3)[0]).params),
         rtol=1e-6,
     )
+
+
+# ---------------------------------------------------------------------------
+# InnerLoop.validate: one clear line instead of an error deep inside scan
+# ---------------------------------------------------------------------------
+
+
+def _loop(init=None, step=None, meta_loss=None, name="toy"):
+    return InnerLoop(
+        init=init or (lambda mp, k: jnp.zeros(3)),
+        step=step or (lambda mp, s, k: (s + mp["b"], {"s": s.sum()})),
+        meta_loss=meta_loss or (lambda mp, s, k: jnp.sum(s**2)),
+        horizon=4,
+        name=name,
+    )
+
+
+MP = {"b": jnp.ones(3)}
+
+
+def test_validate_returns_the_abstract_state():
+    state = _loop().validate(MP)
+    assert state == jax.ShapeDtypeStruct((3,), jnp.float32)
+    state = linear_quadratic().validate({"b": jnp.array(0.1)}, jax.random.key(3))
+    assert state.shape == ()
+
+
+@pytest.mark.parametrize(
+    "loop, message",
+    [
+        (
+            _loop(step=lambda mp, s, k: s + mp["b"]),
+            "InnerLoop 'toy': step must return (state, metrics), got a single array float32[3]",
+        ),
+        (
+            _loop(init=lambda mp, k: (jnp.zeros(3), jnp.zeros(3)), step=lambda mp, s, k: s),
+            "metrics a dict of arrays, got (an array float32[3]"
+            "... does step return only the state?",
+        ),
+        (
+            _loop(step=lambda mp, s, k: (s, {}, 0.0)),
+            "step must return (state, metrics), got a tuple of 3",
+        ),
+        (
+            _loop(meta_loss=lambda mp, s, k: s**2),
+            "InnerLoop 'toy': meta_loss must return a scalar, got shape (3,)",
+        ),
+        (
+            _loop(meta_loss=lambda mp, s, k: jnp.sum(s > 0)),
+            "meta_loss must return a floating-point scalar, got int32",
+        ),
+        (
+            _loop(step=lambda mp, s, k: (jnp.concatenate([s, s]), {})),
+            "lax.scan carry): the state was given as float32[3] and returned as float32[6]",
+        ),
+        (
+            _loop(
+                init=lambda mp, k: {"w": jnp.zeros(3), "n": jnp.zeros((), jnp.int32)},
+                step=lambda mp, s, k: ({"w": s["w"], "n": s["n"] + 0.5}, {}),
+                meta_loss=lambda mp, s, k: jnp.sum(s["w"]),
+            ),
+            "['n'] was given as int32[] and returned as float32[]",
+        ),
+        (
+            _loop(init=lambda mp, k: jnp.zeros(3) @ mp["missing"]),
+            "InnerLoop 'toy': init(meta_params, key) failed: KeyError",
+        ),
+    ],
+    ids=[
+        "state-only",
+        "tuple-state-only",
+        "three-values",
+        "vector-loss",
+        "int-loss",
+        "shape-change",
+        "dtype-change",
+        "init-raises",
+    ],
+)
+def test_validate_names_the_function_and_the_problem(loop, message):
+    with pytest.raises(InnerLoopError) as info:
+        loop.validate(MP)
+    text = str(info.value)
+    for part in message.split("..."):
+        assert part in text, text
+    assert "\n" not in text
+    assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    "key, message",
+    [
+        (0, "key must be a typed PRNG key, got the int 0; use jax.random.key(seed)"),
+        (jax.random.PRNGKey(0), "raw uint32[2] key array (jax.random.PRNGKey)"),
+        (jax.random.split(jax.random.key(0), 4), "got a batch of keys of shape (4,)"),
+    ],
+    ids=["int", "raw-uint32", "batch"],
+)
+def test_untyped_keys_are_refused_clearly(key, message):
+    with pytest.raises(TypeError, match=re.escape(message)):
+        _loop().validate(MP, key)
+    with pytest.raises(TypeError, match=re.escape(message)):
+        check_key(key, "here")

@@ -34,7 +34,7 @@ def quadratic_learner(horizon=30):
 def test_full_metagradient_matches_finite_differences(remat):
     inner = quadratic_learner()
     mp = {"log_lr": jnp.array(np.log(0.03)), "momentum": jnp.array(0.5)}
-    mg = MetaGradient(inner, None, num_particles=2, remat=remat)
+    mg = MetaGradient(inner, population_size=2, remat=remat)
     grad, _, metrics = mg.gradient(mg.init(jax.random.key(0), mp), jax.random.key(1))
     f = lambda m: float(rollout_loss(inner, m, jax.random.key(0)))
     for name in mp:
@@ -65,7 +65,7 @@ def test_metagradient_matches_ridge_closed_form():
     inner = InnerLoop(init, step, meta_loss, horizon=400, name="ridge")
     for lam in (0.05, 0.5, 2.0):
         mp = {"log_lam": jnp.array(np.log(lam), jnp.float32)}
-        mg = MetaGradient(inner, None, num_particles=1)
+        mg = MetaGradient(inner, population_size=1)
         grad, _, _ = mg.gradient(mg.init(jax.random.key(0), mp), jax.random.key(1))
         exact = ridge_closed_form_hypergradient(x, y, xv, yv, lam)
         np.testing.assert_allclose(grad["log_lam"], exact, rtol=1e-3, atol=1e-6)
@@ -83,7 +83,7 @@ def test_metagradient_descends_to_the_ridge_optimum():
         lambda mp, w, k: 0.5 * jnp.mean((xv @ w - yv) ** 2),
         horizon=1,
     )
-    mg = MetaGradient(inner, None, 1, learning_rate=0.05)
+    mg = MetaGradient(inner, population_size=1, learning_rate=0.05)
     state = mg.init(jax.random.key(0), {"log_lam": jnp.array(0.0)})
     step = jax.jit(mg.step)
     for i in range(300):
@@ -97,7 +97,7 @@ def test_nonfinite_particles_are_dropped_from_the_average():
     inner = quadratic_learner(horizon=20)
     # lr so large that GD diverges to inf/nan within 20 steps
     mp = {"log_lr": jnp.array(np.log(50.0)), "momentum": jnp.array(0.0)}
-    mg = MetaGradient(inner, None, num_particles=3)
+    mg = MetaGradient(inner, population_size=3)
     grad, _, metrics = mg.gradient(mg.init(jax.random.key(0), mp), jax.random.key(1))
     assert int(metrics["nonfinite"]) == 3
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grad))

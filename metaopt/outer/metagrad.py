@@ -3,7 +3,7 @@
 Two modes over the same :class:`~metaopt.inner.InnerLoop`:
 
 * full (``truncation_length=None``): the gradient of the lifetime meta-loss,
-  averaged over ``num_particles`` seeds, through all ``T`` inner steps;
+  averaged over ``population_size`` seeds, through all ``T`` inner steps;
 * truncated (``truncation_length=K``): persistent particles advance ``K`` steps
   per outer step; the gradient flows through those ``K`` steps only
   (``stop_gradient`` on the carried-in state), and particles reset at the end of
@@ -26,9 +26,16 @@ import jax.numpy as jnp
 import optax
 
 from metaopt import sharding
-from metaopt.inner import InnerLoop, MetaParams, rollout_loss
+from metaopt.inner import InnerLoop, MetaParams, check_key, rollout_loss
 from metaopt.outer import particles as P
-from metaopt.outer.base import fitness_summary, make_meta_optimizer, sanitize_losses
+from metaopt.outer.base import (
+    Estimate,
+    apply_estimate,
+    fitness_summary,
+    make_meta_optimizer,
+    sanitize_losses,
+    strong_types,
+)
 
 
 def _finite_rows(tree) -> jax.Array:
@@ -48,38 +55,44 @@ class MetaGradient:
 
     Args:
       inner: the inner loop.
-      truncation_length: ``None`` for full backprop, else ``K`` (a divisor of the horizon).
-      num_particles: seeds per step (full) or persistent particles (truncated).
+      population_size: particles per step: seeds (full) or persistent inner states
+        (truncated); the gradient is their average.
       learning_rate, optimizer, clip_norm: the meta-optimizer (default Adam).
+      truncation_length: ``None`` for full backprop, else ``K`` (a divisor of the horizon).
+      mesh: ``"auto"``, a mesh, or ``None``: shards the particle axis.
       remat: ``jax.checkpoint`` each inner step.
       stagger: truncated mode: start particles at random points of their lifetime.
-      mesh: ``"auto"``, a mesh, or ``None``: shards the particle axis.
+
+    Example:
+      >>> mg = MetaGradient(inner, population_size=4, truncation_length=None)
+      >>> grad, carry, metrics = mg.gradient(mg.init(jax.random.key(0), theta), key)
     """
 
     def __init__(
         self,
         inner: InnerLoop,
-        truncation_length: int | None = None,
-        num_particles: int = 4,
+        *,
+        population_size: int = 4,
         learning_rate: float = 1e-3,
         optimizer: optax.GradientTransformation | None = None,
         clip_norm: float | None = None,
+        truncation_length: int | None = None,
+        mesh: Any = "auto",
         remat: bool = False,
         stagger: bool = True,
-        mesh: Any = "auto",
     ):
-        if num_particles < 1:
-            raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+        if population_size < 1:
+            raise ValueError(f"population_size must be >= 1, got {population_size}")
         self.inner = inner
         self.truncation_length = truncation_length
         if truncation_length is not None:
             self.num_truncations = P.check_truncation(inner, truncation_length)
-        self.num_particles = num_particles
+        self.population_size = population_size
         self.remat = remat
         self.stagger = stagger
         self.opt = make_meta_optimizer(optimizer, learning_rate, clip_norm)
-        self.mesh = sharding.resolve_mesh(mesh, num_particles)
-        self.evals_per_step = num_particles
+        self.mesh = sharding.resolve_mesh(mesh, population_size)
+        self.evals_per_step = population_size
 
     @property
     def truncated(self) -> bool:
@@ -89,13 +102,13 @@ class MetaGradient:
         return state.meta_params
 
     def _broadcast(self, theta):
-        n = self.num_particles
+        n = self.population_size
         return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), theta)
 
     def _advance(self, theta, particles, key):
         """Per-particle (loss, grad) over one truncation, and the advanced particles."""
         k_reset, k_run = jax.random.split(key)
-        n = self.num_particles
+        n = self.population_size
         particles, _ = P.reset_finished(
             self.inner, self._broadcast(theta), particles, jax.random.split(k_reset, n)
         )
@@ -122,13 +135,17 @@ class MetaGradient:
         return losses, grads, P.Particles(new.inner_state, new.step)
 
     def init(self, key: jax.Array, meta_params: MetaParams) -> MetaGradState:
+        """The meta-optimizer state and, truncated, particles at staggered points."""
+        check_key(key, "MetaGradient.init")
+        meta_params = strong_types(meta_params)
+        self.inner.validate(meta_params, key)
         return jax.jit(self._init)(key, meta_params)
 
     def _init(self, key: jax.Array, meta_params: MetaParams) -> MetaGradState:
         particles: Any = ()
         if self.truncated:
             k_p, k_burn = jax.random.split(key)
-            n = self.num_particles
+            n = self.population_size
             particles = P.finished_particles(self.inner, self._broadcast(meta_params), k_p, n)
             if self.stagger:
                 particles = P.burn_in(
@@ -140,17 +157,19 @@ class MetaGradient:
                 )
         return MetaGradState(meta_params, self.opt.init(meta_params), particles)
 
-    def gradient(self, state: MetaGradState, key: jax.Array):
+    def gradient(self, state: MetaGradState, key: jax.Array) -> Estimate:
         """Meta-gradient at ``state.meta_params``.
 
         Returns:
-          ``(grad, particles, metrics)``.
+          An :class:`Estimate` ``(grad, carry, metrics)``; ``carry`` is ``state`` with
+          its particles advanced by one truncation (truncated mode).
         """
+        check_key(key, "MetaGradient.gradient")
         theta = state.meta_params
         if self.truncated:
             losses, grads, particles = self._advance(theta, state.particles, key)
         else:
-            keys = sharding.shard_leading(jax.random.split(key, self.num_particles), self.mesh)
+            keys = sharding.shard_leading(jax.random.split(key, self.population_size), self.mesh)
             f = lambda th, k: rollout_loss(self.inner, th, k, remat=self.remat)
             losses, grads = jax.vmap(jax.value_and_grad(f), in_axes=(None, 0))(theta, keys)
             particles = ()
@@ -164,11 +183,10 @@ class MetaGradient:
         clean, num_bad = sanitize_losses(losses)
         metrics = fitness_summary(clean, "loss")
         metrics["nonfinite"] = num_bad
-        return grad, particles, metrics
+        return Estimate(grad, state._replace(particles=particles), metrics)
 
-    def step(self, state: MetaGradState, key: jax.Array):
-        grad, particles, metrics = self.gradient(state, key)
-        updates, opt_state = self.opt.update(grad, state.opt_state, state.meta_params)
-        theta = optax.apply_updates(state.meta_params, updates)
-        metrics["grad_norm"] = optax.tree.norm(grad)
-        return MetaGradState(theta, opt_state, particles), metrics
+    def step(
+        self, state: MetaGradState, key: jax.Array
+    ) -> tuple[MetaGradState, dict[str, jax.Array]]:
+        """:meth:`gradient`, then one meta-optimizer update (adds ``grad_norm``)."""
+        return apply_estimate(self.opt, self.gradient(state, key))

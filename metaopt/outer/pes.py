@@ -29,9 +29,17 @@ import jax.numpy as jnp
 import optax
 
 from metaopt import sharding
-from metaopt.inner import InnerLoop, MetaParams
+from metaopt.inner import InnerLoop, MetaParams, check_key
 from metaopt.outer import particles as P
-from metaopt.outer.base import FlatNoise, fitness_summary, make_meta_optimizer, sanitize_losses
+from metaopt.outer.base import (
+    Estimate,
+    FlatNoise,
+    apply_estimate,
+    fitness_summary,
+    make_meta_optimizer,
+    sanitize_losses,
+    strong_types,
+)
 
 
 class PESState(NamedTuple):
@@ -46,41 +54,50 @@ class PES:
 
     Args:
       inner: the inner loop (its ``horizon`` must be a multiple of ``truncation_length``).
-      num_pairs: antithetic particle pairs ``N`` (2N inner states are kept).
-      truncation_length: inner steps ``K`` per outer step.
-      sigma: perturbation std.
+      population_size: particles ``2N``, kept as ``N`` antithetic pairs (must be even).
       learning_rate, optimizer, clip_norm: the meta-optimizer (default Adam).
+      truncation_length: inner steps ``K`` per outer step.
+      mesh: ``"auto"``, a mesh, or ``None``: shards the particle axis.
+      sigma: perturbation std.
       persistent: ``False`` gives truncated ES (accumulator = this truncation's
         perturbation only): the biased baseline PES corrects.
       stagger: start particles at uniformly random points of their lifetime.
-      mesh: ``"auto"``, a mesh, or ``None``: shards the particle axis.
+
+    Example:
+      >>> pes = PES(inner, population_size=32, truncation_length=10, sigma=0.01)
+      >>> grad, carry, metrics = pes.gradient(pes.init(jax.random.key(0), theta), key)
     """
 
     def __init__(
         self,
         inner: InnerLoop,
-        num_pairs: int = 16,
-        truncation_length: int = 10,
-        sigma: float = 0.01,
+        *,
+        population_size: int = 32,
         learning_rate: float = 1e-3,
         optimizer: optax.GradientTransformation | None = None,
         clip_norm: float | None = None,
+        truncation_length: int = 10,
+        mesh: Any = "auto",
+        sigma: float = 0.01,
         persistent: bool = True,
         stagger: bool = True,
-        mesh: Any = "auto",
     ):
-        if num_pairs < 1:
-            raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
+        if population_size < 2 or population_size % 2:
+            raise ValueError(
+                "PES population_size must be even and >= 2 (antithetic pairs), "
+                f"got {population_size}"
+            )
         self.inner = inner
-        self.num_pairs = num_pairs
+        self.population_size = population_size
+        self.num_pairs = population_size // 2
         self.truncation_length = truncation_length
         self.num_truncations = P.check_truncation(inner, truncation_length)
         self.sigma = sigma
         self.persistent = persistent
         self.stagger = stagger
         self.opt = make_meta_optimizer(optimizer, learning_rate, clip_norm)
-        self.mesh = sharding.resolve_mesh(mesh, 2 * num_pairs)
-        self.evals_per_step = 2 * num_pairs
+        self.mesh = sharding.resolve_mesh(mesh, population_size)
+        self.evals_per_step = population_size
 
     def meta_params(self, state: PESState) -> MetaParams:
         return state.meta_params
@@ -105,6 +122,10 @@ class PES:
         return P.Particles(*sharding.shard_leading(tuple(particles), self.mesh)), accum, losses
 
     def init(self, key: jax.Array, meta_params: MetaParams) -> PESState:
+        """Particles at staggered points of their lifetime, accumulators, meta-optimizer."""
+        check_key(key, "PES.init")
+        meta_params = strong_types(meta_params)
+        self.inner.validate(meta_params, key)
         return jax.jit(self._init)(key, meta_params)
 
     def _init(self, key: jax.Array, meta_params: MetaParams) -> PESState:
@@ -126,12 +147,14 @@ class PES:
             )
         return PESState(meta_params, self.opt.init(meta_params), particles, accum)
 
-    def gradient(self, state: PESState, key: jax.Array):
-        """The PES gradient estimate at ``state.meta_params`` and the advanced carry.
+    def gradient(self, state: PESState, key: jax.Array) -> Estimate:
+        """The PES gradient estimate at ``state.meta_params`` and the advanced state.
 
         Returns:
-          ``(grad, particles, accum, metrics)``; ``grad`` has the meta-parameters' structure.
+          An :class:`Estimate` ``(grad, carry, metrics)``; ``carry`` is ``state`` with
+          its particles and accumulators advanced by one truncation.
         """
+        check_key(key, "PES.gradient")
         theta = state.meta_params
         noise = FlatNoise.like(theta)
         particles, accum, losses = self._advance(theta, state.particles, state.accum, key)
@@ -149,11 +172,8 @@ class PES:
         clean, num_bad = sanitize_losses(losses)
         metrics = fitness_summary(clean, "loss")
         metrics["nonfinite"] = num_bad
-        return grad, particles, accum, metrics
+        return Estimate(grad, state._replace(particles=particles, accum=accum), metrics)
 
-    def step(self, state: PESState, key: jax.Array):
-        grad, particles, accum, metrics = self.gradient(state, key)
-        updates, opt_state = self.opt.update(grad, state.opt_state, state.meta_params)
-        theta = optax.apply_updates(state.meta_params, updates)
-        metrics["grad_norm"] = optax.tree.norm(grad)
-        return PESState(theta, opt_state, particles, accum), metrics
+    def step(self, state: PESState, key: jax.Array) -> tuple[PESState, dict[str, jax.Array]]:
+        """:meth:`gradient`, then one meta-optimizer update (adds ``grad_norm``)."""
+        return apply_estimate(self.opt, self.gradient(state, key))
