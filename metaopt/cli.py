@@ -1,24 +1,28 @@
 """The ``metaopt`` command.
 
     metaopt list
-    metaopt <recipe> [--preset quick|default|...] [--out DIR] [--resume] [key=value ...]
+    metaopt <recipe> [--preset NAME] [--out DIR] [--resume] [--print-config] [key=value ...]
+    metaopt <recipe> --help          (config keys with types and defaults, presets)
+    metaopt <recipe> <command> ...   (a recipe's sub-commands, e.g. program-search validate-proxy)
     metaopt eval RUN_DIR
+    metaopt --version
 
 Bad input (an unknown recipe, key or preset; an ill-typed value; a missing
-checkpoint) prints one ``metaopt: error: ...`` line and exits with status 2.
-Ctrl-C saves a checkpoint and exits with status 130 and the command to resume.
+checkpoint) prints one ``metaopt: error: ...`` line and exits with status 2,
+before anything is written. Ctrl-C (SIGINT) and SIGTERM save a checkpoint and
+exit with status 130 / 143 and the command to resume.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
 
 from metaopt import config as cfg_lib
-from metaopt.checkpoint import write_json_atomic
 from metaopt.config import ConfigError
 
 
@@ -37,16 +41,15 @@ def _cmd_list() -> int:
 
 
 def _cmd_eval(argv: list[str]) -> int:
-    from metaopt import recipes
+    from metaopt import api, recipes
 
     p = _Parser(prog="metaopt eval", description="Evaluate a finished run.")
     p.add_argument("run_dir")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    recipe, cfg, _ = recipes.run_dir_config(args.run_dir)
-    if recipe.evaluate is None:
-        raise ConfigError(f"recipe '{recipe.name}' has no evaluation")
-    summary = recipe.evaluate(Path(args.run_dir), cfg, progress=not args.no_progress)
+    recipes.run_dir_config(args.run_dir)  # validates before anything is printed
+    _startup_line("eval", args.run_dir)
+    summary = api.evaluate(args.run_dir, progress=not args.no_progress)
     _print_summary(summary)
     return 0
 
@@ -56,19 +59,43 @@ def _print_summary(summary: dict) -> None:
         print(f"{k}: {v}")
 
 
+def _startup_line(what: str, out) -> None:
+    import jax
+
+    devices = jax.devices()
+    hosts = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    print(
+        f"metaopt {what}: run directory {out}; JAX {jax.__version__} on "
+        f"{jax.default_backend()} ({len(devices)} x {devices[0].device_kind}{hosts})",
+        file=sys.stderr,
+    )
+
+
 def _cmd_recipe(name: str, argv: list[str]) -> int:
-    from metaopt import recipes
+    from metaopt import sharding
+
+    sharding.initialize_from_argv(argv)  # multi-process: before anything starts JAX's backend
+    from metaopt import api, recipes
     from metaopt.driver import Interrupted
 
     recipe = recipes.get(name)
-    p = _Parser(prog=f"metaopt {name}", description=recipe.description)
-    p.add_argument("--preset", default=None, help="quick | default | ... (see 'metaopt list')")
+    if argv and argv[0] in recipe.commands:
+        return recipe.commands[argv[0]](argv[1:])
+    p = _Parser(
+        prog=f"metaopt {name}",
+        description=recipe.description,
+        epilog=api.describe_config(name),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    presets = ", ".join(sorted({"default", *recipe.presets}))
+    p.add_argument("--preset", default=None, help=f"one of: {presets}")
     p.add_argument("--out", default=None, help="run directory (default runs/<recipe>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(
-        "--distributed", action="store_true", help="call jax.distributed.initialize() first"
+        "--print-config", action="store_true", help="print the resolved config as JSON and exit"
     )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    sharding.add_distributed_arguments(p)
     has_outer = "outer" in {f.name for f in dataclasses.fields(recipe.config_cls)}
     if has_outer:
         p.add_argument("--outer", default=None, help="outer estimator (same as outer=...)")
@@ -83,51 +110,49 @@ def _cmd_recipe(name: str, argv: list[str]) -> int:
     if args.resume and args.out is None:
         raise ConfigError("--resume needs --out DIR (the run to continue)")
     out = Path(args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    cfg_path = out / "config.json"
-    if args.resume:
-        saved_recipe, cfg, record = recipes.run_dir_config(out)
-        if saved_recipe.name != name:
-            raise ConfigError(f"{out} holds a '{saved_recipe.name}' run, not '{name}'")
-        for key, value in overrides.items():
-            new = cfg_lib.replace(cfg, {key: value}, context=f"'{name}' config")
-            if key in recipe.extendable:
-                cfg = new
-            elif getattr(new, key) != getattr(cfg, key):
-                raise ConfigError(
-                    f"cannot change '{key}' when resuming ({getattr(cfg, key)!r} -> "
-                    f"{getattr(new, key)!r}); only {list(recipe.extendable)} may change"
-                )
-        preset = record.get("preset", "default")
-    else:
-        if cfg_path.exists():
-            raise ConfigError(
-                f"{out} already holds a run; pass --resume to continue it or choose another --out"
-            )
-        preset = args.preset or "default"
-        cfg = recipe.config(preset, overrides)
-    if args.distributed:
-        from metaopt.sharding import initialize_distributed
-
-        initialize_distributed()
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(cfg_path, {"recipe": name, "preset": preset, "config": cfg_lib.to_dict(cfg)})
-    print(f"metaopt {name}: run directory {out}", file=sys.stderr)
+    _, cfg, preset, _ = api.resolve(
+        name, out, preset=args.preset, resume=args.resume, overrides=overrides
+    )
+    if args.print_config:
+        record = {"recipe": name, "preset": preset, "config": cfg_lib.to_dict(cfg)}
+        print(json.dumps(record, indent=2))
+        return 0
+    _distributed(args)
+    _startup_line(name, out)
     try:
-        summary = recipe.run(cfg, out, resume=args.resume, progress=not args.no_progress)
+        result = api.run(
+            name,
+            out,
+            preset=preset,
+            resume=args.resume,
+            progress=not args.no_progress,
+            **overrides,
+        )
     except Interrupted as e:
         print(f"metaopt: {e}\nresume with: metaopt {name} --resume --out {out}", file=sys.stderr)
-        return 130
-    _print_summary(summary)
+        return e.exit_code
+    _print_summary(result.summary)
     return 0
+
+
+def _distributed(args) -> None:
+    from metaopt import sharding
+
+    sharding.initialize_from_args(args)  # a no-op when initialize_from_argv did it
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from metaopt.checkpoint import MissingCheckpointError
+    from metaopt.checkpoint import CheckpointMismatchError, MissingCheckpointError
 
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2
+    if argv[0] in ("--version", "-V"):
+        from metaopt import __version__
+
+        print(f"metaopt {__version__}")
+        return 0
     cmd, rest = argv[0], argv[1:]
     try:
         if cmd == "list":
@@ -135,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         if cmd == "eval":
             return _cmd_eval(rest)
         return _cmd_recipe(cmd, rest)
-    except (ConfigError, MissingCheckpointError) as e:
+    except (ConfigError, MissingCheckpointError, CheckpointMismatchError) as e:
         print(f"metaopt: error: {e}", file=sys.stderr)
         return 2
 

@@ -186,6 +186,8 @@ def save_artifact(path: str | Path, tree: Any, kind: str, **meta: Any) -> Path:
       The path written.
     """
     path = Path(path)
+    if jax.process_index() != 0:  # multi-host: the run directory is written once
+        return path
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     arrays, structure = {}, []
     for p, leaf in flat:

@@ -12,7 +12,9 @@ and the same code shards over every host.
 
 from __future__ import annotations
 
+import argparse
 import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -54,20 +56,248 @@ def shard_leading(tree: Any, mesh: Mesh | None) -> Any:
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
 
 
+def replicate(tree: Any, mesh: Mesh | None = None) -> Any:
+    """``tree`` as arrays replicated over every device of every process.
+
+    In a multi-process run, the jitted outer step returns its state as global
+    arrays replicated over the population mesh; the initial state (and the
+    target a checkpoint is restored into) must have that same layout, or the
+    first chunk is compiled twice and a restored state lands on one local
+    device. Every process must pass the same values. A single-process run gets
+    ``tree`` back unchanged.
+    """
+    if jax.process_count() == 1:
+        return tree
+    mesh = population_mesh() if mesh is None else mesh
+    target = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(lambda t: t, out_shardings=target)(tree)
+
+
+#: environment variables read when the corresponding argument or flag is not given.
+ENV_VARS = {
+    "coordinator_address": "METAOPT_COORDINATOR",
+    "num_processes": "METAOPT_NUM_PROCESSES",
+    "process_id": "METAOPT_PROCESS_ID",
+}
+
+
+def _env_settings(environ: Mapping[str, str]) -> dict[str, Any]:
+    from metaopt.config import ConfigError
+
+    out: dict[str, Any] = {}
+    for key, var in ENV_VARS.items():
+        text = environ.get(var, "").strip()
+        if not text:
+            continue
+        if key == "coordinator_address":
+            out[key] = text
+            continue
+        try:
+            out[key] = int(text)
+        except ValueError:
+            raise ConfigError(f"{var}={text!r} is not an integer") from None
+    return out
+
+
+_FLAG_NAMES = {
+    "coordinator_address": "--coordinator",
+    "num_processes": "--num-processes",
+    "process_id": "--process-id",
+}
+
+
+def check_settings(settings: Mapping[str, Any], complete: bool = True) -> dict[str, Any]:
+    """Validates ``coordinator_address`` / ``num_processes`` / ``process_id``.
+
+    Args:
+      settings: the three values (``None`` = not given).
+      complete: require all three or none (the command line: an explicit launch,
+        or JAX's cluster auto-detection on SLURM, Open MPI, Cloud TPU). The
+        library lets JAX fill in the missing ones.
+
+    Returns:
+      The settings that were given, as a dict.
+
+    Raises:
+      ConfigError: one line naming the inconsistency.
+    """
+    from metaopt.config import ConfigError
+
+    s = {k: v for k, v in settings.items() if v is not None}
+    if complete and s and len(s) < 3:
+        missing = ", ".join(f"{_FLAG_NAMES[k]} (or {ENV_VARS[k]})" for k in ENV_VARS if k not in s)
+        raise ConfigError(f"a multi-process launch also needs {missing}")
+    address = s.get("coordinator_address")
+    if address is not None:
+        host, _, port = str(address).rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                f"coordinator address {address!r} is not HOST:PORT (e.g. 10.0.0.1:1234)"
+            )
+    n, i = s.get("num_processes"), s.get("process_id")
+    if n is not None and n < 1:
+        raise ConfigError(f"the number of processes must be >= 1, got {n}")
+    if i is not None and i < 0:
+        raise ConfigError(f"the process id must be >= 0, got {i}")
+    if n is not None and i is not None and i >= n:
+        raise ConfigError(f"process id {i} is out of range for {n} processes (0..{n - 1})")
+    return s
+
+
 def initialize_distributed(**kwargs: Any) -> None:
     """Joins a multi-host run via :func:`jax.distributed.initialize`.
 
-    On managed clusters (Cloud TPU, SLURM, Open MPI) JAX finds the coordinator by
-    itself; otherwise pass ``coordinator_address``, ``num_processes`` and
-    ``process_id`` or set ``METAOPT_COORDINATOR``, ``METAOPT_NUM_PROCESSES`` and
-    ``METAOPT_PROCESS_ID``.
+    Call it before anything else touches JAX's backend (``import metaopt`` does
+    not). On managed clusters (Cloud TPU, SLURM, Open MPI) JAX finds the
+    coordinator by itself; otherwise pass ``coordinator_address``,
+    ``num_processes`` and ``process_id`` or set ``METAOPT_COORDINATOR``,
+    ``METAOPT_NUM_PROCESSES`` and ``METAOPT_PROCESS_ID``. CPU collectives across
+    processes use gloo (JAX has no other cross-process CPU implementation).
+
+    Raises:
+      ConfigError: inconsistent settings, or JAX's backend already started.
     """
-    env = {
-        "coordinator_address": os.environ.get("METAOPT_COORDINATOR"),
-        "num_processes": os.environ.get("METAOPT_NUM_PROCESSES"),
-        "process_id": os.environ.get("METAOPT_PROCESS_ID"),
+    from metaopt.config import ConfigError
+
+    settings = _env_settings(os.environ)
+    settings.update({k: v for k, v in kwargs.items() if v is not None})
+    extra = {k: v for k, v in settings.items() if k not in ENV_VARS}
+    check_settings({k: settings.get(k) for k in ENV_VARS}, complete=False)
+    if jax.distributed.is_initialized():
+        return
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        raise ConfigError(
+            "jax.distributed must be initialised before JAX starts its backend: call "
+            "metaopt.sharding.initialize_distributed() before any other JAX call"
+        )
+    given = {k: settings[k] for k in ENV_VARS if k in settings}
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(**given, **extra)
+    except ValueError as e:  # JAX's cluster auto-detection found nothing
+        if given:
+            raise
+        raise ConfigError(
+            f"no cluster (SLURM, Open MPI, Cloud TPU) to join was detected ({e}); give "
+            "--coordinator HOST:PORT, --num-processes N and --process-id I (or METAOPT_*)"
+        ) from None
+
+
+# -- the command line --------------------------------------------------------------
+
+
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--distributed``, ``--coordinator``, ``--num-processes``, ``--process-id``."""
+    g = parser.add_argument_group(
+        "multi-process runs (docs/multihost.md)",
+        "every process runs the same command with its own --process-id; process 0 writes "
+        "the logs and summaries, checkpoints are written jointly",
+    )
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process run; without the flags below, JAX detects the cluster "
+        "(SLURM, Open MPI, Cloud TPU)",
+    )
+    g.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        default=None,
+        help="address of process 0, where the coordinator listens (env METAOPT_COORDINATOR)",
+    )
+    g.add_argument(
+        "--num-processes",
+        metavar="N",
+        type=int,
+        default=None,
+        help="number of processes (env METAOPT_NUM_PROCESSES)",
+    )
+    g.add_argument(
+        "--process-id",
+        metavar="I",
+        type=int,
+        default=None,
+        help="this process's id, 0..N-1 (env METAOPT_PROCESS_ID)",
+    )
+
+
+def _requested(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any] | None:
+    """The settings to initialise with, or ``None`` for a single-process run."""
+    flags = {
+        "coordinator_address": args.coordinator,
+        "num_processes": args.num_processes,
+        "process_id": args.process_id,
     }
-    for k, v in env.items():
-        if v is not None and k not in kwargs:
-            kwargs[k] = int(v) if k != "coordinator_address" else v
-    jax.distributed.initialize(**kwargs)
+    settings = _env_settings(environ)
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    if not settings and not args.distributed:
+        return None
+    return check_settings(settings)
+
+
+def initialize_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> bool:
+    """Joins a multi-process run if the parsed flags (or ``METAOPT_*``) ask for one.
+
+    Returns:
+      Whether this is a multi-process run.
+
+    Raises:
+      ConfigError: inconsistent flags, or JAX's backend started before the call.
+    """
+    settings = _requested(args, os.environ if environ is None else environ)
+    if settings is None:
+        return False
+    initialize_distributed(**settings)
+    return True
+
+
+def initialize_from_argv(argv: Sequence[str]) -> bool:
+    """:func:`initialize_from_args` on the distributed flags found in ``argv``.
+
+    The command calls it first, before a recipe is imported (evosax starts JAX's
+    backend on import); other arguments are ignored here.
+    """
+    from metaopt.config import ConfigError
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise ConfigError(message)
+
+    p = _Parser(add_help=False)  # abbreviations as the command's own parser takes them
+    add_distributed_arguments(p)
+    args, _ = p.parse_known_args(list(argv))
+    return initialize_from_args(args)
+
+
+# -- helpers for multi-process host code ---------------------------------------------
+
+
+def is_main_process() -> bool:
+    """Whether this process writes files (process 0; always true in a single-process run)."""
+    return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+    """``flag`` or-ed over all processes (every process must call it, at the same point).
+
+    A stop request (SIGTERM) reaches processes at different times; deciding with
+    this keeps every process on the same step, so they save the same checkpoint.
+    """
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.asarray([flag], np.int32))
+    return bool(np.any(flags))
+
+
+def sync(name: str) -> None:
+    """Waits until every process reaches the barrier ``name`` (no-op for one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
