@@ -463,13 +463,13 @@ def train(
     k_init, k_run = jax.random.split(key)
     carry = TrainCarry(outer.init(k_init, meta_params), k_run, jnp.zeros((), jnp.int32))
     carry = canonical_carry(outer, carry)
-    carry = sharding.replicate(carry)  # multi-process: the layout the jitted step returns
     validate = _make_validate(validation, outer, steps_per_call)
     if validation is not None:
         params0 = outer.meta_params(carry.outer_state)
         carry = carry._replace(
             best=Best(jnp.float32(jnp.inf), jnp.int32(0), jax.tree.map(jnp.asarray, params0))
         )
+    carry = sharding.replicate(carry)  # multi-process: the layout the jitted step returns
     if resume:
         _, carry = ckpt.restore_latest(carry)
         if jax.process_index() == 0:
