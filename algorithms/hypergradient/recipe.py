@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -50,11 +49,12 @@ from metaopt.algorithms.hypergradient.problems import (
     synthetic_regression,
     unrolled_inner_loop,
 )
-from metaopt.checkpoint import MissingCheckpointError
+from metaopt.checkpoint import MissingCheckpointError, write_json_atomic
 from metaopt.config import check
 from metaopt.inner import InnerLoop
 from metaopt.outer import MetaGradient
-from metaopt.recipes import Recipe, register
+from metaopt.recipes import Recipe, register, write_summary
+from metaopt.rundir import run_phase
 
 PyTree = Any
 PROBLEMS = ("ridge", "logistic")
@@ -157,7 +157,7 @@ def build_inner(
 
 def hypergradient_fn(inner: InnerLoop):
     """``hparams -> (validation loss, hypergradient)`` through the core's MetaGradient."""
-    mg = MetaGradient(inner, None, num_particles=1, mesh=None)
+    mg = MetaGradient(inner, population_size=1, mesh=None)
 
     def f(hparams):
         grad, _, metrics = mg.gradient(mg.init(jax.random.key(0), hparams), jax.random.key(0))
@@ -237,23 +237,25 @@ def hypergradient_checks(cfg: Config, x64: bool, progress: bool = False) -> dict
 
 
 def _train(outer, hp0, out: Path, cfg: Config, resume: bool, progress: bool, desc: str):
-    kwargs = dict(
-        key=jax.random.key(cfg.seed),
-        num_steps=cfg.outer_steps,
-        out_dir=out,
-        steps_per_call=cfg.steps_per_call,
-        checkpoint_every=cfg.checkpoint_every,
-        progress=progress,
-        plot=False,
-        desc=desc,
+    """One sub-run (problem x regulariser x method) as a phase of the run directory."""
+    return run_phase(
+        out.parent,
+        out.name,
+        lambda phase_dir, resume_phase: driver.train(
+            outer,
+            hp0,
+            key=jax.random.key(cfg.seed),
+            num_steps=cfg.outer_steps,
+            out_dir=phase_dir,
+            resume=resume_phase,
+            steps_per_call=cfg.steps_per_call,
+            checkpoint_every=cfg.checkpoint_every,
+            progress=progress,
+            plot=False,
+            desc=desc,
+        ),
+        resume=resume,
     )
-    try:
-        return driver.train(outer, hp0, resume=resume, **kwargs)
-    except MissingCheckpointError:
-        if not resume:
-            raise
-        # an interrupted run may not have reached this sub-run yet: start it
-        return driver.train(outer, hp0, resume=False, **kwargs)
 
 
 def solution(cfg: Config, pname: str, method: str, hparams):
@@ -285,10 +287,18 @@ def grid_best(cfg: Config, pname: str) -> tuple[float, PyTree]:
 
     Returns ``(lam, solution)``.
     """
+    choice, sol = grid_choice(cfg, pname)
+    return choice.value, sol
+
+
+def grid_choice(cfg: Config, pname: str, warn: bool = False):
+    """:func:`metaopt.evaluation.tune_grid` of :data:`LAM_GRID` by the exact solutions'
+    validation loss: ``(GridChoice, best solution)``."""
+    from metaopt.evaluation import tune_grid
+
     sols, valid = _grid_fn(cfg, pname)(jnp.log(jnp.asarray(LAM_GRID, jnp.float32)))
-    valid = np.asarray(valid)
-    best = int(np.nanargmin(np.where(np.isfinite(valid), valid, np.inf)))
-    return LAM_GRID[best], jax.tree.map(lambda a: a[best], sols)
+    choice = tune_grid(np.asarray(valid), {"lambda": LAM_GRID}, what=f"{pname} lambda", warn=warn)
+    return choice, jax.tree.map(lambda a: a[choice.flat_index], sols)
 
 
 @functools.lru_cache(maxsize=4)
@@ -319,7 +329,7 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     checks = {}
     if cfg.checks:  # float64, so that the errors measure the methods, not float32 rounding
         checks = hypergradient_checks(cfg, x64=True, progress=progress)
-        (out / "checks.json").write_text(json.dumps(checks, indent=2) + "\n")
+        write_json_atomic(out / "checks.json", checks)
     probs = _problems(cfg)
     results, learned = {}, {}
     for pname, prob in probs.items():
@@ -328,7 +338,7 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
             for method in METHODS:
                 name = f"{pname}-{reg}-{method}"
                 inner = build_inner(cfg, prob, method)
-                outer = MetaGradient(inner, None, 1, learning_rate=cfg.meta_lr, mesh=None)
+                outer = MetaGradient(inner, population_size=1, learning_rate=cfg.meta_lr, mesh=None)
                 res = _train(outer, hp0, out / name, cfg, resume, progress, name)
                 hp = jax.tree.map(jnp.asarray, res.meta_params)
                 learned[name] = np.asarray(hp["log_lam"])
@@ -338,7 +348,7 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
                     "learned": _losses(prob, solution(cfg, pname, method, hp)),
                 }
     np.savez(out / "hparams.npz", **learned)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json_atomic(out / "results.json", results)
     refs = {p: float(probs[p].valid_loss(grid_best(cfg, p)[1])) for p in PROBLEMS}
     plot_runs(out, cfg, out / "hypergradient.png", refs)
     summary = {
@@ -349,11 +359,7 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
             f"valid {r['start']['valid_loss']:.4f} -> {r['learned']['valid_loss']:.4f}, "
             f"test {r['start']['test_loss']:.4f} -> {r['learned']['test_loss']:.4f}"
         )
-    (out / "summary.md").write_text(
-        "# hypergradient run\n\n"
-        + "".join(f"- {k}: {v}\n" for k, v in summary.items())
-        + "\n![hypergradient](hypergradient.png)\n"
-    )
+    write_summary(out, "hypergradient run", summary, "![hypergradient](hypergradient.png)\n")
     return summary
 
 
@@ -411,6 +417,7 @@ def _sklearn_reference(cfg: Config) -> dict:
     from threadpoolctl import threadpool_limits
 
     from metaopt.envs import datasets
+    from metaopt.evaluation import tune_grid
 
     d = datasets.load(cfg.dataset, cfg.seed)
     x_train, x_valid, x_test = (np.asarray(a, np.float64) for a in (d.x_train, d.x_valid, d.x_test))
@@ -419,7 +426,7 @@ def _sklearn_reference(cfg: Config) -> dict:
         z = clf.decision_function(x)
         return float(np.mean(np.logaddexp(0.0, z) - y * z))
 
-    best = None
+    fits = []
     # one BLAS thread: these problems are tiny, and threads next to a busy JAX
     # process (or on a shared machine) made the fits ~25x slower
     with threadpool_limits(1):
@@ -427,21 +434,28 @@ def _sklearn_reference(cfg: Config) -> dict:
             # sklearn minimises C * sum(log-loss) + |w|^2 / 2: our mean loss with lam = 1/(C n)
             clf = LogisticRegression(C=1.0 / (lam * len(x_train)), max_iter=10_000, tol=1e-8)
             clf.fit(x_train, d.y_train)
-            valid = log_loss(clf, x_valid, d.y_valid)
-            if best is None or valid < best[0]:
-                best = (valid, lam, clf)
-    valid, lam, clf = best
+            fits.append(clf)
+    valid = [log_loss(clf, x_valid, d.y_valid) for clf in fits]
+    choice = tune_grid(np.asarray(valid), {"lambda": LAM_GRID}, what="scikit-learn lambda")
+    clf = fits[choice.flat_index]
     return {
-        "lam": lam,
-        "valid_loss": valid,
+        "lam": choice.value,
+        "valid_loss": choice.score,
         "test_loss": log_loss(clf, x_test, d.y_test),
         "test_accuracy": float(clf.score(x_test, d.y_test)),
+        "lambda_tuning": choice.to_json(),
     }
 
 
 def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
-    """Test-split results of the learned strengths against tuned-on-validation references."""
-    from tqdm.auto import tqdm
+    """Test-split results of the learned strengths against tuned-on-validation references.
+
+    Writes ``eval.json`` (``rows``: losses per model; ``lambda_tuning``: the grids),
+    ``eval.md`` and ``eval.png`` (validation loss over the lambda grid per problem, the
+    learned scalar strengths marked).
+    """
+    from metaopt import evaluation as ev
+    from metaopt.plotting import figure
 
     run_dir = Path(run_dir)
     path = run_dir / "hparams.npz"
@@ -451,11 +465,13 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
         learned = {k: jnp.asarray(f[k]) for k in f.files}
     probs = _problems(cfg)
     rows: dict[str, dict] = {}
-    bar = tqdm(total=len(probs) + 1, desc="eval", disable=not progress, file=sys.stderr)
+    tuning: dict[str, ev.GridChoice] = {}
+    bar = ev.progress_bar(total=len(probs) + 1, desc="hypergradient eval", progress=progress)
     for pname, prob in probs.items():
         bar.set_postfix_str(pname)
         # reference: the best scalar strength of a grid, chosen on validation (exact solutions)
-        best_lam, best_sol = grid_best(cfg, pname)
+        tuning[pname], best_sol = grid_choice(cfg, pname, warn=True)
+        best_lam = tuning[pname].value
         start = prob.hparams(lam0(cfg, pname), False)
         rows[f"{pname}: start (lambda={lam0(cfg, pname):g})"] = _losses(
             prob, solution(cfg, pname, "implicit", start)
@@ -484,17 +500,37 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
         bar.update(1)
     bar.set_postfix_str("scikit-learn reference")
     sk = _sklearn_reference(cfg)
+    sk_tuning = sk.pop("lambda_tuning")
     bar.update(1)
     bar.close()
     name = f"logistic: scikit-learn LogisticRegression, C tuned on valid (lambda={sk['lam']:.3g})"
     rows[name] = sk
-    (run_dir / "eval.json").write_text(json.dumps(rows, indent=2) + "\n")
-    md = "| model | valid loss | test loss | test accuracy |\n|---|---|---|---|\n"
-    for name, r in rows.items():
-        acc = f"{r['test_accuracy']:.3f}" if "test_accuracy" in r else ""
-        md += f"| {name} | {r['valid_loss']:.4f} | {r['test_loss']:.4f} | {acc} |\n"
-    (run_dir / "eval.md").write_text(md)
-    print(md)
+    result = {
+        "rows": rows,
+        "lambda_tuning": {
+            **{p: c.to_json() for p, c in tuning.items()},
+            "logistic (scikit-learn)": sk_tuning,
+        },
+    }
+    md = ev.table(
+        ["model", "valid loss", "test loss", "test accuracy"],
+        [
+            [n, f"{r['valid_loss']:.4f}", f"{r['test_loss']:.4f}"]
+            + [f"{r['test_accuracy']:.3f}" if "test_accuracy" in r else ""]
+            for n, r in rows.items()
+        ],
+    )
+
+    fig, axes = figure((4.2 * len(tuning), 3.2), 1, len(tuning))
+    for ax, (pname, choice) in zip(axes[0], tuning.items(), strict=True):
+        ev.plot_grid(ax, choice, "validation loss (exact solution)")
+        for i, method in enumerate(METHODS):
+            if f"{pname}-scalar-{method}" in learned:
+                lam = float(np.exp(np.asarray(learned[f"{pname}-scalar-{method}"])).item())
+                ax.axvline(lam, color=f"C{i + 4}", ls="--", label=f"learned ({method})")
+        ax.set_title(f"{pname}: {ax.get_title()}", fontsize=9)
+        ax.legend(fontsize=7)
+    ev.write_eval(run_dir, result, md, fig, recipe="hypergradient")
     return {name: f"test {r['test_loss']:.4f}" for name, r in rows.items()}
 
 

@@ -10,10 +10,13 @@ Every optimizer trains ``eval_seeds`` runs per workload, on the same seeds (same
 tasks, initialisations and minibatches: paired comparisons). The meta-trained
 optimizer and its initialisation run as they are (no tuning); Adam, AdamW and
 Lion run at every learning rate of ``lr_grid`` and keep the one with the lowest
-mean final *validation* loss; everything reported is measured on the *test*
-split. Scoring as in AlgoPerf (:mod:`metaopt.profiles`): steps until the median
-test-loss curve reaches tuned Adam's median final test loss, and a performance
-profile over all workloads.
+mean final *validation* loss (:func:`metaopt.evaluation.tune_grid`, which flags a
+choice at the grid's edge); everything reported is measured on the *test*
+split. Final test losses are compared with tuned Adam's by paired t tests over
+the shared seeds, Holm-corrected over every comparison
+(:func:`metaopt.evaluation.compare`). Scoring as in AlgoPerf
+(:mod:`metaopt.profiles`): steps until the median test-loss curve reaches tuned
+Adam's median final test loss, and a performance profile over all workloads.
 
 Outputs: ``eval.json``, ``eval.md`` and ``eval.png`` (profile and median test
 curves per workload).
@@ -21,7 +24,6 @@ curves per workload).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metaopt import profiles
+from metaopt import evaluation as ev
 from metaopt.algorithms.learned_optimizers import recipe
 from metaopt.algorithms.learned_optimizers.optimizers import TUNED
 
@@ -89,11 +91,9 @@ def evaluate(
         entries["initial"] = recipe.initial_meta_params(cfg)
     works = workloads(cfg)
     names = [*entries, LR_TUNED, *TUNED]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(works) * len(names), desc="eval", unit="opt")
+    bar = ev.progress_bar(
+        total=len(works) * len(names), desc="learned-optimizer eval", unit="opt", progress=progress
+    )
     result: dict[str, Any] = {
         "lr_grid": list(cfg.lr_grid),
         "seeds": cfg.eval_seeds,
@@ -101,14 +101,14 @@ def evaluate(
         "workloads": {},
     }
     times: dict[str, list[float]] = {n: [] for n in names}
+    finals_all: dict[str, dict[str, np.ndarray]] = {n: {} for n in names}
     for label, (family, horizon, group) in works.items():
-        test_curves, lrs = {}, {}
+        test_curves, lrs, tuning = {}, {}, {}
         f = recipe.curve_fn(cfg, family, horizon, cfg.eval_points)
         for name, mp in entries.items():
             _, test = f(mp, keys)
-            test_curves[name], lrs[name] = np.asarray(test), None
-            if bar:
-                bar.update()
+            test_curves[name], lrs[name], tuning[name] = np.asarray(test), None, None
+            bar.update()
         grids = {
             name: lambda name=name: recipe.tuned_curves_fn(name, family, horizon, cfg.eval_points)(
                 log_lrs, keys
@@ -120,10 +120,10 @@ def evaluate(
         )
         for name in [LR_TUNED, *TUNED]:
             valid, test = map(np.asarray, grids[name]())
-            best = int(np.argmin(np.mean(_finite(valid[:, :, -1]), axis=1)))
-            test_curves[name], lrs[name] = test[best], float(cfg.lr_grid[best])
-            if bar:
-                bar.update()
+            choice = ev.tune_grid(valid[:, :, -1], {"lr": cfg.lr_grid}, what=f"{name} on {label}")
+            test_curves[name], lrs[name] = test[choice.flat_index], choice.value
+            tuning[name] = choice.to_json()
+            bar.update()
         eval_steps = np.arange(1, cfg.eval_points + 1) * (horizon // cfg.eval_points)
         medians = {n: np.median(_finite(c), axis=0) for n, c in test_curves.items()}
         target = float(medians[REFERENCE][-1])
@@ -131,11 +131,13 @@ def evaluate(
         rows = {}
         for n in names:
             finals = _finite(test_curves[n][:, -1])
-            t = profiles.steps_to_target(medians[n], target, eval_steps)
+            t = ev.steps_to_target(medians[n], target, eval_steps)
             times[n].append(t)
+            finals_all[n][label] = finals
             diff = finals - ref_finals  # paired: same tasks, inits and minibatches
             rows[n] = {
                 "lr": lrs[n],
+                "lr_at_edge": None if tuning[n] is None else tuning[n]["at_edge"],
                 **_stats(finals),
                 "minus_adam_mean": float(np.mean(diff)),
                 "minus_adam_std": float(np.std(diff)),
@@ -150,10 +152,11 @@ def evaluate(
             "target": target,
             "eval_steps": eval_steps.tolist(),
             "optimizers": rows,
+            "lr_tuning": {n: c for n, c in tuning.items() if c is not None},
         }
-    if bar:
-        bar.close()
-    result["profile"] = profiles.performance_profile(times)
+    bar.close()
+    result["profile"] = ev.performance_profile(times)
+    result["comparison"] = ev.compare(finals_all, REFERENCE, lower_is_better=True)
     return result
 
 
@@ -167,7 +170,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     rows = -(-n // cols)
     fig, axes = figure((4.4 * cols, 3.4 * rows), rows, cols)
     flat = list(axes.flat)
-    profiles.plot_profile(result["profile"], flat[0])
+    ev.plot_profile(result["profile"], flat[0])
     for ax, w in zip(flat[1:], works, strict=False):
         info = result["workloads"][w]
         for name, row in info["optimizers"].items():
@@ -187,25 +190,40 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def markdown(result: dict[str, Any]) -> str:
+    """Per-workload table, the paired comparison with tuned Adam and the profile scores."""
+    rows = []
+    for w, info in result["workloads"].items():
+        for name, r in info["optimizers"].items():
+            edge = " (edge)" if r["lr_at_edge"] else ""
+            lr = "-" if r["lr"] is None else f"{r['lr']:.0e}{edge}"
+            rows.append(
+                [
+                    w,
+                    info["group"],
+                    name,
+                    lr,
+                    f"{r['final_test_loss_mean']:.4g} +- {r['final_test_loss_std']:.2g}",
+                    f"{r['minus_adam_mean']:+.3g} +- {r['minus_adam_std']:.2g}",
+                    f"{r['wins_vs_adam']}/{result['seeds']}",
+                    f"{r['steps_to_target']:.0f}",
+                ]
+            )
+    header = ["workload", "group", "optimizer", "lr", "final test loss", "- adam", "wins", "steps"]
     lines = [
         f"Final test loss, mean +- std over {result['seeds']} seeds (each seed a new task "
         "instance, initialisation and minibatch stream, shared by all optimizers); "
         "'- adam' is the paired difference to tuned Adam (negative = better than Adam); "
-        "steps = steps for the median test curve to reach tuned Adam's median final test loss.",
+        "wins = seeds on which the optimizer's final test loss is below tuned Adam's; "
+        "steps = steps for the median test curve to reach tuned Adam's median final test loss; "
+        "(edge) = the tuned lr is at the edge of the grid.",
         "",
-        "| workload | group | optimizer | lr | final test loss | - adam | wins | steps |",
-        "|---|---|---|---|---|---|---|---|",
+        ev.table(header, rows),
+        "Paired comparison with tuned Adam (final test loss):",
+        "",
+        ev.comparison_table(result["comparison"]),
+        "Performance profile scores (1 = fastest to target on every workload):",
+        "",
     ]
-    for w, info in result["workloads"].items():
-        for name, r in info["optimizers"].items():
-            lr = "-" if r["lr"] is None else f"{r['lr']:.0e}"
-            lines.append(
-                f"| {w} | {info['group']} | {name} | {lr} | "
-                f"{r['final_test_loss_mean']:.4g} +- {r['final_test_loss_std']:.2g} | "
-                f"{r['minus_adam_mean']:+.3g} +- {r['minus_adam_std']:.2g} | "
-                f"{r['wins_vs_adam']}/{result['seeds']} | {r['steps_to_target']:.0f} |"
-            )
-    lines += ["", "Performance profile scores (1 = fastest to target on every workload):", ""]
     lines += [f"- {n}: {p['score']:.3f}" for n, p in result["profile"].items()]
     return "\n".join(lines) + "\n"
 
@@ -215,11 +233,9 @@ def evaluate_run(run_dir: Path, cfg: recipe.Config, progress: bool = True) -> di
     learned = recipe.load_optimizer(run_dir)
     cfg = recipe.resolve_base_lr(cfg, run_dir)
     result = evaluate(cfg, learned, progress=progress)
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
-    md = markdown(result)
-    (run_dir / "eval.md").write_text(md)
-    plot(result, run_dir / "eval.png")
-    print(md)
+    ev.write_eval(
+        run_dir, result, markdown(result), lambda p: plot(result, p), recipe="learned-optimizer"
+    )
     summary = {}
     for w, info in result["workloads"].items():
         r, a = info["optimizers"]["meta-trained"], info["optimizers"][REFERENCE]

@@ -59,6 +59,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from metaopt.rundir import load_artifact, save_artifact
+
 PyTree = Any
 
 #: file name of the exported optimizer inside a run directory.
@@ -336,52 +338,20 @@ def adam_hyperparams(hyper: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
     )
 
 
-def _flatten(tree: PyTree, prefix: str = "") -> dict[str, np.ndarray]:
-    """``{"layers/0/w": array, ...}`` for nested dicts and lists of arrays."""
-    out = {}
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}/"))
-    elif isinstance(tree, list | tuple):
-        for i, v in enumerate(tree):
-            out.update(_flatten(v, f"{prefix}{i}/"))
-    else:
-        out[prefix[:-1]] = np.asarray(tree)
-    return out
-
-
-def _unflatten(flat: dict[str, np.ndarray]) -> PyTree:
-    root: dict = {}
-    for path, value in flat.items():
-        node = root
-        parts = path.split("/")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-
-    def listify(node):
-        if not isinstance(node, dict):
-            return node
-        node = {k: listify(v) for k, v in node.items()}
-        if node and all(k.isdigit() for k in node):
-            return [node[str(i)] for i in range(len(node))]
-        return node
-
-    return listify(root)
-
-
 def save(path: str | Path, kind: str, weights: PyTree, horizon: int, spec: LOptSpec | None = None):
-    """Writes an exported optimizer: ``kind`` is ``"mlp"`` (with ``spec``) or ``"adam"``."""
+    """Writes an exported optimizer: ``kind`` is ``"mlp"`` (with ``spec``) or ``"adam"``.
+
+    The file is a run-directory artifact (:func:`metaopt.rundir.save_artifact`):
+    float32 weights under their paths (``layers/0/w``) and a JSON header with the
+    kind, the meta-training horizon and the architecture.
+    """
     if kind not in ("mlp", "adam"):
         raise ValueError(f"kind must be 'mlp' or 'adam', got {kind!r}")
-    meta = {"format": _FORMAT, "kind": kind, "horizon": int(horizon)}
+    meta = {"format": _FORMAT, "optimizer": kind, "horizon": int(horizon)}
     if kind == "mlp":
         meta["spec"] = json.loads((spec or LOptSpec()).to_json())
-    arrays = {f"w/{k}": np.asarray(v, np.float32) for k, v in _flatten(weights).items()}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, __meta__=np.array(json.dumps(meta)), **arrays)
-    tmp.replace(path)
+    weights = jax.tree.map(lambda v: np.asarray(v, np.float32), weights)
+    save_artifact(path, weights, "learned-optimizer", **meta)
 
 
 class Exported(NamedTuple):
@@ -398,16 +368,12 @@ def load(path: str | Path) -> Exported:
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHTS_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: the run has not finished")
-    with np.load(path, allow_pickle=False) as f:
-        meta = json.loads(str(f["__meta__"]))
-        flat = {k[2:]: np.asarray(f[k]) for k in f.files if k.startswith("w/")}
+    tree, meta = load_artifact(path, "learned-optimizer")
     if meta.get("format") != _FORMAT:
         raise ValueError(f"{path} is not a metaopt learned-optimizer file")
-    spec = LOptSpec(**meta["spec"]) if meta["kind"] == "mlp" else None
-    weights = jax.tree.map(jnp.asarray, _unflatten(flat))
-    return Exported(meta["kind"], weights, int(meta["horizon"]), spec)
+    spec = LOptSpec(**meta["spec"]) if meta["optimizer"] == "mlp" else None
+    weights = jax.tree.map(jnp.asarray, tree)
+    return Exported(meta["optimizer"], weights, int(meta["horizon"]), spec)
 
 
 def as_optax(

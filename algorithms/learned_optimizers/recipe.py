@@ -46,7 +46,7 @@ from metaopt.checkpoint import write_json_atomic
 from metaopt.config import check
 from metaopt.envs import families
 from metaopt.inner import InnerLoop, ParametrizedOptimizer, training_inner_loop, unroll
-from metaopt.recipes import Recipe, register
+from metaopt.recipes import Recipe, register, write_summary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,14 +160,15 @@ def tune_adam_lr(cfg: Config) -> float:
     """Adam's best learning rate of ``cfg.lr_grid`` on the meta-training family.
 
     Mean final validation loss over ``eval_seeds`` runs on seeds that neither
-    meta-training nor evaluation use.
+    meta-training nor evaluation use (:func:`metaopt.evaluation.tune_grid`).
     """
+    from metaopt.evaluation import tune_grid
+
     keys = jax.random.split(jax.random.key(cfg.seed + 30_000), cfg.eval_seeds)
     log_lrs = jnp.log(jnp.asarray(cfg.lr_grid, jnp.float32))
     f = tuned_curves_fn("adam", cfg.family, cfg.inner_steps, cfg.eval_points)
-    valid = np.asarray(f(log_lrs, keys)[0][:, :, -1], np.float64)
-    valid = np.where(np.isfinite(valid), valid, np.inf).mean(axis=1)
-    return float(cfg.lr_grid[int(np.argmin(valid))])
+    valid = np.asarray(f(log_lrs, keys)[0][:, :, -1])  # [G, S]
+    return tune_grid(valid, {"lr": cfg.lr_grid}, what=f"adam base lr on {cfg.family}").value
 
 
 def resolve_base_lr(cfg: Config, out: Path | None = None, reuse: bool = True) -> Config:
@@ -242,33 +243,9 @@ def build_outer(cfg: Config, inner: InnerLoop) -> outer_lib.OuterEstimator:
     antithetic pairs); ``seeds`` is the number of tasks per ES candidate or of
     truncated meta-gradient particles.
     """
-    if cfg.outer == "es":
-        return outer_lib.make(
-            "es",
-            inner,
-            population_size=cfg.population,
-            num_seeds=cfg.seeds,
-            sigma=cfg.sigma,
-            learning_rate=cfg.meta_lr,
-        )
-    if cfg.outer == "pes":
-        return outer_lib.make(
-            "pes",
-            inner,
-            num_pairs=cfg.population // 2,
-            truncation_length=cfg.truncation,
-            sigma=cfg.sigma,
-            learning_rate=cfg.meta_lr,
-            clip_norm=cfg.clip_norm,
-        )
-    return outer_lib.make(
-        "metagrad",
-        inner,
-        truncation_length=cfg.truncation,
-        num_particles=cfg.seeds,
-        learning_rate=cfg.meta_lr,
-        clip_norm=cfg.clip_norm,
-    )
+    if cfg.outer == "metagrad":
+        return outer_lib.from_config("metagrad", inner, cfg, population_size=cfg.seeds)
+    return outer_lib.from_config(cfg.outer, inner, cfg)
 
 
 def save_optimizer(out: Path, cfg: Config, meta_params) -> Path:
@@ -379,13 +356,14 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
         "optimizer": str(out / lopt.WEIGHTS_FILE),
         "run_dir": str(out),
     }
-    (out / "summary.md").write_text(
-        f"# learned-optimizer run ({cfg.optimizer}, outer={cfg.outer})\n\n"
+    write_summary(
+        out,
+        f"learned-optimizer run ({cfg.optimizer}, outer={cfg.outer})",
+        summary,
         f"Final validation loss on {cfg.eval_seeds} unseen {cfg.family} tasks "
-        f"(T={cfg.inner_steps}), mean +- std over tasks:\n\n"
-        + "".join(f"- {k}: {v}\n" for k, v in summary.items())
-        + "\nUse it: `metaopt.algorithms.learned_optimizers.as_optax(RUN_DIR)`.\n\n"
-        + "![training](training.png)\n\n![curves](curves.png)\n"
+        f"(T={cfg.inner_steps}), mean +- std over tasks (above).\n\n"
+        "Use it: `metaopt.algorithms.learned_optimizers.as_optax(RUN_DIR)`.\n\n"
+        "![training](training.png)\n\n![curves](curves.png)\n",
     )
     return summary
 
@@ -404,5 +382,6 @@ RECIPE = register(
         run=run,
         presets=PRESETS,
         evaluate=evaluate,
+        build=lambda cfg: build_outer(cfg, build_inner(cfg)),
     )
 )

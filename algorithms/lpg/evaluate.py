@@ -4,7 +4,9 @@ Every objective trains ``eval_seeds`` fresh agents (seeds never used in
 meta-training, the same for every objective) for each lifetime in
 ``eval_lifetimes`` -- inside and outside the meta-training range -- and the
 final mean episode return (a fresh rollout of the final policy) is reported as
-mean, standard deviation and standard error over seeds.
+mean, standard deviation and standard error over seeds, and compared with A2C's
+(and TA-LPG by ES with TA-LPG by meta-gradient) by paired t tests over the shared
+seeds, Holm-corrected over every comparison (:func:`metaopt.evaluation.compare`).
 
 Objectives: the meta-trained LPG networks of the run, REINFORCE (the untrained
 LPG: its initialisation), A2C (the critic's GAE advantage) -- all on the same
@@ -16,24 +18,24 @@ final return over the episodes that ended in its last 10% of training,
 lifetime) as an outside reference: it takes 16 gradient steps per rollout where
 the others take one, so it is the stronger learner per environment step.
 
-Outputs in the run directory: ``eval.json`` (returns and mean learning and
-entropy curves), ``eval.md`` (the table), ``eval.png`` (return vs lifetime,
-curves) and ``progress.png`` (how the learned targets change with progress;
+Outputs in the run directory (:func:`metaopt.evaluation.write_eval`):
+``eval.json`` (returns, mean learning and entropy curves, the comparison),
+``eval.md`` (the tables), ``eval.png`` (return vs lifetime, curves) and
+``progress.png`` (how the learned targets change with progress;
 :mod:`~metaopt.algorithms.lpg.plots`).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metaopt import evaluation as ev
 from metaopt.algorithms.lpg import agent as agent_lib
 from metaopt.algorithms.lpg import network
-from metaopt.algorithms.lpo.evaluate import downsample, seed_stats
 from metaopt.inner import unroll
 
 LABELS = {
@@ -44,6 +46,8 @@ LABELS = {
     "a2c": "A2C",
     "ppo": "PPO (clipped)",
 }
+#: the reference of the paired comparisons (a hand-designed objective on the same agent).
+REFERENCE = "a2c"
 
 
 def candidates(cfg, learned: dict[str, dict]) -> tuple[list[str], dict]:
@@ -104,14 +108,13 @@ def ppo_runs(cfg, lifetimes, keys) -> tuple[np.ndarray, list[np.ndarray]]:
 
 
 def run_evaluation(cfg, learned: dict[str, dict], progress: bool = True) -> dict:
-    """Every objective at every lifetime; a JSON-ready dict."""
-    from tqdm.auto import tqdm
-
+    """Every objective at every lifetime, and the paired comparisons with A2C (and of TA-LPG
+    by ES with TA-LPG by meta-gradient); a JSON-ready dict."""
     lifetimes = list(cfg.eval_lifetimes)
     keys = jax.random.split(jax.random.key(cfg.seed + 30_000), cfg.eval_seeds)
     names, population = candidates(cfg, learned)
     steps = 1 + (len(lifetimes) if cfg.eval_ppo else 0)
-    bar = tqdm(total=steps, desc="ta-lpg eval", unit="part", disable=not progress)
+    bar = ev.progress_bar(total=steps, desc="ta-lpg eval", unit="part", progress=progress)
     bar.set_postfix_str(f"{len(names)} objectives x {len(lifetimes)} lifetimes")
     finals, curves = agent_runs(cfg, population, lifetimes, keys)
     finals = np.asarray(finals)
@@ -121,9 +124,9 @@ def run_evaluation(cfg, learned: dict[str, dict], progress: bool = True) -> dict
     for i, name in enumerate(names):
         results[name] = [
             {
-                **seed_stats(finals[i, j]),
-                "mean_curve": downsample(ret_curves[i, j, :, :n].mean(0)),
-                "entropy_curve": downsample(ent_curves[i, j, :, :n].mean(0)),
+                **ev.seed_stats(finals[i, j]),
+                "mean_curve": ev.downsample(ret_curves[i, j, :, :n].mean(0)),
+                "entropy_curve": ev.downsample(ent_curves[i, j, :, :n].mean(0)),
             }
             for j, n in enumerate(lifetimes)
         ]
@@ -133,12 +136,16 @@ def run_evaluation(cfg, learned: dict[str, dict], progress: bool = True) -> dict
         pf, pc = ppo_runs(cfg, lifetimes, keys)
         bar.update(len(lifetimes))
         results["ppo"] = [
-            {**seed_stats(pf[j]), "mean_curve": downsample(pc[j].mean(0)), "entropy_curve": []}
+            {
+                **ev.seed_stats(pf[j]),
+                "mean_curve": ev.downsample(pc[j].mean(0)),
+                "entropy_curve": [],
+            }
             for j in range(len(lifetimes))
         ]
     bar.close()
     a = cfg.agent
-    return {
+    out = {
         "env": a.env,
         "seeds": cfg.eval_seeds,
         "lifetimes": lifetimes,
@@ -146,10 +153,22 @@ def run_evaluation(cfg, learned: dict[str, dict], progress: bool = True) -> dict
         "steps_per_update": a.steps_per_update,
         "results": results,
     }
+    scores = {
+        name: {f"N={n}": rows[j]["returns"] for j, n in enumerate(lifetimes)}
+        for name, rows in results.items()
+    }
+    # the two TA-LPG estimators, compared with each other too (same Holm family)
+    both = ("ta_lpg_es", "ta_lpg_metagrad")
+    pairs = [both] if set(both) <= set(scores) else []
+    out["comparison"] = ev.compare(
+        scores, REFERENCE, lower_is_better=False, normalise="minmax", pairs=pairs
+    )
+    return out
 
 
 def markdown(result: dict) -> str:
-    """Rows = objectives, columns = lifetimes, cells = mean ± std (best in bold)."""
+    """Rows = objectives, columns = lifetimes, cells = mean ± std (best in bold); then the
+    paired comparison with A2C."""
     lo, hi = result["train_range"]
     lts = result["lifetimes"]
     res = result["results"]
@@ -157,30 +176,31 @@ def markdown(result: dict) -> str:
     def tag(n):
         return "in range" if lo <= n <= hi else "outside"
 
-    head = "| objective | " + " | ".join(f"N={n} ({tag(n)})" for n in lts) + " |"
-    lines = [head, "|---|" + "---|" * len(lts)]
-    for name, rows in res.items():
-        cells = []
-        for j, r in enumerate(rows):
+    rows = []
+    for name, per_lifetime in res.items():
+        cells = [LABELS.get(name, name)]
+        for j, r in enumerate(per_lifetime):
             best = max(v[j]["mean"] for v in res.values())
             cell = f"{r['mean']:.2f} ± {r['std']:.2f}"
             cells.append(f"**{cell}**" if r["mean"] == best else cell)
-        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(
+        rows.append(cells)
+    lines = [
+        ev.table(["objective", *[f"N={n} ({tag(n)})" for n in lts]], rows),
         f"{result['env']}: final return after N agent updates "
         f"({result['steps_per_update']} env steps each): the mean return of every episode "
         f"of a fresh rollout of the final policy (PPO: of every episode that ended in its "
         f"last 10% of training), mean ± std over {result['seeds']} "
         f"seeds unseen in meta-training; meta-training lifetimes were log-uniform in "
-        f"[{lo}, {hi}]."
-    )
-    if "ta_lpg_es" in res and "ta_lpg_metagrad" in res:
-        lines += ["", "TA-LPG (ES) minus TA-LPG (meta-gradient), ± combined standard error:", ""]
-        for j, n in enumerate(lts):
-            a, b = res["ta_lpg_es"][j], res["ta_lpg_metagrad"][j]
-            se = float(np.hypot(a["stderr"], b["stderr"]))
-            lines.append(f"- N={n}: {a['mean'] - b['mean']:+.3f} ± {se:.3f}")
+        f"[{lo}, {hi}].",
+    ]
+    if "comparison" in result:
+        lines += [
+            "",
+            "Paired comparison with A2C (final return; TA-LPG (ES) - TA-LPG (meta-gradient) "
+            "as a row of its own):",
+            "",
+            ev.comparison_table(result["comparison"], labels=LABELS),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -232,12 +252,8 @@ def evaluate_run(run_dir: Path, cfg, progress: bool = True) -> dict:
 
     learned = {name: load_meta_params(run_dir, name) for name in cfg.phases}
     result = run_evaluation(cfg, learned, progress)
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    (run_dir / "eval.md").write_text(md)
-    plot(result, run_dir / "eval.png")
+    ev.write_eval(run_dir, result, markdown(result), lambda p: plot(result, p), recipe="ta-lpg")
     plots.plot_progress(cfg, learned, run_dir / "progress.png", run_dir / "progress.json")
-    print(md)
     return {
         f"{LABELS.get(k, k)} @ N={n}": f"{r['mean']:.2f} +- {r['std']:.2f}"
         for k, rows in result["results"].items()

@@ -34,12 +34,11 @@ from metaopt import driver
 from metaopt import outer as outer_lib
 from metaopt.algorithms.lpg import agent as agent_lib
 from metaopt.algorithms.lpg import network
-from metaopt.algorithms.lpo.recipe import save_meta_params
-from metaopt.checkpoint import MissingCheckpointError, has_checkpoint
 from metaopt.config import check
 from metaopt.envs import rl
 from metaopt.plotting import read_metrics
 from metaopt.recipes import Recipe, register, write_summary
+from metaopt.rundir import load_artifact, run_phase, save_artifact
 
 #: every objective a run can meta-train, in order: name -> (outer, temporal).
 PHASES: dict[str, tuple[str, bool]] = {
@@ -93,6 +92,7 @@ class Config:
     seed: int = 0
 
     def __post_init__(self):
+        outer_lib.check_strategy(self.strategy)
         check(
             self.outer in ("es", "metagrad", "both"),
             f"outer must be es, metagrad or both, got '{self.outer}'",
@@ -162,35 +162,20 @@ def initial_meta_params(cfg: Config, name: str) -> dict:
 
 
 def build_outer(cfg: Config, name: str, inner) -> outer_lib.OuterEstimator:
+    """Phase ``name``'s outer loop from the config (see :func:`metaopt.outer.from_config`):
+    ES at ``es_lr``, or the truncated meta-gradient over ``particles`` at ``metagrad_lr``."""
     kind = PHASES[name][0]
     if kind == "es":
-        return outer_lib.make(
-            "es",
-            inner,
-            strategy=cfg.strategy,
-            population_size=cfg.population,
-            num_seeds=cfg.seeds,
-            sigma=cfg.sigma,
-            learning_rate=cfg.es_lr,
-        )
-    return outer_lib.make(
-        "metagrad",
-        inner,
-        truncation_length=cfg.truncation,
-        num_particles=cfg.particles,
-        learning_rate=cfg.metagrad_lr,
-        clip_norm=cfg.clip_norm,
-        remat=cfg.remat,
+        return outer_lib.from_config("es", inner, cfg, learning_rate=cfg.es_lr)
+    return outer_lib.from_config(
+        "metagrad", inner, cfg, population_size=cfg.particles, learning_rate=cfg.metagrad_lr
     )
 
 
 def load_meta_params(run_dir: str | Path, name: str = "ta_lpg_es") -> dict:
     """The meta-trained LPG network ``name`` of a finished run (see :data:`PHASES`)."""
-    path = Path(run_dir) / f"{name}.npz"
-    if not path.exists():
-        raise MissingCheckpointError(f"{path} is missing: the run has not finished this phase")
-    with np.load(path, allow_pickle=False) as f:
-        return {k: jnp.asarray(f[k], jnp.float32) for k in f.files}
+    tree, _ = load_artifact(Path(run_dir) / f"{name}.npz", f"lpg/{name}")
+    return jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), tree)
 
 
 def load_objective(run_dir: str | Path, name: str = "ta_lpg_es"):
@@ -208,30 +193,39 @@ def load_objective(run_dir: str | Path, name: str = "ta_lpg_es"):
     return targets
 
 
+def _dry_build(cfg: Config) -> list:
+    """Every phase's inner and outer loop, built without running (the run directory's dry build)."""
+    return [
+        build_outer(cfg, n, agent_lib.make_agent(cfg.agent, "lpg", name=f"lpg-agent-{n}"))
+        for n in cfg.phases
+    ]
+
+
 def meta_train(cfg: Config, name: str, out: Path, resume: bool, progress: bool) -> dict:
     """Meta-trains phase ``name``; writes ``out/name/`` and ``out/name.npz``."""
     inner = agent_lib.make_agent(cfg.agent, "lpg", name=f"lpg-agent-{name}")
     outer = build_outer(cfg, name, inner)
-    phase_dir = out / name
-    phase_dir.mkdir(parents=True, exist_ok=True)
-    resume_phase = resume and has_checkpoint(phase_dir)
     key = jax.random.fold_in(jax.random.key(cfg.seed), list(PHASES).index(name))
-    steps = cfg.generations if PHASES[name][0] == "es" else cfg.metagrad_steps
-    per_call = cfg.steps_per_call if PHASES[name][0] == "es" else max(cfg.steps_per_call, 10)
-    result = driver.train(
-        outer,
-        initial_meta_params(cfg, name),
-        key=key,
-        num_steps=steps,
-        out_dir=phase_dir,
-        resume=resume_phase,
-        steps_per_call=per_call,
-        checkpoint_every=cfg.checkpoint_every * (1 if PHASES[name][0] == "es" else 10),
-        progress=progress,
-        desc=f"ta-lpg [{name}] {cfg.env}",
+    es = PHASES[name][0] == "es"
+    result = run_phase(
+        out,
+        name,
+        lambda phase_dir, resume_phase: driver.train(
+            outer,
+            initial_meta_params(cfg, name),
+            key=key,
+            num_steps=cfg.generations if es else cfg.metagrad_steps,
+            out_dir=phase_dir,
+            resume=resume_phase,
+            steps_per_call=cfg.steps_per_call if es else max(cfg.steps_per_call, 10),
+            checkpoint_every=cfg.checkpoint_every * (1 if es else 10),
+            progress=progress,
+            desc=f"ta-lpg [{name}] {cfg.env}",
+        ),
+        resume=resume,
     )
-    learned = jax.tree.map(jnp.asarray, result.meta_params)
-    save_meta_params(out / f"{name}.npz", learned)
+    learned = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), result.meta_params)
+    save_artifact(out / f"{name}.npz", learned, f"lpg/{name}")
     return learned
 
 

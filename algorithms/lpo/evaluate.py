@@ -6,7 +6,9 @@ objective trains ``eval_seeds`` fresh PPO agents on seeds never used in
 meta-training (the same seeds for every objective), and the final return (the
 mean return of every episode that ended in the last ``fitness_window`` of the
 run, :func:`~metaopt.algorithms.lpo.ppo.window_return`) is reported as mean,
-standard deviation and standard error over seeds.
+standard deviation and standard error over seeds, and compared with PPO's by
+paired t tests over the shared seeds, Holm-corrected over every comparison
+(:func:`metaopt.evaluation.compare`).
 TA-LPO reads progress ``n/N`` relative to each run's own horizon, which is what
 lets it transfer across horizons.
 
@@ -16,21 +18,22 @@ selects one by an integer in the meta-parameters. This costs the two drift
 networks' forward/backward for every run (tens of percent of a PPO update) but
 compiles each setting once instead of once per objective.
 
-Outputs in the run directory: ``eval.json`` (all returns and mean learning
-curves), ``eval.md`` (the table) and ``eval.png`` (return vs horizon on the
+Outputs in the run directory (:func:`metaopt.evaluation.write_eval`):
+``eval.json`` (all returns, mean learning curves and their standard errors, the
+comparison), ``eval.md`` (the tables) and ``eval.png`` (return vs horizon on the
 meta-training environment, bars per other environment, learning curves at N).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metaopt import evaluation as ev
 from metaopt.algorithms.lpo import objectives as obj_lib
 from metaopt.algorithms.lpo import ppo
 from metaopt.inner import unroll
@@ -43,7 +46,8 @@ OBJECTIVES = (
     ("dpo", "DPO"),
 )
 _INDEX = {k: i for i, (k, _) in enumerate(OBJECTIVES)}
-MAX_CURVE_POINTS = 200
+#: the reference of the paired comparisons.
+REFERENCE = "ppo"
 
 
 def mixed_objective(meta_params, ratio, advantage, progress):
@@ -116,35 +120,18 @@ def settings(cfg) -> list[dict]:
     return out
 
 
-def seed_stats(x: np.ndarray) -> dict:
-    """Mean, std and standard error over seeds, and the values."""
-    x = np.asarray(x, np.float64)
-    return {
-        "mean": float(x.mean()),
-        "std": float(x.std()),
-        "stderr": float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan"),
-        "returns": [float(v) for v in x],
-    }
-
-
-def downsample(curve: np.ndarray) -> list[float]:
-    """At most ``MAX_CURVE_POINTS`` evenly spaced points of a curve, as floats."""
-    idx = np.unique(np.linspace(0, len(curve) - 1, min(len(curve), MAX_CURVE_POINTS)).astype(int))
-    return [float(curve[i]) for i in idx]
-
-
 def run_evaluation(cfg, learned: dict[str, dict], progress: bool = True) -> dict:
-    """Every objective in every setting; a JSON-ready dict."""
-    from tqdm.auto import tqdm
-
+    """Every objective in every setting, and the paired comparison with PPO; a JSON-ready dict."""
     keys = jax.random.split(jax.random.key(cfg.seed + 20_000), cfg.eval_seeds)
     result = {"seeds": cfg.eval_seeds, "meta_env": cfg.env, "settings": []}
     todo = settings(cfg)
-    bar = tqdm(todo, desc="ta-lpo eval", unit="setting", disable=not progress)
+    bar = ev.progress_bar(todo, desc="ta-lpo eval", unit="setting", progress=progress)
+    finals: dict[str, dict[str, np.ndarray]] = {}
     for s in bar:
         p = s["cfg"]
         bar.set_postfix_str(f"{s['label']} ({ppo.env_steps(p)} steps)")
         curves = returns_over_training(p, learned, keys, cfg.hidden)
+        band = ev.curve_stats({k: c for k, (c, _) in curves.items()})
         result["settings"].append(
             {
                 "label": s["label"],
@@ -154,44 +141,55 @@ def run_evaluation(cfg, learned: dict[str, dict], progress: bool = True) -> dict
                 "updates": p.num_updates,
                 "ppo": dataclasses.asdict(p),
                 "results": {
-                    k: {**seed_stats(f), "mean_curve": downsample(c.mean(0))}
+                    k: {
+                        **ev.seed_stats(f),
+                        "mean_curve": ev.downsample(c.mean(0)),
+                        "stderr_curve": band[k]["stderr"],
+                        "curve_index": band[k]["index"],
+                    }
                     for k, (c, f) in curves.items()
                 },
             }
+        )
+        for k, (_, f) in curves.items():
+            finals.setdefault(k, {})[s["label"]] = f
+    if REFERENCE in finals:
+        result["comparison"] = ev.compare(
+            finals, REFERENCE, lower_is_better=False, normalise="minmax"
         )
     return result
 
 
 def markdown(result: dict) -> str:
-    """The table: rows = objectives, columns = settings, cells = mean ± std (best in bold)."""
+    """Rows = objectives, columns = settings, cells = mean ± std (best in bold); then the
+    paired comparison with PPO."""
     labels = dict(OBJECTIVES)
     sets = result["settings"]
     names = list(sets[0]["results"])
-    head = "| objective | " + " | ".join(f"{s['label']} ({s['timesteps']:,} steps)" for s in sets)
-    lines = [head + " |", "|---|" + "---|" * len(sets)]
+    rows = []
     for k in names:
-        cells = []
+        cells = [labels[k]]
         for s in sets:
             r = s["results"][k]
             best = max(v["mean"] for v in s["results"].values())
             cell = f"{r['mean']:.1f} ± {r['std']:.1f}"
             cells.append(f"**{cell}**" if r["mean"] == best else cell)
-        lines.append(f"| {labels[k]} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(
+        rows.append(cells)
+    header = ["objective", *[f"{s['label']} ({s['timesteps']:,} steps)" for s in sets]]
+    lines = [
+        ev.table(header, rows),
         f"Final return (mean return of the episodes that ended in the last "
         f"{sets[0]['ppo'].get('fitness_window', 0.1):.0%} of training), "
         f"mean ± std over {result['seeds']} seeds unseen in meta-training (same seeds for "
-        f"every objective). N = the meta-training horizon."
-    )
-    if "ta_lpo" in names and "ppo" in names:
-        lines.append("")
-        lines.append("TA-LPO minus PPO (± combined standard error):")
-        lines.append("")
-        for s in sets:
-            a, b = s["results"]["ta_lpo"], s["results"]["ppo"]
-            se = float(np.hypot(a["stderr"], b["stderr"]))
-            lines.append(f"- {s['label']}: {a['mean'] - b['mean']:+.1f} ± {se:.1f}")
+        f"every objective). N = the meta-training horizon.",
+    ]
+    if "comparison" in result:
+        lines += [
+            "",
+            "Paired comparison with PPO (final return):",
+            "",
+            ev.comparison_table(result["comparison"], labels=labels),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -232,10 +230,13 @@ def plot(result: dict, path: str | Path) -> None:
     if at_n:
         ax = axs.pop(0)
         s = at_n[0]
-        for k in names:
-            c = s["results"][k]["mean_curve"]
-            ax.plot(np.linspace(0, s["timesteps"], len(c)), c, label=labels[k])
-        ax.set_title(f"{s['label']}: mean return during training", fontsize=9)
+        stats = {
+            k: {"index": r["curve_index"], "mean": r["mean_curve"], "stderr": r["stderr_curve"]}
+            for k, r in s["results"].items()
+        }
+        x = np.linspace(0, s["timesteps"], s["updates"])
+        ev.plot_curves(ax, stats, x, labels)
+        ax.set_title(f"{s['label']}: mean return during training (± SE)", fontsize=9)
         ax.set_xlabel("environment steps")
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -248,11 +249,7 @@ def evaluate_run(run_dir: Path, cfg, progress: bool = True) -> dict:
 
     learned = {name: load_meta_params(run_dir, name) for name in cfg.phases}
     result = run_evaluation(cfg, learned, progress)
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    (run_dir / "eval.md").write_text(md)
-    plot(result, run_dir / "eval.png")
-    print(md)
+    ev.write_eval(run_dir, result, markdown(result), lambda p: plot(result, p), recipe="ta-lpo")
     labels = dict(OBJECTIVES)
     return {
         f"{labels[k]} @ {s['label']}": f"{r['mean']:.1f} +- {r['std']:.1f}"

@@ -53,12 +53,12 @@ from metaopt import driver
 from metaopt import outer as outer_lib
 from metaopt.algorithms.lpo import objectives as obj_lib
 from metaopt.algorithms.lpo import ppo
-from metaopt.checkpoint import MissingCheckpointError, has_checkpoint
 from metaopt.config import check
 from metaopt.envs import rl
 from metaopt.inner import InnerLoop
 from metaopt.plotting import read_metrics
 from metaopt.recipes import Recipe, register, write_summary
+from metaopt.rundir import load_artifact, run_phase, save_artifact
 
 LEARNED = ("lpo", "ta_lpo")
 
@@ -94,6 +94,7 @@ class Config:
     seed: int = 0
 
     def __post_init__(self):
+        outer_lib.check_strategy(self.strategy)
         rl.canonical_name(self.env)
         for e in self.eval_envs:
             rl.canonical_name(e)
@@ -153,29 +154,15 @@ def initial_meta_params(cfg: Config, name: str) -> dict:
 
 
 def build_outer(cfg: Config, inner: InnerLoop) -> outer_lib.OuterEstimator:
-    return outer_lib.make(
-        "es",
-        inner,
-        strategy=cfg.strategy,
-        population_size=cfg.population,
-        num_seeds=cfg.seeds,
-        sigma=cfg.sigma,
-        sigma_decay=cfg.sigma_decay,
-        learning_rate=cfg.meta_lr,
-    )
-
-
-def save_meta_params(path: Path, meta_params: dict) -> None:
-    np.savez(path, **{k: np.asarray(v, np.float32) for k, v in meta_params.items()})
+    """ES from the config (``strategy``, ``population``, ``seeds``, ``sigma``, ``sigma_decay``,
+    ``meta_lr``; see :func:`metaopt.outer.from_config`)."""
+    return outer_lib.from_config("es", inner, cfg)
 
 
 def load_meta_params(run_dir: str | Path, name: str = "ta_lpo") -> dict:
     """The discovered drift network ``name`` (``"ta_lpo"`` or ``"lpo"``) of a finished run."""
-    path = Path(run_dir) / f"{name}.npz"
-    if not path.exists():
-        raise MissingCheckpointError(f"{path} is missing: the run has not finished")
-    with np.load(path, allow_pickle=False) as f:
-        return {k: jnp.asarray(f[k], jnp.float32) for k in ("w1", "w2")}
+    tree, _ = load_artifact(Path(run_dir) / f"{name}.npz", f"lpo-drift/{name}")
+    return {k: jnp.asarray(tree[k], jnp.float32) for k in ("w1", "w2")}
 
 
 def load_objective(run_dir: str | Path, name: str = "ta_lpo") -> Callable:
@@ -191,26 +178,27 @@ def meta_train(cfg: Config, name: str, out: Path, resume: bool, progress: bool) 
     """Meta-trains the drift ``name`` with ES; writes ``out/name/`` and ``out/name.npz``."""
     inner = build_inner(cfg, name)
     outer = build_outer(cfg, inner)
-    phase_dir = out / name
-    phase_dir.mkdir(parents=True, exist_ok=True)
-    # A resumed run may have been stopped before this phase started.
-    resume_phase = resume and has_checkpoint(phase_dir)
     # Each phase gets its own key, so LPO and TA-LPO see independent noise and seeds.
     key = jax.random.fold_in(jax.random.key(cfg.seed), LEARNED.index(name))
-    result = driver.train(
-        outer,
-        initial_meta_params(cfg, name),
-        key=key,
-        num_steps=cfg.generations,
-        out_dir=phase_dir,
-        resume=resume_phase,
-        steps_per_call=cfg.steps_per_call,
-        checkpoint_every=cfg.checkpoint_every,
-        progress=progress,
-        desc=f"ta-lpo [{name}] {cfg.env}",
+    result = run_phase(
+        out,
+        name,
+        lambda phase_dir, resume_phase: driver.train(
+            outer,
+            initial_meta_params(cfg, name),
+            key=key,
+            num_steps=cfg.generations,
+            out_dir=phase_dir,
+            resume=resume_phase,
+            steps_per_call=cfg.steps_per_call,
+            checkpoint_every=cfg.checkpoint_every,
+            progress=progress,
+            desc=f"ta-lpo [{name}] {cfg.env}",
+        ),
+        resume=resume,
     )
-    learned = jax.tree.map(jnp.asarray, result.meta_params)
-    save_meta_params(out / f"{name}.npz", learned)
+    learned = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), result.meta_params)
+    save_artifact(out / f"{name}.npz", learned, f"lpo-drift/{name}")
     return learned
 
 
@@ -300,5 +288,6 @@ RECIPE = register(
         run=run,
         presets=PRESETS,
         evaluate=evaluate,
+        build=lambda cfg: [build_outer(cfg, build_inner(cfg, n)) for n in cfg.phases],
     )
 )

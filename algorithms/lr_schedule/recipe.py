@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +30,7 @@ import optax
 
 from metaopt import driver
 from metaopt import outer as outer_lib
+from metaopt.checkpoint import write_json_atomic
 from metaopt.config import check
 from metaopt.envs import MLPClassification
 from metaopt.inner import (
@@ -40,7 +40,8 @@ from metaopt.inner import (
     seed_losses,
     training_inner_loop,
 )
-from metaopt.recipes import Recipe, register
+from metaopt.recipes import Recipe, register, write_summary
+from metaopt.rundir import load_artifact, save_artifact
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,7 @@ class Config:
     seed: int = 0
 
     def __post_init__(self):
+        outer_lib.check_strategy(self.strategy)
         check(self.inner_steps >= 1, "inner_steps must be >= 1")
         check(self.knots >= 2, "knots must be >= 2")
         check(self.population >= 2 and self.population % 2 == 0, "population must be even, >= 2")
@@ -76,6 +78,9 @@ class Config:
         check(self.init_lr > 0, "init_lr must be > 0")
         check(self.generations >= 0, "generations must be >= 0")
         check(self.steps_per_call >= 1, "steps_per_call must be >= 1")
+        check(self.eval_seeds >= 2, "eval_seeds must be >= 2 (a standard error needs two)")
+        check(self.truncation >= 1, "truncation must be >= 1")
+        check(self.batch_size >= 1, "batch_size must be >= 1")
         check(all(h >= 1 for h in self.hidden), "hidden widths must be >= 1")
         if self.outer != "es":
             check(
@@ -122,47 +127,36 @@ def initial_meta_params(cfg: Config) -> dict:
 
 
 def build_outer(cfg: Config, inner: InnerLoop) -> outer_lib.OuterEstimator:
-    """The outer loop ``cfg.outer`` with the config's budget mapped onto its arguments."""
-    kwargs = {
-        "es": dict(
-            strategy=cfg.strategy,
-            population_size=cfg.population,
-            num_seeds=cfg.seeds,
-            sigma=cfg.sigma,
-        ),
-        "pes": dict(
-            num_pairs=cfg.population // 2, truncation_length=cfg.truncation, sigma=cfg.sigma
-        ),
-        "metagrad": dict(truncation_length=cfg.truncation, num_particles=cfg.seeds, clip_norm=1.0),
-    }[cfg.outer]
-    return outer_lib.make(cfg.outer, inner, learning_rate=cfg.meta_lr, **kwargs)
+    """The outer loop ``cfg.outer`` from the config (see :func:`metaopt.outer.from_config`).
+
+    ``population`` is the number of ES candidates or PES particles; the meta-gradient
+    averages over ``seeds`` particles, with its gradient norm clipped at 1.
+    """
+    if cfg.outer == "metagrad":
+        return outer_lib.from_config(
+            "metagrad", inner, cfg, population_size=cfg.seeds, clip_norm=1.0
+        )
+    return outer_lib.from_config(cfg.outer, inner, cfg)
 
 
 def save_schedule(out: Path, meta_params: dict, cfg: Config) -> None:
     knots = np.asarray(meta_params["log_lr"], np.float64)
-    np.savez(out / "meta_params.npz", log_lr=knots)
-    (out / "schedule.json").write_text(
-        json.dumps(
-            {
-                "progress": np.linspace(0, 1, cfg.knots).tolist(),
-                "log_lr": knots.tolist(),
-                "lr": np.exp(knots).tolist(),
-                "base": cfg.base,
-            },
-            indent=2,
-        )
-        + "\n"
+    save_artifact(out / "meta_params.npz", {"log_lr": knots}, "lr-schedule", base=cfg.base)
+    write_json_atomic(
+        out / "schedule.json",
+        {
+            "progress": np.linspace(0, 1, cfg.knots).tolist(),
+            "log_lr": knots.tolist(),
+            "lr": np.exp(knots).tolist(),
+            "base": cfg.base,
+        },
     )
 
 
 def load_schedule(run_dir: Path) -> dict:
-    path = Path(run_dir) / "meta_params.npz"
-    if not path.exists():
-        from metaopt.checkpoint import MissingCheckpointError
-
-        raise MissingCheckpointError(f"{path} is missing: the run has not finished")
-    with np.load(path, allow_pickle=False) as f:
-        return {"log_lr": jnp.asarray(f["log_lr"], jnp.float32)}
+    """The discovered schedule's meta-parameters (``{"log_lr": [knots]}``) of a finished run."""
+    tree, _ = load_artifact(Path(run_dir) / "meta_params.npz", "lr-schedule")
+    return {"log_lr": jnp.asarray(tree["log_lr"], jnp.float32)}
 
 
 def plot_schedule(schedules: dict[str, dict], ax=None, path: Path | None = None):
@@ -234,10 +228,8 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
         "discovered_lr_knots": f"[{lrs}]",
         "run_dir": str(out),
     }
-    (out / "summary.md").write_text(
-        "# lr-schedule run\n\n"
-        + "".join(f"- {k}: {v}\n" for k, v in summary.items())
-        + "\n![schedule](schedule.png)\n\n![curves](curves.png)\n"
+    write_summary(
+        out, "lr-schedule run", summary, "![schedule](schedule.png)\n\n![curves](curves.png)\n"
     )
     return summary
 
@@ -246,34 +238,63 @@ LR_GRID = tuple(float(x) for x in np.geomspace(1e-3, 1.0, 10))
 
 
 def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
-    """Test split: discovered vs initial schedule vs best constant lr (tuned on valid)."""
-    del progress
+    """Test split: discovered vs initial schedule vs the best constant lr (tuned on valid).
+
+    The constant lr is the best of :data:`LR_GRID` by mean final validation loss;
+    every schedule then trains ``eval_seeds`` networks on the same seeds (paired
+    comparisons with the tuned constant lr as reference, :mod:`metaopt.evaluation`).
+    Writes ``eval.json``, ``eval.md`` and ``eval.png`` (lr tuning, test losses).
+    """
+    from metaopt import evaluation as ev
+    from metaopt.plotting import figure
+
     learned = load_schedule(run_dir)
     key = jax.random.key(cfg.seed + 20_000)
     keys = jax.random.split(key, cfg.eval_seeds)
-    grid = {"log_lr": jnp.log(jnp.asarray(LR_GRID))[:, None] * jnp.ones((1, cfg.knots))}
+    bar = ev.progress_bar(total=4, desc="lr-schedule eval", unit="part", progress=progress)
     pop_eval = jax.jit(lambda g, k: population_losses(build_inner(cfg, "valid"), g, k))
-    valid = np.asarray(pop_eval(grid, keys)).mean(1)
-    best = int(np.nanargmin(valid))
-    tuned = {"log_lr": grid["log_lr"][best]}
-    rows = {}
-    for name, mp in [
-        ("discovered", learned),
-        ("initial", initial_meta_params(cfg)),
-        (f"tuned constant lr={LR_GRID[best]:.3g}", tuned),
-    ]:
-        losses = heldout_losses(cfg, mp, "test", key)
-        rows[name] = {
-            "mean": float(losses.mean()),
-            "std": float(losses.std()),
-            "seeds": len(losses),
-        }
-    (run_dir / "eval.json").write_text(json.dumps(rows, indent=2) + "\n")
-    md = "| schedule | test loss (mean) | std | seeds |\n|---|---|---|---|\n" + "".join(
-        f"| {k} | {v['mean']:.4f} | {v['std']:.4f} | {v['seeds']} |\n" for k, v in rows.items()
+
+    def valid_losses(lrs):  # [G] -> [G, seeds]
+        log_lr = jnp.log(jnp.asarray(lrs, jnp.float32))[:, None] * jnp.ones((1, cfg.knots))
+        return pop_eval({"log_lr": log_lr}, keys)
+
+    choice = ev.tune_grid(valid_losses, LR_GRID, what="lr-schedule constant lr")
+    bar.update()
+    tuned_name = f"tuned constant lr={choice.value:.3g}"
+    schedules = {
+        "discovered": learned,
+        "initial": initial_meta_params(cfg),
+        tuned_name: {"log_lr": jnp.log(jnp.float32(choice.value)) * jnp.ones((cfg.knots,))},
+    }
+    losses = {}
+    for name, mp in schedules.items():
+        losses[name] = heldout_losses(cfg, mp, "test", key)
+        bar.update()
+    bar.close()
+    rows = {k: {**ev.seed_stats(v, "losses"), "seeds": len(v)} for k, v in losses.items()}
+    comparison = ev.compare(
+        {k: {"test": v} for k, v in losses.items()}, tuned_name, lower_is_better=True
     )
-    (run_dir / "eval.md").write_text(md)
-    print(md)
+    result = {"rows": rows, "lr_tuning": choice.to_json(), "comparison": comparison}
+    md = (
+        f"Final test loss of {cfg.eval_seeds} fresh training runs per schedule. The constant "
+        f"lr is the best of {len(LR_GRID)} values in [{LR_GRID[0]:g}, {LR_GRID[-1]:g}] by mean "
+        f"final validation loss{' (at the grid edge)' if choice.at_edge else ''}.\n\n"
+        + ev.comparison_table(comparison, task_labels={"test": "test loss"}, digits=4)
+    )
+
+    fig, axes = figure((9.0, 3.3), 1, 2)
+    ev.plot_grid(axes[0, 0], choice, "mean final validation loss")
+    ax = axes[0, 1]
+    for i, (name, v) in enumerate(losses.items()):
+        ax.plot(np.full(len(v), i), v, "o", alpha=0.4, color=f"C{i}")
+        mean, se = rows[name]["mean"], rows[name]["stderr"]
+        ax.errorbar(i, mean, yerr=se, fmt="_", ms=20, capsize=6, color="k")
+    ax.set_xticks(range(len(losses)), [n.split(" lr=")[0] for n in losses], fontsize=8)
+    ax.set_ylabel("final test loss")
+    ax.set_title("test loss per seed (mean ± SE)")
+    ax.grid(alpha=0.3, axis="y")
+    ev.write_eval(run_dir, result, md, fig, recipe="lr-schedule")
     return {k: f"{v['mean']:.4f} +- {v['std']:.4f}" for k, v in rows.items()}
 
 
@@ -285,5 +306,6 @@ RECIPE = register(
         run=run,
         presets=PRESETS,
         evaluate=evaluate,
+        build=lambda cfg: build_outer(cfg, build_inner(cfg)),
     )
 )

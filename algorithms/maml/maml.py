@@ -16,7 +16,7 @@ MAML in the core's terms:
 * ``meta_loss``: MSE on the query points after the step(s).
 
 :class:`metaopt.outer.MetaGradient` with full backprop and
-``num_particles = meta_batch`` then computes exactly the MAML meta-gradient
+``population_size = meta_batch`` then computes exactly the MAML meta-gradient
 (second order: through the inner gradient), averaged over a meta-batch of
 tasks. With ``alpha = 0`` the same inner loop is plain joint training on all
 tasks: the "pretrained" baseline of the paper.

@@ -3,7 +3,7 @@
 Meta-trains the initial weights of an MLP ``1-40-40-1`` so that one SGD step
 (``alpha = 0.01``) on ``K = 10`` points of a new sinusoid fits it, with the
 core's :class:`~metaopt.outer.MetaGradient` (full second-order backprop through
-the inner step, ``num_particles`` = meta-batch of 25 tasks, Adam 1e-3) driven
+the inner step, ``population_size`` = meta-batch of 25 tasks, Adam 1e-3) driven
 by :func:`metaopt.driver.train` (progress bar, checkpoints, exact resume). The
 baseline of the paper is trained the same way with ``alpha = 0``: one network
 pretrained on all tasks jointly.
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import sys
 from pathlib import Path
 
 import jax
@@ -30,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metaopt import driver
+from metaopt import outer as outer_lib
 from metaopt.algorithms.maml.maml import (
     X_RANGE,
     adapt,
@@ -40,10 +39,10 @@ from metaopt.algorithms.maml.maml import (
     sample_task,
     sinusoid_inner_loop,
 )
-from metaopt.checkpoint import MissingCheckpointError
 from metaopt.config import check
 from metaopt.outer import MetaGradient
-from metaopt.recipes import Recipe, register
+from metaopt.recipes import Recipe, register, write_summary
+from metaopt.rundir import load_artifact, run_phase, save_artifact
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,50 +112,44 @@ def build_outer(cfg: Config, pretrained: bool = False) -> MetaGradient:
         cfg.inner_steps,
         name="pretrained" if pretrained else "maml",
     )
-    return MetaGradient(
-        inner,
-        truncation_length=None,
-        num_particles=cfg.meta_batch,
-        learning_rate=cfg.meta_lr,
-        mesh=_mesh(cfg.meta_batch),
+    # full backprop (no ``truncation``) over ``meta_batch`` tasks at ``meta_lr``
+    return outer_lib.from_config(
+        "metagrad", inner, cfg, population_size=cfg.meta_batch, mesh=_mesh(cfg.meta_batch)
     )
 
 
 def save_params(path: Path, params) -> None:
-    arrays = {}
-    for i, layer in enumerate(params):
-        arrays[f"w{i}"] = np.asarray(layer["w"])
-        arrays[f"b{i}"] = np.asarray(layer["b"])
-    np.savez(path, **arrays)
+    """Writes an MLP's ``[{"w", "b"}, ...]`` layers as an artifact (.npz + JSON header)."""
+    save_artifact(path, list(params), "maml-mlp")
 
 
 def load_params(path: Path) -> list[dict[str, jax.Array]]:
-    if not path.exists():
-        raise MissingCheckpointError(f"{path} is missing: the run has not finished")
-    with np.load(path, allow_pickle=False) as f:
-        n = len([k for k in f.files if k.startswith("w")])
-        return [{"w": jnp.asarray(f[f"w{i}"]), "b": jnp.asarray(f[f"b{i}"])} for i in range(n)]
+    """Reads the layers written by :func:`save_params`."""
+    layers, _ = load_artifact(path, "maml-mlp")
+    return [{k: jnp.asarray(v) for k, v in layer.items()} for layer in layers]
 
 
 def _train(cfg: Config, out: Path, resume: bool, progress: bool, pretrained: bool):
+    """MAML in the run directory itself, the pretrained baseline as phase ``pretrained``."""
     outer = build_outer(cfg, pretrained)
     init = init_model(jax.random.key(cfg.seed), cfg.sizes, cfg.init_scale)
-    kwargs = dict(
-        key=jax.random.key(cfg.seed + 1),
-        num_steps=cfg.generations,
-        out_dir=out,
-        steps_per_call=cfg.steps_per_call,
-        checkpoint_every=cfg.checkpoint_every,
-        progress=progress,
-        desc="pretrained (alpha=0)" if pretrained else "maml",
+    return run_phase(
+        out,
+        "pretrained" if pretrained else "",
+        lambda phase_dir, resume_phase: driver.train(
+            outer,
+            init,
+            key=jax.random.key(cfg.seed + 1),
+            num_steps=cfg.generations,
+            out_dir=phase_dir,
+            resume=resume_phase,
+            steps_per_call=cfg.steps_per_call,
+            checkpoint_every=cfg.checkpoint_every,
+            progress=progress,
+            desc="pretrained (alpha=0)" if pretrained else "maml",
+        ),
+        resume=resume,
     )
-    try:
-        return driver.train(outer, init, resume=resume, **kwargs)
-    except MissingCheckpointError:
-        # an interrupted run may not have reached this stage yet: start it
-        if not (resume and pretrained):
-            raise
-        return driver.train(outer, init, resume=False, **kwargs)
 
 
 @functools.lru_cache(maxsize=4)
@@ -212,7 +205,7 @@ def _stats(mse: np.ndarray) -> dict:
 
 def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> dict:
     maml = _train(cfg, out, resume, progress, pretrained=False)
-    base = _train(cfg, out / "pretrained", resume, progress, pretrained=True)
+    base = _train(cfg, out, resume, progress, pretrained=True)
     save_params(out / "maml_params.npz", maml.meta_params)
     save_params(out / "pretrained_params.npz", base.meta_params)
     key = jax.random.key(cfg.seed + 10_000)  # tasks never seen in meta-training
@@ -226,7 +219,6 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
         "pretrained_pre_update": float(b[:, 0].mean()),
         "pretrained_after_1_step": float(b[:, 1].mean()),
     }
-    (out / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
     fmt = lambda a: f"{a.mean():.3f} +- {a.std():.3f}"
     summary = {
         "maml_mse_pre_update": fmt(m[:, 0]),
@@ -236,21 +228,20 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
         "tasks": cfg.eval_tasks,
         "run_dir": str(out),
     }
-    (out / "summary.md").write_text(
-        "# maml run (sinusoid regression)\n\n"
+    write_summary(
+        out,
+        "maml run (sinusoid regression)",
+        summary,
         f"Test MSE on {cfg.eval_tasks} fresh tasks ({cfg.eval_points} test points each), "
         f"K={cfg.k_support}, step size {cfg.inner_lr}; mean +- std over tasks.\n\n"
-        + "".join(f"- {k}: {v}\n" for k, v in summary.items())
-        + "\nFull evaluation: `metaopt eval RUN_DIR`.\n\n![curves](curves.png)\n"
+        "Full evaluation: `metaopt eval RUN_DIR`.\n\n![curves](curves.png)\n",
+        record=record,
     )
     return summary
 
 
-def _plot_steps(path: Path, rows: dict[str, dict]) -> None:
-    from metaopt.plotting import figure
-
-    fig, axes = figure((5.0, 3.5))
-    ax = axes[0, 0]
+def _plot_steps(ax, rows: dict[str, dict]) -> None:
+    """Test MSE against adaptation steps per model, mean and 95% band (1.96 SE) over tasks."""
     for label, r in rows.items():
         mean, sem = np.asarray(r["mean"]), np.asarray(r["sem"])
         steps = np.arange(len(mean))
@@ -261,8 +252,6 @@ def _plot_steps(path: Path, rows: dict[str, dict]) -> None:
     ax.set_ylabel("test MSE (fresh tasks)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 @functools.partial(jax.jit, static_argnames=("k_support", "num_tasks", "steps"))
@@ -327,21 +316,30 @@ def plot_fits(
 
 
 def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
-    """Adaptation of MAML vs the pretrained baseline on fresh tasks (JSON, markdown, plots)."""
-    from tqdm.auto import tqdm
+    """Adaptation of MAML vs the pretrained baseline on fresh tasks (JSON, markdown, plots).
+
+    The baseline's fine-tuning step size is tuned on validation tasks (1-step MSE,
+    :data:`FINETUNE_GRID`); every model adapts to the same test tasks, so the
+    comparison with the tuned baseline is paired over tasks (:mod:`metaopt.evaluation`).
+    Writes ``eval.json``, ``eval.md``, ``eval.png`` (the tuning and MSE vs steps),
+    ``steps.png`` and ``fits.png``.
+    """
+    from metaopt import evaluation as ev
+    from metaopt.plotting import figure
 
     run_dir = Path(run_dir)
     maml = load_params(run_dir / "maml_params.npz")
     base = load_params(run_dir / "pretrained_params.npz")
     k_valid, k_test, k_plot = jax.random.split(jax.random.key(cfg.seed + 20_000), 3)
     # the baseline's fine-tuning step size, tuned on validation tasks (by 1-step MSE)
-    bar = tqdm(total=len(FINETUNE_GRID) + 4, desc="eval", disable=not progress, file=sys.stderr)
+    bar = ev.progress_bar(total=len(FINETUNE_GRID) + 4, desc="maml eval", progress=progress)
     valid = {}
     for lr in FINETUNE_GRID:
         valid[lr] = float(curves(cfg, base, k_valid, lr)[:, 1].mean())
         bar.update(1)
     valid = {lr: v if np.isfinite(v) else np.inf for lr, v in valid.items()}
-    best_lr = min(valid, key=valid.get)
+    choice = ev.tune_grid(np.array(list(valid.values())), FINETUNE_GRID, what="maml fine-tune lr")
+    best_lr = choice.value
     models = [
         (f"MAML (step {cfg.inner_lr})", maml, cfg.inner_lr),
         (f"pretrained (step {cfg.inner_lr})", base, cfg.inner_lr),
@@ -349,38 +347,64 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
     if best_lr != cfg.inner_lr:
         models.append((f"pretrained (step {best_lr}, tuned)", base, best_lr))
     bar.total = len(FINETUNE_GRID) + len(models) + 1  # + the figures
-    rows = {}
+    rows, mse = {}, {}
     for name, params, lr in models:
-        rows[name] = _stats(curves(cfg, params, k_test, lr))
+        mse[name] = curves(cfg, params, k_test, lr)
+        rows[name] = _stats(mse[name])
         bar.update(1)
+    show = [s for s in (0, 1, 2, 5, 10) if s <= cfg.eval_steps]
+    # paired over the test tasks; a diverged adaptation (see _stats) leaves its pair out
+    comparison = ev.compare(
+        {
+            name: {f"s={s}": np.where(m[:, s] < DIVERGED, m[:, s], np.nan) for s in show}
+            for name, m in mse.items()
+        },
+        models[-1][0],
+        lower_is_better=True,
+    )
     record = {
         "rows": rows,
         "finetune_lr_valid_mse_1_step": {str(k): v for k, v in valid.items()},
+        "finetune_lr_tuning": choice.to_json(),
         "k_support": cfg.k_support,
         "test_points_per_task": cfg.eval_points,
         "paper_regime": "pre-update ~3, after one step < 1 (Finn et al. 2017, Fig. 3)",
+        "comparison": comparison,
     }
-    (run_dir / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
-    show = [s for s in (0, 1, 2, 5, 10) if s <= cfg.eval_steps]
     md = (
         f"Test MSE on {cfg.eval_tasks} fresh sinusoid tasks ({cfg.eval_points} test points "
         f"each) after s steps of SGD on K={cfg.k_support} points: mean +- std over tasks "
         "(median in parentheses; standard error of the mean = std / sqrt(tasks)). Tasks "
         f"whose MSE diverged (above {DIVERGED:g} or not finite) are counted and left out of "
         "mean and std.\n\n"
-        "| model | " + " | ".join(f"s={s}" for s in show) + " |\n"
-        "|---|" + "---|" * len(show) + "\n"
     )
-    for name, r in rows.items():
-        cells = [
-            f"{r['mean'][s]:.3f} +- {r['std'][s]:.3f} ({r['median'][s]:.3f})"
-            + (f", {r['diverged'][s]} diverged" if r["diverged"][s] else "")
-            for s in show
-        ]
-        md += f"| {name} | " + " | ".join(cells) + " |\n"
-    (run_dir / "eval.md").write_text(md)
-    print(md)
-    _plot_steps(run_dir / "steps.png", rows)
+    md += ev.table(
+        ["model", *[f"s={s}" for s in show]],
+        [
+            [name]
+            + [
+                f"{r['mean'][s]:.3f} +- {r['std'][s]:.3f} ({r['median'][s]:.3f})"
+                + (f", {r['diverged'][s]} diverged" if r["diverged"][s] else "")
+                for s in show
+            ]
+            for name, r in rows.items()
+        ],
+    )
+    md += (
+        f"\nPaired over the {cfg.eval_tasks} test tasks (a task is a seed here; the "
+        f"pretrained fine-tuning step is the best of {list(FINETUNE_GRID)} by validation "
+        f"1-step MSE{', at the grid edge' if choice.at_edge else ''}):\n\n"
+        + ev.comparison_table(comparison, digits=3)
+    )
+
+    fig, axes = figure((10.0, 3.5), 1, 2)
+    ev.plot_grid(axes[0, 0], choice, "pretrained: validation MSE after 1 step")
+    _plot_steps(axes[0, 1], rows)
+    ev.write_eval(run_dir, record, md, fig, recipe="maml")
+    fig, axes = figure((5.0, 3.5))
+    _plot_steps(axes[0, 0], rows)
+    fig.tight_layout()
+    fig.savefig(run_dir / "steps.png", dpi=110)
     plot_fits(
         run_dir / "fits.png",
         {"MAML": (maml, cfg.inner_lr), "pretrained": (base, best_lr)},
@@ -400,5 +424,6 @@ RECIPE = register(
         run=run,
         presets=PRESETS,
         evaluate=evaluate,
+        build=lambda cfg: (build_outer(cfg), build_outer(cfg, pretrained=True)),
     )
 )
