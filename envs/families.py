@@ -86,9 +86,12 @@ class DatasetMLP:
     hidden: tuple[int, ...] = (32,)
     batch_size: int = 64
     data_seed: int = 0
+    valid_fraction: float = 0.2
+    test_fraction: float = 0.2
 
     def __post_init__(self):
-        object.__setattr__(self, "data", datasets.load(self.dataset, self.data_seed))
+        data = datasets.load(self.dataset, self.data_seed, self.valid_fraction, self.test_fraction)
+        object.__setattr__(self, "data", data)
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -123,6 +126,57 @@ class DatasetMLP:
 
     def test_loss(self, params: PyTree, task: PyTree) -> jax.Array:
         return cross_entropy(mlp_apply(params, task["x_test"]), task["y_test"])
+
+    def test_accuracy(self, params: PyTree, task: PyTree) -> jax.Array:
+        """Fraction of the test split classified correctly."""
+        return jnp.mean(jnp.argmax(mlp_apply(params, task["x_test"]), -1) == task["y_test"])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DatasetAutoencoder:
+    """An MLP autoencoder on a scikit-learn dataset's (standardised) features.
+
+    Reconstruction loss: squared error summed over features, averaged over
+    examples. Like :class:`DatasetMLP`, the data is the same for every instance;
+    seeds vary the initialisation and the minibatches. Every validation example
+    contributes one target per feature, so even a few hundred examples select
+    a learning rate reliably.
+    """
+
+    dataset: str = "digits"
+    hidden: tuple[int, ...] = (32, 16, 32)
+    batch_size: int = 64
+    data_seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "data", datasets.load(self.dataset, self.data_seed))
+
+    def sample(self, key: jax.Array) -> PyTree:
+        del key
+        d = self.data
+        return {
+            "x_train": jnp.asarray(d.x_train),
+            "x_valid": jnp.asarray(d.x_valid),
+            "x_test": jnp.asarray(d.x_test),
+        }
+
+    def init_params(self, key: jax.Array, task: PyTree) -> PyTree:
+        del task
+        n = self.data.num_features
+        return mlp_init(key, (n, *self.hidden, n))
+
+    def sample_batch(self, key: jax.Array, task: PyTree) -> PyTree:
+        idx = jax.random.randint(key, (self.batch_size,), 0, task["x_train"].shape[0])
+        return task["x_train"][idx]
+
+    def loss(self, params: PyTree, batch: PyTree) -> jax.Array:
+        return _mse(mlp_apply(params, batch), batch)
+
+    def valid_loss(self, params: PyTree, task: PyTree) -> jax.Array:
+        return self.loss(params, task["x_valid"])
+
+    def test_loss(self, params: PyTree, task: PyTree) -> jax.Array:
+        return self.loss(params, task["x_test"])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -248,6 +302,10 @@ class LogisticRegression:
     def test_loss(self, params: PyTree, task: PyTree) -> jax.Array:
         return _bce(self._logits(params, task["x_test"]), task["y_test"])
 
+    def test_accuracy(self, params: PyTree, task: PyTree) -> jax.Array:
+        """Fraction of the test split classified correctly."""
+        return jnp.mean((self._logits(params, task["x_test"]) > 0) == (task["y_test"] > 0.5))
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class NoisyQuadratic:
@@ -324,6 +382,26 @@ FAMILIES: dict[str, Spec] = {
     ),
     "quadratic-10d": Spec(lambda: NoisyQuadratic(10, 10.0), 100, "10-d, condition 10"),
     "quadratic-100d": Spec(lambda: NoisyQuadratic(100, 1000.0), 300, "100-d, condition 1000"),
+    "digits-ae16": Spec(
+        lambda: DatasetAutoencoder("digits", (16,), 32),
+        300,
+        "digits autoencoder, MLP 64-16-64, squared reconstruction error",
+    ),
+    "digits-mlp16x16-v40": Spec(
+        lambda: DatasetMLP("digits", (16, 16), 32, valid_fraction=0.4, test_fraction=0.3),
+        300,
+        "digits, MLP 64-16-16-10, 40% validation / 30% test split",
+    ),
+    "breast_cancer-mlp16-v40": Spec(
+        lambda: DatasetMLP("breast_cancer", (16,), 32, valid_fraction=0.4, test_fraction=0.3),
+        200,
+        "breast cancer, MLP 30-16-2, 40% validation / 30% test split",
+    ),
+    "teacher-student-deep": Spec(
+        lambda: TeacherStudent(8, (16, 16), (16, 16)),
+        300,
+        "8-d inputs, tanh teacher 16x16, student 16x16",
+    ),
 }
 
 

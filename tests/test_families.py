@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +10,7 @@ import optax
 import pytest
 
 from metaopt.envs import families
+from metaopt.envs.tasks import MLPClassification
 from metaopt.inner import ParametrizedOptimizer, seed_losses, training_inner_loop
 
 
@@ -84,8 +86,82 @@ def test_inner_loop_on_a_family_draws_one_task_per_seed_and_keeps_it():
 
 
 def test_dataset_family_matches_the_fixed_dataset_task():
+    """``wine-mlp16`` is the fixed task ``MLPClassification("wine", (16,), 32)`` as a family:
+    the same parameters, minibatches and losses (valid and test split), the same training
+    run, and losses equal to a float64 NumPy cross-entropy on scikit-learn's data."""
+    from sklearn.datasets import load_wine
+
     fam = families.make("wine-mlp16")
+    valid_task = MLPClassification("wine", (16,), batch_size=32, eval_split="valid")
+    test_task = MLPClassification("wine", (16,), batch_size=32, eval_split="test")
     task = fam.sample(jax.random.key(0))
-    params = fam.init_params(jax.random.key(0), task)
-    assert families.num_params(fam) == sum(x.size for x in jax.tree.leaves(params)) == 275
-    assert float(fam.test_loss(params, task)) != float(fam.valid_loss(params, task))
+    assert all(jax.tree.leaves(jax.tree.map(jnp.array_equal, task, fam.sample(jax.random.key(9)))))
+    key = jax.random.key(3)
+    params = fam.init_params(key, task)
+    chex.assert_trees_all_equal(params, valid_task.init_params(key))
+    assert families.num_params(fam) == valid_task.num_params == 13 * 16 + 16 + 16 * 3 + 3
+    chex.assert_trees_all_equal(fam.sample_batch(key, task), valid_task.sample_batch(key))
+
+    # the losses against NumPy on the raw data, split and standardised here
+    raw = load_wine()
+    x, y = raw.data.astype(np.float32), raw.target
+    order = np.random.default_rng(0).permutation(len(x))
+    x, y = x[order], y[order]
+    n_test = n_valid = round(0.2 * len(x))
+    n_train = len(x) - n_test - n_valid
+    x = (x - x[:n_train].mean(0)) / (x[:n_train].std(0) + 1e-6)
+    w = [(np.asarray(p["w"], np.float64), np.asarray(p["b"], np.float64)) for p in params]
+
+    def numpy_loss(xs, ys):
+        h = np.maximum(xs @ w[0][0] + w[0][1], 0.0)
+        z = h @ w[1][0] + w[1][1]
+        logp = z - z.max(1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+        return -logp[np.arange(len(ys)), ys].mean()
+
+    valid = numpy_loss(x[n_train : n_train + n_valid], y[n_train : n_train + n_valid])
+    test = numpy_loss(x[n_train + n_valid :], y[n_train + n_valid :])
+    assert abs(valid - test) > 1e-3  # the two splits really differ
+    assert float(fam.valid_loss(params, task)) == pytest.approx(valid, rel=1e-5)
+    assert float(fam.test_loss(params, task)) == pytest.approx(test, rel=1e-5)
+    assert float(valid_task.valid_loss(params)) == float(fam.valid_loss(params, task))
+    assert float(test_task.valid_loss(params)) == float(fam.test_loss(params, task))
+
+    # training through the family equals training the fixed task, step for step
+    run = lambda t: jax.jit(lambda k: seed_losses(training_inner_loop(t, adam(1e-2), 30), None, k))
+    keys = jax.random.split(jax.random.key(4), 2)
+    np.testing.assert_array_equal(np.asarray(run(fam)(keys)), np.asarray(run(valid_task)(keys)))
+
+
+def test_held_out_families_splits_accuracy_and_autoencoder_loss():
+    """The families added for the held-out list: split sizes, accuracy and reconstruction
+    loss against NumPy on the same arrays."""
+    fam = families.make("digits-mlp16x16-v40")
+    n = 1797
+    assert len(fam.data.x_valid) == round(0.4 * n) and len(fam.data.x_test) == round(0.3 * n)
+    task = fam.sample(jax.random.key(0))
+    params = fam.init_params(jax.random.key(1), task)
+    x, y = np.asarray(task["x_test"], np.float64), np.asarray(task["y_test"])
+    w = [(np.asarray(p["w"], np.float64), np.asarray(p["b"], np.float64)) for p in params]
+    h = x
+    for wi, bi in w[:-1]:
+        h = np.maximum(h @ wi + bi, 0.0)
+    logits = h @ w[-1][0] + w[-1][1]
+    assert float(fam.test_accuracy(params, task)) == pytest.approx(np.mean(logits.argmax(1) == y))
+
+    ae = families.make("digits-ae16")
+    task = ae.sample(jax.random.key(0))
+    params = ae.init_params(jax.random.key(2), task)
+    xv = np.asarray(task["x_valid"], np.float64)
+    assert xv.shape == (round(0.2 * n), 64)
+    h = np.maximum(xv @ np.asarray(params[0]["w"]) + np.asarray(params[0]["b"]), 0.0)
+    rec = h @ np.asarray(params[1]["w"]) + np.asarray(params[1]["b"])
+    expected = np.mean(np.sum((rec - xv) ** 2, axis=1))
+    assert float(ae.valid_loss(params, task)) == pytest.approx(expected, rel=1e-4)
+
+    lr = families.make("logistic-cond100")
+    task = lr.sample(jax.random.key(3))
+    params = {"w": jnp.ones(16) * 0.1, "b": jnp.asarray(0.2)}
+    z = np.asarray(task["x_test"]) @ np.full(16, 0.1) + 0.2
+    expected = np.mean((z > 0) == (np.asarray(task["y_test"]) > 0.5))
+    assert float(lr.test_accuracy(params, task)) == pytest.approx(expected)

@@ -134,3 +134,24 @@ def test_exported_optimizer_trains_under_jit_and_scan():
     assert int(s.count) == 400
     with pytest.raises(ValueError, match="need params"):
         opt.update(params, opt.init(params))
+
+
+def test_length_buckets_and_op_subsets_compute_the_same_updates():
+    from metaopt.algorithms.program_search.program import CHEAP_OPS, ops_used, trim
+
+    names = ["adamw_nobc", "lion", "sgd_momentum", "signsgd"]
+    programs = [parse(BUILTINS[n]) for n in names]
+    assert all(ops_used(p) <= set(CHEAP_OPS) for p in programs)
+    assert "pow" in ops_used(parse(BUILTINS["adamw"]))
+    key = jax.random.key(2)
+    g, w, m, v = (jax.random.normal(k, (21,)) for k in jax.random.split(key, 4))
+    full = jax.vmap(run, in_axes=(0, None, None, None, None, None))
+    cheap = jax.vmap(
+        lambda p, *a: run(p, *a, ops=CHEAP_OPS), in_axes=(0, None, None, None, None, None)
+    )
+    ref = full(stack_programs(programs), g, w, m, jnp.abs(v), 4.0)
+    short = cheap(trim(stack_programs(programs), 8), g, w, m, jnp.abs(v), 4.0)
+    for a, b in zip(ref, short, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ProgramError, match="bucket holds 8"):
+        trim(parse(BUILTINS["adamw"]), 8)  # 12 statements

@@ -74,3 +74,46 @@ def test_diverged_learning_rates_never_win():
     best, idx = best_over_grid(losses)
     np.testing.assert_allclose(best, [1.5, 3.0])
     np.testing.assert_array_equal(idx, [1, 1])
+
+
+def test_flat_layout_equals_the_generic_population_vmap():
+    from metaopt.algorithms.program_search.evaluate import program_optimizer
+    from metaopt.inner import training_inner_loop
+
+    flat = program_inner_loop(TASK, STEPS)
+    generic = training_inner_loop(TASK, program_optimizer(), STEPS, "generic")
+    programs = stack_programs([parse(BUILTINS[n]) for n in ("adamw_nobc", "lion", "signsgd")])
+    log_lrs = jnp.log(jnp.array([1e-3, 3e-2]))
+    keys = jax.random.split(jax.random.key(3), 2)
+    a = jax.jit(lambda p: grid_losses(flat, p, log_lrs, keys))(programs)
+    b = jax.jit(lambda p: grid_losses(generic, p, log_lrs, keys))(programs)
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def test_tuned_adamw_reference_equals_optax_adamw_with_weight_decay():
+    from metaopt.algorithms.program_search.evaluate import adamw_rule, train_grid
+
+    lrs, wds = [3e-3, 3e-2], [0.0, 1.0]
+    key = jax.random.key(4)
+    ours = jax.jit(
+        lambda k: train_grid(
+            TASK, STEPS, adamw_rule(), jnp.log(jnp.array(lrs)), jnp.array(wds), k[None]
+        )
+    )(key)
+    for c, (lr, wd) in enumerate(zip(lrs, wds, strict=True)):
+        schedule = lambda count, lr=lr: lr * 0.5 * (1 + jnp.cos(jnp.pi * count / STEPS))
+        ref = optax_reference_loss(optax.adamw(schedule, weight_decay=wd), key)
+        np.testing.assert_allclose(ours[c, 0], ref, rtol=1e-4)
+
+
+def test_normalized_updates_make_a_program_scale_free():
+    inner = program_inner_loop(TASK, STEPS)
+    scaled = stack_programs(
+        [parse("update = sign(g)"), parse("r = sign(g)\nupdate = mul(r, 1000.0)")]
+    )
+    log_lrs = jnp.log(jnp.array([1e-2]))
+    keys = jax.random.split(jax.random.key(5), 1)
+    plain = grid_losses(inner, scaled, log_lrs, keys)
+    unit = grid_losses(inner, scaled, log_lrs, keys, normalize=True)
+    np.testing.assert_allclose(unit[0], unit[1], rtol=1e-5)  # the scale is divided out
+    assert not np.allclose(plain[0], plain[1], rtol=1e-2)  # without normalisation it is not

@@ -1,26 +1,41 @@
-"""Regularized evolution over programs: mutations, layer accounting, exact resume."""
+"""Regularized evolution over programs: search space, proposers, noise, accounting, resume."""
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
-from metaopt.algorithms.program_search import BUILTINS, parse
+from metaopt.algorithms.program_search import BUILTINS, parse, to_source
 from metaopt.algorithms.program_search import recipe as ps
-from metaopt.algorithms.program_search.mutate import mutate, uses_slots
+from metaopt.algorithms.program_search.evaluate import program_optimizer
+from metaopt.algorithms.program_search.mutate import (
+    RandomMutator,
+    SearchSpace,
+    mutate,
+    uses_slots,
+)
+from metaopt.algorithms.program_search.program import CHEAP_OPS, length, ops_used
+from metaopt.algorithms.program_search.search import RegularizedEvolution
 from metaopt.algorithms.program_search.simplify import structural_hash
-from metaopt.inner import seed_losses
+from metaopt.config import ConfigError
+from metaopt.inner import seed_losses, training_inner_loop
 
 TINY = ps.Config(
     tasks=("wine-mlp16", "quadratic-10d"),
     inner_steps=20,
     lr_grid=(1e-2, 1e-1),
+    ref_lr_grid=(1e-2, 1e-1),
+    wd_grid=(0.0, 0.1),
+    check_reference=False,  # a 2-point grid: the optimum is always on an edge
     seeds=1,
     population=8,
     tournament=3,
-    children=7,
+    children=12,
+    batch=8,
     rounds=4,
+    rescore_top=2,
+    screen_steps=5,
+    stationarity_steps=(50, 500),
     checkpoint_every=1,
     heldout_every=2,
     heldout_task="quadratic-10d",
@@ -28,6 +43,7 @@ TINY = ps.Config(
     funnel_tasks=("logistic-cond10",),
     funnel_seeds=2,
 )
+COUNTED = ("failed", "invalid", "nonstationary", "structural", "functional", "evaluated")
 
 
 def test_mutations_are_valid_and_change_the_program():
@@ -39,6 +55,22 @@ def test_mutations_are_valid_and_change_the_program():
             assert structural_hash(child) != structural_hash(parent)
 
 
+def test_default_search_space_has_no_step_counter_and_cheap_ops_only():
+    space = ps.Config().space
+    assert not space.allow_t and space.ops == CHEAP_OPS and space.max_len == 8
+    rng = np.random.default_rng(1)
+    propose = RandomMutator(space)
+    text = BUILTINS["adamw_nobc"]
+    for _ in range(300):
+        text = propose([text], rng)
+        child = parse(text)
+        assert space.violation(child) is None
+        assert " t" not in text.split("return")[0].replace("(g, w, m, v, t)", "")
+        assert ops_used(child) <= set(CHEAP_OPS) and length(child) <= 8
+    assert "reads the step counter t" in space.violation(parse("update = mul(g, t)"))
+    assert SearchSpace(allow_t=True).violation(parse("update = mul(g, t)")) is None
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ps") / "run"
@@ -47,56 +79,213 @@ def full_run(tmp_path_factory):
     return out, summary
 
 
+@pytest.mark.slow
 def test_search_outputs_and_layer_accounting(full_run):
     out, summary = full_run
     state = json.loads((out / "state.json").read_text())
     t = state["totals"]
-    assert t["children"] == 4 * 7
-    assert t["structural"] + t["functional"] + t["invalid"] + t["evaluated"] == t["children"]
+    assert t["children"] == 4 * 12
+    assert sum(t[k] for k in COUNTED) == t["children"]
+    assert t["screened_out"] + t["evaluated_full"] == t["evaluated"]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert rows[-1]["best_fitness"] <= 1.0  # AdamW (fitness 1.0) is in the population
+    for r in rows:  # flat per-round metrics; every child lands in exactly one counter
+        assert all(isinstance(v, int | float) or v is None for v in r.values())
+        assert r["children"] == r["evaluated"] + sum(r[f"skipped_{k}"] for k in COUNTED[:-1])
     # the meta-overfitting check runs every heldout_every rounds and at the end
     assert [r["heldout_best_fitness"] is not None for r in rows] == [False, True, False, True]
-    assert rows[-1]["heldout_best_fitness"] > 0
     board = json.loads((out / "leaderboard.json").read_text())
-    # the funnel re-scored the top 3 (best first); the rest follow in proxy order
     funnel = [m["fitness_funnel"] for m in board[:3]]
     assert funnel == sorted(funnel) and all(len(m["lr_funnel"]) == 1 for m in board[:3])
-    assert {m["source"] for m in board[:3]} == {
-        m["source"] for m in sorted(board, key=lambda m: m["fitness"])[:3]
-    }
-    assert all("fitness_funnel" not in m for m in board[3:])
     assert (out / "best_program.txt").read_text() == board[0]["source"]
     assert all(len(m["lr"]) == 2 for m in board)  # one learning rate per proxy task
     assert (out / "search.png").stat().st_size > 1000
     assert "evaluations_skipped" in summary
-    parse(state["best"]["source"])  # the artifact is valid program text
+    best = state["best"]
+    assert best["evals"] >= 2 and best["fitness"] == pytest.approx(
+        state["stats"][best["func"]]["sum"] / state["stats"][best["func"]]["n"]
+    )
+    for m in state["population"]:
+        assert TINY.space.violation(parse(m["source"])) is None  # no t, cheap ops, <= 8
 
 
-def test_best_fitness_is_reproduced_by_an_independent_scoring(full_run):
+@pytest.mark.slow
+def test_one_evaluation_is_reproduced_by_an_independent_scoring(full_run):
+    """A child's first score = its best-lr loss / AdamW's best (lr, wd) loss, task by task."""
     out, _ = full_run
-    best = json.loads((out / "state.json").read_text())["best"]
+    state = json.loads((out / "state.json").read_text())
+    entry = next(
+        s
+        for _, s in sorted(state["stats"].items())
+        if s["n"] == 1 and s["born"] > 0 and not s.get("rejected")
+    )
     scorer = ps.build(TINY).scorer
-    fit, lrs = scorer([parse(best["source"])], best["born"])
-    np.testing.assert_allclose(fit[0], best["fitness"], rtol=1e-5)
-    # fitness = mean over tasks of (program's best-lr loss / AdamW's), task by task
     ratios = []
-    for i, inner in enumerate(scorer.inners):
-        keys = jax.random.split(
-            jax.random.fold_in(jax.random.fold_in(scorer.base, best["born"]), i), scorer.seeds
+    for i, (task, steps) in enumerate(scorer.tasks):
+        keys = scorer.keys(entry["born"], i)
+        # the program through the generic (non-flat) inner loop
+        generic = training_inner_loop(task, program_optimizer(), steps)
+        best = min(
+            float(
+                np.mean(
+                    seed_losses(generic, {"program": parse(entry["source"]), "log_lr": g}, keys)
+                )
+            )
+            for g in np.log(TINY.lr_grid)
         )
-        ratio = []
-        for src, lr in ((BUILTINS["adamw"], None), (best["source"], lrs[0][i])):
-            per_lr = [
-                float(np.mean(seed_losses(inner, {"program": parse(src), "log_lr": g}, keys)))
-                for g in np.log(TINY.lr_grid)
-            ]
-            ratio.append(min(per_lr))
-            if lr is not None:
-                assert TINY.lr_grid[int(np.argmin(per_lr))] == pytest.approx(lr)
-        ratios.append(ratio[1] / ratio[0])
-    np.testing.assert_allclose(fit[0], np.mean(ratios), rtol=1e-4)
+        # AdamW = the bias-corrected AdamW program (equal to optax.adamw), decay outside
+        ref = min(
+            float(
+                np.mean(
+                    seed_losses(
+                        training_inner_loop(task, program_optimizer(wd), steps),
+                        {"program": parse(BUILTINS["adamw"]), "log_lr": g},
+                        keys,
+                    )
+                )
+            )
+            for g in np.log(TINY.ref_lr_grid)
+            for wd in TINY.wd_grid
+        )
+        ratios.append(best / ref)
+    np.testing.assert_allclose(entry["sum"], np.mean(ratios), rtol=2e-4)
+
+
+def _rows_without_time(path):
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "time"} for r in rows]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_search_and_resume_repeats_it_exactly(full_run, tmp_path, monkeypatch):
+    """SIGTERM after round 2 (the search runs on the core driver): checkpoint, exit code
+    143, and the resumed search equals the uninterrupted one, state and log."""
+    import signal
+
+    from metaopt.algorithms.program_search.search import RegularizedEvolution
+    from metaopt.driver import Interrupted
+
+    ref, _ = full_run
+    out = tmp_path / "run"
+    real_round = RegularizedEvolution.round
+
+    def round_then_sigterm(self, state):
+        state, metrics = real_round(self, state)
+        if state.round == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return state, metrics
+
+    monkeypatch.setattr(RegularizedEvolution, "round", round_then_sigterm)
+    with pytest.raises(Interrupted, match="SIGTERM at outer step 2") as e:
+        ps.run(TINY, out, progress=False)
+    assert e.value.exit_code == 143
+    assert not (out / "leaderboard.json").exists()
+    monkeypatch.setattr(RegularizedEvolution, "round", real_round)
+    ps.run(TINY, out, resume=True, progress=False)
+    a = json.loads((out / "state.json").read_text())
+    b = json.loads((ref / "state.json").read_text())
+    assert a == b
+    assert _rows_without_time(out / "metrics.jsonl") == _rows_without_time(ref / "metrics.jsonl")
+    assert (out / "best_program.txt").read_text() == (ref / "best_program.txt").read_text()
+
+
+class StubScorer:
+    """Fitness from a table of source -> list of successive scores (no training).
+
+    Stands in for :class:`~metaopt.algorithms.program_search.search.Scorer` so the
+    search logic is tested exactly, with noise under the test's control.
+    """
+
+    ops = None
+    reference_log: dict = {}
+
+    def __init__(self, scores, default=2.0):
+        self.scores, self.default, self.calls = scores, default, {}
+
+    def check_reference(self, round_=0):
+        return {}
+
+    def __call__(self, programs, round_, stage=0, screen_steps=0):
+        out = []
+        for p in programs:
+            key = to_source(p)
+            k = self.calls.get(key, 0)
+            self.calls[key] = k + 1
+            seq = self.scores.get(key, [self.default])
+            out.append(seq[min(k, len(seq) - 1)])
+        return np.asarray(out), np.ones((len(programs), 1))
+
+
+def test_rescoring_replaces_a_lucky_fitness():
+    warm = to_source(parse(BUILTINS["adamw_nobc"]))
+    lucky = to_source(parse("update = sign(g)"))
+
+    def propose(parents, rng):
+        return lucky  # every proposal is the same program: one lucky score, then its mean
+
+    def search(rescore_top):
+        scorer = StubScorer({warm: [1.0], lucky: [0.2] + [1.5] * 20})
+        evo = RegularizedEvolution(
+            scorer,
+            population=6,
+            tournament=2,
+            children=3,
+            max_hits=1000,
+            proposer=propose,
+            rescore_top=rescore_top,
+            best_min_evals=1,
+        )
+        state = evo.init(warm)
+        history = []
+        for _ in range(5):
+            state, metrics = evo.round(state)
+            history.append(metrics["best_fitness"])
+        func = next(m["func"] for m in state.population if m["source"] == lucky)
+        return state, func, history
+
+    frozen, func, history = search(rescore_top=0)
+    assert frozen.fitness(func) == pytest.approx(0.2)  # one lucky score, reused forever
+    assert history == [pytest.approx(0.2)] * 5
+    state, func, history = search(rescore_top=2)
+    n = state.evaluations(func)
+    assert n == 5  # first score in round 1, re-scored in rounds 2-5
+    assert state.fitness(func) == pytest.approx((0.2 + 1.5 * (n - 1)) / n)
+    assert history[0] == pytest.approx(0.2) and history[-1] == pytest.approx(1.0)
+    assert state.best["source"] == warm  # the lucky program lost its place
+
+
+def test_a_user_supplied_proposer_plugs_in_and_bad_text_is_never_run():
+    """A hand-written grammar (sign of an interpolated momentum) as the proposal operator."""
+
+    def grammar(parents, rng):
+        del parents
+        a = rng.choice([0.05, 0.1, 0.2, 0.5])
+        b = rng.choice([0.005, 0.01, 0.02, 0.1])
+        return f"c = interp(m, g, {a})\nupdate = sign(c)\nm = interp(m, g, {b})\n"
+
+    scorer = StubScorer({}, default=0.9)
+    evo = RegularizedEvolution(scorer, population=8, tournament=2, children=6, proposer=grammar)
+    state = evo.init(BUILTINS["adamw_nobc"])
+    for _ in range(3):
+        state, _ = evo.round(state)
+    grammar_made = [m for m in state.population if "sign(" in m["source"]]
+    assert grammar_made and all(len(parse(m["source"]).op) for m in grammar_made)
+
+    calls = []
+
+    def hostile(parents, rng):
+        calls.append(1)
+        return ["__import__('os').system('false')", "update = exp(g)", None][len(calls) % 3]
+
+    evo = RegularizedEvolution(
+        StubScorer({}), population=4, tournament=2, children=4, proposer=hostile
+    )
+    state = evo.init(BUILTINS["adamw_nobc"])
+    scorer_calls = dict(evo.scorer.calls)
+    state, metrics = evo.round(state)
+    # invalid text, an op outside the cheap set, a non-string: every child fails, none is scored
+    assert metrics["skipped_failed"] == 4 and metrics["evaluated"] == 0
+    assert evo.scorer.calls.keys() == scorer_calls.keys()
 
 
 def test_one_slot_search_space_never_uses_v():
@@ -105,34 +294,29 @@ def test_one_slot_search_space_never_uses_v():
     for _ in range(200):
         parent = mutate(parent, rng, slots=1)
         assert uses_slots(parent) <= 1
-    cfg = ps.Config(**{**TINY.__dict__, "slots": 1, "warm_start": "adamw"})
-    with pytest.raises(ValueError, match="warm start uses 2 state slots"):
-        ps.build(cfg).init(BUILTINS[cfg.start])
+    with pytest.raises(ConfigError, match="uses 2 state slots"):
+        ps.Config(slots=1, warm_start="adamw_nobc")
     assert ps.Config(slots=1).start == "sgd_momentum"
 
 
-def test_unknown_task_family_in_config_is_a_clear_error():
-    from metaopt.config import ConfigError
-
+def test_config_errors_are_clear():
     with pytest.raises(ConfigError, match="unknown task family 'digits-mlp9'"):
         ps.Config(tasks=("digits-mlp9",))
+    with pytest.raises(ConfigError, match="warm start 'adamw' is outside the search space"):
+        ps.Config(warm_start="adamw")  # bias correction reads t and uses pow
+    with pytest.raises(ConfigError, match="ops must be one of"):
+        ps.Config(ops="fancy")
+    assert ps.Config(warm_start="adamw", ops="full", allow_t=True, max_len=16).start == "adamw"
 
 
-def test_resume_repeats_the_uninterrupted_search_exactly(full_run, tmp_path):
-    ref, _ = full_run
-    out = tmp_path / "run"
-    out.mkdir()
-    first = ps.run(TINY.__class__(**{**TINY.__dict__, "rounds": 2}), out, progress=False)
-    assert first
-    ps.run(TINY, out, resume=True, progress=False)
-    a = json.loads((out / "state.json").read_text())
-    b = json.loads((ref / "state.json").read_text())
-    assert a == b
-    assert (out / "metrics.jsonl").read_text() == (ref / "metrics.jsonl").read_text()
+def test_adamw_optimum_on_the_edge_of_its_grid_is_an_error():
+    cfg = ps.Config(**{**TINY.__dict__, "check_reference": True})
+    with pytest.raises(ConfigError, match="edge of the reference grid"):
+        ps.build(cfg).scorer.check_reference(0)
 
 
 def test_resume_without_state_is_a_clear_error(tmp_path):
     from metaopt import MissingCheckpointError
 
-    with pytest.raises(MissingCheckpointError, match="state.json"):
+    with pytest.raises(MissingCheckpointError, match="no checkpoint found"):
         ps.run(TINY, tmp_path, resume=True, progress=False)

@@ -123,3 +123,26 @@ def test_fitness_cache_is_lru_and_forgets_after_max_hits():
     assert cache.get("b") is None and cache.get("c") == 3.0
     again = FitnessCache.from_state(cache.state(), max_size=2, max_hits=2)
     assert again.state() == cache.state()
+
+
+def test_stationarity_rejects_a_counter_in_a_state_slot_and_passes_real_optimizers():
+    from metaopt.algorithms.program_search.program import stack_programs
+    from metaopt.algorithms.program_search.simplify import stationarity_ratios
+
+    counters = [
+        "m = interp(m, g, 0.1)\nv = add(v, 1.0)\nupdate = div(m, v)",  # lr ~ 1/t
+        "m = interp(m, g, 0.1)\nv = add(v, 1.0)\nr = sqrt(v)\nupdate = mul(m, r)",  # ~ sqrt(t)
+        "r = square(g)\nv = add(v, r)\ns = sqrt(v)\nupdate = div(g, s)",  # AdaGrad: ~ 1/sqrt(t)
+    ]
+    fine = [BUILTINS[n] for n in ("adamw", "adamw_nobc", "lion", "sgd_momentum", "signsgd")]
+    ratios = np.asarray(
+        stationarity_ratios(stack_programs([parse(t) for t in counters + fine]), jax.random.key(0))
+    )
+    factor = 2.5  # the recipe's default stationarity_factor
+    assert np.all((ratios[:3] > factor) | (ratios[:3] < 1 / factor)), ratios
+    assert np.all((ratios[3:] <= factor) & (ratios[3:] >= 1 / factor)), ratios
+    # the 1/t counter against its closed form: RMS ratio ~ RMS(1/t) over the two windows
+    # (m's own RMS is the same in both; 16 dims x 10 steps leave ~10% sampling noise)
+    late, early = np.arange(4991, 5001), np.arange(491, 501)
+    expected = np.sqrt(np.mean(1.0 / late**2) / np.mean(1.0 / early**2))
+    assert ratios[0] == pytest.approx(expected, rel=0.15)

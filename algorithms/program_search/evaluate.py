@@ -1,26 +1,42 @@
 """Scoring optimizer programs: a population of *different* programs in one kernel.
 
 A program becomes a :class:`~metaopt.inner.ParametrizedOptimizer` whose
-meta-parameters are ``{"program": Program, "log_lr": scalar}``, so program
-search reuses the core's inner loop (:func:`metaopt.inner.training_inner_loop`)
-and batching (:func:`metaopt.inner.population_losses`): every (program,
-learning rate) pair of a generation is one row of a vmapped population, run by
-one compiled interpreter.
+meta-parameters are ``{"program": Program, "log_lr": scalar}``, so a program
+runs in the core's inner loop (:func:`metaopt.inner.training_inner_loop`) like
+any other learned optimizer (:func:`program_inner_loop`).
 
-The learning rate stays outside the program: each program is scored at the best
-of a small log-spaced grid, with one cosine decay shared by all candidates.
+Scoring many programs uses a faster *flat* layout (:func:`train_grid`): the
+population is vmapped over programs only; each program's elementwise update
+runs once over all of its (learning rate x seed) trainings concatenated into
+one vector, while the gradients of those trainings stay vmapped. The same
+trainer runs fixed optimizers (:func:`adamw_rule`), which is how the AdamW
+reference gets its tuned learning rate *and* weight decay on the same seeds.
+
+The learning rate and its schedule stay outside the program and are identical
+for every candidate and every baseline: step size ``exp(log_lr) * cosine(t/T)``,
+each program scored at the best point of a learning-rate grid. With
+``normalize=True`` each training divides the program's update by its RMS at
+step 1 (per training), so a narrower grid suffices.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from metaopt.algorithms.program_search.program import Program, run
-from metaopt.inner import InnerLoop, ParametrizedOptimizer, population_losses, training_inner_loop
+from metaopt.inner import (
+    InnerLoop,
+    ParametrizedOptimizer,
+    is_task_family,
+    population_losses,
+    training_inner_loop,
+)
 
 
 class SlotState(NamedTuple):
@@ -52,17 +68,180 @@ def program_optimizer(weight_decay: float = 0.0) -> ParametrizedOptimizer:
     return ParametrizedOptimizer(init, update)
 
 
-def program_inner_loop(task, horizon: int, weight_decay: float = 0.0) -> InnerLoop:
+@dataclasses.dataclass(frozen=True)
+class ProgramInnerLoop(InnerLoop):
+    """An :class:`~metaopt.inner.InnerLoop` that also remembers its task and weight decay.
+
+    :func:`grid_losses` uses them to run the flat layout.
+    """
+
+    task: Any = None
+    weight_decay: float = 0.0
+
+
+def program_inner_loop(task, horizon: int, weight_decay: float = 0.0) -> ProgramInnerLoop:
     """Train ``task`` for ``horizon`` steps with a program; meta-loss = validation loss."""
-    return training_inner_loop(task, program_optimizer(weight_decay), horizon, "program")
+    base = training_inner_loop(task, program_optimizer(weight_decay), horizon, "program")
+    return ProgramInnerLoop(
+        base.init, base.step, base.meta_loss, base.horizon, base.name, task, weight_decay
+    )
 
 
-def grid_losses(inner: InnerLoop, programs: Program, log_lrs: jax.Array, keys: jax.Array):
+# ---------------------------------------------------------------------------
+# The flat trainer
+# ---------------------------------------------------------------------------
+
+
+class Rule(NamedTuple):
+    """An update rule on flat vectors: ``init(w) -> state``, ``update(g, w, state, count)``.
+
+    ``update`` returns ``(direction, state)``; the trainer applies
+    ``-lr * (direction + wd * w)``. ``count`` is the 1-based step (float scalar).
+    """
+
+    init: Callable
+    update: Callable
+
+
+def program_rule(program: Program, ops: tuple[str, ...] | None = None) -> Rule:
+    """``program`` run by the interpreter (with op set ``ops``) as a :class:`Rule`."""
+
+    def init(w):
+        return (jnp.zeros_like(w), jnp.zeros_like(w))
+
+    def update(g, w, state, count):
+        u, m, v = run(program, g, w, state[0], state[1], count, ops)
+        return u, (m, v)
+
+    return Rule(init, update)
+
+
+def adamw_rule(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Rule:
+    """Adam with bias correction (optax's ``scale_by_adam``); decay is applied by the trainer."""
+
+    def init(w):
+        return (jnp.zeros_like(w), jnp.zeros_like(w))
+
+    def update(g, w, state, count):
+        del w
+        m = b1 * state[0] + (1 - b1) * g
+        v = b2 * state[1] + (1 - b2) * jnp.square(g)
+        mh = m / (1 - b1**count)
+        vh = v / (1 - b2**count)
+        return mh / (jnp.sqrt(vh) + eps), (m, v)
+
+    return Rule(init, update)
+
+
+def train_grid(
+    task,
+    horizon: int,
+    rule: Rule,
+    log_lrs: jax.Array,
+    weight_decays: jax.Array,
+    keys: jax.Array,
+    normalize: bool = False,
+) -> jax.Array:
+    """Validation losses of ``rule`` at every (lr, wd) config and seed: ``[C, S]``.
+
+    Config ``c`` trains with step size ``exp(log_lrs[c]) * cosine(t/T)`` and
+    decoupled weight decay ``weight_decays[c]``. Seed ``s`` draws the task
+    instance, initial parameters and batches exactly as
+    :func:`metaopt.inner.rollout_loss` does with ``keys[s]``, so a config trains
+    exactly like :func:`program_inner_loop`. The rule's update runs once per
+    step over all ``C * S`` trainings concatenated; gradients are vmapped.
+
+    Args:
+      normalize: divide each training's update by its RMS at step 1 (frozen).
+    """
+    family = is_task_family(task)
+    num_c, num_s = log_lrs.shape[0], keys.shape[0]
+    split = jax.vmap(lambda k: jax.random.split(k, 3))(keys)
+    k_init, k_run = split[:, 0], split[:, 1]
+    if family:
+        inst = jax.vmap(lambda k: task.sample(jax.random.fold_in(k, 1)))(k_init)
+        params = jax.vmap(task.init_params)(k_init, inst)
+    else:
+        inst = None
+        params = jax.vmap(task.init_params)(k_init)
+    flat0 = jax.vmap(lambda p: ravel_pytree(p)[0])(params)  # [S, N]
+    _, unravel = ravel_pytree(jax.tree.map(lambda x: x[0], params))
+    n = flat0.shape[-1]
+    w0 = jnp.broadcast_to(flat0, (num_c, num_s, n))
+    step_keys = jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, horizon))(k_run), 0, 1)
+    lrs = jnp.exp(log_lrs)[:, None, None]
+    wds = jnp.asarray(weight_decays, w0.dtype)[:, None, None]
+
+    def grad_one(w, batch):
+        return ravel_pytree(jax.grad(task.loss)(unravel(w), batch))[0]
+
+    def body(carry, xs):
+        w, state, scale = carry
+        ks, t = xs
+        if family:
+            batch = jax.vmap(task.sample_batch)(ks, inst)
+        else:
+            batch = jax.vmap(task.sample_batch)(ks)
+        g = jax.vmap(lambda wc: jax.vmap(grad_one)(wc, batch))(w)  # [C, S, N]
+        count = (t + 1).astype(w.dtype)
+        u, state = rule.update(g.reshape(-1), w.reshape(-1), state, count)
+        u = u.reshape(w.shape)
+        if normalize:
+            rms = jnp.sqrt(jnp.mean(jnp.square(u), axis=-1, keepdims=True))
+            scale = jnp.where(t == 0, 1.0 / jnp.maximum(rms, 1e-12), scale)
+            u = u * scale
+        lr = lrs * cosine(t.astype(w.dtype) / horizon)
+        w = w + (-lr * (u + wds * w))
+        return (w, state, scale), None
+
+    carry = (w0, rule.init(w0.reshape(-1)), jnp.ones((num_c, num_s, 1), w0.dtype))
+    (w, _, _), _ = jax.lax.scan(body, carry, (step_keys, jnp.arange(horizon)))
+
+    def valid(ws, instance):
+        p = unravel(ws)
+        return task.valid_loss(p, instance) if family else task.valid_loss(p)
+
+    if family:
+        return jax.vmap(lambda wc: jax.vmap(valid)(wc, inst))(w)
+    return jax.vmap(lambda wc: jax.vmap(lambda ws: valid(ws, None))(wc))(w)
+
+
+def grid_losses(
+    inner: InnerLoop,
+    programs: Program,
+    log_lrs: jax.Array,
+    keys: jax.Array,
+    *,
+    ops: tuple[str, ...] | None = None,
+    normalize: bool = False,
+    horizon: int | None = None,
+):
     """Validation losses of every (program, learning rate, seed): ``[P, G, S]``.
 
     Programs share seeds (common random numbers), so differences between
-    programs are not seed noise.
+    programs are not seed noise. For a :func:`program_inner_loop` this runs the
+    flat layout (:func:`train_grid`), otherwise the generic population vmap.
+
+    Args:
+      ops: the interpreter's op set (every program must stay inside it).
+      normalize: unit-RMS update at step 1 (flat layout only).
+      horizon: train for this many steps instead of ``inner.horizon`` (flat layout only).
     """
+    if isinstance(inner, ProgramInnerLoop):
+        wds = jnp.full(log_lrs.shape, inner.weight_decay, jnp.float32)
+        return jax.vmap(
+            lambda p: train_grid(
+                inner.task,
+                horizon or inner.horizon,
+                program_rule(p, ops),
+                log_lrs,
+                wds,
+                keys,
+                normalize,
+            )
+        )(programs)
+    if normalize or horizon is not None or ops is not None:
+        raise ValueError("normalize/horizon/ops need an inner loop from program_inner_loop")
     num_p, num_g = programs.op.shape[0], log_lrs.shape[0]
     pop = {
         "program": jax.tree.map(lambda x: jnp.repeat(x, num_g, axis=0), programs),
@@ -80,3 +259,26 @@ def best_over_grid(losses: jax.Array) -> tuple[jax.Array, jax.Array]:
     mean = jnp.where(jnp.isfinite(mean), mean, jnp.inf)
     idx = jnp.argmin(mean, axis=-1)
     return jnp.take_along_axis(mean, idx[:, None], axis=-1)[:, 0], idx
+
+
+def interior(index: int, size: int, low_edge_ok: bool = False) -> bool:
+    """Whether grid ``index`` lies strictly inside a grid of ``size`` points.
+
+    ``low_edge_ok``: the first point may be the optimum (weight decay 0 cannot go lower).
+    """
+    return (index > 0 or low_edge_ok) and index < size - 1
+
+
+__all__ = [
+    "ProgramInnerLoop",
+    "Rule",
+    "adamw_rule",
+    "best_over_grid",
+    "cosine",
+    "grid_losses",
+    "interior",
+    "program_inner_loop",
+    "program_optimizer",
+    "program_rule",
+    "train_grid",
+]

@@ -3,8 +3,12 @@
 A program reads the gradient ``g``, the parameter ``w``, two state slots ``m``
 and ``v`` and the step count ``t`` (1-based), and must assign ``update``;
 whatever it assigns to ``m`` and ``v`` is the new state. The learning rate and
-weight decay stay outside the program, as in optax's aliases: the applied
-update is ``-lr * (update + wd * w)``.
+its schedule stay outside the program, as in optax's aliases: the applied
+update is ``-lr * (update + wd * w)`` (``wd`` = 0 in the search, where weight
+decay is written inside the program as in Lion's paper). The search space
+(:mod:`~metaopt.algorithms.program_search.mutate`) never introduces ``t``:
+hand-written optimizers such as AdamW with bias correction read it, searched
+programs do not unless an ablation allows it.
 
 Text form (what :func:`to_source` prints and :func:`parse` reads)::
 
@@ -17,10 +21,17 @@ literal (at most one literal per statement). The parser validates everything
 statements) and never evaluates text.
 
 Encoding: a :class:`Program` is four fixed-length arrays (opcode, destination,
-argument registers, constant); unused rows are ``nop``. Being a pytree of
-arrays, a whole population of *different* programs is run by one compiled
-interpreter under ``vmap`` (``lax.switch`` over opcodes inside a ``scan`` over
-instructions), with no recompilation per candidate.
+argument registers, constant); unused rows are ``nop`` writing to a scratch
+register, so padding never needs a select. Being a pytree of arrays, a whole
+population of *different* programs is run by one compiled interpreter under
+``vmap`` (``lax.switch`` over opcodes inside a ``scan`` over instructions), with
+no recompilation per candidate. Under ``vmap`` the switch computes every
+branch, so the interpreter takes the op set as a static argument: the search's
+default :data:`CHEAP_OPS` leaves out ``exp``, ``log``, ``pow`` and ``tanh``
+(each costs 12-16% of an interpreter step). A constant argument is read with a
+``where`` on the argument index instead of being written to a register.
+Programs padded to ``MAX_LEN`` can be cut to a shorter length bucket
+(:func:`trim`) so a kernel scans only as many rows as its longest program.
 
 Reference: Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms".
 """
@@ -37,13 +48,14 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-MAX_LEN = 16  # statements per program
+MAX_LEN = 16  # statements per program (parser limit; the search's default is 8)
 NUM_TEMPS = 6  # temporaries r0.. available to a program
 INPUTS = ("g", "w", "m", "v", "t")
 OUTPUT = "update"
 REGISTERS = (*INPUTS, OUTPUT, *(f"r{i}" for i in range(NUM_TEMPS)))
-CONST = len(REGISTERS)  # register index that holds the current statement's constant
-NUM_REGS = CONST + 1
+SCRATCH = len(REGISTERS)  # register row that padding (``nop``) rows write to
+NUM_REGS = SCRATCH + 1
+CONST = NUM_REGS  # argument index meaning "this statement's constant" (not a register row)
 REG = {name: i for i, name in enumerate(REGISTERS)}
 
 
@@ -82,6 +94,11 @@ OPS: dict[str, tuple[int, Callable, bool]] = {
 OPCODE = {name: i for i, name in enumerate(OPS)}
 ARITY = np.array([OPS[n][0] for n in OPS], np.int32)
 COMMUTATIVE = np.array([OPS[n][2] for n in OPS], bool)
+#: operations that cost a transcendental function per element; opt-in for the search
+EXPENSIVE_OPS = ("tanh", "exp", "log", "pow")
+#: the search's default op set (every operation but :data:`EXPENSIVE_OPS`)
+CHEAP_OPS = tuple(n for n in OPS if n not in EXPENSIVE_OPS)
+ALL_OPS = tuple(OPS)
 
 
 class Program(NamedTuple):
@@ -95,7 +112,47 @@ class Program(NamedTuple):
 
 def stack_programs(programs) -> Program:
     """A population: the programs stacked along a new leading axis."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *programs)
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *programs)
+
+
+def length(program: Program) -> int:
+    """Number of statements (rows before the trailing ``nop`` padding)."""
+    ops = np.asarray(program.op)
+    nz = np.flatnonzero(ops.reshape(-1, ops.shape[-1]).any(axis=0))
+    return int(nz[-1]) + 1 if nz.size else 0
+
+
+def trim(program: Program, max_len: int) -> Program:
+    """``program`` (or a stacked population) cut or padded to ``max_len`` rows.
+
+    Raises:
+      ProgramError: if a statement would be cut off.
+    """
+    n = int(np.shape(program.op)[-1])
+    if length(program) > max_len:
+        raise ProgramError(f"program has {length(program)} statements; the bucket holds {max_len}")
+    if n >= max_len:
+        p = jax.tree.map(np.asarray, program)
+        return Program(
+            p.op[..., :max_len],
+            p.dst[..., :max_len],
+            p.args[..., :max_len, :],
+            p.const[..., :max_len],
+        )
+    pad = max_len - n
+    lead = np.shape(program.op)[:-1]
+    return Program(
+        op=np.concatenate([np.asarray(program.op), np.zeros((*lead, pad), np.int32)], -1),
+        dst=np.concatenate([np.asarray(program.dst), np.full((*lead, pad), SCRATCH, np.int32)], -1),
+        args=np.concatenate([np.asarray(program.args), np.zeros((*lead, pad, 3), np.int32)], -2),
+        const=np.concatenate([np.asarray(program.const), np.zeros((*lead, pad), np.float32)], -1),
+    )
+
+
+def ops_used(program: Program) -> set[str]:
+    """Names of the operations ``program`` (or a population) uses, ``nop`` excluded."""
+    names = list(OPS)
+    return {names[int(o)] for o in np.unique(np.asarray(program.op))} - {"nop"}
 
 
 # ---------------------------------------------------------------------------
@@ -167,15 +224,14 @@ def parse(text: str, max_len: int = MAX_LEN) -> Program:
 
 
 def encode(ops, dsts, argss, consts, max_len: int = MAX_LEN) -> Program:
+    """Encodes decoded rows as a :class:`Program` of ``max_len`` rows (numpy arrays)."""
     n = len(ops)
     pad = max_len - n
     return Program(
-        op=jnp.asarray(list(ops) + [0] * pad, jnp.int32),
-        dst=jnp.asarray(list(dsts) + [REG[OUTPUT]] * pad, jnp.int32),
-        args=jnp.asarray([list(a) for a in argss] + [[0, 0, 0]] * pad, jnp.int32).reshape(
-            max_len, 3
-        ),
-        const=jnp.asarray(list(consts) + [0.0] * pad, jnp.float32),
+        op=np.asarray(list(ops) + [0] * pad, np.int32),
+        dst=np.asarray(list(dsts) + [SCRATCH] * pad, np.int32),
+        args=np.asarray([list(a) for a in argss] + [[0, 0, 0]] * pad, np.int32).reshape(max_len, 3),
+        const=np.asarray(list(consts) + [0.0] * pad, np.float32),
     )
 
 
@@ -209,34 +265,54 @@ def to_source(program: Program, name: str = "program") -> str:
 # ---------------------------------------------------------------------------
 
 
-def _branches():
+def _branches(ops: tuple[str, ...]):
     def make(fn, arity):
         if fn is None:
             return lambda a, b, c: jnp.zeros_like(a)
         return lambda a, b, c: fn(*(a, b, c)[:arity])
 
-    return [make(fn, arity) for arity, fn, _ in OPS.values()]
+    return [make(OPS[n][1], OPS[n][0]) for n in ops]
 
 
-_BRANCHES = _branches()
+def _op_set(ops) -> tuple[str, ...]:
+    if ops is None:
+        return ALL_OPS
+    unknown = set(ops) - set(OPS)
+    if unknown:
+        raise ProgramError(f"unknown operations {sorted(unknown)}")
+    return ("nop", *(n for n in OPS if n in set(ops) and n != "nop"))
 
 
-def run(program: Program, g, w, m, v, t):
+def run(program: Program, g, w, m, v, t, ops: tuple[str, ...] | None = None):
     """Executes ``program`` on flat float32 vectors; returns ``(update, m, v)``.
 
     ``t`` is the 1-based step count (a scalar). Differentiable and vmappable
     over programs (the ``lax.switch`` becomes a select over all operations).
+
+    Args:
+      program: one encoded program (any number of rows).
+      g, w, m, v: flat vectors of one shape.
+      t: the step count.
+      ops: the operations the interpreter provides (static; default all). Fewer
+        operations make a vmapped interpreter cheaper; a program that uses an
+        operation outside ``ops`` computes ``0`` there, so callers check first
+        (:func:`ops_used`).
     """
-    regs = jnp.zeros((NUM_REGS,) + g.shape, g.dtype)
-    regs = regs.at[REG["g"]].set(g).at[REG["w"]].set(w).at[REG["m"]].set(m).at[REG["v"]].set(v)
-    regs = regs.at[REG["t"]].set(jnp.broadcast_to(jnp.asarray(t, g.dtype), g.shape))
+    names = _op_set(ops)
+    lut = np.zeros(len(OPS), np.int32)
+    for i, n in enumerate(names):
+        lut[OPCODE[n]] = i
+    branches = _branches(names)
+    t = jnp.broadcast_to(jnp.asarray(t, g.dtype), g.shape)
+    regs = jnp.stack([g, w, m, v, t] + [jnp.zeros_like(g)] * (NUM_REGS - len(INPUTS)))
+
+    def read(regs, idx, const):
+        return jnp.where(idx == CONST, const, regs[jnp.minimum(idx, NUM_REGS - 1)])
 
     def body(regs, row):
         op, dst, args, const = row
-        regs = regs.at[CONST].set(jnp.broadcast_to(const, g.shape))
-        a, b, c = regs[args[0]], regs[args[1]], regs[args[2]]
-        out = jax.lax.switch(op, _BRANCHES, a, b, c)
-        out = jnp.where(op == 0, regs[dst], out)  # nop keeps the register
+        a, b, c = (read(regs, args[i], const) for i in range(3))
+        out = jax.lax.switch(jnp.asarray(lut)[op], branches, a, b, c)
         return regs.at[dst].set(out), None
 
     regs, _ = jax.lax.scan(body, regs, tuple(program))
@@ -245,7 +321,7 @@ def run(program: Program, g, w, m, v, t):
 
 # Compiled once per shape and reused by every exported optimizer: eager (un-jitted)
 # use of an exported optimizer must not re-trace the interpreter at every step.
-_run_jit = jax.jit(run)
+_run_jit = jax.jit(run, static_argnames="ops")
 
 
 # ---------------------------------------------------------------------------
@@ -322,6 +398,17 @@ update = sign(c)
 m = interp(m, g, 0.01)
 """
 
+ADAMW_NOBC = """
+m = interp(m, g, 0.1)
+g2 = square(g)
+v = interp(v, g2, 0.001)
+s = sqrt(v)
+s = add(s, 1e-08)
+update = div(m, s)
+d = mul(w, 0.1)
+update = add(update, d)
+"""
+
 SGD_MOMENTUM = """
 m = mul(m, 0.9)
 m = add(m, g)
@@ -332,4 +419,12 @@ SIGNSGD = """
 update = sign(g)
 """
 
-BUILTINS = {"adamw": ADAMW, "lion": LION, "sgd_momentum": SGD_MOMENTUM, "signsgd": SIGNSGD}
+#: hand-written programs. ``adamw_nobc`` is the search's warm start (Lion's paper): AdamW
+#: without bias correction (no step counter) with weight decay 0.1 written inside the program.
+BUILTINS = {
+    "adamw": ADAMW,
+    "lion": LION,
+    "sgd_momentum": SGD_MOMENTUM,
+    "signsgd": SIGNSGD,
+    "adamw_nobc": ADAMW_NOBC,
+}

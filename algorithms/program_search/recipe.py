@@ -1,25 +1,37 @@
 """Recipe ``program-search``: Lion-style symbolic discovery of optimizers.
 
-Stage 0 runs batched regularized evolution warm-started from AdamW on a family
-of proxy tasks (task families from :mod:`metaopt.envs.families`: by default a
+Stage 0 runs batched regularized evolution (:mod:`.search`) on a family of
+proxy tasks (task families from :mod:`metaopt.envs.families`: by default a
 digits MLP, a teacher-student regression and an ill-conditioned logistic
-regression; fitness = validation loss relative to AdamW, averaged over tasks
-and seeds). The funnel (stage 1) then re-scores the top unique programs on
-larger tasks, for more steps, over more seeds; the program that is best there
-is the result. The run directory holds:
+regression) in Lion's search space: programs read ``g, w, m, v`` (no step
+counter; the ``ablation-t`` preset allows ``t``), the learning rate and its
+cosine schedule stay outside the program and are the same for every candidate
+and baseline, and the warm start is AdamW without bias correction with its
+weight decay written inside the program. Fitness = best-over-``lr_grid``
+validation loss relative to AdamW tuned over ``ref_lr_grid x wd_grid`` on the
+same seeds (the run stops with an error if AdamW's optimum is on the edge of
+its grid), averaged over tasks, kept as a running mean over re-evaluations.
+Programs whose update RMS drifts under i.i.d. gradients (a counter in a state
+slot) are rejected, and children far worse than their parent after
+``screen_steps`` steps never get the full evaluation.
+
+The funnel (stage 1) then re-scores the top unique programs on larger tasks,
+for more steps, over more seeds; the program that is best there is the
+result. The run directory holds:
 
 ``best_program.txt`` (simplified source of the funnel's winner),
 ``leaderboard.json`` (top unique programs with their fitness at each stage and
-learning rates), ``metrics.jsonl``, ``search.png`` (best and median proxy
-fitness and the best program's fitness on a held-out task per round -- the
-meta-overfitting picture -- and the evaluations each redundancy layer skipped)
-and ``state.json`` (the search state, written atomically every
-``checkpoint_every`` rounds; ``--resume`` continues exactly).
+learning rates), ``metrics.jsonl`` (per round: ``evaluated``, the ``skipped_*``
+counters, ...), ``search.png`` (best and median proxy fitness and the best
+program's fitness on a held-out task per round -- the meta-overfitting picture
+-- and the evaluations each redundancy layer skipped), ``checkpoints/`` (the
+search state, every ``checkpoint_every`` rounds, by the core driver's host-step
+mode: SIGINT/SIGTERM save and stop, ``--resume`` continues exactly) and
+``state.json`` (the final search state, for inspection).
 
 ``metaopt eval RUN_DIR`` trains the top programs of the leaderboard and the
-AdamW / Lion / SGD-momentum / signSGD baselines on held-out workloads
-(:mod:`~metaopt.algorithms.program_search.heldout`) and writes ``heldout.json``,
-``heldout.md`` and ``heldout.png`` (performance profiles and test-loss curves).
+baselines on held-out workloads
+(:mod:`~metaopt.algorithms.program_search.heldout`).
 
 ``slots=1`` searches the one-state-slot space (no ``v``), warm-started from
 SGD with momentum unless ``warm_start`` says otherwise.
@@ -34,15 +46,30 @@ from pathlib import Path
 
 import numpy as np
 
-from metaopt.algorithms.program_search.program import BUILTINS, parse
-from metaopt.algorithms.program_search.search import RegularizedEvolution, Scorer, SearchState
-from metaopt.algorithms.program_search.simplify import structural_hash
-from metaopt.checkpoint import MissingCheckpointError, write_json_atomic
+from metaopt.algorithms.program_search.mutate import SearchSpace
+from metaopt.algorithms.program_search.program import (
+    ALL_OPS,
+    BUILTINS,
+    CHEAP_OPS,
+    MAX_LEN,
+    parse,
+)
+from metaopt.algorithms.program_search.search import (
+    WD_GRID,
+    WIDE_LR_GRID,
+    RegularizedEvolution,
+    Scorer,
+    SearchState,
+)
+from metaopt.algorithms.program_search.simplify import remove_dead_code
+from metaopt.checkpoint import MissingCheckpointError, write_json_atomic, write_text_atomic
 from metaopt.config import check
-from metaopt.driver import ProgressBar, truncate_log
+from metaopt.driver import ProgressBar
 from metaopt.envs import families
 from metaopt.plotting import read_metrics
 from metaopt.recipes import Recipe, register
+
+OP_SETS = {"cheap": CHEAP_OPS, "full": ALL_OPS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,17 +79,38 @@ class Config:
     Task names are registered task families (``metaopt.envs.families.FAMILIES``).
     """
 
-    tasks: tuple[str, ...] = ("digits-mlp8", "teacher-student-small", "logistic-cond100")
+    # the validated proxy (validate.RECOMMENDED_PROXY, docs/program_search/proxy_validation.md):
+    # logistic-cond100 was dropped, every panel optimizer is within 3% of AdamW on it
+    tasks: tuple[str, ...] = ("digits-mlp8", "teacher-student-small")
     inner_steps: int = 200
-    lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)
+    # learning rates every candidate is tried at (its best counts, per task)
+    lr_grid: tuple[float, ...] = WIDE_LR_GRID
+    normalize: bool = False  # divide each training's update by its RMS at step 1
+    # the AdamW reference: tuned over ref_lr_grid x wd_grid (decoupled weight decay)
+    ref_lr_grid: tuple[float, ...] = WIDE_LR_GRID
+    wd_grid: tuple[float, ...] = WD_GRID
+    check_reference: bool = True  # error if AdamW's optimum is on its grid's edge
     seeds: int = 2
-    population: int = 32
-    tournament: int = 8
-    children: int = 15
-    rounds: int = 60
+    # the search space
     slots: int = 2
-    warm_start: str = ""  # a built-in program; "" = adamw (slots=2) or sgd_momentum (slots<2)
+    allow_t: bool = False  # programs may read the step counter t (ablation only)
+    ops: str = "cheap"  # "cheap" (no exp/log/pow/tanh) or "full"
+    max_len: int = 8  # statements per program
+    warm_start: str = ""  # a built-in program; "" = adamw_nobc (slots=2) or sgd_momentum
+    # regularized evolution
+    population: int = 100
+    tournament: int = 10
+    children: int = 128  # proposals per round
+    rounds: int = 80
+    batch: int = 64  # programs per kernel call
     max_hits: int = 5
+    rescore_top: int = 8  # fittest programs re-scored on fresh seeds every round
+    best_min_evals: int = 2  # evaluations a program needs to count as the best
+    screen_steps: int = 50  # cheap first stage (0: off)
+    screen_factor: float = 1.5  # screen fitness above parent's x this: rejected
+    stationarity_factor: float = 2.5  # update-RMS drift allowed under i.i.d. gradients (0: off)
+    stationarity_steps: tuple[int, int] = (500, 5000)
+    restart_every: int = 0  # restart the population from the best every N rounds (0: never)
     checkpoint_every: int = 5
     leaderboard: int = 10
     funnel_top: int = 6
@@ -84,18 +132,49 @@ class Config:
             )
         check(len(self.tasks) >= 1, "tasks must name at least one task family")
         check(self.inner_steps >= 1, "inner_steps must be >= 1")
+        for field in ("lr_grid", "ref_lr_grid"):
+            grid = getattr(self, field)
+            check(
+                len(grid) >= 1 and all(x > 0 for x in grid) and list(grid) == sorted(grid),
+                f"{field} must hold positive learning rates in increasing order",
+            )
         check(
-            len(self.lr_grid) >= 1 and all(x > 0 for x in self.lr_grid),
-            "lr_grid must hold positive learning rates",
+            len(self.wd_grid) >= 1
+            and all(x >= 0 for x in self.wd_grid)
+            and list(self.wd_grid) == sorted(self.wd_grid),
+            "wd_grid must hold weight decays >= 0 in increasing order",
         )
         check(self.seeds >= 1 and self.funnel_seeds >= 1, "seeds must be >= 1")
         check(2 <= self.tournament <= self.population, "need 2 <= tournament <= population")
         check(self.children >= 1, "children must be >= 1")
+        check(self.batch >= 1, "batch must be >= 1")
         check(self.rounds >= 0, "rounds must be >= 0")
         check(self.slots in (0, 1, 2), "slots must be 0, 1 or 2")
+        check(self.ops in OP_SETS, f"ops must be one of {sorted(OP_SETS)}, got '{self.ops}'")
+        check(1 <= self.max_len <= MAX_LEN, f"max_len must be in 1..{MAX_LEN}")
+        check(self.rescore_top >= 0, "rescore_top must be >= 0")
+        check(self.best_min_evals >= 1, "best_min_evals must be >= 1")
+        check(self.screen_steps >= 0, "screen_steps must be >= 0 (0 turns the screen off)")
+        check(self.screen_factor >= 1.0, "screen_factor must be >= 1")
+        check(
+            self.stationarity_factor == 0 or self.stationarity_factor > 1,
+            "stationarity_factor must be > 1 (or 0 to turn the check off)",
+        )
+        check(
+            len(self.stationarity_steps) == 2
+            and 10 <= self.stationarity_steps[0] < self.stationarity_steps[1],
+            "stationarity_steps must be two increasing steps, the first >= 10",
+        )
+        check(self.restart_every >= 0, "restart_every must be >= 0")
         check(
             self.warm_start in ("", *BUILTINS),
             f"unknown warm_start '{self.warm_start}'; choose from {sorted(BUILTINS)}",
+        )
+        why = self.space.violation(remove_dead_code(parse(BUILTINS[self.start])))
+        check(
+            why is None,
+            f"warm start '{self.start}' is outside the search space: {why}"
+            + (" (e.g. sgd_momentum for slots=1)" if self.slots < 2 else ""),
         )
         check(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
         check(self.heldout_every >= 1, "heldout_every must be >= 1")
@@ -103,18 +182,46 @@ class Config:
 
     @property
     def start(self) -> str:
-        return self.warm_start or ("adamw" if self.slots == 2 else "sgd_momentum")
+        return self.warm_start or ("adamw_nobc" if self.slots == 2 else "sgd_momentum")
+
+    @property
+    def space(self) -> SearchSpace:
+        return SearchSpace(self.slots, self.allow_t, OP_SETS[self.ops], self.max_len)
 
 
 PRESETS = {
-    "quick": {"rounds": 8, "inner_steps": 100, "population": 16, "tournament": 4, "funnel_top": 3},
+    "quick": {  # the default horizon: AdamW's optimum must stay inside the wide grid
+        "rounds": 4,
+        "seeds": 1,
+        "population": 16,
+        "tournament": 4,
+        "children": 32,
+        "batch": 32,
+        "rescore_top": 4,
+        "funnel_top": 2,
+    },
     "one-slot": {"slots": 1},
+    "ablation-t": {"allow_t": True},  # mutations may read the step counter t
+    "full-ops": {"ops": "full"},  # exp, log, pow and tanh too (about 2x slower)
+    "long": {"rounds": 500, "population": 200, "tournament": 20, "restart_every": 150},
 }
 
 
 def build(cfg: Config) -> RegularizedEvolution:
     tasks = [(families.make(name), cfg.inner_steps) for name in cfg.tasks]
-    scorer = Scorer(tasks, cfg.lr_grid, cfg.seeds, cfg.children + 1, cfg.seed)
+    scorer = Scorer(
+        tasks,
+        cfg.lr_grid,
+        cfg.seeds,
+        cfg.batch,
+        cfg.seed,
+        ref_lr_grid=cfg.ref_lr_grid,
+        wd_grid=cfg.wd_grid,
+        ops=OP_SETS[cfg.ops],
+        normalize=cfg.normalize,
+        check_reference=cfg.check_reference,
+        names=list(cfg.tasks),
+    )
     return RegularizedEvolution(
         scorer,
         cfg.population,
@@ -122,30 +229,56 @@ def build(cfg: Config) -> RegularizedEvolution:
         cfg.children,
         cfg.max_hits,
         cfg.seed,
-        slots=cfg.slots,
+        space=cfg.space,
+        rescore_top=cfg.rescore_top,
+        screen_steps=cfg.screen_steps,
+        screen_factor=cfg.screen_factor,
+        stationarity_factor=cfg.stationarity_factor,
+        stationarity_steps=cfg.stationarity_steps,
+        restart_every=cfg.restart_every,
+        best_min_evals=cfg.best_min_evals,
     )
 
 
 def heldout_scorer(cfg: Config) -> Scorer:
     """Scores programs on a task the search does not train on (the meta-overfitting check)."""
     task = (families.make(cfg.heldout_task), families.steps(cfg.heldout_task))
-    return Scorer([task], cfg.lr_grid, cfg.seeds, 2, cfg.seed + 777)
+    return Scorer(
+        [task],
+        cfg.lr_grid,
+        cfg.seeds,
+        1,
+        cfg.seed + 777,
+        ref_lr_grid=cfg.ref_lr_grid,
+        wd_grid=cfg.wd_grid,
+        ops=OP_SETS[cfg.ops],
+        normalize=cfg.normalize,
+    )
 
 
 def leaderboard(state: SearchState, k: int) -> list[dict]:
-    """Top ``k`` functionally distinct programs of the population and the best so far.
+    """Top ``k`` functionally distinct programs by running-mean fitness.
 
-    Programs that differ only in dead code, names or in ways the functional hash
-    cannot see count once (the first, i.e. fittest, stands for them), so the funnel
-    and the held-out evaluation do not spend their budget on copies.
+    Candidates are the population and the best so far; each functional hash
+    counts once, so the funnel and the held-out evaluation do not spend their
+    budget on copies. Entries: ``{"source", "fitness", "evals", "lr", "born"}``.
     """
-    seen, out = set(), []
-    for m in sorted(state.population + [state.best], key=lambda m: m["fitness"]):
-        s_hash = structural_hash(parse(m["source"]))
-        f_hash = state.struct_to_func.get(s_hash, s_hash)
-        if f_hash not in seen and np.isfinite(m["fitness"]):
-            seen.add(f_hash)
-            out.append(m)
+    funcs = dict.fromkeys([state.best.get("func"), *(m["func"] for m in state.population)])
+    out = []
+    for f in funcs:
+        s = state.stats.get(f)
+        if s is None or s.get("rejected") or not np.isfinite(state.fitness(f)):
+            continue
+        out.append(
+            {
+                "source": s["source"],
+                "fitness": state.fitness(f),
+                "evals": s["n"],
+                "lr": s["lr"],
+                "born": s["born"],
+            }
+        )
+    out.sort(key=lambda m: (m["fitness"], m["source"]))
     return out[:k]
 
 
@@ -153,15 +286,26 @@ def funnel(cfg: Config, board: list[dict], progress: bool = True) -> list[dict]:
     """Stage 1: re-scores the top ``funnel_top`` entries of ``board`` on ``funnel_tasks``.
 
     Every funnel task runs at its family's suggested horizon (longer than the proxy's)
-    over ``funnel_seeds`` fresh seeds. Returns the entries with ``fitness_funnel``
-    and ``lr_funnel`` added, best first; entries past ``funnel_top`` keep no funnel
-    score and follow in proxy order.
+    over ``funnel_seeds`` fresh seeds, against AdamW tuned over the same (lr, wd)
+    grids. Returns the entries with ``fitness_funnel`` and ``lr_funnel`` added,
+    best first; entries past ``funnel_top`` keep no funnel score and follow in
+    proxy order.
     """
     top = [dict(m) for m in board[: cfg.funnel_top]]
     if not top:
         return [dict(m) for m in board]
     tasks = [(families.make(n), families.steps(n)) for n in cfg.funnel_tasks]
-    scorer = Scorer(tasks, cfg.lr_grid, cfg.funnel_seeds, len(top) + 1, cfg.seed + 999)
+    scorer = Scorer(
+        tasks,
+        cfg.lr_grid,
+        cfg.funnel_seeds,
+        len(top),
+        cfg.seed + 999,
+        ref_lr_grid=cfg.ref_lr_grid,
+        wd_grid=cfg.wd_grid,
+        ops=OP_SETS[cfg.ops],
+        normalize=cfg.normalize,
+    )
     bar = ProgressBar(progress, 1, 0, len(top), "funnel")
     t0 = time.perf_counter()
     fit, lrs = scorer([parse(m["source"]) for m in top], 0)
@@ -179,7 +323,7 @@ def plot_search(rows: list[dict], path: Path) -> None:
     fig, axes = figure((10, 3.4), 1, 2)
     rounds = [r["step"] for r in rows]
     ax = axes[0, 0]
-    ax.plot(rounds, [r["best_fitness"] for r in rows], label="best so far")
+    ax.plot(rounds, [r["best_fitness"] for r in rows], label="best so far (running mean)")
     ax.plot(rounds, [r["population_median"] for r in rows], label="population median")
     checked = [r for r in rows if r.get("heldout_best_fitness") is not None]
     if checked:
@@ -189,120 +333,136 @@ def plot_search(rows: list[dict], path: Path) -> None:
             "o-",
             label="best program on the held-out task",
         )
-    ax.axhline(1.0, color="k", lw=0.8, ls="--", label="AdamW")
+    ax.axhline(1.0, color="k", lw=0.8, ls="--", label="AdamW (tuned lr, wd)")
     ax.set_yscale("log")
     ax.set_xlabel("round")
-    ax.set_ylabel("validation loss / AdamW's")
+    ax.set_ylabel("validation loss / tuned AdamW's")
     ax.legend(fontsize=8)
     ax = axes[0, 1]
-    for k in ("evaluated", "skipped_functional", "skipped_structural", "skipped_invalid"):
-        ax.plot(rounds, np.cumsum([r[k] for r in rows]), label=k)
+    keys = ("evaluated", "evaluated_full", "screened_out", "skipped_functional")
+    keys += ("skipped_structural", "skipped_invalid", "skipped_nonstationary")
+    for k in keys:
+        ax.plot(rounds, np.cumsum([r.get(k, 0) for r in rows]), label=k)
     ax.set_xlabel("round")
     ax.set_ylabel("children (cumulative)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
+#: what the search's progress bar shows (printed once above it).
+SEARCH_LEGEND = (
+    "progress: best = running-mean proxy fitness of the best program (validation loss "
+    "relative to tuned AdamW on the same seeds; < 1 beats it); children_best = this round's "
+    "best child; evals/s = children per second"
+)
+
+
 def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> dict:
+    """The search on the core driver's host-step mode (checkpoints, keep-N, log, progress,
+    SIGINT/SIGTERM and exact resume as every recipe), then the funnel and the artifacts."""
+    from metaopt import driver
+
     search = build(cfg)
-    state_path, log_path = out / "state.json", out / "metrics.jsonl"
-    if resume:
-        if not state_path.exists():
-            raise MissingCheckpointError(f"no checkpoint found in {out} (state.json)")
-        state = SearchState.from_json(json.loads(state_path.read_text()), cfg.max_hits)
-        truncate_log(log_path, state.round)  # rounds logged after the checkpoint are redone
-    else:
-        state = search.init(BUILTINS[cfg.start])
-        log_path.unlink(missing_ok=True)
-    rows = read_metrics(log_path) if log_path.exists() else []
-    bar = ProgressBar(progress, cfg.rounds, state.round, cfg.children, "program-search")
     check_heldout = heldout_scorer(cfg)
-    try:
-        while state.round < cfg.rounds:
-            t0 = time.perf_counter()
-            state, metrics = search.round(state)
-            row = {"step": state.round, **metrics, "heldout_best_fitness": None}
-            if state.round % cfg.heldout_every == 0:  # absolute rounds: resume-exact logs
-                fit, _ = check_heldout([parse(state.best["source"])], state.round)
-                row["heldout_best_fitness"] = float(fit[0])
-            rows.append(row)
-            with log_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            bar.update(
-                [{"loss_best": row["children_best"], "cache_hits": state.cache.hits}],
-                time.perf_counter() - t0,
-            )
-            if state.round % cfg.checkpoint_every == 0 or state.round == cfg.rounds:
-                write_json_atomic(state_path, state.to_json())
-    finally:
-        bar.close()
-    write_json_atomic(state_path, state.to_json())
+
+    def step(state: SearchState):
+        state, metrics = search.round(state)
+        metrics = {**metrics, "heldout_best_fitness": None}
+        if state.round % cfg.heldout_every == 0:  # absolute rounds: resume-exact logs
+            fit, _ = check_heldout([parse(state.best["source"])], state.round)
+            metrics["heldout_best_fitness"] = float(fit[0])
+        return state, metrics
+
+    result = driver.train_host(
+        step,
+        None if resume else search.init(BUILTINS[cfg.start]),
+        num_steps=cfg.rounds,
+        out_dir=out,
+        resume=resume,
+        checkpoint_every=cfg.checkpoint_every,
+        progress=progress,
+        evals_per_step=cfg.children,
+        desc="program-search",
+        legend=SEARCH_LEGEND,
+        to_json=SearchState.to_json,
+        from_json=lambda d: SearchState.from_json(d, cfg.max_hits),
+    )
+    state = result.state
+    write_json_atomic(out / "state.json", state.to_json())
+    rows = read_metrics(out / "metrics.jsonl")
     board = funnel(cfg, leaderboard(state, cfg.leaderboard), progress)
     write_json_atomic(out / "leaderboard.json", board)
     winner = board[0] if board else state.best
-    (out / "best_program.txt").write_text(winner["source"])
+    write_text_atomic(out / "best_program.txt", winner["source"])
     if rows:
         plot_search(rows, out / "search.png")
     t = state.totals
-    skipped = t["structural"] + t["functional"] + t["invalid"]
+    skipped = sum(t[k] for k in ("failed", "invalid", "nonstationary", "structural", "functional"))
     summary = {
-        "proxy_fitness (val loss / AdamW's)": f"{winner['fitness']:.4f}",
+        "proxy_fitness (val loss / tuned AdamW's)": f"{winner['fitness']:.4f} "
+        f"(mean of {winner.get('evals', 1)} evaluations)",
     }
     if "fitness_funnel" in winner:
         summary["funnel_fitness (larger tasks)"] = f"{winner['fitness_funnel']:.4f}"
     return summary | {
         "children": t["children"],
+        "evaluated": f"{t['evaluated']} (screened out after {cfg.screen_steps} steps: "
+        f"{t['screened_out']}; fully evaluated {t['evaluated_full']}; re-scored {t['rescored']})",
         "evaluations_skipped": f"{skipped} ({skipped / max(t['children'], 1):.0%}: "
-        f"structural {t['structural']}, functional {t['functional']}, invalid {t['invalid']})",
+        f"structural {t['structural']}, functional {t['functional']}, invalid {t['invalid']}, "
+        f"nonstationary {t['nonstationary']}, failed proposals {t['failed']})",
         "best_program": "\n" + winner["source"],
     }
 
 
 def evaluate(run_dir: Path, cfg: Config, progress: bool = True, top: int = 3) -> dict:
-    """Held-out comparison of the top ``top`` discovered programs with the baselines."""
-    from metaopt.algorithms.program_search import heldout
-    from metaopt.algorithms.program_search.program import BUILTINS
+    """Held-out verdict: the top ``top`` discovered programs against the panel's baselines.
 
-    del progress
+    Every optimizer gets its own (lr, wd) tuned on the wide lattice by the median
+    validation loss (:func:`~metaopt.algorithms.program_search.heldout.tune`) on each of
+    the held-out workloads (:data:`~metaopt.algorithms.program_search.heldout.WORKLOADS`)
+    over 8 shared seeds; writes ``eval.json`` / ``eval.md`` / ``eval.png`` (paired
+    differences with tuned AdamW and their SE, workloads won / tied / lost, ranks,
+    performance profile).
+    """
+    from metaopt import evaluation
+    from metaopt.algorithms.program_search import heldout
+    from metaopt.algorithms.program_search.panel import PANEL
+
     path = Path(run_dir) / "leaderboard.json"
     if not path.exists():
         raise MissingCheckpointError(f"{path} is missing: the search has not finished")
     entries = {
         f"discovered-{i + 1}": m["source"] for i, m in enumerate(json.loads(path.read_text())[:top])
     }
-    entries.update({n: BUILTINS[n] for n in heldout.BASELINES})
-    result = heldout.evaluate(entries, seed=cfg.seed + 1234)
-    write_json_atomic(Path(run_dir) / "heldout.json", result)
-    heldout.plot(result, Path(run_dir) / "heldout.png")
-    lines = [
-        "| optimizer | profile score | " + " | ".join(result["workloads"]) + " |",
-        "|---|---|" + "---|" * len(result["workloads"]),
-    ]
-    for name in entries:
-        cells = []
-        for info in result["workloads"].values():
-            row = info["optimizers"][name]
-            loss = row["final_test_loss_median"]
-            cells.append(
-                ("diverged" if not np.isfinite(loss) else f"{loss:.4f}") + f" (lr {row['lr']:.0e}, "
-                f"{row['steps_to_target']:.0f} steps)"
-            )
-        lines.append(
-            f"| {name} | {result['profile'][name]['score']:.3f} | " + " | ".join(cells) + " |"
-        )
-    table = "\n".join(lines) + "\n"
-    (Path(run_dir) / "heldout.md").write_text(
-        "Median final test loss over seeds (chosen lr; steps to reach AdamW's median final "
-        "test loss)\n\n" + table
+    entries.update({n: PANEL[n].source for n in heldout.BASELINES})
+    no_decay = [n for n in heldout.BASELINES if not PANEL[n].decay]
+    result = heldout.evaluate(
+        entries, seeds=8, seed=cfg.seed + 1234, no_decay=no_decay, progress=progress
     )
-    print(table)
-    adamw = result["profile"]["adamw"]["score"]
+    evaluation.write_eval(
+        run_dir,
+        result,
+        heldout.verdict_markdown(result),
+        lambda p: heldout.plot(result, p),
+        recipe="program-search",
+    )
+    agg, paired = result["aggregate"], result["paired"]["per_method"]
     return {
-        n: f"profile score {result['profile'][n]['score']:.3f} (AdamW {adamw:.3f})"
+        n: f"vs tuned AdamW won/tied/lost {paired[n]['won']}/{paired[n]['tied']}/"
+        f"{paired[n]['lost']} of {len(result['workloads'])} workloads; mean rank "
+        f"{agg[n]['mean_rank']:.2f} of {len(entries)}; test loss / AdamW (geo-mean) "
+        f"{agg[n]['geomean_ratio']:.3f}; profile score {result['profile'][n]['score']:.3f}"
         for n in entries
         if n.startswith("discovered")
     }
+
+
+def _validate_proxy(argv: list[str]) -> int:
+    from metaopt.algorithms.program_search import validate
+
+    return validate.main(argv)
 
 
 RECIPE = register(
@@ -314,5 +474,7 @@ RECIPE = register(
         presets=PRESETS,
         evaluate=evaluate,
         extendable=("rounds",),
+        build=build,
+        commands={"validate-proxy": _validate_proxy},
     )
 )

@@ -1,31 +1,46 @@
-"""Batched regularized evolution over optimizer programs.
+"""Batched regularized evolution over optimizer programs, built to resist noise.
 
-Each round draws ``children`` parents by tournament (size ``tournament``) from
-the population, mutates them, scores the children in one batched kernel and
-retires the oldest members (Real et al. 2019's regularized evolution, batched
-for accelerators). The population is warm-started from AdamW.
+Each round draws ``children`` tournaments (size ``tournament``) from the
+population, asks the *proposer* for a child of each (by default a random
+mutation of the tournament's winner; any callable ``parents' texts -> child
+text`` plugs in, see :mod:`~metaopt.algorithms.program_search.mutate`), scores
+the children in large compiled batches and retires the oldest members (Real et
+al. 2019's regularized evolution, batched for accelerators). The population is
+warm-started from AdamW without bias correction, with its weight decay written
+inside the program (Lion's search space: no step counter).
 
-Fitness is relative to AdamW: the best-over-learning-rate-grid validation loss
-of the program divided by AdamW's on the same round's seeds (AdamW is row 0 of
-every batch), so 1.0 means "as good as AdamW" and lower is better. Seeds change
-every round, so a fitness is a noisy sample; the functional cache therefore
-re-evaluates an entry after ``max_hits`` reuses.
+Fitness is relative to a *tuned* AdamW: the program's best-over-the-lr-grid
+validation loss divided by AdamW's best over an (lr x weight decay) grid on the
+same seeds, averaged over tasks; 1.0 means "as good as tuned AdamW" and lower
+is better. Seeds change every round, so one fitness is a noisy sample:
 
-Three layers skip evaluations, cheapest first, and each is counted per round:
-``structural`` (a structurally identical program was seen: its fingerprint is
-reused), ``functional`` (a functionally equivalent program's fitness is reused
-from the cache), ``invalid`` (non-finite or all-zero updates on the fingerprint
-inputs: rejected without training).
+* every program's fitness is a *running mean* over all its evaluations
+  (``SearchState.stats``, keyed by functional hash);
+* each round re-scores the ``rescore_top`` fittest distinct programs of the
+  population on that round's fresh seeds, so a lucky first score regresses to
+  its mean instead of staying frozen at the top;
+* the functional cache lets a child reuse a mean for ``max_hits`` hits and then
+  scores it again (the new score joins the mean).
 
-The whole search state is plain data (program sources, fitnesses, the numpy
-RNG state, the caches) saved atomically as JSON, so a resumed search repeats
-the uninterrupted one exactly.
+Layers that skip work, cheapest first, each counted per round (``skipped_*``):
+``failed`` (the proposer produced nothing valid), ``invalid`` (non-finite or
+all-zero updates on fixed inputs), ``nonstationary`` (the update's RMS under
+i.i.d. gradients drifts by more than ``stationarity_factor``: a counter built
+in a state slot), ``structural`` (a structurally known program whose fitness is
+reused) and ``functional`` (a new structure that computes a known function).
+The rest are ``evaluated``; with ``screen_steps`` they first train for fewer
+steps and those far worse than their parent there (``screened_out``) never
+reach the full evaluation.
+
+The whole search state is plain data (program sources, running means, the
+numpy RNG state, the caches), so :meth:`SearchState.to_json` /
+:meth:`SearchState.from_json` round-trip it exactly and a resumed search
+repeats the uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -33,91 +48,254 @@ import jax.numpy as jnp
 import numpy as np
 
 from metaopt.algorithms.program_search.evaluate import (
+    adamw_rule,
     best_over_grid,
     grid_losses,
+    interior,
     program_inner_loop,
+    train_grid,
 )
-from metaopt.algorithms.program_search.mutate import mutate, uses_slots
-from metaopt.algorithms.program_search.program import BUILTINS, parse, stack_programs, to_source
+from metaopt.algorithms.program_search.mutate import (
+    Proposer,
+    RandomMutator,
+    SearchSpace,
+    propose,
+)
+from metaopt.algorithms.program_search.program import (
+    BUILTINS,
+    MAX_LEN,
+    length,
+    ops_used,
+    parse,
+    stack_programs,
+    to_source,
+    trim,
+)
 from metaopt.algorithms.program_search.simplify import (
     FitnessCache,
     fingerprint_inputs,
     functional_fingerprints,
     functional_hash,
     remove_dead_code,
+    stationarity_ratios,
     structural_hash,
 )
+from metaopt.config import ConfigError
+
+#: the wide learning-rate grid (half-decades). It reaches 3 because tuned AdamW's best
+#: learning rate on logistic-cond100 (200 steps) is 1.0, the top of a 1e-4..1 grid.
+WIDE_LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)
+WD_GRID = (0.0, 0.01, 0.1, 1.0, 3.0)
+BUCKETS = (8, MAX_LEN)  # program length buckets: one kernel per bucket in use
 
 
 class Scorer:
-    """Scores a batch of programs relative to AdamW on one or more tasks, in compiled kernels.
+    """Scores programs relative to a tuned AdamW on one or more tasks, in compiled kernels.
 
-    Fitness of a program is the mean over tasks of its best-over-the-lr-grid
-    validation loss (mean over seeds) divided by AdamW's on the same seeds, so
-    1.0 means "as good as AdamW" and lower is better. With task families every
-    seed is a different task instance.
+    Fitness of a program is the mean over tasks of its best-over-``lr_grid``
+    validation loss (mean over seeds) divided by AdamW's best over
+    ``ref_lr_grid x wd_grid`` on the same seeds. With task families every seed
+    is a different task instance. Programs are run by the flat layout
+    (:func:`~.evaluate.train_grid`) in batches of ``batch``, each batch cut to
+    the smallest length bucket that holds its longest program.
 
     Args:
       tasks: ``(task, steps)`` pairs: a task or task family and its inner horizon.
-        One kernel is compiled per task.
       lr_grid: learning rates each program is tried at (the best counts, per task).
       seeds: training seeds (task instances) per (program, lr, task).
-      batch: programs per call (padded with AdamW), so each kernel compiles once.
+      batch: most programs per kernel call; smaller calls are padded to a power of
+        two, so a kernel compiles for a few shapes only.
       seed: base seed; round ``r`` uses seeds derived from ``(seed, r, task index)``.
+      ref_lr_grid: AdamW's learning rates (default: ``lr_grid``).
+      wd_grid: AdamW's decoupled weight decays (include 0 and values >= 1).
+      ops: the interpreter's op set (default: every operation).
+      normalize: programs' updates are divided by their RMS at step 1.
+      check_reference: raise :class:`~metaopt.config.ConfigError` if AdamW's best
+        learning rate is not strictly inside ``ref_lr_grid`` or its best weight
+        decay is the top of ``wd_grid`` (checked by :meth:`check_reference`).
+      names: task names for messages.
     """
 
-    def __init__(self, tasks, lr_grid, seeds: int, batch: int, seed: int = 0):
+    def __init__(
+        self,
+        tasks,
+        lr_grid,
+        seeds: int,
+        batch: int,
+        seed: int = 0,
+        *,
+        ref_lr_grid=None,
+        wd_grid=(0.0,),
+        ops: tuple[str, ...] | None = None,
+        normalize: bool = False,
+        check_reference: bool = False,
+        names: list[str] | None = None,
+    ):
         if not tasks:
             raise ValueError("a Scorer needs at least one task")
-        self.inners = [program_inner_loop(task, steps) for task, steps in tasks]
-        self.log_lrs = jnp.log(jnp.asarray(lr_grid, jnp.float32))
+        self.tasks = [(task, int(steps)) for task, steps in tasks]
+        self.inners = [program_inner_loop(task, steps) for task, steps in self.tasks]
+        self.lr_grid = tuple(float(x) for x in lr_grid)
+        self.log_lrs = jnp.log(jnp.asarray(self.lr_grid, jnp.float32))
+        self.ref_lr_grid = tuple(float(x) for x in (ref_lr_grid or lr_grid))
+        self.wd_grid = tuple(float(x) for x in wd_grid)
         self.seeds, self.batch, self.base = seeds, batch, jax.random.key(seed)
-        self.adamw = parse(BUILTINS["adamw"])
-        self._score = [
-            jax.jit(
-                lambda progs, keys, inner=inner: best_over_grid(
-                    grid_losses(inner, progs, self.log_lrs, keys)
+        self.ops, self.normalize, self.checking = ops, normalize, check_reference
+        self.names = list(names) if names else [f"task {i}" for i in range(len(tasks))]
+        lr_c, wd_c = np.meshgrid(np.log(self.ref_lr_grid), self.wd_grid, indexing="ij")
+        self._ref_configs = (jnp.asarray(lr_c.ravel(), jnp.float32), jnp.asarray(wd_c.ravel()))
+        self._kernels: dict = {}
+        self._ref_kernels: dict = {}
+        self._ref_memo: dict = {}
+        self.reference_log: dict = {}
+
+    # -- kernels ---------------------------------------------------------------------------
+
+    def _kernel(self, i: int, steps: int):
+        if (i, steps) not in self._kernels:
+            inner, log_lrs = self.inners[i], self.log_lrs
+            ops, normalize = self.ops, self.normalize
+            self._kernels[i, steps] = jax.jit(
+                lambda progs, keys: best_over_grid(
+                    grid_losses(
+                        inner, progs, log_lrs, keys, ops=ops, normalize=normalize, horizon=steps
+                    )
                 )
             )
-            for inner in self.inners
-        ]
+        return self._kernels[i, steps]
 
-    def __call__(self, programs: list, round_: int) -> tuple[np.ndarray, np.ndarray]:
+    def _ref_kernel(self, i: int, steps: int):
+        if (i, steps) not in self._ref_kernels:
+            task, (lr_c, wd_c) = self.tasks[i][0], self._ref_configs
+            self._ref_kernels[i, steps] = jax.jit(
+                lambda keys: jnp.mean(train_grid(task, steps, adamw_rule(), lr_c, wd_c, keys), -1)
+            )
+        return self._ref_kernels[i, steps]
+
+    def keys(self, round_: int, task: int, stage: int = 0) -> jax.Array:
+        """Seeds of ``task`` in round ``round_`` (stage 0: full evaluation, 1: screen)."""
+        key = jax.random.fold_in(self.base, round_)
+        key = jax.random.fold_in(key, task if stage == 0 else 10_000 * stage + task)
+        return jax.random.split(key, self.seeds)
+
+    def horizon(self, task: int, stage: int, screen_steps: int = 0) -> int:
+        steps = self.tasks[task][1]
+        return steps if stage == 0 else min(screen_steps, steps)
+
+    def reference(self, round_: int, stage: int = 0, screen_steps: int = 0) -> np.ndarray:
+        """Tuned AdamW's best seed-mean validation loss per task on round ``round_``'s seeds.
+
+        Also records the chosen (lr, wd) per task in :attr:`reference_log`.
+        """
+        memo = (round_, stage, screen_steps)
+        if memo not in self._ref_memo:
+            best, chosen = [], []
+            for i in range(len(self.tasks)):
+                steps = self.horizon(i, stage, screen_steps)
+                mean = np.asarray(self._ref_kernel(i, steps)(self.keys(round_, i, stage)))
+                mean = np.where(np.isfinite(mean), mean, np.inf)
+                c = int(np.argmin(mean))
+                li, wi = divmod(c, len(self.wd_grid))
+                best.append(float(mean[c]))
+                chosen.append((li, wi))
+            self._ref_memo = {memo: np.asarray(best)}  # one round at a time
+            self.reference_log = {
+                "lr": [self.ref_lr_grid[li] for li, _ in chosen],
+                "wd": [self.wd_grid[wi] for _, wi in chosen],
+                "lr_interior": [interior(li, len(self.ref_lr_grid)) for li, _ in chosen],
+                "wd_interior": [interior(wi, len(self.wd_grid), True) for _, wi in chosen],
+            }
+        return self._ref_memo[memo]
+
+    def check_reference(self, round_: int = 0) -> dict:
+        """AdamW's optimum per task; raises if it is on the edge of its grid (when checking)."""
+        self.reference(round_)
+        log = self.reference_log
+        if self.checking:
+            for i, name in enumerate(self.names):
+                if not log["lr_interior"][i]:
+                    raise ConfigError(
+                        f"AdamW's best learning rate on {name} is {log['lr'][i]:g}, the edge of "
+                        f"the reference grid {self.ref_lr_grid}: widen ref_lr_grid"
+                    )
+                if not log["wd_interior"][i]:
+                    raise ConfigError(
+                        f"AdamW's best weight decay on {name} is {log['wd'][i]:g}, the top of "
+                        f"wd_grid {self.wd_grid}: extend wd_grid"
+                    )
+        return dict(log)
+
+    # -- scoring ---------------------------------------------------------------------------
+
+    def raw(self, programs: list, round_: int, stage: int = 0, screen_steps: int = 0):
+        """Best-over-grid seed-mean losses ``[n, tasks]`` and grid indices ``[n, tasks]``."""
+        extra = ops_used(stack_programs(programs)) - set(self.ops or ()) if self.ops else set()
+        if extra:
+            raise ValueError(f"programs use {sorted(extra)} outside the scorer's op set")
+        n, out_l, out_i = len(programs), [], []
+        for i in range(len(self.tasks)):
+            steps = self.horizon(i, stage, screen_steps)
+            keys, kernel = self.keys(round_, i, stage), self._kernel(i, steps)
+            losses, idx = [], []
+            for lo in range(0, n, self.batch):
+                chunk = list(programs[lo : lo + self.batch])
+                longest = max(length(p) for p in chunk)
+                bucket = next((b for b in BUCKETS if b >= longest), MAX_LEN)
+                rows = min(self.batch, 1 << (len(chunk) - 1).bit_length())  # few shapes
+                chunk += [chunk[0]] * (rows - len(chunk))
+                batch = trim(stack_programs(chunk), bucket)
+                loss, j = jax.device_get(kernel(batch, keys))
+                losses.append(np.asarray(loss[: min(self.batch, n - lo)], np.float64))
+                idx.append(np.asarray(j[: min(self.batch, n - lo)]))
+            out_l.append(np.concatenate(losses))
+            out_i.append(np.concatenate(idx))
+        return np.stack(out_l, axis=1), np.stack(out_i, axis=1)
+
+    def __call__(
+        self, programs: list, round_: int, stage: int = 0, screen_steps: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Relative fitness ``[n]`` and best grid learning rate per task ``[n, tasks]``.
 
-        At most ``batch - 1`` programs per call (row 0 is AdamW).
+        ``stage=1`` trains for ``screen_steps`` steps on other seeds (the cheap screen).
         """
-        if len(programs) > self.batch - 1:
-            raise ValueError(f"at most {self.batch - 1} programs per call")
-        rows = [self.adamw, *programs]
-        rows += [self.adamw] * (self.batch - len(rows))
-        batch, n = stack_programs(rows), len(programs)
-        key = jax.random.fold_in(self.base, round_)
-        rels, lrs = [], []
-        for i, score in enumerate(self._score):
-            keys = jax.random.split(jax.random.fold_in(key, i), self.seeds)
-            loss, idx = jax.device_get(score(batch, keys))
-            rel = np.asarray(loss[1 : 1 + n] / loss[0], np.float64)
-            rels.append(np.where(np.isfinite(rel), rel, np.inf))
-            lrs.append(np.exp(np.asarray(self.log_lrs))[np.asarray(idx[1 : 1 + n])])
-        return np.mean(rels, axis=0), np.stack(lrs, axis=1)
+        if not programs:
+            return np.zeros(0), np.zeros((0, len(self.tasks)))
+        loss, idx = self.raw(programs, round_, stage, screen_steps)
+        ref = self.reference(round_, stage, screen_steps)
+        rel = loss / ref[None, :]
+        rel = np.where(np.isfinite(rel), rel, np.inf)
+        return np.mean(rel, axis=1), np.asarray(self.lr_grid)[idx]
 
 
 @dataclasses.dataclass
 class SearchState:
-    """Everything a search needs to continue exactly (JSON-able via :meth:`to_json`)."""
+    """Everything a search needs to continue exactly (JSON-able via :meth:`to_json`).
+
+    Attributes:
+      round: rounds completed.
+      population: members, oldest first: ``{"source", "func", "born"}``.
+      best: the fittest program so far by running mean (``{"source", "func",
+        "fitness", "evals", "lr", "born"}``).
+      rng: the numpy bit generator's state.
+      struct_to_func: structural hash -> functional hash (or ``"nonfinite"``,
+        ``"zero"``, ``"nonstationary"``).
+      cache: functional hash -> hit counter (forgets after ``max_hits`` hits).
+      stats: functional hash -> ``{"source", "sum", "n", "lr", "screen", "born"}``:
+        the running mean of every evaluation (``sum / n``) and the last screen score.
+      totals: cumulative per-round counters.
+    """
 
     round: int
-    population: list[dict]  # oldest first: {"source", "fitness", "lr", "born"}
+    population: list[dict]
     best: dict
     rng: dict
     struct_to_func: dict[str, str]
     cache: FitnessCache
+    stats: dict[str, dict]
     totals: dict[str, int]
 
     def to_json(self) -> dict:
-        d = dataclasses.asdict(self) | {"cache": self.cache.state()}
-        return d
+        return dataclasses.asdict(self) | {"cache": self.cache.state()}
 
     @classmethod
     def from_json(cls, d: dict, max_hits: int) -> SearchState:
@@ -125,9 +303,56 @@ class SearchState:
         d["cache"] = FitnessCache.from_state(d["cache"], max_hits=max_hits)
         return cls(**d)
 
+    def fitness(self, func: str) -> float:
+        """Running-mean fitness of a functional hash (``inf`` if unknown or rejected)."""
+        s = self.stats.get(func)
+        return s["sum"] / s["n"] if s and s["n"] else float("inf")
+
+    def evaluations(self, func: str) -> int:
+        s = self.stats.get(func)
+        return s["n"] if s else 0
+
+
+COUNTERS = (
+    "children",
+    "failed",
+    "invalid",
+    "nonstationary",
+    "structural",
+    "functional",
+    "evaluated",
+    "evaluated_full",
+    "screened_out",
+    "rescored",
+    "restarts",
+)
+
 
 class RegularizedEvolution:
-    """The search loop; :meth:`round` advances a :class:`SearchState` by one round."""
+    """The search loop; :meth:`round` advances a :class:`SearchState` by one round.
+
+    Args:
+      scorer: the :class:`Scorer` (stage 0 = full evaluation, stage 1 = screen).
+      population: members kept (the oldest retire).
+      tournament: members per tournament.
+      children: proposals per round.
+      max_hits: reuses of a cached mean before a child is scored again.
+      seed: numpy seed of the proposals (and of the fingerprint inputs).
+      proposer: ``(parents' texts, rng) -> child text`` (default: random mutation).
+      space: the search space children must stay in (default :class:`SearchSpace`).
+      slots: shorthand for ``SearchSpace(slots=...)`` when ``space`` is not given.
+      rescore_top: fittest distinct programs re-scored every round on fresh seeds.
+      screen_steps: steps of the cheap first stage (0: no screen).
+      screen_factor: a child whose screen fitness exceeds its parent's times this
+        is rejected before the full evaluation.
+      stationarity_factor: reject programs whose update RMS ratio under i.i.d.
+        gradients leaves ``[1/f, f]`` (0: no check).
+      stationarity_steps: the two steps compared.
+      restart_every: every this many rounds the population restarts from copies of
+        the best program (0: never).
+      best_min_evals: evaluations a program needs to count as the best (fewer when
+        no program has that many yet).
+    """
 
     def __init__(
         self,
@@ -137,119 +362,274 @@ class RegularizedEvolution:
         children: int = 15,
         max_hits: int = 5,
         seed: int = 0,
-        mutate_fn: Callable = mutate,
+        proposer: Proposer | None = None,
+        space: SearchSpace | None = None,
         slots: int = 2,
+        rescore_top: int = 0,
+        screen_steps: int = 0,
+        screen_factor: float = 1.5,
+        stationarity_factor: float = 0.0,
+        stationarity_steps: tuple[int, int] = (500, 5000),
+        restart_every: int = 0,
+        best_min_evals: int = 2,
     ):
-        if children > scorer.batch - 1:
-            raise ValueError(f"children ({children}) must be < the scorer's batch ({scorer.batch})")
-        self.scorer, self.size, self.tournament = scorer, population, tournament
-        self.children, self.max_hits, self.seed, self.mutate_fn = (
-            children,
-            max_hits,
-            seed,
-            mutate_fn,
-        )
         if slots not in (0, 1, 2):
             raise ValueError(f"slots must be 0, 1 or 2, got {slots}")
-        self.slots = slots
+        self.space = space or SearchSpace(slots=slots, ops=scorer.ops or SearchSpace().ops)
+        if scorer.ops and set(self.space.ops) - set(scorer.ops):
+            raise ValueError("the search space has operations the scorer's interpreter lacks")
+        self.scorer, self.size, self.tournament = scorer, population, tournament
+        self.children, self.max_hits, self.seed = children, max_hits, seed
+        self.proposer = proposer or RandomMutator(self.space)
+        self.rescore_top, self.screen_steps, self.screen_factor = (
+            rescore_top,
+            screen_steps,
+            screen_factor,
+        )
+        self.stationarity_factor, self.stationarity_steps = (
+            stationarity_factor,
+            tuple(stationarity_steps),
+        )
+        self.restart_every, self.best_min_evals = restart_every, best_min_evals
+        self.slots = self.space.slots
         self._fp_inputs = fingerprint_inputs(jax.random.key(seed + 1))
         self._fingerprint = jax.jit(lambda progs: functional_fingerprints(progs, *self._fp_inputs))
+        skey = jax.random.key(seed + 2)
+        steps = self.stationarity_steps
+        ops = scorer.ops
+        self._stationarity = jax.jit(lambda progs: stationarity_ratios(progs, skey, steps, ops=ops))
 
-    def init(self, warm_start: str = BUILTINS["adamw"]) -> SearchState:
-        program = remove_dead_code(parse(warm_start))
-        if uses_slots(program) > self.slots:
-            raise ValueError(
-                f"the warm start uses {uses_slots(program)} state slots but the search allows "
-                f"{self.slots}: start from a program that fits (e.g. sgd_momentum for slots=1)"
-            )
-        fit, lrs = self.scorer([program], 0)
-        member = {
-            "source": to_source(program),
-            "fitness": float(fit[0]),
-            "lr": lrs[0].tolist(),
-            "born": 0,
-        }
-        rng = np.random.default_rng(self.seed)
-        return SearchState(
-            round=0,
-            population=[dict(member) for _ in range(self.size)],
-            best=dict(member),
-            rng=rng.bit_generator.state,
-            struct_to_func={},
-            cache=FitnessCache(max_hits=self.max_hits),
-            totals={k: 0 for k in ("children", "structural", "functional", "invalid", "evaluated")},
-        )
+    # -- helpers ---------------------------------------------------------------------------
 
-    def _hashes(self, programs) -> list[str]:
-        fps = np.asarray(self._fingerprint(stack_programs(programs)))
+    def _padded(self, fn, programs: list) -> np.ndarray:
+        """``fn`` over ``programs`` in fixed chunks of 64 (one compile per length bucket)."""
+        out = []
+        for lo in range(0, len(programs), 64):
+            chunk = programs[lo : lo + 64]
+            rows = chunk + [chunk[0]] * (64 - len(chunk))
+            bucket = next((b for b in BUCKETS if b >= max(length(p) for p in chunk)), MAX_LEN)
+            out.append(np.asarray(fn(trim(stack_programs(rows), bucket)))[: len(chunk)])
+        return np.concatenate(out)
+
+    def classify(self, programs: list) -> list[str]:
+        """Functional hash of each program, or ``"nonfinite"``, ``"zero"``, ``"nonstationary"``."""
+        if not programs:
+            return []
+        fps = self._padded(self._fingerprint, programs)
         out = []
         for f in fps:
             h = functional_hash(f)
             if h != "nonfinite" and not np.any(f):
                 h = "zero"
             out.append(h)
+        if self.stationarity_factor > 0:
+            valid = [i for i, h in enumerate(out) if h not in ("nonfinite", "zero")]
+            if valid:
+                ratios = self._padded(self._stationarity, [programs[i] for i in valid])
+                f = self.stationarity_factor
+                for i, r in zip(valid, ratios, strict=True):
+                    if not (np.isfinite(r) and 1.0 / f <= r <= f):
+                        out[i] = "nonstationary"
         return out
 
+    def _merge(self, state: SearchState, func: str, source: str, value: float, lr, r: int):
+        s = state.stats.get(func)
+        if s is None or s.get("rejected"):
+            screen = s.get("screen") if s else None
+            state.stats[func] = {
+                "source": source,
+                "sum": value,
+                "n": 1,
+                "lr": lr,
+                "screen": screen,
+                "born": r,
+            }
+        else:
+            s["sum"] += value
+            s["n"] += 1
+            s["lr"] = lr
+
+    def _update_best(self, state: SearchState) -> None:
+        finite = {f: s for f, s in state.stats.items() if not s.get("rejected") and s["n"]}
+        if not finite:
+            return
+        need = min(self.best_min_evals, max(s["n"] for s in finite.values()))
+        pool = [(s["sum"] / s["n"], s["born"], f) for f, s in finite.items() if s["n"] >= need]
+        value, _, func = min(pool)
+        s = finite[func]
+        state.best = {
+            "source": s["source"],
+            "func": func,
+            "fitness": value,
+            "evals": s["n"],
+            "lr": s["lr"],
+            "born": s["born"],
+        }
+
+    def member_fitness(self, state: SearchState, member: dict) -> float:
+        return state.fitness(member["func"])
+
+    # -- the API ---------------------------------------------------------------------------
+
+    def init(self, warm_start: str = BUILTINS["adamw_nobc"]) -> SearchState:
+        """A population of copies of ``warm_start``, scored once (stage 0 and the screen)."""
+        program = remove_dead_code(parse(warm_start))
+        why = self.space.violation(program)
+        if why is not None:
+            raise ValueError(
+                f"the warm start is outside the search space ({why}); start from a program "
+                "that fits (e.g. sgd_momentum for slots=1, adamw_nobc for the default space)"
+            )
+        self.scorer.check_reference(0)
+        (func,) = self.classify([program])
+        if func in ("nonfinite", "zero", "nonstationary"):
+            raise ValueError(f"the warm start is rejected by the search ({func})")
+        source = to_source(program)
+        fit, lrs = self.scorer([program], 0)
+        state = SearchState(
+            round=0,
+            population=[{"source": source, "func": func, "born": 0} for _ in range(self.size)],
+            best={},
+            rng=np.random.default_rng(self.seed).bit_generator.state,
+            struct_to_func={structural_hash(program): func},
+            cache=FitnessCache(max_hits=self.max_hits),
+            stats={},
+            totals=dict.fromkeys(COUNTERS, 0),
+        )
+        self._merge(state, func, source, float(fit[0]), lrs[0].tolist(), 0)
+        if self.screen_steps:
+            sfit, _ = self.scorer([program], 0, 1, self.screen_steps)
+            state.stats[func]["screen"] = float(sfit[0])
+        state.cache.put(func, 0)
+        self._update_best(state)
+        return state
+
     def round(self, state: SearchState) -> tuple[SearchState, dict[str, Any]]:
+        """One round: propose, filter, screen, evaluate, re-score, retire.
+
+        Returns the new state and a flat dict of per-round metrics (floats and ints).
+        """
         rng = np.random.default_rng()
         rng.bit_generator.state = state.rng
         r = state.round + 1
-        kids = []
+        counts = dict.fromkeys(COUNTERS, 0)
+        if self.restart_every and r % self.restart_every == 0 and state.best:
+            b = state.best
+            state.population = [
+                {"source": b["source"], "func": b["func"], "born": r} for _ in range(self.size)
+            ]
+            counts["restarts"] = 1
+
+        # 1. proposals
+        kids, parents = [], []
+        fits = [self.member_fitness(state, m) for m in state.population]
         for _ in range(self.children):
             picks = rng.choice(len(state.population), size=self.tournament, replace=False)
-            parent = min((state.population[i] for i in picks), key=lambda m: m["fitness"])
-            child = self.mutate_fn(parse(parent["source"]), rng, slots=self.slots)
+            ranked = sorted(picks, key=lambda i: (fits[i], int(i)))
+            texts = [state.population[i]["source"] for i in ranked]
+            child = propose(self.proposer, texts, rng, self.space)
+            counts["children"] += 1
+            if child is None:
+                counts["failed"] += 1
+                continue
             kids.append(remove_dead_code(child))
+            parents.append(state.population[ranked[0]]["func"])
 
-        counts = dict.fromkeys(("structural", "functional", "invalid", "evaluated"), 0)
+        # 2. structural and functional identity, validity, stationarity
         shashes = [structural_hash(k) for k in kids]
-        unknown = [i for i, s in enumerate(shashes) if s not in state.struct_to_func]
-        counts["structural"] = len(kids) - len(unknown)
-        if unknown:
-            for i, f in zip(unknown, self._hashes([kids[i] for i in unknown]), strict=True):
-                state.struct_to_func[shashes[i]] = f
-        fitness, lrs = [None] * len(kids), [None] * len(kids)
+        known = [s in state.struct_to_func for s in shashes]
+        new = list(dict.fromkeys(s for s, k in zip(shashes, known, strict=True) if not k))
+        first = {s: kids[shashes.index(s)] for s in new}
+        for s, f in zip(new, self.classify([first[s] for s in new]), strict=True):
+            state.struct_to_func[s] = f
         todo: dict[str, list[int]] = {}
+        members: list[tuple[int, str]] = []
         for i, s in enumerate(shashes):
             f = state.struct_to_func[s]
             if f in ("nonfinite", "zero"):
-                fitness[i] = float("inf")
                 counts["invalid"] += 1
-            elif f in todo:
+                continue
+            if f == "nonstationary":
+                counts["nonstationary"] += 1
+                continue
+            skip = "structural" if known[i] else "functional"
+            if f in todo:
                 todo[f].append(i)  # an equivalent sibling is evaluated this round
-                counts["functional"] += 1
+                counts[skip] += 1
+            elif f in state.stats and state.cache.get(f) is not None:
+                counts[skip] += 1
+                if not state.stats[f].get("rejected"):
+                    members.append((i, f))
             else:
-                hit = state.cache.get(f)
-                if hit is not None:
-                    fitness[i], lrs[i] = hit
-                    counts["functional"] += 1
-                else:
-                    todo[f] = [i]
-        if todo:
-            firsts = [idx[0] for idx in todo.values()]
-            fit, best_lrs = self.scorer([kids[i] for i in firsts], r)
-            counts["evaluated"] = len(firsts)
-            for (f, idx), value, lr in zip(todo.items(), fit, best_lrs, strict=True):
-                state.cache.put(f, (float(value), lr.tolist()))
-                for i in idx:
-                    fitness[i], lrs[i] = float(value), lr.tolist()
+                todo[f] = [i]
+        counts["evaluated"] = len(todo)
 
-        for kid, fit, lr in zip(kids, fitness, lrs, strict=True):
-            member = {"source": to_source(kid), "fitness": fit, "lr": lr, "born": r}
-            state.population.append(member)
-            if fit < state.best["fitness"]:
-                state.best = dict(member)
+        # 3. the cheap screen: new children far worse than their parent stop here
+        #    (a program with a running mean, re-scored after the cache forgot it, skips it)
+        fresh = [f for f in todo if f not in state.stats or state.stats[f].get("rejected")]
+        if self.screen_steps and fresh:
+            sfit, _ = self.scorer([kids[todo[f][0]] for f in fresh], r, 1, self.screen_steps)
+            for f, value in zip(fresh, sfit, strict=True):
+                parent = state.stats.get(parents[todo[f][0]], {}).get("screen")
+                entry = {
+                    "source": to_source(kids[todo[f][0]]),
+                    "sum": float("inf"),
+                    "n": 1,
+                    "lr": None,
+                    "screen": float(value),
+                    "born": r,
+                    "rejected": True,  # until the full evaluation below replaces it
+                }
+                state.stats[f] = entry
+                if parent is not None and not value <= self.screen_factor * parent:
+                    counts["screened_out"] += 1
+                    state.cache.put(f, 0)
+                    del todo[f]
+
+        # 4. full evaluation of the survivors and re-scoring of the fittest on fresh seeds
+        ranked = sorted(
+            dict.fromkeys(m["func"] for m in state.population),
+            key=lambda f: (state.fitness(f), f),
+        )
+        rescore = [f for f in ranked if np.isfinite(state.fitness(f)) and f not in todo]
+        rescore = rescore[: self.rescore_top]
+        progs = [kids[idx[0]] for idx in todo.values()]
+        progs += [parse(state.stats[f]["source"]) for f in rescore]
+        fit, lrs = self.scorer(progs, r)
+        counts["evaluated_full"] = len(todo)
+        counts["rescored"] = len(rescore)
+        children_best = float("inf")
+        for j, (f, idx) in enumerate(todo.items()):
+            self._merge(state, f, to_source(kids[idx[0]]), float(fit[j]), lrs[j].tolist(), r)
+            state.cache.put(f, 0)
+            children_best = min(children_best, float(fit[j]))
+            members += [(i, f) for i in idx]
+        for j, f in enumerate(rescore, start=len(todo)):
+            self._merge(state, f, state.stats[f]["source"], float(fit[j]), lrs[j].tolist(), r)
+
+        # 5. the children join, the oldest retire
+        for i, f in sorted(members):
+            state.population.append({"source": to_source(kids[i]), "func": f, "born": r})
         state.population = state.population[-self.size :]
+        self._update_best(state)
         state.round, state.rng = r, rng.bit_generator.state
         for k, v in counts.items():
             state.totals[k] += v
-        state.totals["children"] += len(kids)
-        finite = [m["fitness"] for m in state.population if np.isfinite(m["fitness"])]
+        pop_fit = [state.fitness(m["func"]) for m in state.population]
+        finite = [x for x in pop_fit if np.isfinite(x)]
+        ref = self.scorer.reference_log
         metrics = {
-            "best_fitness": state.best["fitness"],
+            "best_fitness": float(state.best["fitness"]),
+            "best_evals": int(state.best["evals"]),
             "population_median": float(np.median(finite)) if finite else float("inf"),
-            "children_best": float(np.min(fitness)),
-            **{f"skipped_{k}": counts[k] for k in ("structural", "functional", "invalid")},
-            "evaluated": counts["evaluated"],
+            "children_best": children_best,
+            **{k: counts[k] for k in ("children", "evaluated", "evaluated_full")},
+            **{k: counts[k] for k in ("screened_out", "rescored", "restarts")},
+            **{
+                f"skipped_{k}": counts[k]
+                for k in ("failed", "invalid", "nonstationary", "structural", "functional")
+            },
+            **{f"adamw_lr_task{i}": float(x) for i, x in enumerate(ref.get("lr", []))},
+            **{f"adamw_wd_task{i}": float(x) for i, x in enumerate(ref.get("wd", []))},
         }
         return state, metrics
