@@ -34,6 +34,7 @@ from metaopt import driver
 from metaopt import outer as outer_lib
 from metaopt.algorithms.lpg import agent as agent_lib
 from metaopt.algorithms.lpg import network
+from metaopt.algorithms.lpg.evaluate import evaluate_run
 from metaopt.config import check
 from metaopt.envs import rl
 from metaopt.plotting import read_metrics
@@ -278,12 +279,6 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     return summary
 
 
-def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
-    from metaopt.algorithms.lpg.evaluate import evaluate_run
-
-    return evaluate_run(Path(run_dir), cfg, progress=progress)
-
-
 RECIPE = register(
     Recipe(
         name="ta-lpg",
@@ -291,7 +286,7 @@ RECIPE = register(
         config_cls=Config,
         run=run,
         presets=PRESETS,
-        evaluate=evaluate,
+        evaluate=evaluate_run,
         extendable=("generations", "metagrad_steps"),
     )
 )

@@ -53,6 +53,7 @@ from metaopt import driver
 from metaopt import outer as outer_lib
 from metaopt.algorithms.lpo import objectives as obj_lib
 from metaopt.algorithms.lpo import ppo
+from metaopt.algorithms.lpo.evaluate import evaluate_run
 from metaopt.config import check
 from metaopt.envs import rl
 from metaopt.inner import InnerLoop
@@ -274,12 +275,6 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     return summary
 
 
-def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
-    from metaopt.algorithms.lpo.evaluate import evaluate_run
-
-    return evaluate_run(Path(run_dir), cfg, progress=progress)
-
-
 RECIPE = register(
     Recipe(
         name="ta-lpo",
@@ -287,7 +282,7 @@ RECIPE = register(
         config_cls=Config,
         run=run,
         presets=PRESETS,
-        evaluate=evaluate,
+        evaluate=evaluate_run,
         build=lambda cfg: [build_outer(cfg, build_inner(cfg, n)) for n in cfg.phases],
     )
 )

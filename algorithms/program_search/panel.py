@@ -23,6 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 
+# the panel's Adam, Lion, SGD-momentum and signSGD are the interpreter's built-ins
+from metaopt.algorithms.program_search.program import ADAMW as ADAM
+from metaopt.algorithms.program_search.program import LION, SGD_MOMENTUM, SIGNSGD
+
 __all__ = ["DECAY_FREE", "OPTAX_EQUIVALENT", "PANEL", "Entry"]
 
 
@@ -46,11 +50,6 @@ SGD = """
 update = copy(g)
 """
 
-SGD_MOMENTUM = """
-m = mul(m, 0.9)
-m = add(m, g)
-update = copy(m)
-"""
 
 NESTEROV = """
 m = mul(m, 0.9)
@@ -59,21 +58,7 @@ r = mul(m, 0.9)
 update = add(g, r)
 """
 
-# Adam with bias correction (optax.adam's defaults: b1 0.9, b2 0.999, eps 1e-8)
-ADAM = """
-m = interp(m, g, 0.1)
-g2 = square(g)
-v = interp(v, g2, 0.001)
-c1 = pow(0.9, t)
-c1 = sub(1.0, c1)
-mh = div(m, c1)
-c2 = pow(0.999, t)
-c2 = sub(1.0, c2)
-vh = div(v, c2)
-s = sqrt(vh)
-s = add(s, 1e-08)
-update = div(mh, s)
-"""
+# Adam with bias correction is program.ADAMW (optax.adam's defaults: b1 0.9, b2 0.999, eps 1e-8)
 
 ADAM_NO_BIAS_CORRECTION = """
 m = interp(m, g, 0.1)
@@ -84,15 +69,6 @@ s = add(s, 1e-08)
 update = div(m, s)
 """
 
-LION = """
-c = interp(m, g, 0.1)
-update = sign(c)
-m = interp(m, g, 0.01)
-"""
-
-SIGNSGD = """
-update = sign(g)
-"""
 
 # signum: the sign of an exponential moving average of the gradient
 SIGN_MOMENTUM = """
