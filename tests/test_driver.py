@@ -61,6 +61,7 @@ def reference_runs(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # with the module's reference runs: ~65 s for the two
 @pytest.mark.parametrize("outer_name", ["es", "pes"])
 def test_killed_run_resumes_bit_for_bit(tmp_path, reference_runs, outer_name):
     """SIGKILL mid-run (no chance to clean up), then --resume: same bits as never stopped."""
@@ -92,6 +93,7 @@ def _wait_for_checkpoint(p, run, timeout=300):
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_exits_143_and_resume_is_exact(tmp_path, reference_runs):
     """SIGTERM (how SLURM/Kubernetes preempt) mid-run: checkpoint, exit 143, exact resume."""
     run = tmp_path / "run"
@@ -113,6 +115,7 @@ def test_sigterm_checkpoints_exits_143_and_resume_is_exact(tmp_path, reference_r
     assert log_rows(run) == log_rows(reference_runs["es"])
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_resume_completes_bit_exact(tmp_path, reference_runs):
     """The newest checkpoint garbled on disk: --resume sets it aside, falls back to the
     previous one, saves that step again and ends equal to the uninterrupted run."""
@@ -407,6 +410,7 @@ def test_driver_writes_log_checkpoints_and_plot(tmp_path):
     assert res.step == 7
 
 
+@pytest.mark.slow
 def test_same_inner_loop_object_runs_under_every_estimator():
     cfg = lrs.Config(inner_steps=40, hidden=(16,), truncation=10)
     inner = lrs.build_inner(cfg)
@@ -444,6 +448,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_population_sharded_over_four_devices_matches_one_device():
     from conftest import run_python
 

@@ -114,7 +114,7 @@ def test_recipe_lowers_the_validation_loss(run_dir):
 
 def test_eval_reports_test_split_against_references(run_dir, capsys):
     assert cli.main(["eval", str(run_dir), "--no-progress"]) == 0
-    rows = json.loads((run_dir / "eval.json").read_text())
+    rows = json.loads((run_dir / "eval.json").read_text())["rows"]
     sk = next(v for k, v in rows.items() if "scikit-learn" in k)
     grid = next(v for k, v in rows.items() if k.startswith("logistic: best scalar"))
     learned = rows["logistic: learned scalar, implicit"]

@@ -200,6 +200,7 @@ def test_ppo_config_rejects_bad_settings():
     assert ppo.ppo_config("Breakout").num_envs == 64
 
 
+@pytest.mark.slow
 def test_ppo_learns_cartpole():
     """The standard clipped objective reaches the usual CartPole-v1 returns within 5e5 steps."""
     cfg = ppo.ppo_config("CartPole-v1", total_timesteps=500_000)
@@ -259,6 +260,7 @@ def test_zero_meta_parameters_train_exactly_like_ppo():
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_es_meta_training_improves_an_over_regularised_drift():
     """From a drift that holds the policy back (a steep trust region around r = 1), a tiny ES
     run learns to relax it, and PPO's return improves over generation 0 on unseen seeds.
@@ -272,7 +274,13 @@ def test_es_meta_training_improves_an_over_regularised_drift():
     w1 = jnp.zeros((16, hidden)).at[1].set(20.0).at[3].set(20.0)
     mp0 = {"w1": w1, "w2": jnp.full((hidden, 1), 0.4 / hidden)}
     es = metaopt.ES(
-        inner, "Open_ES", population_size=8, num_seeds=1, sigma=0.05, learning_rate=0.05, mesh=None
+        inner,
+        strategy="Open_ES",
+        population_size=8,
+        num_seeds=1,
+        sigma=0.05,
+        learning_rate=0.05,
+        mesh=None,
     )
     result = metaopt.train(
         es, mp0, key=jax.random.key(0), num_steps=3, steps_per_call=3, progress=False, plot=False
@@ -325,6 +333,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow
 def test_recipe_resumes_each_phase_exactly_and_evaluates(tmp_path):
     """LPO then TA-LPO, 2 generations each, run straight through (A) and as 1 generation,
     a lost TA-LPO phase, then --resume to 2 generations (B): identical results. Then

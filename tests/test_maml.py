@@ -77,6 +77,7 @@ def run_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_one_step_of_maml_beats_the_pretrained_baseline(run_dir):
     numbers = json.loads((run_dir / "summary.json").read_text())  # 1000 fresh tasks
     print(json.dumps(numbers))
@@ -93,6 +94,7 @@ def test_one_step_of_maml_beats_the_pretrained_baseline(run_dir):
     np.testing.assert_allclose(mse[:, 1].mean(), numbers["maml_after_1_step"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_writes_tables_and_figures(run_dir):
     assert cli.main(["eval", str(run_dir), "--no-progress"]) == 0
     record = json.loads((run_dir / "eval.json").read_text())

@@ -17,7 +17,14 @@ TIMEOUT_S = 600  # for a whole notebook
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colours in IPython tracebacks
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+# quickstart (~10 s) stays in the fast tier; every other notebook takes 35-70 s on 2 cores
+FAST = {"quickstart.ipynb"}
+CASES = [
+    pytest.param(p, id=p.name, marks=() if p.name in FAST else pytest.mark.slow) for p in NOTEBOOKS
+]
+
+
+@pytest.mark.parametrize("path", CASES)
 def test_notebook_executes(path: Path, tmp_path: Path):
     nb = nbformat.read(path, as_version=4)
     deadline = time.monotonic() + TIMEOUT_S

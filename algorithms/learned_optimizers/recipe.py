@@ -318,6 +318,13 @@ def plot_training(curves: dict[str, np.ndarray], steps: np.ndarray, path: Path, 
     fig.savefig(path, dpi=110)
 
 
+def _dry_build(cfg: Config):
+    """The inner and outer loop without running anything (``base_lr``, when it is to be
+    tuned, is only known after tuning; any positive value builds the same objects)."""
+    cfg = cfg if cfg.base_lr is not None else dataclasses.replace(cfg, base_lr=1e-3)
+    return build_outer(cfg, build_inner(cfg))
+
+
 def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> dict:
     """Meta-trains (resolving ``base_lr`` first), exports the optimizer, plots, summarises."""
     cfg = resolve_base_lr(cfg, out, reuse=resume)
@@ -382,6 +389,6 @@ RECIPE = register(
         run=run,
         presets=PRESETS,
         evaluate=evaluate,
-        build=lambda cfg: build_outer(cfg, build_inner(cfg)),
+        build=_dry_build,
     )
 )

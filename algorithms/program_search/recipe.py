@@ -101,7 +101,9 @@ class Config:
     population: int = 100
     tournament: int = 10
     children: int = 128  # proposals per round
-    rounds: int = 80
+    # 40 rounds x 128 children ~ 11 min here at load 5 (benchmarks/program_search.py
+    # measured 17 s a round): the README's first command stays about ten minutes
+    rounds: int = 40
     batch: int = 64  # programs per kernel call
     max_hits: int = 5
     rescore_top: int = 8  # fittest programs re-scored on fresh seeds every round
