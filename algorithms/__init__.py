@@ -5,6 +5,7 @@ Importing this package registers every built-in recipe with :mod:`metaopt.recipe
 
 from metaopt.algorithms import (
     hypergradient,
+    in_context,
     learned_optimizers,
     lpg,
     lpo,
@@ -16,6 +17,7 @@ from metaopt.algorithms.program_search import recipe as _program_search_recipe  
 
 __all__ = [
     "hypergradient",
+    "in_context",
     "learned_optimizers",
     "lpg",
     "lpo",

@@ -1,6 +1,6 @@
 """Environments and task families for metaopt (installed as ``metaopt.envs``)."""
 
-from metaopt.envs import datasets, families, rl
+from metaopt.envs import datasets, families, in_context, rl
 from metaopt.envs.tasks import MLPClassification, cross_entropy, mlp_apply, mlp_init
 
 __all__ = [
@@ -8,6 +8,7 @@ __all__ = [
     "cross_entropy",
     "datasets",
     "families",
+    "in_context",
     "mlp_apply",
     "mlp_init",
     "rl",

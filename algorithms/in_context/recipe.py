@@ -1,0 +1,425 @@
+"""Recipe ``in-context``: learning algorithms that live in a forward pass.
+
+Preset ``lsa-gd`` (the default; von Oswald et al. 2023): a ``K``-layer linear
+self-attention model (:mod:`.lsa`) is meta-trained from random weights on
+linear-regression episodes (``d = 10`` inputs, ``N = 10`` context points,
+:class:`metaopt.envs.in_context.LinearRegression`) by the core's
+:class:`~metaopt.outer.MetaGradient` through :func:`metaopt.driver.train`
+(checkpoints, exact resume, progress, ``curves.png``). The meta-parameters are the
+LSA weights; the inner loop has one empty step and its meta-loss is the query loss
+on fresh episodes (:func:`.lsa.lsa_inner_loop`), ``meta_batch`` episodes per outer step.
+
+Outputs: ``lsa.npz`` (the trained layers), ``metrics.jsonl`` / ``curves.png``,
+``summary.md`` / ``summary.json`` (query loss of the trained LSA and of the
+hand-set GD construction on fresh tasks). ``metaopt eval RUN_DIR`` compares the
+trained LSA with ``K`` steps of GD at its best learning rate (and GD++ for
+``K > 1``) on held-out tasks: ``eval.json`` (top-level ``lsa_loss``, ``gd_loss``,
+``sensitivity_cosine``, ...), ``eval.md``, ``eval.png`` (tuning curve, predictions,
+trained weights next to the construction).
+
+Preset ``gpicl`` (Kirsch et al. 2022): a causal flax transformer (:mod:`.gpicl`) over
+``(x_t, y_{t-1})`` tokens is meta-trained, one phase ``k{k}/`` per pool of ``2^k`` tasks
+(:class:`metaopt.envs.in_context.GPICLTasks`: digits under a random projection and
+label permutation per task), and saved as ``gpicl_k{k}.npz``; ``metaopt eval`` measures
+accuracy on seen tasks, unseen tasks and a second dataset against ``k`` (the
+memorise / identify / generalise transition, ``eval.png``) and against the position in
+the sequence.
+
+The trained model is exported as a pure function by :func:`load_predictor`.
+
+References:
+  von Oswald et al., "Transformers learn in-context by gradient descent", ICML 2023.
+  Kirsch et al., "General-Purpose In-Context Learning by Meta-Learning Transformers", 2022.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from metaopt import driver
+from metaopt.algorithms.in_context import gpicl, lsa
+from metaopt.config import check
+from metaopt.envs import datasets
+from metaopt.envs.in_context import GPICL_DATASETS, GPICLTasks, LinearRegression
+from metaopt.outer import MetaGradient
+from metaopt.recipes import Recipe, register, write_summary
+from metaopt.rundir import load_artifact, run_phase, save_artifact
+
+#: the largest number of LSA layers the recipe builds.
+MAX_LAYERS = 8
+#: the largest task pool of the gpicl preset is 2^MAX_LOG2_TASKS.
+MAX_LOG2_TASKS = 24
+
+
+def _test_size(name: str) -> int:
+    return len(datasets.load(name).y_test) if name in GPICL_DATASETS else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Settings of the ``in-context`` recipe (defaults = the ``lsa-gd`` preset).
+
+    ``generations`` counts outer steps (one meta-batch of ``meta_batch`` episodes each).
+    """
+
+    mode: Literal["lsa-gd", "gpicl"] = "lsa-gd"
+    dim: int = 10
+    context: int = 10
+    noise: float = 0.0
+    layers: int = 1
+    init_scale: float = 0.05
+    meta_batch: int = 2048
+    meta_lr: float = 3e-3
+    clip_norm: float = 10.0
+    generations: int = 3000
+    steps_per_call: int = 250
+    checkpoint_every: int = 1000
+    eval_tasks: int = 10_000
+    seed: int = 0
+    # gpicl (mode="gpicl"): one meta-training run per pool of 2^k tasks, k in task_counts_log2
+    task_counts_log2: tuple[int, ...] = (2, 5, 8, 11, 14)
+    length: int = 32
+    max_len: int = 64
+    input_dim: int = 32
+    model_dim: int = 64
+    heads: int = 4
+    depth: int = 2
+    particles: int = 4
+    dataset: str = "digits"
+    transfer_dataset: str = "breast_cancer"
+
+    def __post_init__(self):
+        check(self.dim >= 1, "dim must be >= 1")
+        check(self.context >= 1, "context must be >= 1")
+        check(self.noise >= 0, "noise must be >= 0")
+        check(
+            1 <= self.layers <= MAX_LAYERS,
+            f"layers={self.layers} is out of range: the LSA has 1..{MAX_LAYERS} layers",
+        )
+        check(self.init_scale > 0, "init_scale must be > 0")
+        check(self.meta_batch >= 1, "meta_batch must be >= 1")
+        check(self.meta_lr > 0, "meta_lr must be > 0")
+        check(self.clip_norm > 0, "clip_norm must be > 0")
+        check(self.generations >= 0, "generations must be >= 0")
+        check(self.steps_per_call >= 1, "steps_per_call must be >= 1")
+        check(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
+        check(self.eval_tasks >= 2, "eval_tasks must be >= 2")
+        check(len(self.task_counts_log2) >= 1, "task_counts_log2 must name at least one k")
+        for k in self.task_counts_log2:
+            check(
+                0 <= k <= MAX_LOG2_TASKS,
+                f"k={k} in task_counts_log2 is out of range: pools of 2^k tasks with "
+                f"0 <= k <= {MAX_LOG2_TASKS}",
+            )
+        check(self.length >= 2, "length must be >= 2")
+        check(
+            self.length <= self.max_len,
+            f"length={self.length} is longer than the model's maximum context "
+            f"max_len={self.max_len}",
+        )
+        for name in ("input_dim", "model_dim", "heads", "depth", "particles"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1")
+        check(self.model_dim % self.heads == 0, "model_dim must be a multiple of heads")
+        check(
+            self.meta_batch % self.particles == 0,
+            f"meta_batch={self.meta_batch} must be a multiple of particles={self.particles}",
+        )
+        for name in ("dataset", "transfer_dataset"):
+            check(
+                getattr(self, name) in GPICL_DATASETS,
+                f"{name} must be one of {', '.join(GPICL_DATASETS)}",
+            )
+        if self.mode == "gpicl":  # loads the datasets (scikit-learn): only where they are used
+            smallest = min(_test_size(self.dataset), _test_size(self.transfer_dataset))
+            check(
+                self.length <= smallest,
+                f"length={self.length} is longer than the smallest test split "
+                f"({smallest} examples)",
+            )
+
+    @property
+    def family(self) -> LinearRegression:
+        return LinearRegression(dim=self.dim, context=self.context, noise=self.noise)
+
+    @property
+    def num_classes(self) -> int:
+        return max(datasets.load(n).num_classes for n in (self.dataset, self.transfer_dataset))
+
+
+PRESETS = {
+    "lsa-gd": {},
+    "quick": {"generations": 600, "meta_batch": 512, "eval_tasks": 2000, "steps_per_call": 100},
+    "lsa-layers": {"layers": 3, "generations": 4000},
+    "gpicl": {
+        "mode": "gpicl",
+        "meta_batch": 64,
+        "meta_lr": 1e-3,
+        "clip_norm": 1.0,
+        "generations": 2500,
+        "steps_per_call": 100,
+        "checkpoint_every": 500,
+        "eval_tasks": 512,
+    },
+}
+
+
+def _mesh(n: int):
+    return "auto" if n % jax.device_count() == 0 else None
+
+
+def build_outer(cfg: Config) -> MetaGradient:
+    """The LSA's meta-training: a MetaGradient over :func:`.lsa.lsa_inner_loop`."""
+    return MetaGradient(
+        lsa.lsa_inner_loop(cfg.family),
+        population_size=cfg.meta_batch,
+        learning_rate=cfg.meta_lr,
+        clip_norm=cfg.clip_norm,
+        truncation_length=None,
+        mesh=_mesh(cfg.meta_batch),
+    )
+
+
+def init_params(cfg: Config) -> list[lsa.LSALayer]:
+    """The random initial LSA of a run."""
+    return lsa.init_lsa(jax.random.key(cfg.seed), cfg.dim, cfg.layers, cfg.init_scale)
+
+
+def save_lsa(path: Path, params, cfg: Config) -> None:
+    """Writes LSA layers as an artifact (.npz + JSON header, kind ``lsa``)."""
+    save_artifact(path, [dict(kq=p.kq, pv=p.pv) for p in params], "lsa", dim=cfg.dim)
+
+
+def load_lsa(path: Path) -> list[lsa.LSALayer]:
+    """Reads the layers written by :func:`save_lsa`."""
+    layers, _ = load_artifact(path, "lsa")
+    return [lsa.LSALayer(jnp.asarray(x["kq"]), jnp.asarray(x["pv"])) for x in layers]
+
+
+def load_predictor(run_dir: str | Path, k: int | None = None):
+    """The meta-trained in-context learner of a run as a pure function.
+
+    Args:
+      run_dir: a finished ``in-context`` run.
+      k: ``gpicl`` runs: the transformer trained on ``2^k`` tasks (default: the largest k).
+
+    Returns:
+      ``lsa-gd``: ``predict(context_x [N, d], context_y [N], query_x [Q, d]) -> [Q]``
+      (jitted; a query of shape ``[d]`` gives a scalar). ``gpicl``: ``predict(context_x,
+      context_y, query_x [d]) -> logits [C]`` (:func:`load_gpicl_predictor`). Either
+      holds the trained weights and needs nothing from metaopt's classes; ``jax.vmap``
+      it for a batch of episodes.
+
+    Example:
+      >>> predict = load_predictor("runs/lsa")
+      >>> y_hat = predict(cx, cy, qx)
+    """
+    from metaopt import recipes
+
+    cfg = recipes.run_dir_config(run_dir)[1]
+    if cfg.mode == "gpicl":
+        return load_gpicl_predictor(run_dir, max(cfg.task_counts_log2) if k is None else k)
+    params = load_lsa(Path(run_dir) / "lsa.npz")
+
+    @jax.jit
+    def predict(context_x, context_y, query_x):
+        q = jnp.asarray(query_x)
+        out = lsa.lsa_apply(params, context_x, context_y, q.reshape(-1, q.shape[-1]))
+        return out[0] if q.ndim == 1 else out
+
+    return predict
+
+
+def gpicl_model(cfg: Config) -> gpicl.Transformer:
+    """The gpicl preset's transformer."""
+    return gpicl.Transformer(cfg.num_classes, cfg.model_dim, cfg.heads, cfg.depth, cfg.max_len)
+
+
+def gpicl_tasks(
+    cfg: Config, num_tasks: int | None, dataset: str | None = None, split: str = "train"
+) -> GPICLTasks:
+    """The run's task family: a pool of ``num_tasks`` (``None``: fresh tasks)."""
+    return GPICLTasks(
+        dataset or cfg.dataset,
+        cfg.length,
+        cfg.input_dim,
+        cfg.num_classes,
+        num_tasks,
+        pool_seed=cfg.seed,
+        split=split,
+    )
+
+
+def build_gpicl_outer(cfg: Config, k: int) -> MetaGradient:
+    """Meta-training the transformer on a pool of ``2^k`` tasks."""
+    inner = gpicl.gpicl_inner_loop(
+        gpicl_model(cfg), gpicl_tasks(cfg, 2**k), cfg.meta_batch // cfg.particles
+    )
+    return MetaGradient(
+        inner,
+        population_size=cfg.particles,
+        learning_rate=cfg.meta_lr,
+        clip_norm=cfg.clip_norm,
+        truncation_length=None,
+        mesh=_mesh(cfg.particles),
+    )
+
+
+def load_gpicl(run_dir: str | Path, k: int):
+    """The transformer parameters meta-trained on ``2^k`` tasks."""
+    params, _ = load_artifact(Path(run_dir) / f"gpicl_k{k}.npz", "gpicl-transformer")
+    return jax.tree.map(jnp.asarray, params)
+
+
+def load_gpicl_predictor(run_dir: str | Path, k: int):
+    """The transformer trained on ``2^k`` tasks as a pure in-context classifier.
+
+    Returns:
+      ``predict(context_x [N, d], context_y [N], query_x [d]) -> logits [C]`` (jitted):
+      the logits for the query's label after reading the context.
+    """
+    from metaopt import recipes
+
+    cfg = recipes.run_dir_config(run_dir)[1]
+    model, params = gpicl_model(cfg), load_gpicl(run_dir, k)
+
+    @jax.jit
+    def predict(context_x, context_y, query_x):
+        xs = jnp.concatenate([context_x, jnp.asarray(query_x)[None]], 0)
+        ys = jnp.concatenate([context_y, jnp.zeros((1,), context_y.dtype)], 0)
+        return model.apply({"params": params}, xs, ys)[-1]
+
+    return predict
+
+
+def _train_gpicl(cfg: Config, out: Path, k: int, resume: bool, progress: bool):
+    outer = build_gpicl_outer(cfg, k)
+    init = gpicl.init_transformer(
+        gpicl_model(cfg), jax.random.key(cfg.seed), cfg.length, cfg.input_dim
+    )
+    return run_phase(
+        out,
+        f"k{k}",
+        lambda phase_dir, resume_phase: driver.train(
+            outer,
+            init,
+            key=jax.random.key(cfg.seed + 1),
+            num_steps=cfg.generations,
+            out_dir=phase_dir,
+            resume=resume_phase,
+            steps_per_call=cfg.steps_per_call,
+            checkpoint_every=cfg.checkpoint_every,
+            progress=progress,
+            desc=f"gpicl, 2^{k} tasks",
+        ),
+        resume=resume,
+    )
+
+
+def run_gpicl(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> dict:
+    """One meta-training phase ``k{k}/`` per pool size, then seen/unseen accuracies."""
+    from metaopt.algorithms.in_context import evaluate as ev_lib
+
+    for k in cfg.task_counts_log2:
+        result = _train_gpicl(cfg, out, k, resume, progress)
+        save_artifact(out / f"gpicl_k{k}.npz", result.meta_params, "gpicl-transformer", k=k)
+    scores = {k: ev_lib.gpicl_scores(cfg, load_gpicl(out, k), k) for k in cfg.task_counts_log2}
+    record = {f"k{k}": {n: v["mean"] for n, v in s.items()} for k, s in scores.items()}
+    summary = {
+        f"2^{k} tasks": ", ".join(f"{n} {v['mean']:.3f}" for n, v in s.items())
+        for k, s in scores.items()
+    }
+    write_summary(
+        out,
+        f"in-context run (gpicl, {cfg.depth}-layer transformer, d_model={cfg.model_dim})",
+        summary,
+        f"Accuracy over all {cfg.length} positions of {cfg.eval_tasks} episodes from the test "
+        f"split: seen = tasks of the training pool, unseen = fresh tasks, transfer = fresh "
+        f"tasks of {cfg.transfer_dataset}. Full evaluation: `metaopt eval RUN_DIR`.\n",
+        record=record,
+    )
+    return summary
+
+
+def _train(cfg: Config, out: Path, resume: bool, progress: bool):
+    outer = build_outer(cfg)
+    return run_phase(
+        out,
+        "",
+        lambda phase_dir, resume_phase: driver.train(
+            outer,
+            init_params(cfg),
+            key=jax.random.key(cfg.seed + 1),
+            num_steps=cfg.generations,
+            out_dir=phase_dir,
+            resume=resume_phase,
+            steps_per_call=cfg.steps_per_call,
+            checkpoint_every=cfg.checkpoint_every,
+            progress=progress,
+            desc=f"lsa ({cfg.layers} layer{'s' if cfg.layers > 1 else ''})",
+        ),
+        resume=resume,
+    )
+
+
+def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> dict:
+    if cfg.mode == "gpicl":
+        return run_gpicl(cfg, out, resume, progress)
+    result = _train(cfg, out, resume, progress)
+    params = result.meta_params
+    save_lsa(out / "lsa.npz", params, cfg)
+    # a quick look on fresh tasks; the tuned comparison is `metaopt eval`
+    ep = cfg.family.sample_batch(jax.random.key(cfg.seed + 5_000), min(cfg.eval_tasks, 2000))
+    loss = float(lsa.query_loss(lsa.batch_predict(params, ep), ep.query_y))
+    eta = 1.0
+    gd = lsa.batch_predict(lsa.gd_construction(cfg.dim, eta, cfg.layers), ep)
+    record = {
+        "lsa_query_loss": loss,
+        f"gd_eta{eta:g}_query_loss": float(lsa.query_loss(gd, ep.query_y)),
+        "zero_predictor_loss": float(lsa.query_loss(0.0 * gd, ep.query_y)),
+        "episodes": int(ep.query_y.shape[0]),
+    }
+    summary = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in record.items()}
+    summary["run_dir"] = str(out)
+    write_summary(
+        out,
+        f"in-context run ({cfg.mode}, {cfg.layers}-layer LSA, d={cfg.dim}, N={cfg.context})",
+        summary,
+        f"Query loss 1/2 (y_hat - y)^2 on {record['episodes']} fresh episodes. The "
+        f"{cfg.layers}-step GD row uses an untuned eta={eta:g}; `metaopt eval RUN_DIR` "
+        "tunes it and compares predictions and sensitivities.\n\n![curves](curves.png)\n",
+        record=record,
+    )
+    return summary
+
+
+def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
+    from metaopt.algorithms.in_context import evaluate as ev_lib
+
+    if cfg.mode == "gpicl":
+        return ev_lib.evaluate_gpicl(Path(run_dir), cfg, progress)
+    return ev_lib.evaluate_lsa(Path(run_dir), cfg, load_lsa(Path(run_dir) / "lsa.npz"), progress)
+
+
+def _build(cfg: Config):
+    """The dry build: every outer loop the run will train."""
+    if cfg.mode == "gpicl":
+        return [build_gpicl_outer(cfg, k) for k in cfg.task_counts_log2]
+    return build_outer(cfg)
+
+
+RECIPE = register(
+    Recipe(
+        name="in-context",
+        description="in-context learners: linear self-attention = GD (lsa-gd), GPICL transformer",
+        config_cls=Config,
+        run=run,
+        presets=PRESETS,
+        evaluate=evaluate,
+        build=_build,
+    )
+)
