@@ -14,9 +14,17 @@ _EXPORTS = {
     "metaopt.api": ("RunResult", "evaluate", "run"),
     "metaopt.checkpoint": ("Checkpointer", "CheckpointMismatchError", "MissingCheckpointError"),
     "metaopt.config": ("ConfigError",),
-    "metaopt.driver": ("Interrupted", "RunExistsError", "TrainResult", "train", "train_host"),
+    "metaopt.driver": (
+        "Interrupted",
+        "RunExistsError",
+        "TrainResult",
+        "Validation",
+        "train",
+        "train_host",
+    ),
     "metaopt.inner": (
         "InnerLoop",
+        "InnerLoopError",
         "ParametrizedOptimizer",
         "TrainState",
         "population_losses",
@@ -28,7 +36,7 @@ _EXPORTS = {
     "metaopt.outer": ("ES", "PES", "MetaGradient"),
     "metaopt.rundir": ("RunDir", "load_artifact", "run_phase", "save_artifact"),
 }
-_SUBMODULES = ("outer", "sharding")
+_SUBMODULES = ("evaluation", "outer", "sharding")
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 
@@ -58,6 +66,7 @@ __all__ = [
     "Checkpointer",
     "ConfigError",
     "InnerLoop",
+    "InnerLoopError",
     "Interrupted",
     "MetaGradient",
     "MissingCheckpointError",
@@ -67,7 +76,9 @@ __all__ = [
     "RunResult",
     "TrainResult",
     "TrainState",
+    "Validation",
     "evaluate",
+    "evaluation",
     "load_artifact",
     "outer",
     "population_losses",
