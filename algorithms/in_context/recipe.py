@@ -301,23 +301,7 @@ def _train_gpicl(cfg: Config, out: Path, k: int, resume: bool, progress: bool):
     init = gpicl.init_transformer(
         gpicl_model(cfg), jax.random.key(cfg.seed), cfg.length, cfg.input_dim
     )
-    return run_phase(
-        out,
-        f"k{k}",
-        lambda phase_dir, resume_phase: driver.train(
-            outer,
-            init,
-            key=jax.random.key(cfg.seed + 1),
-            num_steps=cfg.generations,
-            out_dir=phase_dir,
-            resume=resume_phase,
-            steps_per_call=cfg.steps_per_call,
-            checkpoint_every=cfg.checkpoint_every,
-            progress=progress,
-            desc=f"gpicl, 2^{k} tasks",
-        ),
-        resume=resume,
-    )
+    return _meta_train(cfg, out, f"k{k}", outer, init, resume, progress, f"gpicl, 2^{k} tasks")
 
 
 def run_gpicl(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> dict:
@@ -345,14 +329,14 @@ def run_gpicl(cfg: Config, out: Path, resume: bool = False, progress: bool = Tru
     return summary
 
 
-def _train(cfg: Config, out: Path, resume: bool, progress: bool):
-    outer = build_outer(cfg)
+def _meta_train(cfg: Config, out: Path, name: str, outer, init, resume, progress, desc: str):
+    """Phase ``name`` (``""``: the run directory itself) through the core driver."""
     return run_phase(
         out,
-        "",
+        name,
         lambda phase_dir, resume_phase: driver.train(
             outer,
-            init_params(cfg),
+            init,
             key=jax.random.key(cfg.seed + 1),
             num_steps=cfg.generations,
             out_dir=phase_dir,
@@ -360,10 +344,15 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool):
             steps_per_call=cfg.steps_per_call,
             checkpoint_every=cfg.checkpoint_every,
             progress=progress,
-            desc=f"lsa ({cfg.layers} layer{'s' if cfg.layers > 1 else ''})",
+            desc=desc,
         ),
         resume=resume,
     )
+
+
+def _train(cfg: Config, out: Path, resume: bool, progress: bool):
+    desc = f"lsa ({cfg.layers} layer{'s' if cfg.layers > 1 else ''})"
+    return _meta_train(cfg, out, "", build_outer(cfg), init_params(cfg), resume, progress, desc)
 
 
 def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> dict:
