@@ -329,13 +329,31 @@ def _loop(
     log_path: Path | None,
     bar: ProgressBar,
     callbacks: Sequence[Callable[[int, list[dict]], None]],
-) -> tuple[list[dict], int, int | None]:
+    ckpt: Checkpointer | None,
+) -> tuple[list[dict], int]:
     """The host loop shared by :func:`train` and :func:`train_host`.
 
     ``advance(length)`` runs ``length`` steps and returns their log rows and the
-    seconds they took; ``save(step)`` writes a checkpoint. Returns the rows, the
-    final step and the signal that stopped the loop early (or ``None``).
+    seconds they took; ``save(step)`` writes a checkpoint. Returns the rows and the
+    final step; closes the bar and the checkpointer.
+
+    Raises:
+      Interrupted: a signal stopped the loop early (after the checkpoint was saved).
     """
+    try:
+        history, step, signum = _steps(
+            advance, save, step, num_steps, steps_per_call, every, log_path, bar, callbacks
+        )
+    finally:
+        bar.close()
+        if ckpt is not None:
+            ckpt.close()
+    if signum is not None:
+        raise Interrupted(step, ckpt.directory if ckpt else None, signum)
+    return history, step
+
+
+def _steps(advance, save, step, num_steps, steps_per_call, every, log_path, bar, callbacks):
     history: list[dict] = []
     writer = log_path is not None and jax.process_index() == 0
     with StopFlag() as stop:
@@ -504,24 +522,18 @@ def train(
 
     save = (lambda s: ckpt.save(s, state["carry"])) if ckpt is not None else None
     cbs = [lambda s, rows, cb=cb: cb(s, state["carry"].outer_state, rows) for cb in callbacks]
-    try:
-        history, step, signum = _loop(
-            advance,
-            save,
-            step=step,
-            num_steps=num_steps,
-            steps_per_call=steps_per_call,
-            every=every,
-            log_path=log_path,
-            bar=bar,
-            callbacks=cbs,
-        )
-    finally:
-        bar.close()
-        if ckpt is not None:
-            ckpt.close()
-    if signum is not None:
-        raise Interrupted(step, ckpt.directory if ckpt else None, signum)
+    history, step = _loop(
+        advance,
+        save,
+        step=step,
+        num_steps=num_steps,
+        steps_per_call=steps_per_call,
+        every=every,
+        log_path=log_path,
+        bar=bar,
+        callbacks=cbs,
+        ckpt=ckpt,
+    )
     if plot and out is not None and log_path.exists() and jax.process_index() == 0:
         from metaopt.plotting import plot_metrics
 
@@ -606,22 +618,16 @@ def train_host(
         else None
     )
     cbs = [lambda s, rows, cb=cb: cb(s, box["state"], rows) for cb in callbacks]
-    try:
-        history, step, signum = _loop(
-            advance,
-            save,
-            step=step,
-            num_steps=num_steps,
-            steps_per_call=1,
-            every=max(1, checkpoint_every),
-            log_path=log_path,
-            bar=bar,
-            callbacks=cbs,
-        )
-    finally:
-        bar.close()
-        if ckpt is not None:
-            ckpt.close()
-    if signum is not None:
-        raise Interrupted(step, ckpt.directory if ckpt else None, signum)
+    history, step = _loop(
+        advance,
+        save,
+        step=step,
+        num_steps=num_steps,
+        steps_per_call=1,
+        every=max(1, checkpoint_every),
+        log_path=log_path,
+        bar=bar,
+        callbacks=cbs,
+        ckpt=ckpt,
+    )
     return HostResult(box["state"], history, step)
