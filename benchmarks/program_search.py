@@ -12,12 +12,13 @@ excluded and reported separately):
 
 * ``candidates_per_s``: 64 / (seconds per 64-program call summed over the tasks).
 * ``interpreter_vs_fixed_optimizer``: the same trainings (64 x grid x seeds per
-  task, same flat trainer) with a fixed Adam (``evaluate.adamw_rule``, no
+  task, same flat trainer, same normalisation) with a fixed Adam (``evaluate.adamw_rule``, no
   interpreter) instead of the programs; the ratio of the two times.
 * ``speedup_vs_generic_layout`` (first task only): the previous evaluator --
   ``vmap`` over (program, lr, seed) of the core's generic inner loop, the full
   op set, programs padded to 16 rows -- on the same programs; both sides are
-  checked to compute the same losses.
+  checked to compute the same losses (the flat side unnormalised for that check,
+  the generic layout has no normalisation).
 * the search's budget: a few default-settings rounds (``recipe.build(Config())``),
   children proposed and evaluated per second, and the projection to the
   default ``rounds``.
@@ -126,6 +127,7 @@ def main() -> None:
     log_lrs = scorer.log_lrs
     keys = scorer.keys(0, 0)
 
+    grid = jnp.tile(log_lrs, (BATCH, 1))  # every program at lr_grid (as the warm start is)
     interp, fixed = [], []
     for i in range(len(cfg.tasks)):
         interp.append(scorer._kernel(i, cfg.inner_steps))
@@ -134,13 +136,19 @@ def main() -> None:
         fixed.append(
             jax.jit(
                 lambda k, task=task, lr_rep=lr_rep: train_grid(
-                    task, cfg.inner_steps, adamw_rule(), lr_rep, jnp.zeros_like(lr_rep), k
+                    task,
+                    cfg.inner_steps,
+                    adamw_rule(),
+                    lr_rep,
+                    jnp.zeros_like(lr_rep),
+                    k,
+                    cfg.normalize,
                 )
             )
         )
     compile_s = {}
     for i, name in enumerate(cfg.tasks):
-        compile_s[name] = round(timed(lambda i=i: interp[i](batch, keys)), 2)
+        compile_s[name] = round(timed(lambda i=i: interp[i](batch, keys, grid)), 2)
         timed(lambda i=i: fixed[i](keys))
     print(f"compile + first call of the search's kernels: {compile_s}")
 
@@ -150,7 +158,13 @@ def main() -> None:
     generic = jax.jit(lambda p, k: best_over_grid(grid_losses(generic_inner, p, log_lrs, k)))
     full16 = stack_programs(programs)
     timed(lambda: generic(full16, keys))
-    a = np.asarray(interp[0](batch, keys)[0])
+    # the generic layout has no normalisation: compare it with the flat layout unnormalised
+    flat = jax.jit(
+        lambda p, k: best_over_grid(
+            grid_losses(scorer.inners[0], p, log_lrs, k, ops=scorer.ops, normalize=False)
+        )
+    )
+    a = np.asarray(flat(batch, keys)[0])
     b = np.asarray(generic(full16, keys)[0])
     ok = np.isfinite(a) & np.isfinite(b) & (b < 3.0)
     np.testing.assert_allclose(a[ok], b[ok], rtol=1e-3)
@@ -166,7 +180,7 @@ def main() -> None:
             sides = [("interp", i), ("fixed", i)]
             for side, j in sides if r % 2 == 0 else sides[::-1]:
                 if side == "interp":
-                    t_interp[name].append(timed(lambda j=j: interp[j](batch, keys)))
+                    t_interp[name].append(timed(lambda j=j: interp[j](batch, keys, grid)))
                 else:
                     t_fixed[name].append(timed(lambda j=j: fixed[j](keys)))
         if r < 3:

@@ -205,7 +205,8 @@ class StubScorer:
     def check_reference(self, round_=0):
         return {}
 
-    def __call__(self, programs, round_, stage=0, screen_steps=0):
+    def __call__(self, programs, round_, stage=0, screen_steps=0, centres=None):
+        self.last_centres = centres
         out = []
         for p in programs:
             key = to_source(p)
@@ -320,3 +321,25 @@ def test_resume_without_state_is_a_clear_error(tmp_path):
 
     with pytest.raises(MissingCheckpointError, match="no checkpoint found"):
         ps.run(TINY, tmp_path, resume=True, progress=False)
+
+
+def test_a_childs_learning_rate_grid_is_centred_on_its_parents_best():
+    from metaopt.algorithms.program_search.search import Scorer
+    from metaopt.envs import families
+
+    task = families.make("teacher-student-small")
+    sc = Scorer([(task, 10), (task, 10)], (0.01, 0.03, 0.1), 1, 4, ref_lr_grid=(1e-4, 1.0))
+    g = np.exp(sc.grids(3, [[0.3, 1e-3], None, [3.0, 1e-6]]))
+    # lr_grid's ratios (1/3, 1, 10/3) around the parent's best learning rate
+    np.testing.assert_allclose(g[0, 0], [0.1, 0.3, 1.0], rtol=1e-5)
+    np.testing.assert_allclose(g[0, 1], [1e-3 / 3, 1e-3, 1e-2 / 3], rtol=1e-5)
+    np.testing.assert_allclose(g[1], [[0.01, 0.03, 0.1]] * 2, rtol=1e-5)  # no centre: lr_grid
+    # clipped so that the grid stays inside ref_lr_grid's range [1e-4, 1]
+    np.testing.assert_allclose(g[2, 0], [0.1, 0.3, 1.0], rtol=1e-5)
+    np.testing.assert_allclose(g[2, 1], [1e-4, 3e-4, 1e-3], rtol=1e-5)
+    # the scorer reports the learning rate of the chosen point of each program's own grid
+    progs = [parse(BUILTINS["adamw_nobc"])] * 2
+    fit, lrs = sc(progs, 0, centres=[[0.3, 0.3], None])
+    assert np.all(np.isin(np.round(lrs[0], 6), np.round(g[0, 0], 6)))
+    assert np.all(np.isin(np.round(lrs[1], 6), [0.01, 0.03, 0.1]))
+    assert sc.last_edge.shape == (2, 2)

@@ -186,9 +186,13 @@ def train_grid(
         count = (t + 1).astype(w.dtype)
         u, state = rule.update(g.reshape(-1), w.reshape(-1), state, count)
         u = u.reshape(w.shape)
-        if normalize:
-            rms = jnp.sqrt(jnp.mean(jnp.square(u), axis=-1, keepdims=True))
-            scale = jnp.where(t == 0, 1.0 / jnp.maximum(rms, 1e-12), scale)
+        if normalize:  # the RMS is taken at step 1 only (a cond, not a reduction per step)
+
+            def first(u=u):
+                rms = jnp.sqrt(jnp.mean(jnp.square(u), -1, keepdims=True))
+                return 1.0 / jnp.maximum(rms, 1e-12)
+
+            scale = jax.lax.cond(t == 0, first, lambda: scale)
             u = u * scale
         lr = lrs * cosine(t.astype(w.dtype) / horizon)
         w = w + (-lr * (u + wds * w))
@@ -223,25 +227,30 @@ def grid_losses(
     flat layout (:func:`train_grid`), otherwise the generic population vmap.
 
     Args:
+      log_lrs: ``[G]`` (one grid for every program) or ``[P, G]`` (a grid per
+        program; flat layout only).
       ops: the interpreter's op set (every program must stay inside it).
       normalize: unit-RMS update at step 1 (flat layout only).
       horizon: train for this many steps instead of ``inner.horizon`` (flat layout only).
     """
     if isinstance(inner, ProgramInnerLoop):
-        wds = jnp.full(log_lrs.shape, inner.weight_decay, jnp.float32)
+        wds = jnp.full(log_lrs.shape[-1:], inner.weight_decay, jnp.float32)
         return jax.vmap(
-            lambda p: train_grid(
+            lambda p, lr: train_grid(
                 inner.task,
                 horizon or inner.horizon,
                 program_rule(p, ops),
-                log_lrs,
+                lr,
                 wds,
                 keys,
                 normalize,
-            )
-        )(programs)
-    if normalize or horizon is not None or ops is not None:
-        raise ValueError("normalize/horizon/ops need an inner loop from program_inner_loop")
+            ),
+            in_axes=(0, 0 if log_lrs.ndim == 2 else None),
+        )(programs, log_lrs)
+    if normalize or horizon is not None or ops is not None or log_lrs.ndim != 1:
+        raise ValueError(
+            "normalize/horizon/ops/per-program grids need an inner loop from program_inner_loop"
+        )
     num_p, num_g = programs.op.shape[0], log_lrs.shape[0]
     pop = {
         "program": jax.tree.map(lambda x: jnp.repeat(x, num_g, axis=0), programs),

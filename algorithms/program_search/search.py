@@ -86,6 +86,9 @@ from metaopt.config import ConfigError
 #: learning rate on logistic-cond100 (200 steps) is 1.0, the top of a 1e-4..1 grid.
 WIDE_LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)
 WD_GRID = (0.0, 0.01, 0.1, 1.0, 3.0)
+#: the search's candidate grid: 3 points for updates normalised to unit RMS at step 1,
+#: where the 12-optimizer panel's optima concentrate (0.01-0.3 on the default proxy)
+NARROW_LR_GRID = (1e-2, 3e-2, 1e-1)
 BUCKETS = (8, MAX_LEN)  # program length buckets: one kernel per bucket in use
 
 
@@ -152,17 +155,38 @@ class Scorer:
     # -- kernels ---------------------------------------------------------------------------
 
     def _kernel(self, i: int, steps: int):
+        """``(programs [P], keys, log_lrs [P, G]) -> (best seed-mean loss [P], grid index [P])``."""
         if (i, steps) not in self._kernels:
-            inner, log_lrs = self.inners[i], self.log_lrs
-            ops, normalize = self.ops, self.normalize
+            inner, ops, normalize = self.inners[i], self.ops, self.normalize
             self._kernels[i, steps] = jax.jit(
-                lambda progs, keys: best_over_grid(
+                lambda progs, keys, log_lrs: best_over_grid(
                     grid_losses(
                         inner, progs, log_lrs, keys, ops=ops, normalize=normalize, horizon=steps
                     )
                 )
             )
         return self._kernels[i, steps]
+
+    def grids(self, n: int, centres=None) -> np.ndarray:
+        """Log learning rates ``[n, tasks, G]`` each program is tried at.
+
+        ``centres`` (``[n, tasks]`` learning rates, or ``None``): ``lr_grid`` shifted in
+        log space so that its middle point is the centre (clipped so that the grid stays
+        inside ``ref_lr_grid``'s range); ``None`` or a missing centre keeps ``lr_grid``.
+        """
+        base = np.log(np.asarray(self.lr_grid, np.float64))
+        out = np.broadcast_to(base, (n, len(self.tasks), len(base))).copy()
+        if centres is None:
+            return out
+        mid = base[len(base) // 2]
+        lo = np.log(min(self.ref_lr_grid)) - (base[0] - mid)
+        hi = np.log(max(self.ref_lr_grid)) - (base[-1] - mid)
+        for j, row in enumerate(centres):
+            if row is None:
+                continue
+            c = np.log(np.asarray(row, np.float64))
+            out[j] = base[None, :] - mid + np.clip(c, min(lo, hi), max(lo, hi))[:, None]
+        return out
 
     def _ref_kernel(self, i: int, steps: int):
         if (i, steps) not in self._ref_kernels:
@@ -227,44 +251,59 @@ class Scorer:
 
     # -- scoring ---------------------------------------------------------------------------
 
-    def raw(self, programs: list, round_: int, stage: int = 0, screen_steps: int = 0):
-        """Best-over-grid seed-mean losses ``[n, tasks]`` and grid indices ``[n, tasks]``."""
+    def raw(self, programs: list, round_: int, stage: int = 0, screen_steps: int = 0, centres=None):
+        """Best-over-grid seed-mean losses ``[n, tasks]``, grid indices and learning rates.
+
+        ``centres``: per program and task, the learning rate its grid is centred on
+        (:meth:`grids`).
+        """
         extra = ops_used(stack_programs(programs)) - set(self.ops or ()) if self.ops else set()
         if extra:
             raise ValueError(f"programs use {sorted(extra)} outside the scorer's op set")
         n, out_l, out_i = len(programs), [], []
+        grids = self.grids(n, centres).astype(np.float32)
         for i in range(len(self.tasks)):
             steps = self.horizon(i, stage, screen_steps)
             keys, kernel = self.keys(round_, i, stage), self._kernel(i, steps)
             losses, idx = [], []
             for lo in range(0, n, self.batch):
                 chunk = list(programs[lo : lo + self.batch])
+                lrs = grids[lo : lo + self.batch, i]
                 longest = max(length(p) for p in chunk)
                 bucket = next((b for b in BUCKETS if b >= longest), MAX_LEN)
                 rows = min(self.batch, 1 << (len(chunk) - 1).bit_length())  # few shapes
+                lrs = np.concatenate([lrs, np.repeat(lrs[:1], rows - len(chunk), 0)])
                 chunk += [chunk[0]] * (rows - len(chunk))
                 batch = trim(stack_programs(chunk), bucket)
-                loss, j = jax.device_get(kernel(batch, keys))
+                loss, j = jax.device_get(kernel(batch, keys, jnp.asarray(lrs)))
                 losses.append(np.asarray(loss[: min(self.batch, n - lo)], np.float64))
                 idx.append(np.asarray(j[: min(self.batch, n - lo)]))
             out_l.append(np.concatenate(losses))
             out_i.append(np.concatenate(idx))
-        return np.stack(out_l, axis=1), np.stack(out_i, axis=1)
+        idx = np.stack(out_i, axis=1)
+        lrs = np.exp(np.take_along_axis(grids.astype(np.float64), idx[..., None], -1)[..., 0])
+        return np.stack(out_l, axis=1), idx, lrs
 
     def __call__(
-        self, programs: list, round_: int, stage: int = 0, screen_steps: int = 0
+        self, programs: list, round_: int, stage: int = 0, screen_steps: int = 0, centres=None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Relative fitness ``[n]`` and best grid learning rate per task ``[n, tasks]``.
+        """Relative fitness ``[n]`` and best learning rate per task ``[n, tasks]``.
 
-        ``stage=1`` trains for ``screen_steps`` steps on other seeds (the cheap screen).
+        ``stage=1`` trains for ``screen_steps`` steps on other seeds (the cheap screen);
+        ``centres`` centres each program's grid on given learning rates (:meth:`grids`).
+        Whether each best learning rate is an end of its grid is left in
+        :attr:`last_edge` (``[n, tasks]``).
         """
         if not programs:
+            self.last_edge = np.zeros((0, len(self.tasks)), bool)
             return np.zeros(0), np.zeros((0, len(self.tasks)))
-        loss, idx = self.raw(programs, round_, stage, screen_steps)
+        loss, idx, lrs = self.raw(programs, round_, stage, screen_steps, centres)
+        g = len(self.lr_grid)
+        self.last_edge = (idx == 0) | (idx == g - 1) if g > 1 else np.zeros(idx.shape, bool)
         ref = self.reference(round_, stage, screen_steps)
         rel = loss / ref[None, :]
         rel = np.where(np.isfinite(rel), rel, np.inf)
-        return np.mean(rel, axis=1), np.asarray(self.lr_grid)[idx]
+        return np.mean(rel, axis=1), lrs
 
 
 @dataclasses.dataclass
@@ -352,6 +391,9 @@ class RegularizedEvolution:
         the best program (0: never).
       best_min_evals: evaluations a program needs to count as the best (fewer when
         no program has that many yet).
+      follow_lr: centre a child's learning-rate grid on its parent's best learning rates
+        (per task), and a re-scored program's on its own, so a narrow grid follows a
+        lineage whose step size drifts (:meth:`Scorer.grids`).
     """
 
     def __init__(
@@ -372,6 +414,7 @@ class RegularizedEvolution:
         stationarity_steps: tuple[int, int] = (500, 5000),
         restart_every: int = 0,
         best_min_evals: int = 2,
+        follow_lr: bool = False,
     ):
         if slots not in (0, 1, 2):
             raise ValueError(f"slots must be 0, 1 or 2, got {slots}")
@@ -391,6 +434,7 @@ class RegularizedEvolution:
             tuple(stationarity_steps),
         )
         self.restart_every, self.best_min_evals = restart_every, best_min_evals
+        self.follow_lr = follow_lr
         self.slots = self.space.slots
         self._fp_inputs = fingerprint_inputs(jax.random.key(seed + 1))
         self._fingerprint = jax.jit(lambda progs: functional_fingerprints(progs, *self._fp_inputs))
@@ -566,9 +610,19 @@ class RegularizedEvolution:
 
         # 3. the cheap screen: new children far worse than their parent stop here
         #    (a program with a running mean, re-scored after the cache forgot it, skips it)
+        def centre(func):  # the learning rates a program (or its parent) was best at
+            lr = state.stats.get(func, {}).get("lr") if self.follow_lr else None
+            return lr if lr is not None and len(lr) == len(self.scorer.tasks) else None
+
         fresh = [f for f in todo if f not in state.stats or state.stats[f].get("rejected")]
         if self.screen_steps and fresh:
-            sfit, _ = self.scorer([kids[todo[f][0]] for f in fresh], r, 1, self.screen_steps)
+            sfit, _ = self.scorer(
+                [kids[todo[f][0]] for f in fresh],
+                r,
+                1,
+                self.screen_steps,
+                centres=[centre(parents[todo[f][0]]) for f in fresh],
+            )
             for f, value in zip(fresh, sfit, strict=True):
                 parent = state.stats.get(parents[todo[f][0]], {}).get("screen")
                 entry = {
@@ -595,11 +649,17 @@ class RegularizedEvolution:
         rescore = rescore[: self.rescore_top]
         progs = [kids[idx[0]] for idx in todo.values()]
         progs += [parse(state.stats[f]["source"]) for f in rescore]
-        fit, lrs = self.scorer(progs, r)
+        centres = [centre(parents[idx[0]]) for idx in todo.values()]
+        centres += [centre(f) for f in rescore]
+        fit, lrs = self.scorer(progs, r, centres=centres)
+        edge = getattr(self.scorer, "last_edge", np.zeros((len(progs), 1), bool))
         counts["evaluated_full"] = len(todo)
         counts["rescored"] = len(rescore)
         children_best = float("inf")
+        edges = []
         for j, (f, idx) in enumerate(todo.items()):
+            if np.isfinite(fit[j]):
+                edges += list(edge[j])
             self._merge(state, f, to_source(kids[idx[0]]), float(fit[j]), lrs[j].tolist(), r)
             state.cache.put(f, 0)
             children_best = min(children_best, float(fit[j]))
@@ -623,6 +683,8 @@ class RegularizedEvolution:
             "best_evals": int(state.best["evals"]),
             "population_median": float(np.median(finite)) if finite else float("inf"),
             "children_best": children_best,
+            # share of (evaluated child, task) whose best lr is an end of the candidate grid
+            "lr_edge_fraction": float(np.mean(edges)) if edges else 0.0,
             **{k: counts[k] for k in ("children", "evaluated", "evaluated_full")},
             **{k: counts[k] for k in ("screened_out", "rescored", "restarts")},
             **{
