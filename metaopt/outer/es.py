@@ -103,6 +103,13 @@ STRATEGIES: dict[str, StrategyArgs] = {
     "xNES": _OPT_WEIGHTS,
 }
 
+#: strategies that sample antithetic pairs as ``(i, i + P/2)`` (evosax's ``ask``):
+#: the ones ``task_sampling="per_pair"`` and the within-pair statistics apply to.
+PAIRED: frozenset[str] = frozenset({"Open_ES", "PGPE", "ARS"})
+
+#: ``pair_fitness`` choices: what a candidate's fitness is, given its pair's.
+PAIR_FITNESS = ("centered", "sign")
+
 #: evosax algorithms ES does not run, and why.
 UNSUPPORTED: dict[str, str] = {
     "RandomSearch": "it samples from a user-supplied sampling_fn, with no search distribution",
@@ -179,6 +186,17 @@ class ES:
       num_steps: inner steps per lifetime (default ``inner.horizon``).
       eval_mean: also evaluate the current mean every generation (one more
         candidate's cost) and log it as ``center_loss``.
+      learning_rate_decay: multiplicative per-generation decay of ``learning_rate``
+        (Adam's step size; 1.0 = constant), as LPO's ES decays it.
+      task_sampling: ``"shared"`` (every candidate runs on the generation's
+        ``num_seeds`` seeds: common random numbers) or ``"per_pair"`` (each antithetic
+        pair draws its own ``num_seeds`` seeds/tasks -- and, for lifetime-conditioned
+        inner loops, its own horizon -- so one generation averages over
+        ``population_size / 2 * num_seeds`` tasks; :data:`PAIRED` strategies only).
+      pair_fitness: with ``"per_pair"``, a candidate's fitness relative to its pair's:
+        ``"centered"`` (``(f - f_pair) / 2``; the same antithetic estimate with the
+        task's offset removed before ranking) or ``"sign"`` (``sign(f - f_pair)``: which
+        of the two won, as in groove's TA-LPG).
       strategy_kwargs: extra keyword arguments for the evosax constructor.
 
     Example:
@@ -203,9 +221,25 @@ class ES:
         fitness_shaping: str | Callable | None = None,
         num_steps: int | None = None,
         eval_mean: bool = True,
+        learning_rate_decay: float = 1.0,
+        task_sampling: str = "shared",
+        pair_fitness: str = "centered",
         strategy_kwargs: dict | None = None,
     ):
         check_strategy(strategy)
+        if task_sampling not in ("shared", "per_pair"):
+            raise ValueError(f"task_sampling must be 'shared' or 'per_pair', got {task_sampling!r}")
+        if pair_fitness not in PAIR_FITNESS:
+            raise ValueError(f"pair_fitness must be one of {PAIR_FITNESS}, got {pair_fitness!r}")
+        if task_sampling == "per_pair" and strategy not in PAIRED:
+            raise ValueError(
+                f"task_sampling='per_pair' needs antithetic pairs; {strategy} does not sample "
+                f"them (use one of {sorted(PAIRED)})"
+            )
+        if task_sampling == "per_pair" and population_size % 2:
+            raise ValueError(f"per-pair sampling needs an even population, got {population_size}")
+        if not 0.0 < learning_rate_decay <= 1.0:
+            raise ValueError(f"learning_rate_decay must be in (0, 1], got {learning_rate_decay}")
         if population_size < 2:
             raise ValueError(f"population_size must be >= 2, got {population_size}")
         if num_seeds < 1:
@@ -224,6 +258,9 @@ class ES:
         self.num_seeds = num_seeds
         self.num_steps = num_steps or inner.horizon
         self.eval_mean = eval_mean
+        self.learning_rate_decay = learning_rate_decay
+        self.task_sampling, self.pair_fitness = task_sampling, pair_fitness
+        self.paired = strategy in PAIRED and population_size % 2 == 0
         self.sigma, self.sigma_decay, self.sigma_min = sigma, sigma_decay, sigma_min
         self.learning_rate, self.optimizer = learning_rate, optimizer
         self.fitness_shaping = fitness_shaping
@@ -260,10 +297,14 @@ class ES:
         if accepts.optimizer:
             if self.optimizer is not None:
                 kwargs.setdefault("optimizer", self.optimizer)
-            elif self.learning_rate is not None:
-                kwargs.setdefault("optimizer", optax.adam(self.learning_rate))
-            elif self.strategy_name == "Open_ES":
-                kwargs.setdefault("optimizer", optax.adam(0.03))
+            else:
+                lr = self.learning_rate
+                if lr is None and self.strategy_name == "Open_ES":
+                    lr = 0.03
+                if lr is not None and self.learning_rate_decay != 1.0:
+                    lr = optax.exponential_decay(lr, 1, self.learning_rate_decay)
+                if lr is not None:
+                    kwargs.setdefault("optimizer", optax.adam(lr))
         if accepts.std_schedule:
             s0, decay, floor = self.sigma, self.sigma_decay, self.sigma_min
             kwargs.setdefault(
@@ -296,12 +337,43 @@ class ES:
     def meta_params(self, state: ESState) -> MetaParams:
         return state.meta_params
 
+    def candidate_keys(self, key: jax.Array, rows: int) -> jax.Array:
+        """Seeds of each of ``rows`` candidates: ``[rows, num_seeds]`` keys.
+
+        Shared mode: the same ``num_seeds`` keys for every row. Per-pair mode: pair
+        ``(i, i + P/2)`` shares its own keys; rows past the population (the centre)
+        get pair 0's.
+        """
+        if self.task_sampling == "shared":
+            keys = jax.random.split(key, self.num_seeds)
+            return jnp.broadcast_to(keys, (rows, *keys.shape))
+        half = self.population_size // 2
+        pairs = jax.random.split(key, (half, self.num_seeds))
+        idx = jnp.arange(rows) % self.population_size % half
+        return pairs[idx]
+
     def evaluate(self, population: MetaParams, key: jax.Array) -> jax.Array:
-        """Mean meta-loss of each candidate over ``num_seeds`` shared seeds: ``[P]``."""
-        keys = jax.random.split(key, self.num_seeds)
+        """Mean meta-loss of each candidate over its ``num_seeds`` seeds: ``[P]``
+        (the generation's shared seeds, or its pair's own; :meth:`candidate_keys`)."""
         population = sharding.shard_leading(population, self.mesh)
-        losses = population_losses(self.inner, population, keys, self.num_steps)
+        if self.task_sampling == "shared":
+            keys = jax.random.split(key, self.num_seeds)
+            losses = population_losses(self.inner, population, keys, self.num_steps)
+        else:
+            rows = jax.tree.leaves(population)[0].shape[0]
+            keys = sharding.shard_leading(self.candidate_keys(key, rows), self.mesh)
+            losses = jax.vmap(lambda mp, k: seed_losses(self.inner, mp, k, self.num_steps))(
+                population, keys
+            )
         return sharding.shard_leading(jnp.mean(losses, axis=1), self.mesh)
+
+    def pair_shaped(self, fitness: jax.Array) -> jax.Array:
+        """Per-pair mode: each candidate's fitness relative to its antithetic partner's."""
+        if self.task_sampling == "shared":
+            return fitness
+        partner = jnp.roll(fitness, self.population_size // 2)
+        diff = fitness - partner
+        return 0.5 * diff if self.pair_fitness == "centered" else jnp.sign(diff)
 
     def step(self, state: ESState, key: jax.Array) -> tuple[ESState, dict[str, jax.Array]]:
         check_key(key, "ES.step")
@@ -320,15 +392,23 @@ class ES:
         else:
             raw = self.evaluate(population, k_eval)
             if self.eval_mean:  # sharded: keep the population divisible by the devices
-                keys = jax.random.split(k_eval, self.num_seeds)  # the population's seeds
+                keys = self.candidate_keys(k_eval, 1)[0]  # the (first pair's) seeds
                 center = strat.get_mean(sstate)
                 center_loss = jnp.mean(seed_losses(self.inner, center, keys, self.num_steps))
         fitness, num_bad = sanitize_losses(raw)
         metrics = fitness_summary(fitness, "loss")
         metrics["nonfinite"] = num_bad
+        if self.paired:
+            # how much of a pair's fitness is shared (the task, not the perturbation):
+            # near 1 means the per-pair centring removes most of the task's variance
+            half = self.population_size // 2
+            a, b = fitness[:half], fitness[half:]
+            a, b = a - jnp.mean(a), b - jnp.mean(b)
+            denom = jnp.sqrt(jnp.sum(a * a) * jnp.sum(b * b))
+            metrics["pair_correlation"] = jnp.where(denom > 0, jnp.sum(a * b) / denom, 0.0)
         if center_loss is not None:
             metrics["center_loss"] = center_loss
-        new, _ = strat.tell(k_tell, population, fitness, sstate, params)
+        new, _ = strat.tell(k_tell, population, self.pair_shaped(fitness), sstate, params)
         # Last line of defence: an update that made the mean non-finite (a
         # strategy's numerical breakdown) is dropped, so the search carries on.
         ok = jnp.all(jnp.isfinite(new.mean))
