@@ -314,3 +314,20 @@ def test_learning_rate_decay_shrinks_the_mean_update():
     np.testing.assert_allclose(steps[1.0], [0.1] * 4, rtol=0.1)
     ratio = np.asarray(steps[0.5]) / np.asarray(steps[1.0])
     np.testing.assert_allclose(ratio, [1, 0.5, 0.25, 0.125], rtol=0.1)
+
+
+def test_recipe_configs_hand_task_sampling_to_es():
+    from types import SimpleNamespace
+
+    from metaopt.outer import from_config
+
+    cfg = SimpleNamespace(
+        population=8,
+        sigma=0.1,
+        meta_lr=0.01,
+        meta_lr_decay=0.99,
+        task_sampling="per_pair",
+        pair_fitness="sign",
+    )
+    es = from_config("es", _task_quadratic(), cfg)
+    assert (es.task_sampling, es.pair_fitness, es.learning_rate_decay) == ("per_pair", "sign", 0.99)

@@ -283,6 +283,10 @@ def test_config_errors_are_one_line():
         lpg_recipe.Config(outer="pes")
     with pytest.raises(ConfigError, match="unknown environment"):
         lpg_recipe.Config(env="Pong")
+    with pytest.raises(ConfigError, match="task_sampling"):
+        lpg_recipe.Config(task_sampling="fresh")
+    with pytest.raises(ConfigError, match="antithetic"):
+        lpg_recipe.Config(task_sampling="per_pair", strategy="SNES")
     assert main(["ta-lpg", "--outer", "nope", "--out", "/nonexistent/x"]) == 2
 
 

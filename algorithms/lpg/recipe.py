@@ -74,6 +74,11 @@ class Config:
     seeds: int = 2
     sigma: float = 0.1
     es_lr: float = 0.03
+    meta_lr_decay: float = 1.0  # per-generation decay of es_lr
+    # "shared": every candidate on the generation's seeds and lifetimes; "per_pair": each
+    # antithetic pair draws its own (groove's TA-LPG); pair_fitness: "centered" or "sign"
+    task_sampling: str = "shared"
+    pair_fitness: str = "centered"
     generations: int = 40
     # truncated meta-gradient
     truncation: int = 5
@@ -94,6 +99,9 @@ class Config:
 
     def __post_init__(self):
         outer_lib.check_strategy(self.strategy)
+        outer_lib.check_sampling(
+            self.strategy, self.task_sampling, self.pair_fitness, self.meta_lr_decay
+        )
         check(
             self.outer in ("es", "metagrad", "both"),
             f"outer must be es, metagrad or both, got '{self.outer}'",

@@ -85,6 +85,11 @@ class Config:
     sigma: float = 0.03
     sigma_decay: float = 1.0
     meta_lr: float = 0.015
+    meta_lr_decay: float = 1.0  # per-generation decay of meta_lr (LPO's ES decays it)
+    # "shared": every candidate on the generation's seeds; "per_pair": each antithetic
+    # pair on its own seeds (metaopt.outer.ES); pair_fitness: "centered" or "sign"
+    task_sampling: str = "shared"
+    pair_fitness: str = "centered"
     generations: int = 12
     steps_per_call: int = 1
     checkpoint_every: int = 4
@@ -96,6 +101,9 @@ class Config:
 
     def __post_init__(self):
         outer_lib.check_strategy(self.strategy)
+        outer_lib.check_sampling(
+            self.strategy, self.task_sampling, self.pair_fitness, self.meta_lr_decay
+        )
         rl.canonical_name(self.env)
         for e in self.eval_envs:
             rl.canonical_name(e)

@@ -43,7 +43,7 @@ from typing import Any
 
 from metaopt.inner import InnerLoop, InnerLoopError
 from metaopt.outer.base import Estimate, OuterEstimator, sanitize_losses
-from metaopt.outer.es import ES, STRATEGIES, ESState, check_strategy
+from metaopt.outer.es import ES, STRATEGIES, ESState, check_sampling, check_strategy
 from metaopt.outer.metagrad import MetaGradient, MetaGradState
 from metaopt.outer.pes import PES, PESState
 
@@ -135,6 +135,7 @@ __all__ = [
     "PESState",
     "STRATEGIES",
     "VOCABULARY",
+    "check_sampling",
     "check_strategy",
     "from_config",
     "make",

@@ -141,6 +141,28 @@ def check_strategy(name: str) -> str:
     )
 
 
+def check_sampling(
+    strategy: str, task_sampling: str, pair_fitness: str = "centered", lr_decay: float = 1.0
+) -> None:
+    """Validates ES's task-sampling settings for a recipe's config (one-line ConfigError).
+
+    Raises:
+      ConfigError: an unknown ``task_sampling`` or ``pair_fitness``, per-pair sampling
+        with a strategy that does not sample antithetic pairs, or a decay outside (0, 1].
+    """
+    if task_sampling not in ("shared", "per_pair"):
+        raise ConfigError(f"task_sampling must be 'shared' or 'per_pair', got {task_sampling!r}")
+    if pair_fitness not in PAIR_FITNESS:
+        raise ConfigError(f"pair_fitness must be one of {PAIR_FITNESS}, got {pair_fitness!r}")
+    if task_sampling == "per_pair" and strategy not in PAIRED:
+        raise ConfigError(
+            f"task_sampling=per_pair needs antithetic pairs; {strategy} does not sample them "
+            f"(use one of {sorted(PAIRED)})"
+        )
+    if not 0.0 < lr_decay <= 1.0:
+        raise ConfigError(f"meta_lr_decay must be in (0, 1], got {lr_decay}")
+
+
 class ESState(NamedTuple):
     meta_params: Any  # the search distribution's mean (the strategy's ``get_mean``)
     strategy: Any  # the evosax strategy state (mean, std, optimizer state, best so far, ...)
