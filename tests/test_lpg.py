@@ -331,3 +331,45 @@ def test_recipe_resume_is_exact_and_eval_writes_the_table(tmp_path, capsys):
     assert pi_hat.shape == (6, 2) and y_hat.shape == (6, 2, 3)
     with pytest.raises(FileNotFoundError, match="ta_lpg_es"):
         lpg_recipe.load_meta_params(full, "ta_lpg_es")
+
+
+def test_es_phase_validates_on_fixed_seeds_and_keeps_the_best(tmp_path):
+    """valid_* fields from step 0 on fixed seeds, recomputed here from the initial network;
+    the best-on-validation network is kept with its step."""
+    from metaopt.inner import seed_losses
+    from metaopt.plotting import read_metrics
+    from metaopt.rundir import load_artifact
+
+    over = [*SMALL, "generations=4", "valid_every=2", "valid_seeds=4", "task_sampling=per_pair"]
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "ta-lpg",
+                "--out",
+                str(out),
+                "--preset",
+                "quick",
+                "--no-progress",
+                "--outer",
+                "es",
+                *over,
+            ]
+        )
+        == 0
+    )
+    rows = read_metrics(out / "ta_lpg_es" / "metrics.jsonl")
+    valid = {r["step"]: r["valid_return"] for r in rows if r.get("valid_return") is not None}
+    assert sorted(valid) == [0, 2, 4]
+    assert all("pair_correlation" in r for r in rows if r["step"] > 0)
+    cfg = lpg_recipe.RECIPE.config("quick", {**parse_overrides(over), "outer": "es"})
+    inner = agent_lib.make_agent(cfg.agent, "lpg", name="check")
+    keys = jax.random.split(
+        jax.random.fold_in(jax.random.key(cfg.seed), lpg_recipe.VALID_SEED), cfg.valid_seeds
+    )
+    mp0 = lpg_recipe.initial_meta_params(cfg, "ta_lpg_es")
+    expect = -float(jnp.mean(seed_losses(inner, mp0, keys)))
+    assert valid[0] == pytest.approx(expect, abs=1e-5)
+    _, header = load_artifact(out / "ta_lpg_es_best.npz", "lpg/ta_lpg_es")
+    assert valid[header["best_step"]] == max(valid.values())
+    assert lpg_recipe.load_meta_params(out, "ta_lpg_es", best=True).keys() == mp0.keys()

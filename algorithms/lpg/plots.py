@@ -122,10 +122,12 @@ def plot_progress(cfg, learned: dict[str, dict], path, json_path=None) -> dict:
 
 
 def plot_meta_training(out: Path, names: tuple[str, ...], path: Path) -> None:
-    """Return on the meta-training seeds over outer steps, one panel per estimator."""
+    """Return on the meta-training seeds over outer steps, one panel per estimator, and
+    (dashed, markers) on the fixed validation seeds where the run validated."""
     fig, axes = figure((10, 3.2), 1, 2)
     for name in names:
-        rows = read_metrics(out / name / "metrics.jsonl")
+        every = read_metrics(out / name / "metrics.jsonl")
+        rows = [r for r in every if "center_loss" in r or "loss_mean" in r]  # training steps
         if not rows:
             continue
         es = "center_loss" in rows[0]
@@ -136,7 +138,18 @@ def plot_meta_training(out: Path, names: tuple[str, ...], path: Path) -> None:
             w = max(1, len(ret) // 50)
             ret = np.convolve(ret, np.ones(w) / w, mode="valid")
             steps = steps[w - 1 :]
-        ax.plot(steps, ret, label=LABELS.get(name, name))
+        line = ax.plot(steps, ret, label=LABELS.get(name, name))[0]
+        valid = [(r["step"], r["valid_return"]) for r in every if r.get("valid_return") is not None]
+        if valid:  # the fixed validation seeds: what meta-training is judged on
+            vs, vr = zip(*valid, strict=True)
+            ax.plot(
+                vs,
+                vr,
+                "o--",
+                ms=3,
+                color=line.get_color(),
+                label=f"{LABELS.get(name, name)} (validation)",
+            )
     axes[0, 0].set_title("ES: return of the search mean (whole lifetimes)", fontsize=9)
     axes[0, 0].set_xlabel("generation")
     axes[0, 1].set_title("meta-gradient: return at truncation ends (running mean)", fontsize=9)

@@ -37,6 +37,7 @@ from metaopt.algorithms.lpg import network
 from metaopt.algorithms.lpg.evaluate import evaluate_run
 from metaopt.config import check
 from metaopt.envs import rl
+from metaopt.inner import seed_losses
 from metaopt.plotting import read_metrics
 from metaopt.recipes import Recipe, register, write_summary
 from metaopt.rundir import load_artifact, run_phase, save_artifact
@@ -90,6 +91,12 @@ class Config:
     # driver
     steps_per_call: int = 1
     checkpoint_every: int = 10
+    # validation: every valid_every outer steps (ES generations; x10 for meta-gradient
+    # steps) the meta-parameters run whole lifetimes on valid_seeds fixed seeds (each its
+    # own lifetime); valid_return is logged and the best-on-validation network is kept
+    # as PHASE_best.npz. 0 turns it off.
+    valid_every: int = 5
+    valid_seeds: int = 16
     # evaluation
     eval_seeds: int = 8
     eval_lifetimes: tuple[int, ...] = (10, 20, 60, 200, 400)
@@ -102,6 +109,8 @@ class Config:
         outer_lib.check_sampling(
             self.strategy, self.task_sampling, self.pair_fitness, self.meta_lr_decay
         )
+        check(self.valid_every >= 0, "valid_every must be >= 0 (0 turns validation off)")
+        check(self.valid_seeds >= 1, "valid_seeds must be >= 1")
         check(
             self.outer in ("es", "metagrad", "both"),
             f"outer must be es, metagrad or both, got '{self.outer}'",
@@ -181,9 +190,10 @@ def build_outer(cfg: Config, name: str, inner) -> outer_lib.OuterEstimator:
     )
 
 
-def load_meta_params(run_dir: str | Path, name: str = "ta_lpg_es") -> dict:
-    """The meta-trained LPG network ``name`` of a finished run (see :data:`PHASES`)."""
-    tree, _ = load_artifact(Path(run_dir) / f"{name}.npz", f"lpg/{name}")
+def load_meta_params(run_dir: str | Path, name: str = "ta_lpg_es", best: bool = False) -> dict:
+    """The meta-trained LPG network ``name`` of a finished run (see :data:`PHASES`);
+    ``best``: the one best on the validation seeds (``NAME_best.npz``)."""
+    tree, _ = load_artifact(Path(run_dir) / f"{name}{'_best' if best else ''}.npz", f"lpg/{name}")
     return jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), tree)
 
 
@@ -210,8 +220,28 @@ def _dry_build(cfg: Config) -> list:
     ]
 
 
+VALID_SEED = 7_777  # folded into cfg.seed: validation seeds no phase trains on
+
+
+def validation(cfg: Config, inner, es: bool = True) -> driver.Validation | None:
+    """Whole lifetimes on ``valid_seeds`` fixed seeds (the same for every phase):
+    ``valid_loss`` (= minus the return, what selects the best) and ``valid_return``."""
+    if not cfg.valid_every:
+        return None
+    keys = jax.random.split(
+        jax.random.fold_in(jax.random.key(cfg.seed), VALID_SEED), cfg.valid_seeds
+    )
+
+    def fn(meta_params):
+        loss = jnp.mean(seed_losses(inner, meta_params, keys))
+        return {"valid_loss": loss, "valid_return": -loss}
+
+    return driver.Validation(fn, cfg.valid_every * (1 if es else 10), "valid_loss")
+
+
 def meta_train(cfg: Config, name: str, out: Path, resume: bool, progress: bool) -> dict:
-    """Meta-trains phase ``name``; writes ``out/name/`` and ``out/name.npz``."""
+    """Meta-trains phase ``name``; writes ``out/name/``, ``out/name.npz`` (the final
+    meta-parameters) and, with validation, ``out/name_best.npz`` (best on validation)."""
     inner = agent_lib.make_agent(cfg.agent, "lpg", name=f"lpg-agent-{name}")
     outer = build_outer(cfg, name, inner)
     key = jax.random.fold_in(jax.random.key(cfg.seed), list(PHASES).index(name))
@@ -230,25 +260,40 @@ def meta_train(cfg: Config, name: str, out: Path, resume: bool, progress: bool) 
             checkpoint_every=cfg.checkpoint_every * (1 if es else 10),
             progress=progress,
             desc=f"ta-lpg [{name}] {cfg.env}",
+            validation=validation(cfg, inner, es),
         ),
         resume=resume,
     )
     learned = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), result.meta_params)
     save_artifact(out / f"{name}.npz", learned, f"lpg/{name}")
+    if result.best_meta_params is not None:
+        best = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), result.best_meta_params)
+        save_artifact(
+            out / f"{name}_best.npz", best, f"lpg/{name}", best_step=int(result.best_step)
+        )
     return learned
 
 
 def _phase_summary(out: Path, name: str) -> dict:
-    rows = read_metrics(out / name / "metrics.jsonl")
+    every = read_metrics(out / name / "metrics.jsonl")
+    rows = [r for r in every if "center_loss" in r or "loss_mean" in r]  # training steps
     if not rows:
         return {}
     key = "center_loss" if "center_loss" in rows[0] else "loss_mean"
     ret = [-r[key] for r in rows]
     k = max(1, len(ret) // 10)
-    return {
+    out = {
         f"{name}_return_first_{k}": f"{np.mean(ret[:k]):.3f}",
         f"{name}_return_last_{k}": f"{np.mean(ret[-k:]):.3f}",
     }
+    valid = [(r["step"], r["valid_return"]) for r in every if r.get("valid_return") is not None]
+    if valid:
+        best = max(valid, key=lambda x: x[1])
+        out[f"{name}_valid_return"] = (
+            f"{valid[0][1]:.3f} at step {valid[0][0]} -> {valid[-1][1]:.3f} at step "
+            f"{valid[-1][0]} (best {best[1]:.3f} at step {best[0]}, kept as {name}_best.npz)"
+        )
+    return out
 
 
 def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> dict:
