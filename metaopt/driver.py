@@ -87,6 +87,29 @@ class Validation(NamedTuple):
     select: str = "valid_loss"
 
 
+def seed_validation(
+    inner, key: jax.Array, num_seeds: int, every: int, negated: str | None = None
+) -> Validation:
+    """Validation of an inner loop's meta-parameters on ``num_seeds`` fixed seeds.
+
+    Every validation runs whole lifetimes (:func:`metaopt.inner.seed_losses`) on the same
+    ``split(key, num_seeds)`` -- for task families and lifetime-sampling learners, the
+    same tasks and lifetimes -- and logs ``valid_loss`` (their mean meta-loss, which
+    selects the best) and, if ``negated`` is given, ``valid_<negated>`` = minus it (e.g.
+    ``"return"`` where the meta-loss is a negated return). Use a key no training step
+    uses (e.g. ``fold_in(key(seed), <constant>)``).
+    """
+    from metaopt.inner import seed_losses
+
+    keys = jax.random.split(key, num_seeds)
+
+    def fn(meta_params):
+        loss = jnp.mean(seed_losses(inner, meta_params, keys))
+        return {"valid_loss": loss} | ({f"valid_{negated}": -loss} if negated else {})
+
+    return Validation(fn, every, "valid_loss")
+
+
 class TrainResult(NamedTuple):
     outer_state: PyTree
     meta_params: PyTree

@@ -37,7 +37,6 @@ from metaopt.algorithms.lpg import network
 from metaopt.algorithms.lpg.evaluate import evaluate_run
 from metaopt.config import check
 from metaopt.envs import rl
-from metaopt.inner import seed_losses
 from metaopt.plotting import read_metrics
 from metaopt.recipes import Recipe, register, write_summary
 from metaopt.rundir import load_artifact, run_phase, save_artifact
@@ -224,19 +223,14 @@ VALID_SEED = 7_777  # folded into cfg.seed: validation seeds no phase trains on
 
 
 def validation(cfg: Config, inner, es: bool = True) -> driver.Validation | None:
-    """Whole lifetimes on ``valid_seeds`` fixed seeds (the same for every phase):
-    ``valid_loss`` (= minus the return, what selects the best) and ``valid_return``."""
+    """Whole lifetimes on ``valid_seeds`` fixed seeds, the same for every phase
+    (:func:`metaopt.driver.seed_validation`): ``valid_loss`` selects, ``valid_return``."""
     if not cfg.valid_every:
         return None
-    keys = jax.random.split(
-        jax.random.fold_in(jax.random.key(cfg.seed), VALID_SEED), cfg.valid_seeds
+    key = jax.random.fold_in(jax.random.key(cfg.seed), VALID_SEED)
+    return driver.seed_validation(
+        inner, key, cfg.valid_seeds, cfg.valid_every * (1 if es else 10), negated="return"
     )
-
-    def fn(meta_params):
-        loss = jnp.mean(seed_losses(inner, meta_params, keys))
-        return {"valid_loss": loss, "valid_return": -loss}
-
-    return driver.Validation(fn, cfg.valid_every * (1 if es else 10), "valid_loss")
 
 
 def meta_train(cfg: Config, name: str, out: Path, resume: bool, progress: bool) -> dict:

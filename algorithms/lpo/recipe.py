@@ -93,6 +93,11 @@ class Config:
     generations: int = 12
     steps_per_call: int = 1
     checkpoint_every: int = 4
+    # validation: every valid_every generations the ES mean runs whole PPO runs on
+    # valid_seeds fixed seeds; valid_return is logged (from generation 0) and the
+    # best-on-validation drift is kept as PHASE_best.npz. 0 turns it off.
+    valid_every: int = 4
+    valid_seeds: int = 8
     eval_seeds: int = 8
     eval_horizons: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
     eval_envs: tuple[str, ...] = ("Acrobot-v1", "Breakout-MinAtar")
@@ -121,6 +126,8 @@ class Config:
         check(self.generations >= 0, "generations must be >= 0")
         check(self.steps_per_call >= 1, "steps_per_call must be >= 1")
         check(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
+        check(self.valid_every >= 0, "valid_every must be >= 0 (0 turns validation off)")
+        check(self.valid_seeds >= 1, "valid_seeds must be >= 1")
         check(self.eval_seeds >= 1, "eval_seeds must be >= 1")
         check(all(h > 0 for h in self.eval_horizons), "eval_horizons must be > 0")
         self.learner  # noqa: B018  (validates timesteps against the PPO batch size)
@@ -183,8 +190,12 @@ def load_objective(run_dir: str | Path, name: str = "ta_lpo") -> Callable:
     return functools.partial(obj_lib.OBJECTIVES[name], load_meta_params(run_dir, name))
 
 
+VALID_SEED = 7_777  # folded into cfg.seed: validation seeds no phase trains on
+
+
 def meta_train(cfg: Config, name: str, out: Path, resume: bool, progress: bool) -> dict:
-    """Meta-trains the drift ``name`` with ES; writes ``out/name/`` and ``out/name.npz``."""
+    """Meta-trains the drift ``name`` with ES; writes ``out/name/``, ``out/name.npz`` (the
+    final ES mean) and, with validation, ``out/name_best.npz`` (best on validation)."""
     inner = build_inner(cfg, name)
     outer = build_outer(cfg, inner)
     # Each phase gets its own key, so LPO and TA-LPO see independent noise and seeds.
@@ -203,22 +214,38 @@ def meta_train(cfg: Config, name: str, out: Path, resume: bool, progress: bool) 
             checkpoint_every=cfg.checkpoint_every,
             progress=progress,
             desc=f"ta-lpo [{name}] {cfg.env}",
+            validation=driver.seed_validation(
+                inner,
+                jax.random.fold_in(jax.random.key(cfg.seed), VALID_SEED),
+                cfg.valid_seeds,
+                cfg.valid_every,
+                negated="return",
+            )
+            if cfg.valid_every
+            else None,
         ),
         resume=resume,
     )
     learned = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), result.meta_params)
     save_artifact(out / f"{name}.npz", learned, f"lpo-drift/{name}")
+    if result.best_meta_params is not None:
+        best = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), result.best_meta_params)
+        save_artifact(
+            out / f"{name}_best.npz", best, f"lpo-drift/{name}", best_step=int(result.best_step)
+        )
     return learned
 
 
 def plot_meta_training(out: Path, names: tuple[str, ...], path: Path) -> None:
-    """Centre (mean) return and population mean return per generation for each phase."""
+    """Centre (mean) return and population mean return per generation for each phase, and
+    the return on the fixed validation seeds where the run validated."""
     from metaopt.plotting import figure
 
     fig, axes = figure((5.5, 3.4))
     ax = axes[0, 0]
     for name in names:
-        rows = read_metrics(out / name / "metrics.jsonl")
+        every = read_metrics(out / name / "metrics.jsonl")
+        rows = [r for r in every if "center_loss" in r]  # training steps
         if not rows:
             continue
         steps = [r["step"] for r in rows]
@@ -230,6 +257,10 @@ def plot_meta_training(out: Path, names: tuple[str, ...], path: Path) -> None:
             color=line.get_color(),
             label=f"{name} (population mean)",
         )
+        valid = [(r["step"], r["valid_return"]) for r in every if "valid_return" in r]
+        if valid:  # fixed validation seeds: what meta-training is judged on
+            vs, vr = zip(*valid, strict=True)
+            ax.plot(vs, vr, "o--", ms=3, color=line.get_color(), label=f"{name} (validation)")
     ax.set_xlabel("generation")
     ax.set_ylabel("final return (meta-training seeds)")
     ax.grid(alpha=0.3)
@@ -239,16 +270,25 @@ def plot_meta_training(out: Path, names: tuple[str, ...], path: Path) -> None:
 
 
 def _phase_summary(out: Path, name: str) -> dict:
-    rows = read_metrics(out / name / "metrics.jsonl")
+    every = read_metrics(out / name / "metrics.jsonl")
+    rows = [r for r in every if "center_loss" in r]  # training steps
     if not rows:
         return {}
     ret = [-r["center_loss"] for r in rows]
     tail = ret[-3:]
-    return {
+    out = {
         f"{name}_centre_return_first_generation": f"{ret[0]:.1f}",
         f"{name}_centre_return_last_3_generations": f"{np.mean(tail):.1f}",
         f"{name}_best_candidate_return": f"{max(-r['loss_best'] for r in rows):.1f}",
     }
+    valid = [(r["step"], r["valid_return"]) for r in every if "valid_return" in r]
+    if valid:
+        best = max(valid, key=lambda x: x[1])
+        out[f"{name}_valid_return"] = (
+            f"{valid[0][1]:.1f} at generation {valid[0][0]} -> {valid[-1][1]:.1f} at "
+            f"{valid[-1][0]} (best {best[1]:.1f} at {best[0]}, kept as {name}_best.npz)"
+        )
+    return out
 
 
 def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> dict:
