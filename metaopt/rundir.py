@@ -137,6 +137,19 @@ def write_summary(
     write_json_atomic(out / "summary.json", {k: _jsonable(v) for k, v in record.items()})
 
 
+def validation_line(rows: list[dict], name: str, metric: str = "valid_return") -> str | None:
+    """One summary line for a phase that validated (``metric`` higher is better):
+    first -> last value and the best step, whose meta-parameters are ``name``_best.npz."""
+    valid = [(r["step"], r[metric]) for r in rows if r.get(metric) is not None]
+    if not valid:
+        return None
+    best = max(valid, key=lambda x: x[1])
+    return (
+        f"{valid[0][1]:.4g} at step {valid[0][0]} -> {valid[-1][1]:.4g} at step {valid[-1][0]} "
+        f"(best {best[1]:.4g} at step {best[0]}, kept as {name}_best.npz)"
+    )
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, np.generic | np.ndarray):
         return np.asarray(v).tolist()

@@ -79,6 +79,30 @@ _NAMES = list(prog.OPS)
 assert set(TORCH_OPS) == set(_NAMES) - {"nop"}, "torch ops out of sync with program.OPS"
 
 
+class _PerTensor(torch.optim.Optimizer):
+    """``step()`` applies :meth:`_update` to every parameter with a gradient, in float32."""
+
+    def _begin(self) -> None:
+        """Called once per step before the parameters (global step state)."""
+
+    def _update(self, p, g: torch.Tensor, w: torch.Tensor, state: dict, group: dict):
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._begin()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    g, w = p.grad.to(torch.float32), p.detach().to(torch.float32)
+                    p.add_(self._update(p, g, w, self.state[p], group).to(p.dtype))
+        return loss
+
+
 def _program_text(program: str | Path) -> str:
     if isinstance(program, Path) or (
         isinstance(program, str) and "\n" not in program and program.endswith(".txt")
@@ -87,7 +111,7 @@ def _program_text(program: str | Path) -> str:
     return str(program)
 
 
-class ProgramOptimizer(torch.optim.Optimizer):
+class ProgramOptimizer(_PerTensor):
     """A discovered program as a torch optimizer: ``w <- w - lr * (update + wd * w)``.
 
     Args:
@@ -138,29 +162,17 @@ class ProgramOptimizer(torch.optim.Optimizer):
             regs[dst] = TORCH_OPS[name](*vals)
         return regs.get(prog.REG["update"], zero), regs[prog.REG["m"]], regs[prog.REG["v"]]
 
-    @torch.no_grad()
-    def step(self, closure: Callable | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if not st:
-                    st["step"] = 0
-                    st["m"] = torch.zeros_like(p, dtype=torch.float32)
-                    st["v"] = torch.zeros_like(p, dtype=torch.float32)
-                st["step"] += 1
-                g, w = p.grad.to(torch.float32), p.detach().to(torch.float32)
-                u, st["m"], st["v"] = self._run(g, w, st["m"], st["v"], float(st["step"]))
-                p.add_((-group["lr"] * (u + group["weight_decay"] * w)).to(p.dtype))
-        return loss
+    def _update(self, p, g, w, st, group):
+        if not st:
+            st["step"] = 0
+            st["m"] = torch.zeros_like(p, dtype=torch.float32)
+            st["v"] = torch.zeros_like(p, dtype=torch.float32)
+        st["step"] += 1
+        u, st["m"], st["v"] = self._run(g, w, st["m"], st["v"], float(st["step"]))
+        return -group["lr"] * (u + group["weight_decay"] * w)
 
 
-class LearnedOptimizer(torch.optim.Optimizer):
+class LearnedOptimizer(_PerTensor):
     """The meta-trained per-parameter MLP optimizer (``learned-optimizer``) in torch.
 
     Args:
@@ -207,42 +219,35 @@ class LearnedOptimizer(torch.optim.Optimizer):
             h = w.T @ torch.relu(h) + b[:, None]
         return h
 
-    @torch.no_grad()
-    def step(self, closure: Callable | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _begin(self):
         spec = self.spec
         decays = torch.tensor(spec.decays, dtype=torch.float32)
         progress = min(self.count / self.horizon, 1.0)
         self.count += 1
         t = torch.tensor(float(self.count))
-        corr_m = 1.0 - decays**t
-        corr_v = 1.0 - torch.tensor(spec.beta2, dtype=torch.float32) ** t
-        glob = torch.tensor([progress, math.log(self.horizon) / 10.0], dtype=torch.float32)
-        nominal = spec.decays.index(spec.nominal_decay) if spec.nominal else None
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if not st:
-                    st["mom"] = torch.zeros((*p.shape, len(spec.decays)), dtype=torch.float32)
-                    st["nu"] = torch.zeros(p.shape, dtype=torch.float32)
-                g = p.grad.to(torch.float32)
-                st["mom"] = decays * st["mom"] + (1.0 - decays) * g[..., None]
-                st["nu"] = spec.beta2 * st["nu"] + (1.0 - spec.beta2) * torch.square(g)
-                gf = g.reshape(1, -1)
-                mhat = st["mom"].reshape(-1, len(spec.decays)).T / corr_m[:, None]
-                inv = 1.0 / (torch.sqrt(st["nu"].reshape(1, -1) / corr_v) + spec.eps)
-                raw = torch.cat([gf, p.detach().to(torch.float32).reshape(1, -1), mhat], 0)
-                raw = raw * torch.rsqrt(torch.mean(torch.square(raw), 1, keepdim=True) + 1e-30)
-                out = self._mlp(torch.cat([raw, gf * inv, mhat * inv], 0), glob)
-                direction = spec.max_direction * torch.tanh(out[0] / spec.max_direction)
-                log_step = spec.max_log_step * torch.tanh(out[1] / spec.max_log_step)
-                if nominal is not None:
-                    direction = direction + mhat[nominal] * inv[0]
-                step = -spec.base_lr * torch.exp(log_step) * direction
-                p.add_(step.reshape(p.shape).to(p.dtype))
-        return loss
+        self._step = {
+            "decays": decays,
+            "corr_m": 1.0 - decays**t,
+            "corr_v": 1.0 - torch.tensor(spec.beta2, dtype=torch.float32) ** t,
+            "glob": torch.tensor([progress, math.log(self.horizon) / 10.0], dtype=torch.float32),
+        }
+
+    def _update(self, p, g, w, st, group):
+        spec, k = self.spec, len(self.spec.decays)
+        decays, corr_m, corr_v = (self._step[x] for x in ("decays", "corr_m", "corr_v"))
+        if not st:
+            st["mom"] = torch.zeros((*p.shape, k), dtype=torch.float32)
+            st["nu"] = torch.zeros(p.shape, dtype=torch.float32)
+        st["mom"] = decays * st["mom"] + (1.0 - decays) * g[..., None]
+        st["nu"] = spec.beta2 * st["nu"] + (1.0 - spec.beta2) * torch.square(g)
+        gf = g.reshape(1, -1)
+        mhat = st["mom"].reshape(-1, k).T / corr_m[:, None]
+        inv = 1.0 / (torch.sqrt(st["nu"].reshape(1, -1) / corr_v) + spec.eps)
+        raw = torch.cat([gf, w.reshape(1, -1), mhat], 0)
+        raw = raw * torch.rsqrt(torch.mean(torch.square(raw), 1, keepdim=True) + 1e-30)
+        out = self._mlp(torch.cat([raw, gf * inv, mhat * inv], 0), self._step["glob"])
+        direction = spec.max_direction * torch.tanh(out[0] / spec.max_direction)
+        log_step = spec.max_log_step * torch.tanh(out[1] / spec.max_log_step)
+        if spec.nominal:
+            direction = direction + mhat[spec.decays.index(spec.nominal_decay)] * inv[0]
+        return (-spec.base_lr * torch.exp(log_step) * direction).reshape(p.shape)

@@ -291,7 +291,7 @@ def test_per_pair_fitness_and_pair_statistics():
         ES(inner, strategy="SNES", task_sampling="per_pair")
     with pytest.raises(ValueError, match="task_sampling"):
         ES(inner, task_sampling="fresh")
-    with pytest.raises(ValueError, match="learning_rate_decay"):
+    with pytest.raises(ValueError, match="learning-rate decay"):
         ES(inner, learning_rate_decay=1.5)
 
 

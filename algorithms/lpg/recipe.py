@@ -39,7 +39,7 @@ from metaopt.config import check
 from metaopt.envs import rl
 from metaopt.plotting import read_metrics
 from metaopt.recipes import Recipe, register, write_summary
-from metaopt.rundir import load_artifact, run_phase, save_artifact
+from metaopt.rundir import load_artifact, run_phase, save_artifact, validation_line
 
 #: every objective a run can meta-train, in order: name -> (outer, temporal).
 PHASES: dict[str, tuple[str, bool]] = {
@@ -280,13 +280,9 @@ def _phase_summary(out: Path, name: str) -> dict:
         f"{name}_return_first_{k}": f"{np.mean(ret[:k]):.3f}",
         f"{name}_return_last_{k}": f"{np.mean(ret[-k:]):.3f}",
     }
-    valid = [(r["step"], r["valid_return"]) for r in every if r.get("valid_return") is not None]
-    if valid:
-        best = max(valid, key=lambda x: x[1])
-        out[f"{name}_valid_return"] = (
-            f"{valid[0][1]:.3f} at step {valid[0][0]} -> {valid[-1][1]:.3f} at step "
-            f"{valid[-1][0]} (best {best[1]:.3f} at step {best[0]}, kept as {name}_best.npz)"
-        )
+    line = validation_line(every, name)
+    if line:
+        out[f"{name}_valid_return"] = line
     return out
 
 

@@ -59,7 +59,7 @@ from metaopt.envs import rl
 from metaopt.inner import InnerLoop
 from metaopt.plotting import read_metrics
 from metaopt.recipes import Recipe, register, write_summary
-from metaopt.rundir import load_artifact, run_phase, save_artifact
+from metaopt.rundir import load_artifact, run_phase, save_artifact, validation_line
 
 LEARNED = ("lpo", "ta_lpo")
 
@@ -281,13 +281,9 @@ def _phase_summary(out: Path, name: str) -> dict:
         f"{name}_centre_return_last_3_generations": f"{np.mean(tail):.1f}",
         f"{name}_best_candidate_return": f"{max(-r['loss_best'] for r in rows):.1f}",
     }
-    valid = [(r["step"], r["valid_return"]) for r in every if "valid_return" in r]
-    if valid:
-        best = max(valid, key=lambda x: x[1])
-        out[f"{name}_valid_return"] = (
-            f"{valid[0][1]:.1f} at generation {valid[0][0]} -> {valid[-1][1]:.1f} at "
-            f"{valid[-1][0]} (best {best[1]:.1f} at {best[0]}, kept as {name}_best.npz)"
-        )
+    line = validation_line(every, name)
+    if line:
+        out[f"{name}_valid_return"] = line
     return out
 
 

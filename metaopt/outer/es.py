@@ -160,7 +160,9 @@ def check_sampling(
             f"(use one of {sorted(PAIRED)})"
         )
     if not 0.0 < lr_decay <= 1.0:
-        raise ConfigError(f"meta_lr_decay must be in (0, 1], got {lr_decay}")
+        raise ConfigError(
+            f"the learning-rate decay (meta_lr_decay) must be in (0, 1], got {lr_decay}"
+        )
 
 
 class ESState(NamedTuple):
@@ -249,19 +251,9 @@ class ES:
         strategy_kwargs: dict | None = None,
     ):
         check_strategy(strategy)
-        if task_sampling not in ("shared", "per_pair"):
-            raise ValueError(f"task_sampling must be 'shared' or 'per_pair', got {task_sampling!r}")
-        if pair_fitness not in PAIR_FITNESS:
-            raise ValueError(f"pair_fitness must be one of {PAIR_FITNESS}, got {pair_fitness!r}")
-        if task_sampling == "per_pair" and strategy not in PAIRED:
-            raise ValueError(
-                f"task_sampling='per_pair' needs antithetic pairs; {strategy} does not sample "
-                f"them (use one of {sorted(PAIRED)})"
-            )
+        check_sampling(strategy, task_sampling, pair_fitness, learning_rate_decay)
         if task_sampling == "per_pair" and population_size % 2:
             raise ValueError(f"per-pair sampling needs an even population, got {population_size}")
-        if not 0.0 < learning_rate_decay <= 1.0:
-            raise ValueError(f"learning_rate_decay must be in (0, 1], got {learning_rate_decay}")
         if population_size < 2:
             raise ValueError(f"population_size must be >= 2, got {population_size}")
         if num_seeds < 1:
