@@ -102,7 +102,8 @@ def main() -> None:
         "load_avg": [round(x, 2) for x in load],
         "seconds": round(time.perf_counter() - t0, 1),
         "command": "python benchmarks/program_search_scoring.py"
-        + (f" --rounds {args.rounds}" if args.rounds != 4 else ""),
+        + (f" --rounds {args.rounds}" if args.rounds != 4 else "")
+        + (f" --out {args.out}" if args.out else ""),
     }
     print(f"load average {load[0]:.2f}; {len(names)} panel optimizers, {s} seeds per task")
     print(f"{'optimizer':18s} {'slow (10 lrs)':>14s} {'fast (3 lrs, norm)':>19s}  best lr (fast)")

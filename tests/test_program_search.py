@@ -1,5 +1,6 @@
 """Regularized evolution over programs: search space, proposers, noise, accounting, resume."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -24,6 +25,11 @@ TINY = ps.Config(
     tasks=("wine-mlp16", "quadratic-10d"),
     inner_steps=20,
     lr_grid=(1e-2, 1e-1),
+    # the plain scoring path, so one evaluation can be recomputed independently below
+    # (normalisation: tests/test_program_eval.py; grids centred on the parent:
+    # test_a_childs_learning_rate_grid_is_centred_on_its_parents_best)
+    normalize=False,
+    follow_lr=False,
     ref_lr_grid=(1e-2, 1e-1),
     wd_grid=(0.0, 0.1),
     check_reference=False,  # a 2-point grid: the optimum is always on an edge
@@ -157,15 +163,18 @@ def _rows_without_time(path):
 
 
 @pytest.mark.slow
-def test_sigterm_stops_the_search_and_resume_repeats_it_exactly(full_run, tmp_path, monkeypatch):
+def test_sigterm_stops_the_search_and_resume_repeats_it_exactly(tmp_path, monkeypatch):
     """SIGTERM after round 2 (the search runs on the core driver): checkpoint, exit code
-    143, and the resumed search equals the uninterrupted one, state and log."""
+    143, and the resumed search equals the uninterrupted one, state and log -- on the
+    default scoring path (normalised updates, grids centred on the parent's lr)."""
     import signal
 
     from metaopt.algorithms.program_search.search import RegularizedEvolution
     from metaopt.driver import Interrupted
 
-    ref, _ = full_run
+    cfg = dataclasses.replace(TINY, normalize=True, follow_lr=True)
+    ref = tmp_path / "ref"
+    ps.run(cfg, ref, progress=False)
     out = tmp_path / "run"
     real_round = RegularizedEvolution.round
 
@@ -177,11 +186,11 @@ def test_sigterm_stops_the_search_and_resume_repeats_it_exactly(full_run, tmp_pa
 
     monkeypatch.setattr(RegularizedEvolution, "round", round_then_sigterm)
     with pytest.raises(Interrupted, match="SIGTERM at outer step 2") as e:
-        ps.run(TINY, out, progress=False)
+        ps.run(cfg, out, progress=False)
     assert e.value.exit_code == 143
     assert not (out / "leaderboard.json").exists()
     monkeypatch.setattr(RegularizedEvolution, "round", real_round)
-    ps.run(TINY, out, resume=True, progress=False)
+    ps.run(cfg, out, resume=True, progress=False)
     a = json.loads((out / "state.json").read_text())
     b = json.loads((ref / "state.json").read_text())
     assert a == b
