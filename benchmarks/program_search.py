@@ -5,13 +5,13 @@ every setting taken from ``recipe.Config()`` (task families, inner steps,
 learning-rate grid, seeds, normalisation, op set, program length). A candidate
 counts once it is scored on *every* default proxy task at every grid point and
 seed, exactly as the search's ``Scorer`` does (one compiled kernel per task,
-64 different programs per call, the flat layout and length bucket 8).
+``Config().batch`` (256) different programs per call, the flat layout and length bucket 8).
 
 Measured in one process, calls alternated, medians over repeats (compilation
 excluded and reported separately):
 
-* ``candidates_per_s``: 64 / (seconds per 64-program call summed over the tasks).
-* ``interpreter_vs_fixed_optimizer``: the same trainings (64 x grid x seeds per
+* ``candidates_per_s``: batch / (seconds per call summed over the tasks).
+* ``interpreter_vs_fixed_optimizer``: the same trainings (batch x grid x seeds per
   task, same flat trainer, same normalisation) with a fixed Adam (``evaluate.adamw_rule``, no
   interpreter) instead of the programs; the ratio of the two times.
 * ``speedup_vs_generic_layout`` (first task only): the previous evaluator --
@@ -67,7 +67,7 @@ from metaopt.inner import training_inner_loop
 
 TARGET_CANDIDATES_PER_S = 50.0
 TARGET_INTERPRETER_RATIO = 2.0
-BATCH = 64
+BATCH = recipe.Config().batch  # programs per kernel call, as the search's Scorer
 PROGRAM_SEED = 0
 
 

@@ -352,3 +352,14 @@ def test_a_childs_learning_rate_grid_is_centred_on_its_parents_best():
     assert np.all(np.isin(np.round(lrs[0], 6), np.round(g[0, 0], 6)))
     assert np.all(np.isin(np.round(lrs[1], 6), [0.01, 0.03, 0.1]))
     assert sc.last_edge.shape == (2, 2)
+
+
+def test_kernel_calls_cover_every_program_with_little_padding():
+    from metaopt.algorithms.program_search.search import chunk_spans
+
+    for n in range(1, 700):
+        spans = chunk_spans(n, 256)
+        assert [s[0] for s in spans] == list(np.cumsum([0] + [s[1] for s in spans[:-1]]))
+        assert sum(s[1] for s in spans) == n
+        assert all(r & (r - 1) == 0 and size <= r <= 256 for _, size, r in spans)  # 2^k rows
+        assert sum(r for *_, r in spans) - n < 8  # padding: under 8 rows in all

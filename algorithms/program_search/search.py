@@ -92,6 +92,29 @@ NARROW_LR_GRID = (1e-2, 3e-2, 1e-1)
 BUCKETS = (8, MAX_LEN)  # program length buckets: one kernel per bucket in use
 
 
+def chunk_spans(n: int, batch: int, smallest: int = 8) -> list[tuple[int, int, int]]:
+    """Kernel calls for ``n`` programs: ``(start, programs, rows)`` per call.
+
+    Full calls of ``batch`` rows, then the remainder as powers of two from the largest
+    down (``100`` at batch 256: 64 + 32 + 4 padded to 8), so every call has a
+    power-of-two shape (few compilations) and padding stays under ``smallest`` rows
+    -- one call padded to the next power of two could waste nearly half its rows.
+    """
+    spans, lo = [], 0
+    while n - lo >= batch:
+        spans.append((lo, batch, batch))
+        lo += batch
+    while lo < n:
+        left = n - lo
+        size = 1 << (left.bit_length() - 1)  # the largest power of two <= left
+        if size < smallest:
+            spans.append((lo, left, min(smallest, batch)))
+            break
+        spans.append((lo, size, size))
+        lo += size
+    return spans
+
+
 class Scorer:
     """Scores programs relative to a tuned AdamW on one or more tasks, in compiled kernels.
 
@@ -262,22 +285,22 @@ class Scorer:
             raise ValueError(f"programs use {sorted(extra)} outside the scorer's op set")
         n, out_l, out_i = len(programs), [], []
         grids = self.grids(n, centres).astype(np.float32)
+        spans = chunk_spans(n, self.batch)
         for i in range(len(self.tasks)):
             steps = self.horizon(i, stage, screen_steps)
             keys, kernel = self.keys(round_, i, stage), self._kernel(i, steps)
             losses, idx = [], []
-            for lo in range(0, n, self.batch):
-                chunk = list(programs[lo : lo + self.batch])
-                lrs = grids[lo : lo + self.batch, i]
+            for lo, size, rows in spans:
+                chunk = list(programs[lo : lo + size])
+                lrs = grids[lo : lo + size, i]
                 longest = max(length(p) for p in chunk)
                 bucket = next((b for b in BUCKETS if b >= longest), MAX_LEN)
-                rows = min(self.batch, 1 << (len(chunk) - 1).bit_length())  # few shapes
-                lrs = np.concatenate([lrs, np.repeat(lrs[:1], rows - len(chunk), 0)])
-                chunk += [chunk[0]] * (rows - len(chunk))
+                lrs = np.concatenate([lrs, np.repeat(lrs[:1], rows - size, 0)])
+                chunk += [chunk[0]] * (rows - size)
                 batch = trim(stack_programs(chunk), bucket)
                 loss, j = jax.device_get(kernel(batch, keys, jnp.asarray(lrs)))
-                losses.append(np.asarray(loss[: min(self.batch, n - lo)], np.float64))
-                idx.append(np.asarray(j[: min(self.batch, n - lo)]))
+                losses.append(np.asarray(loss[:size], np.float64))
+                idx.append(np.asarray(j[:size]))
             out_l.append(np.concatenate(losses))
             out_i.append(np.concatenate(idx))
         idx = np.stack(out_i, axis=1)
