@@ -137,6 +137,27 @@ def write_summary(
     write_json_atomic(out / "summary.json", {k: _jsonable(v) for k, v in record.items()})
 
 
+def save_phase_result(out: str | Path, name: str, result: Any, kind: str) -> Any:
+    """A phase's :class:`~metaopt.driver.TrainResult` as artifacts: ``name.npz`` (the final
+    meta-parameters) and, when it validated, ``name_best.npz`` (best on validation, with
+    ``best_step`` in its header). Returns the final meta-parameters as float32 arrays."""
+    import jax.numpy as jnp
+
+    def f32(tree):
+        return jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), tree)
+
+    learned = f32(result.meta_params)
+    save_artifact(Path(out) / f"{name}.npz", learned, kind)
+    if getattr(result, "best_meta_params", None) is not None:
+        save_artifact(
+            Path(out) / f"{name}_best.npz",
+            f32(result.best_meta_params),
+            kind,
+            best_step=int(result.best_step),
+        )
+    return learned
+
+
 def validation_line(rows: list[dict], name: str, metric: str = "valid_return") -> str | None:
     """One summary line for a phase that validated (``metric`` higher is better):
     first -> last value and the best step, whose meta-parameters are ``name``_best.npz."""

@@ -39,7 +39,7 @@ from metaopt.config import check
 from metaopt.envs import rl
 from metaopt.plotting import read_metrics
 from metaopt.recipes import Recipe, register, write_summary
-from metaopt.rundir import load_artifact, run_phase, save_artifact, validation_line
+from metaopt.rundir import load_artifact, run_phase, save_phase_result, validation_line
 
 #: every objective a run can meta-train, in order: name -> (outer, temporal).
 PHASES: dict[str, tuple[str, bool]] = {
@@ -258,14 +258,7 @@ def meta_train(cfg: Config, name: str, out: Path, resume: bool, progress: bool) 
         ),
         resume=resume,
     )
-    learned = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), result.meta_params)
-    save_artifact(out / f"{name}.npz", learned, f"lpg/{name}")
-    if result.best_meta_params is not None:
-        best = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), result.best_meta_params)
-        save_artifact(
-            out / f"{name}_best.npz", best, f"lpg/{name}", best_step=int(result.best_step)
-        )
-    return learned
+    return save_phase_result(out, name, result, f"lpg/{name}")
 
 
 def _phase_summary(out: Path, name: str) -> dict:

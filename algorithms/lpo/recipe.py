@@ -59,7 +59,7 @@ from metaopt.envs import rl
 from metaopt.inner import InnerLoop
 from metaopt.plotting import read_metrics
 from metaopt.recipes import Recipe, register, write_summary
-from metaopt.rundir import load_artifact, run_phase, save_artifact, validation_line
+from metaopt.rundir import load_artifact, run_phase, save_phase_result, validation_line
 
 LEARNED = ("lpo", "ta_lpo")
 
@@ -226,14 +226,7 @@ def meta_train(cfg: Config, name: str, out: Path, resume: bool, progress: bool) 
         ),
         resume=resume,
     )
-    learned = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), result.meta_params)
-    save_artifact(out / f"{name}.npz", learned, f"lpo-drift/{name}")
-    if result.best_meta_params is not None:
-        best = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), result.best_meta_params)
-        save_artifact(
-            out / f"{name}_best.npz", best, f"lpo-drift/{name}", best_step=int(result.best_step)
-        )
-    return learned
+    return save_phase_result(out, name, result, f"lpo-drift/{name}")
 
 
 def plot_meta_training(out: Path, names: tuple[str, ...], path: Path) -> None:
