@@ -330,6 +330,7 @@ TINY = [
     "eval_horizons=1",
     "eval_envs=",
     "eval_timesteps=",
+    "valid_seeds=2",
 ]
 
 
@@ -340,7 +341,9 @@ def test_recipe_resumes_each_phase_exactly_and_evaluates(tmp_path):
     ``metaopt eval`` writes the table of all four objectives."""
     cache, a, b = tmp_path / "xla", tmp_path / "A", tmp_path / "B"
     _cli(["ta-lpo", "--out", str(a), *TINY, "generations=2"], cache, tmp_path)
-    _cli(["ta-lpo", "--out", str(b), *TINY, "generations=1"], cache, tmp_path)
+    # B without validation (it never changes training; validation across a resume is
+    # the driver's test_validation_logs_keeps_the_best_and_resumes_exactly)
+    _cli(["ta-lpo", "--out", str(b), *TINY, "generations=1", "valid_every=0"], cache, tmp_path)
     shutil.rmtree(b / "ta_lpo")  # as if stopped before the second phase started
     (b / "ta_lpo.npz").unlink()
     _cli(["ta-lpo", "--out", str(b), "--resume", "--no-progress", "generations=2"], cache, tmp_path)
@@ -354,11 +357,9 @@ def test_recipe_resumes_each_phase_exactly_and_evaluates(tmp_path):
         train_b = [r for r in rows_b if "loss_mean" in r]
         assert [r["step"] for r in train_b] == [1, 2]
         assert [r["loss_mean"] for r in train_a] == [r["loss_mean"] for r in train_b]
-        # validation on fixed seeds from generation 0: the same seeds in both runs, and
-        # the final ES mean's validation equal too; the best-on-validation drift is kept
+        # A validated on fixed seeds at generation 0 and at its end, and kept the best
         valid_a = {r["step"]: r["valid_return"] for r in rows_a if "valid_return" in r}
-        valid_b = {r["step"]: r["valid_return"] for r in rows_b if "valid_return" in r}
-        assert 0 in valid_a and valid_a[0] == valid_b[0] and valid_a[2] == valid_b[2]
+        assert sorted(valid_a) == [0, 2] and not any("valid_return" in r for r in rows_b)
         assert (a / f"{name}_best.npz").exists()
     for f in ("drift.png", "meta_training.png", "summary.md"):
         assert (a / f).stat().st_size > 0
