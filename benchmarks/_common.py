@@ -131,7 +131,7 @@ class MetaoptRunner:
             self.es.init(k_init, meta_params), k_run, jnp.zeros((), jnp.int32)
         )
         self.carry = driver.canonical_carry(self.es, carry)
-        self._chunk = driver._make_chunk(self.es)
+        self._chunk = driver._make_chunk(self.es, gens_per_call, self.carry)
         self.last_mean_loss = float("nan")
 
     def __call__(self) -> None:

@@ -85,7 +85,7 @@ class PESRunner:
             jnp.zeros((), jnp.int32),
         )
         self.carry = driver.canonical_carry(self.outer, carry)
-        self._chunk = driver._make_chunk(self.outer)
+        self._chunk = driver._make_chunk(self.outer, outer_steps, self.carry)
         self.outer_steps = outer_steps
         self.inner_steps_per_call = outer_steps * cfg.population * cfg.truncation
 
