@@ -7,6 +7,10 @@ returns arrays of fixed shapes, so a meta-batch of episodes is one ``vmap``.
 
 - :class:`LinearRegression` -- ``y = w^T x + noise`` with ``w ~ N(0, I_d)`` and
   ``x ~ U(-1, 1)^d`` per episode (von Oswald et al. 2023, section 4).
+- :class:`NonlinearRegression` -- ``y = w^T phi(x) + noise`` with a fixed random
+  feature map ``phi(x) = tanh(x A + b)`` shared by every task and ``w ~ N(0, I_m / m)``
+  per episode: a linear model on features a learner must find (the setting of the
+  LSA with an MLP embedding, von Oswald et al. 2023).
 - :class:`GPICLTasks` -- a base dataset (scikit-learn's digits, or wine /
   breast cancer for transfer) under a random linear projection of the inputs and
   a random permutation of the labels per task (Kirsch et al. 2022); tasks come
@@ -81,6 +85,76 @@ class LinearRegression:
         n = self.context + self.queries
         x = jax.random.uniform(k_x, (n, self.dim), minval=-self.x_range, maxval=self.x_range)
         y = x @ w + self.noise * jax.random.normal(k_n, (n,))
+        return Episode(x[: self.context], y[: self.context], x[self.context :], y[self.context :])
+
+    def sample(self, key: jax.Array) -> Episode:
+        """One episode of a fresh task."""
+        k_w, k_e = jax.random.split(key)
+        return self.sample_task(k_e, self.sample_weights(k_w))
+
+    def sample_batch(self, key: jax.Array, batch: int) -> Episode:
+        """``batch`` episodes of independent tasks (leading axis ``batch``)."""
+        return jax.vmap(self.sample)(jax.random.split(key, batch))
+
+
+@dataclasses.dataclass(frozen=True)
+class NonlinearRegression:
+    """Non-linear regression episodes: ``y = w^T phi(x) + eps``, ``phi`` fixed across tasks.
+
+    ``phi(x) = tanh(x A + b)`` with ``A ~ N(0, gain^2 / d)`` (``[d, m]``) and
+    ``b ~ N(0, 1)`` (``[m]``) drawn once from ``feature_seed`` (every task shares them);
+    each task draws ``w ~ N(0, I_m / m)``, so ``Var(y) = E[phi_k(x)^2]`` (below 1). The
+    labels are linear in ``phi(x)`` but not in ``x``: a linear in-context learner on the
+    raw inputs fits only their linear part, one on the right features fits them all.
+
+    Attributes:
+      dim: input dimension ``d``.
+      features: number ``m`` of hidden tanh features of the teacher.
+      context: context points ``N`` per episode.
+      queries: query points per episode.
+      noise: standard deviation of the label noise.
+      gain: scale of the feature map's first layer (larger: more saturated, less linear).
+      feature_seed: selects ``A`` and ``b``.
+      x_range: inputs are uniform on ``[-x_range, x_range]^d``.
+    """
+
+    dim: int = 2
+    features: int = 16
+    context: int = 20
+    queries: int = 1
+    noise: float = 0.0
+    gain: float = 3.0
+    feature_seed: int = 0
+    x_range: float = 1.0
+
+    def __post_init__(self):
+        for name in ("dim", "features", "context", "queries"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"NonlinearRegression.{name} must be >= 1")
+        if self.noise < 0 or self.x_range <= 0 or self.gain <= 0:
+            raise ValueError("NonlinearRegression: noise must be >= 0, x_range and gain > 0")
+
+    def feature_params(self) -> tuple[jax.Array, jax.Array]:
+        """The fixed first layer ``(A [d, m], b [m])`` of the feature map."""
+        k_a, k_b = jax.random.split(jax.random.key(self.feature_seed))
+        a = self.gain / jnp.sqrt(self.dim) * jax.random.normal(k_a, (self.dim, self.features))
+        return a, jax.random.normal(k_b, (self.features,))
+
+    def phi(self, x: jax.Array) -> jax.Array:
+        """The true features ``[..., m]`` of inputs ``[..., d]``."""
+        a, b = self.feature_params()
+        return jnp.tanh(x @ a + b)
+
+    def sample_weights(self, key: jax.Array) -> jax.Array:
+        """The task: read-out weights ``w ~ N(0, I_m / m)``."""
+        return jax.random.normal(key, (self.features,)) / jnp.sqrt(self.features)
+
+    def sample_task(self, key: jax.Array, w: jax.Array) -> Episode:
+        """An episode of the task with read-out weights ``w``."""
+        k_x, k_n = jax.random.split(key)
+        n = self.context + self.queries
+        x = jax.random.uniform(k_x, (n, self.dim), minval=-self.x_range, maxval=self.x_range)
+        y = self.phi(x) @ w + self.noise * jax.random.normal(k_n, (n,))
         return Episode(x[: self.context], y[: self.context], x[self.context :], y[self.context :])
 
     def sample(self, key: jax.Array) -> Episode:
@@ -188,4 +262,10 @@ class GPICLTasks:
         return jax.vmap(self.sample)(jax.random.split(key, batch))
 
 
-__all__ = ["GPICL_DATASETS", "Episode", "GPICLTasks", "LinearRegression"]
+__all__ = [
+    "GPICL_DATASETS",
+    "Episode",
+    "GPICLTasks",
+    "LinearRegression",
+    "NonlinearRegression",
+]

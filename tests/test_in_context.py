@@ -13,7 +13,7 @@ from metaopt import cli, driver, recipes
 from metaopt.algorithms.in_context import gpicl, lsa
 from metaopt.algorithms.in_context import recipe as ic
 from metaopt.config import ConfigError
-from metaopt.envs.in_context import GPICLTasks, LinearRegression
+from metaopt.envs.in_context import GPICLTasks, LinearRegression, NonlinearRegression
 
 TINY = [
     "dim=3",
@@ -259,3 +259,101 @@ def test_logistic_regression_baseline_matches_numpy_gd():
             z = np.sort(x[t] @ w)
             tie = z[-1] - z[-2] < 1e-4  # argmax of near-equal logits may differ in float32
             assert got[b, t] == float(np.argmax(x[t] @ w) == y[t]) or tie
+
+
+# ------------------------------------------------------------------- lsa-mlp (non-linear)
+
+
+def test_nonlinear_regression_family():
+    """y = w^T phi(x) exactly, phi shared by all tasks, and not linear in x."""
+    fam = NonlinearRegression(dim=2, features=8, context=12, queries=2)
+    ep = jax.jit(lambda k: fam.sample_batch(k, 4000))(jax.random.key(0))
+    assert ep.context_x.shape == (4000, 12, 2) and ep.query_x.shape == (4000, 2, 2)
+    assert ep.context_y.shape == (4000, 12) and ep.query_y.shape == (4000, 2)
+    x = np.concatenate([np.asarray(ep.context_x), np.asarray(ep.query_x)], 1).astype(np.float64)
+    y = np.concatenate([np.asarray(ep.context_y), np.asarray(ep.query_y)], 1).astype(np.float64)
+    assert np.abs(x).max() <= 1.0
+    np.testing.assert_allclose(x.var(), 1 / 3, rtol=2e-2)
+    # the features, recomputed in numpy from the documented recipe
+    a, b = (np.asarray(v, np.float64) for v in fam.feature_params())
+    assert a.shape == (2, 8) and b.shape == (8,)
+    np.testing.assert_allclose(
+        np.asarray(fam.phi(jnp.asarray(x[0]))), np.tanh(x[0] @ a + b), atol=1e-5
+    )
+    phi = np.tanh(x @ a + b)  # [B, 14, 8]: the same map for every task
+    # labels are exactly linear in phi(x) (14 points, 8 features: least squares fits)
+    w = np.einsum("bmn,bn->bm", np.linalg.pinv(phi), y)
+    np.testing.assert_allclose(np.einsum("bnm,bm->bn", phi, w), y, atol=1e-4)
+    # Var(y) = E[phi_k^2] for w ~ N(0, I/m)
+    np.testing.assert_allclose(y.var(), np.mean(phi**2), rtol=0.05)
+    # ... but not linear in x: least squares on (x, 1) leaves a clear residual
+    x1 = np.concatenate([x, np.ones(x.shape[:2] + (1,))], -1)
+    lin = np.einsum("bnd,bd->bn", x1, np.einsum("bdn,bn->bd", np.linalg.pinv(x1), y))
+    assert np.mean((lin - y) ** 2) > 0.05 * y.var()
+    # another feature seed is another feature map; the same seed the same map
+    other = NonlinearRegression(dim=2, features=8, feature_seed=1)
+    assert np.abs(np.asarray(other.feature_params()[0]) - a).max() > 1e-2
+    np.testing.assert_array_equal(fam.feature_params()[0], fam.feature_params()[0])
+
+
+def test_embedding_lsa_reduces_to_lsa_and_to_gd_on_features():
+    ep = _episodes(dim=3, context=9, queries=2, seed=7)
+    eta = 0.8
+    # an identity-like embedding: tanh(eps x) / eps = x + O(eps^2)
+    eps = 1e-3
+    ident = {"w1": eps * jnp.eye(3), "b1": jnp.zeros(3), "w2": jnp.eye(3) / eps, "b2": jnp.zeros(3)}
+    np.testing.assert_allclose(lsa.embed(ident, ep.context_x), ep.context_x, atol=1e-5)
+    for layers in (lsa.gd_construction(3, eta, 1), lsa.init_lsa(jax.random.key(1), 3, 2, 0.3)):
+        got = lsa.embed_batch_predict({"embed": ident, "lsa": layers}, ep)
+        np.testing.assert_allclose(got, lsa.batch_predict(layers, ep), rtol=1e-4, atol=1e-5)
+    # a random embedding + the GD construction = one GD step on the features, in numpy
+    emb = lsa.init_embed(jax.random.key(2), 3, 16, 5)
+    emb = {**emb, "b1": jnp.full(16, 0.3), "b2": jnp.full(5, -0.2)}
+    got = lsa.embed_batch_predict({"embed": emb, "lsa": lsa.gd_construction(5, eta, 1)}, ep)
+    p = {k: np.asarray(v, np.float64) for k, v in emb.items()}
+    f = lambda x: np.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+    cx, cy, qx = (np.asarray(v, np.float64) for v in (ep.context_x, ep.context_y, ep.query_x))
+    w1 = eta * np.einsum("bn,bne->be", cy, f(cx)) / cx.shape[1]
+    np.testing.assert_allclose(got, np.einsum("bqe,be->bq", f(qx), w1), rtol=1e-4, atol=1e-5)
+    # the features matter: the same LSA on the raw inputs predicts something else
+    raw = lsa.batch_predict(lsa.gd_construction(3, eta, 1), ep)
+    assert np.abs(np.asarray(got - raw)).max() > 1e-2
+
+
+def test_lsa_mlp_bad_configs_are_one_line():
+    r = recipes.get("in-context")
+    with pytest.raises(ConfigError, match=r"^embed_dim must be >= 1$"):
+        r.config("lsa-mlp", {"embed_dim": "0"})
+    with pytest.raises(ConfigError, match=r"^gain must be > 0$"):
+        r.config("lsa-mlp", {"gain": "0"})
+    with pytest.raises(ConfigError, match=r"^features must be >= 1$"):
+        r.config("lsa-mlp", {"features": "0"})
+    cfg = r.config("lsa-mlp", {})
+    assert cfg.mode == "lsa-mlp" and isinstance(cfg.family, NonlinearRegression)
+
+
+@pytest.mark.slow
+def test_lsa_mlp_tiny_run_and_eval(tmp_path):
+    """The preset trains embedding + LSA and a plain LSA; eval writes its keys; export."""
+    out = tmp_path / "mlp"
+    args = ["in-context", "--preset", "lsa-mlp", "--out", str(out), "--no-progress",
+            "generations=4", "steps_per_call=2", "checkpoint_every=2", "meta_batch=32",
+            "eval_tasks=100", "embed_hidden=8", "embed_dim=4", "features=4"]  # fmt: skip
+    assert cli.main(args) == 0
+    assert (out / "plain" / "metrics.jsonl").exists()
+    assert cli.main(["eval", str(out), "--no-progress"]) == 0
+    record = json.loads((out / "eval.json").read_text())
+    for key in ("mlp_lsa_loss", "gd_features_loss", "gd_raw_loss", "plain_lsa_loss",
+                "ridge_true_features_loss", "sensitivity_cosine", "prediction_difference",
+                "gd_features_eta"):  # fmt: skip
+        assert np.isfinite(record[key]), key
+    # the reported model loss is the saved model's on the evaluation's test tasks
+    cfg = recipes.run_dir_config(out)[1]
+    test = cfg.family.sample_batch(jax.random.split(jax.random.key(cfg.seed + 20_000), 3)[1], 100)
+    params = ic.load_embed_lsa(out / "embed_lsa.npz")
+    want = lsa.embed_batch_predict(params, test)
+    np.testing.assert_allclose(
+        record["mlp_lsa_loss"], lsa.query_loss(want, test.query_y), rtol=1e-4
+    )
+    got = jax.vmap(ic.load_predictor(out))(test.context_x, test.context_y, test.query_x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

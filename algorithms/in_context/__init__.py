@@ -3,17 +3,23 @@
 - :mod:`.lsa`: linear self-attention, its hand-set gradient-descent construction,
   GD and GD++ references (von Oswald et al. 2023).
 - :mod:`.gpicl`: a causal flax transformer over ``(x_t, y_{t-1})`` tokens (Kirsch et al. 2022).
-- :mod:`.recipe`: the ``lsa-gd`` and ``gpicl`` presets, meta-trained by MetaGradient through
-  the driver; :func:`load_predictor` exports a trained learner as a pure function.
+- :mod:`.recipe`: the ``lsa-gd``, ``lsa-mlp`` and ``gpicl`` presets, meta-trained by
+  MetaGradient through the driver; :func:`load_predictor` exports a trained learner as a
+  pure function.
 """
 
 from metaopt.algorithms.in_context.gpicl import Transformer, gpicl_inner_loop, sequence_loss
 from metaopt.algorithms.in_context.lsa import (
     LSALayer,
     batch_predict,
+    embed,
+    embed_batch_predict,
+    embed_lsa_apply,
     gd_construction,
     gd_predict,
     gdpp_predict,
+    init_embed,
+    init_embed_lsa,
     init_lsa,
     lsa_apply,
     lsa_inner_loop,
@@ -37,10 +43,15 @@ __all__ = [
     "batch_predict",
     "build_gpicl_outer",
     "build_outer",
+    "embed",
+    "embed_batch_predict",
+    "embed_lsa_apply",
     "gd_construction",
     "gd_predict",
     "gdpp_predict",
     "gpicl_inner_loop",
+    "init_embed",
+    "init_embed_lsa",
     "init_lsa",
     "load_gpicl",
     "load_gpicl_predictor",

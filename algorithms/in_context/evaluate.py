@@ -443,3 +443,258 @@ def transfer_classes(cfg) -> int:
     from metaopt.envs import datasets
 
     return datasets.load(cfg.transfer_dataset).num_classes
+
+
+# ------------------------------------------------------------------------------- lsa-mlp
+
+#: GD learning rates tried on learned or true features (their scale is not fixed).
+FEATURE_ETA_GRID = tuple(float(x) for x in np.geomspace(1e-4, 1e2, 49))
+#: ridge strengths tried for the oracle on the true features.
+RIDGE_GRID = tuple(float(x) for x in np.geomspace(1e-6, 1.0, 13))
+
+
+def embedded(embed_params, episodes):
+    """``episodes`` with every input ``x`` replaced by its embedding ``e(x)``."""
+    e = lambda x: lsa.embed(embed_params, x)
+    return episodes._replace(context_x=e(episodes.context_x), query_x=e(episodes.query_x))
+
+
+def featurised(family, episodes):
+    """``episodes`` with every input ``x`` replaced by the true features ``phi(x)``."""
+    return episodes._replace(
+        context_x=family.phi(episodes.context_x), query_x=family.phi(episodes.query_x)
+    )
+
+
+def ridge_predict(context_x, context_y, query_x, lam):
+    """Ridge ``min_w (1/N) sum_j (w^T x_j - y_j)^2 + lam |w|^2``, predicted at the queries."""
+    n, m = context_x.shape
+    a = context_x.T @ context_x / n + lam * jnp.eye(m, dtype=context_x.dtype)
+    return query_x @ jnp.linalg.solve(a, context_x.T @ context_y / n)
+
+
+@jax.jit
+def _ridge_losses(episodes, lams):
+    def one(lam):
+        pred = jax.vmap(lambda cx, cy, qx: ridge_predict(cx, cy, qx, lam))(
+            episodes.context_x, episodes.context_y, episodes.query_x
+        )
+        return lsa.query_loss(pred, episodes.query_y)
+
+    return jax.lax.map(one, lams)
+
+
+def _tune_eta(episodes, steps: int, etas, what: str, warn: bool = True):
+    """The best GD learning rate on (already featurised) validation episodes."""
+    from metaopt import evaluation as ev
+
+    def scores(eta):
+        eta = jnp.asarray(eta)
+        return np.asarray(_gd_losses(episodes, eta, jnp.zeros_like(eta), steps))
+
+    return ev.tune_grid(scores, {"eta": etas}, what=what, warn=warn)
+
+
+def _cosine(a, b):
+    return jnp.sum(a * b, -1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1) + 1e-12)
+
+
+@functools.partial(jax.jit, static_argnames=("steps",))
+def _compare_mlp(params, episodes, eta, steps: int):
+    """Per-episode predictions and sensitivities: embedding + LSA vs GD on its features.
+
+    Sensitivities are taken with respect to the raw query ``x_q`` (through the shared
+    embedding) and with respect to the embedded query ``e(x_q)`` (where GD's is its
+    weight vector).
+    """
+    emb = params["embed"]
+    gd = lambda cx, cy, q: lsa.gdpp_predict(cx, cy, q, eta, 0.0, steps)
+    model = lambda cx, cy, q: lsa.embed_lsa_apply(params, cx, cy, q)
+    gd_x = lambda cx, cy, q: gd(lsa.embed(emb, cx), cy, lsa.embed(emb, q))
+    y_m, s_m = _pred_and_sensitivity(model, episodes)
+    y_g, s_g = _pred_and_sensitivity(gd_x, episodes)
+    feats = embedded(emb, episodes)
+    _, f_m = _pred_and_sensitivity(lambda cx, cy, q: lsa.lsa_apply(params["lsa"], cx, cy, q), feats)
+    _, f_g = _pred_and_sensitivity(gd, feats)
+    return {
+        "y_model": y_m,
+        "y_gd_features": y_g,
+        "sensitivity_cosine": _cosine(s_m, s_g),
+        "feature_sensitivity_cosine": _cosine(f_m, f_g),
+    }
+
+
+def gd_part(layers: list[lsa.LSALayer], dim: int) -> list[lsa.LSALayer]:
+    """Each layer's "GD entries" only: the x block of ``W_KQ`` and ``W_PV[y, y]``.
+
+    One such layer is GD preconditioned by the ``W_KQ`` x block (GD on ``K^{1/2} x`` for a
+    symmetric positive ``K``); the rest of the trained weights is set to zero.
+    """
+    out = []
+    for layer in layers:
+        kq = jnp.zeros_like(layer.kq).at[:dim, :dim].set(layer.kq[:dim, :dim])
+        pv = jnp.zeros_like(layer.pv).at[dim, dim].set(layer.pv[dim, dim])
+        out.append(lsa.LSALayer(kq, pv))
+    return out
+
+
+def evaluate_lsa_mlp(run_dir: Path, cfg, params, plain, progress: bool = True) -> dict:
+    """MLP embedding + LSA vs GD on its learned features, GD / LSA on raw x, ridge on phi(x).
+
+    Writes eval.json/md/png. Every learning rate and ridge strength is tuned on
+    validation tasks; all methods are scored on the same held-out test tasks.
+    """
+    from metaopt import evaluation as ev
+    from metaopt.plotting import figure
+
+    family, k = cfg.family, cfg.layers
+    k_valid, k_test, k_show = jax.random.split(jax.random.key(cfg.seed + 20_000), 3)
+    bar = ev.progress_bar(total=3, desc="in-context eval", progress=progress)
+    valid = family.sample_batch(k_valid, cfg.eval_tasks)
+    test = family.sample_batch(k_test, cfg.eval_tasks)
+    steps = "step" if k == 1 else "steps"
+    c_feat = _tune_eta(embedded(params["embed"], valid), k, FEATURE_ETA_GRID, "GD on e(x)")
+    c_raw = tune_gd(family, k_valid, cfg.eval_tasks, k)
+    c_true = _tune_eta(featurised(family, valid), k, FEATURE_ETA_GRID, "GD on phi(x)")
+    true_valid = featurised(family, valid)
+    c_ridge = ev.tune_grid(
+        lambda lam: np.asarray(_ridge_losses(true_valid, jnp.asarray(lam))),
+        {"lambda": RIDGE_GRID},
+        what="ridge strength on phi(x)",
+    )
+    bar.update(1)
+    res = jax.device_get(_compare_mlp(params, test, c_feat.value, k))
+    target = np.asarray(test.query_y[:, 0])
+    loss = lambda pred: 0.5 * (np.asarray(pred).reshape(target.shape) - target) ** 2
+
+    def gd_on(eps, eta):
+        return jax.vmap(lambda cx, cy, qx: lsa.gdpp_predict(cx, cy, qx, eta, 0.0, k))(
+            eps.context_x, eps.context_y, eps.query_x
+        )[:, 0]
+
+    true_test = featurised(family, test)
+    preds = {
+        f"MLP + {k}-layer LSA (trained)": res["y_model"],
+        f"GD on learned features e(x) ({k} {steps}, eta={c_feat.value:.3g})": res["y_gd_features"],
+        "the trained model's GD part (W_KQ x block, W_PV[y, y]; rest zeroed)": (
+            lsa.embed_batch_predict(
+                {"embed": params["embed"], "lsa": gd_part(params["lsa"], cfg.embed_dim)}, test
+            )[:, 0]
+        ),
+        f"trained {k}-layer LSA on raw x": lsa.batch_predict(plain, test)[:, 0],
+        f"GD on raw x ({k} {steps}, eta={c_raw.value:.3g})": gd_on(test, c_raw.value),
+        f"GD on true features phi(x) ({k} {steps}, eta={c_true.value:.3g})": gd_on(
+            true_test, c_true.value
+        ),
+        f"ridge on true features phi(x) (lambda={c_ridge.value:.2g})": jax.vmap(
+            lambda cx, cy, qx: ridge_predict(cx, cy, qx, c_ridge.value)
+        )(true_test.context_x, true_test.context_y, true_test.query_x)[:, 0],
+        "predict 0": np.zeros_like(target),
+    }
+    losses = {name: loss(p) for name, p in preds.items()}
+    names = list(preds)
+    bar.update(1)
+    diff = np.abs(np.asarray(res["y_model"]) - np.asarray(res["y_gd_features"]))
+    kq_x = np.asarray(params["lsa"][0].kq, np.float64)[: cfg.embed_dim, : cfg.embed_dim]
+    sym = (kq_x + kq_x.T) / 2
+    record: dict = {
+        "mlp_lsa_loss": float(losses[names[0]].mean()),
+        "gd_features_loss": float(losses[names[1]].mean()),
+        "gd_part_loss": float(losses[names[2]].mean()),
+        "gd_part_prediction_difference": float(
+            np.mean(np.abs(np.asarray(preds[names[2]]) - np.asarray(res["y_model"])))
+        ),
+        "plain_lsa_loss": float(losses[names[3]].mean()),
+        "gd_raw_loss": float(losses[names[4]].mean()),
+        "gd_true_features_loss": float(losses[names[5]].mean()),
+        "ridge_true_features_loss": float(losses[names[6]].mean()),
+        "zero_predictor_loss": float(losses[names[7]].mean()),
+        "sensitivity_cosine": float(np.mean(res["sensitivity_cosine"])),
+        "sensitivity_cosine_median": float(np.median(res["sensitivity_cosine"])),
+        "feature_sensitivity_cosine": float(np.mean(res["feature_sensitivity_cosine"])),
+        "prediction_difference": float(diff.mean()),
+        "gd_features_eta": c_feat.value,
+        # the first layer's metric: symmetric-part spectrum and antisymmetric share
+        "kq_x_block_sym_eigenvalues": np.linalg.eigvalsh(sym).tolist(),
+        "kq_x_block_antisymmetric_ratio": float(
+            np.linalg.norm(kq_x - kq_x.T) / 2 / (np.linalg.norm(sym) + 1e-12)
+        ),
+        "gd_raw_eta": c_raw.value,
+        "gd_true_features_eta": c_true.value,
+        "ridge_lambda": c_ridge.value,
+        "layers": k,
+        "test_tasks": cfg.eval_tasks,
+        "tuning": {
+            "gd_features": c_feat.to_json(),
+            "gd_raw": c_raw.to_json(),
+            "gd_true_features": c_true.to_json(),
+            "ridge": c_ridge.to_json(),
+        },
+    }
+    scores = {n: {"query loss": losses[n]} for n in names[:-1]}
+    comparison = ev.compare(scores, names[1], lower_is_better=True)
+    record["comparison"] = comparison
+    edge = any(c.at_edge for c in (c_feat, c_raw, c_true, c_ridge))
+    md = (
+        f"MLP embedding ({cfg.dim}-{cfg.embed_hidden}-{cfg.embed_dim}, tanh) + {k}-layer LSA "
+        f"meta-trained on non-linear regression y = w^T tanh(x A + b) (d={cfg.dim}, "
+        f"{cfg.features} fixed features, gain {cfg.gain:g}, N={cfg.context}, "
+        f"noise={cfg.noise:g}), against GD from W0 = 0 on the model's own learned features "
+        f"e(x), an LSA trained on the raw inputs, GD on the raw inputs, and the true features "
+        f"phi(x) (oracles). Query loss 1/2 (y_hat - y)^2, mean over {cfg.eval_tasks} held-out "
+        "tasks; every eta / lambda tuned on separate validation tasks"
+        f"{' (some at a grid edge!)' if edge else ''}"
+        ".\n\n"
+    )
+    md += ev.table(["model", "query loss"], [[n, f"{losses[n].mean():.4f}"] for n in names])
+    md += (
+        f"\nTrained model vs GD on its learned features: mean abs prediction difference "
+        f"{record['prediction_difference']:.4f}, cosine of the sensitivities d y_hat / d x_q "
+        f"{record['sensitivity_cosine']:.4f} (median {record['sensitivity_cosine_median']:.4f}),"
+        f" of d y_hat / d e(x_q) {record['feature_sensitivity_cosine']:.4f}. Paired over the "
+        f"test tasks:\n\n{ev.comparison_table(comparison, digits=4)}\n"
+        f"The model's GD part alone: mean abs prediction difference to the model "
+        f"{record['gd_part_prediction_difference']:.4f}; the symmetric part of its W_KQ x "
+        f"block has eigenvalues {np.round(record['kq_x_block_sym_eigenvalues'], 3).tolist()} "
+        f"(antisymmetric / symmetric norm {record['kq_x_block_antisymmetric_ratio']:.3f}).\n\n"
+        "![eval](eval.png)\n"
+    )
+
+    # one task along the first input axis (the other inputs 0)
+    w = family.sample_weights(k_show)
+    show = family.sample_task(jax.random.fold_in(k_show, 1), w)
+    grid = jnp.zeros((200, cfg.dim)).at[:, 0].set(jnp.linspace(-1, 1, 200))
+    cx, cy = show.context_x, show.context_y
+    feats = lambda x: lsa.embed(params["embed"], x)
+    curves = {
+        "true f(x)": family.phi(grid) @ w,
+        "MLP + LSA": lsa.embed_lsa_apply(params, cx, cy, grid),
+        "GD on e(x)": lsa.gdpp_predict(feats(cx), cy, feats(grid), c_feat.value, 0.0, k),
+        "GD on raw x": lsa.gdpp_predict(cx, cy, grid, c_raw.value, 0.0, k),
+    }
+    fig, axes = figure((13.0, 3.6), 1, 3)
+    ev.plot_grid(axes[0, 0], c_feat, f"validation loss, {k}-step GD on e(x)")
+    axes[0, 0].set_yscale("log")
+    ax = axes[0, 1]
+    ax.plot(res["y_gd_features"][:500], res["y_model"][:500], ".", ms=2)
+    lim = float(np.abs(res["y_gd_features"][:500]).max())
+    ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.8)
+    ax.set_xlabel("GD on learned features")
+    ax.set_ylabel("MLP + LSA")
+    ax.set_title(f"cos(d y_hat / d x_q) = {record['sensitivity_cosine']:.3f}", fontsize=9)
+    ax = axes[0, 2]
+    for (name, ys), style in zip(curves.items(), ("k-", "C0-", "C1--", "C2:"), strict=True):
+        ax.plot(np.asarray(grid[:, 0]), np.asarray(ys), style, label=name)
+    ax.set_xlabel("x_1 (other inputs 0)")
+    ax.set_title("one test task along x_1 (x_2.. = 0; context anywhere)", fontsize=9)
+    ax.legend(fontsize=7)
+    ev.write_eval(run_dir, record, md, fig, recipe="in-context")
+    bar.update(1)
+    bar.close()
+    return {
+        "mlp_lsa_loss": f"{record['mlp_lsa_loss']:.4f}",
+        "gd_features_loss": f"{record['gd_features_loss']:.4f} (eta={c_feat.value:.3g})",
+        "gd_raw_loss": f"{record['gd_raw_loss']:.4f}",
+        "ridge_true_features_loss": f"{record['ridge_true_features_loss']:.4f}",
+        "sensitivity_cosine": f"{record['sensitivity_cosine']:.4f}",
+    }

@@ -20,6 +20,10 @@ the x block of ``W_PV`` also transforms the inputs, ``x <- (I - gamma Sigma) x``
 ``Sigma = (1/N) sum_j x_j x_j^T``: GD++ (:func:`gdpp_predict`), the curvature-corrected
 variant the paper finds in trained multi-layer LSAs.
 
+**MLP embedding** (:func:`embed_lsa_apply`): a tanh MLP ``e`` maps every input first,
+tokens ``(e(x_j), y_j)`` and ``(e(x_q), 0)``; with the construction as its LSA this is GD
+on the features ``e(x)`` (the paper's non-linear regression setting, preset ``lsa-mlp``).
+
 References:
   von Oswald et al., "Transformers learn in-context by gradient descent", ICML 2023.
 """
@@ -159,7 +163,56 @@ def batch_predict(params, episodes) -> jax.Array:
     )
 
 
-def lsa_inner_loop(family, episodes_per_particle: int = 1) -> InnerLoop:
+# ----------------------------------------------------------------- MLP embedding + LSA
+
+
+def init_embed(key: jax.Array, dim: int, hidden: int, out: int) -> dict:
+    """A one-hidden-layer tanh MLP ``R^d -> R^out``: LeCun-normal weights, zero biases."""
+    k1, k2 = jax.random.split(key)
+    return {
+        "w1": jax.random.normal(k1, (dim, hidden)) / jnp.sqrt(dim),
+        "b1": jnp.zeros((hidden,)),
+        "w2": jax.random.normal(k2, (hidden, out)) / jnp.sqrt(hidden),
+        "b2": jnp.zeros((out,)),
+    }
+
+
+def embed(params: dict, x: jax.Array) -> jax.Array:
+    """The embedding ``e(x) = tanh(x W1 + b1) W2 + b2`` of inputs ``[..., d]``."""
+    return jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
+
+
+def init_embed_lsa(
+    key: jax.Array, dim: int, hidden: int, embed_dim: int, layers: int = 1, scale: float = 0.1
+) -> dict:
+    """Meta-parameters ``{"embed": MLP, "lsa": layers}`` of an LSA over embedded inputs."""
+    k_e, k_l = jax.random.split(key)
+    return {
+        "embed": init_embed(k_e, dim, hidden, embed_dim),
+        "lsa": init_lsa(k_l, embed_dim, layers, scale),
+    }
+
+
+def embed_lsa_apply(
+    params: dict, context_x: jax.Array, context_y: jax.Array, query_x: jax.Array
+) -> jax.Array:
+    """Predictions ``[Q]`` of the LSA on tokens ``(e(x_j), y_j)``, ``(e(x_q), 0)``.
+
+    The same embedding is applied to context and query inputs; with the
+    :func:`gd_construction` as ``params["lsa"]`` this is GD on the features ``e(x)``.
+    """
+    e = params["embed"]
+    return lsa_apply(params["lsa"], embed(e, context_x), context_y, embed(e, query_x))
+
+
+def embed_batch_predict(params: dict, episodes) -> jax.Array:
+    """:func:`embed_lsa_apply` over a batch of episodes: predictions ``[B, Q]``."""
+    return jax.vmap(lambda cx, cy, qx: embed_lsa_apply(params, cx, cy, qx))(
+        episodes.context_x, episodes.context_y, episodes.query_x
+    )
+
+
+def lsa_inner_loop(family, episodes_per_particle: int = 1, predict=batch_predict) -> InnerLoop:
     """Meta-training an LSA on a task family as an :class:`~metaopt.inner.InnerLoop`.
 
     The learner lives in the forward pass, so the inner loop has nothing to train:
@@ -168,13 +221,15 @@ def lsa_inner_loop(family, episodes_per_particle: int = 1) -> InnerLoop:
     :class:`~metaopt.envs.in_context.LinearRegression`) drawn from the key. The
     meta-parameters are the LSA layers; a :class:`~metaopt.outer.MetaGradient` with
     ``population_size = B`` averages the gradient over ``B x episodes_per_particle``
-    tasks per outer step.
+    tasks per outer step. ``predict(params, episodes) -> [B, Q]`` is the model
+    (:func:`batch_predict`; :func:`embed_batch_predict` for an MLP embedding in front,
+    whose meta-parameters are ``{"embed", "lsa"}``).
     """
 
     def meta_loss(params, state, key):
         del state
         ep = family.sample_batch(key, episodes_per_particle)
-        return query_loss(batch_predict(params, ep), ep.query_y)
+        return query_loss(predict(params, ep), ep.query_y)
 
     return InnerLoop(
         init=lambda params, key: jnp.zeros((), jnp.int32),

@@ -17,6 +17,14 @@ trained LSA with ``K`` steps of GD at its best learning rate (and GD++ for
 ``sensitivity_cosine``, ...), ``eval.md``, ``eval.png`` (tuning curve, predictions,
 trained weights next to the construction).
 
+Preset ``lsa-mlp``: the same meta-training for an LSA behind a learned MLP embedding
+(:func:`.lsa.embed_lsa_apply`, meta-parameters ``{"embed", "lsa"}``) on non-linear
+regression episodes (:class:`metaopt.envs.in_context.NonlinearRegression`), plus a
+plain LSA on the raw inputs as a baseline (phase ``plain/``). Outputs ``embed_lsa.npz``
+and ``lsa.npz`` (the plain one); ``metaopt eval`` compares the trained model with GD on
+its *learned* features ``e(x)``, GD on the raw inputs and ridge regression on the true
+features.
+
 Preset ``gpicl`` (Kirsch et al. 2022): a causal flax transformer (:mod:`.gpicl`) over
 ``(x_t, y_{t-1})`` tokens is meta-trained, one phase ``k{k}/`` per pool of ``2^k`` tasks
 (:class:`metaopt.envs.in_context.GPICLTasks`: digits under a random projection and
@@ -45,7 +53,12 @@ from metaopt import driver
 from metaopt.algorithms.in_context import gpicl, lsa
 from metaopt.config import check
 from metaopt.envs import datasets
-from metaopt.envs.in_context import GPICL_DATASETS, GPICLTasks, LinearRegression
+from metaopt.envs.in_context import (
+    GPICL_DATASETS,
+    GPICLTasks,
+    LinearRegression,
+    NonlinearRegression,
+)
 from metaopt.outer import MetaGradient
 from metaopt.recipes import Recipe, register, write_summary
 from metaopt.rundir import load_artifact, run_phase, save_artifact
@@ -67,7 +80,7 @@ class Config:
     ``generations`` counts outer steps (one meta-batch of ``meta_batch`` episodes each).
     """
 
-    mode: Literal["lsa-gd", "gpicl"] = "lsa-gd"
+    mode: Literal["lsa-gd", "lsa-mlp", "gpicl"] = "lsa-gd"
     dim: int = 10
     context: int = 10
     noise: float = 0.0
@@ -81,6 +94,11 @@ class Config:
     checkpoint_every: int = 1000
     eval_tasks: int = 10_000
     seed: int = 0
+    # lsa-mlp (mode="lsa-mlp"): y = w^T tanh(x A + b), an MLP embedding in front of the LSA
+    features: int = 16
+    gain: float = 3.0
+    embed_hidden: int = 64
+    embed_dim: int = 16
     # gpicl (mode="gpicl"): one meta-training run per pool of 2^k tasks, k in task_counts_log2
     task_counts_log2: tuple[int, ...] = (2, 5, 8, 11, 14)
     length: int = 32
@@ -109,6 +127,9 @@ class Config:
         check(self.steps_per_call >= 1, "steps_per_call must be >= 1")
         check(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
         check(self.eval_tasks >= 2, "eval_tasks must be >= 2")
+        for name in ("features", "embed_hidden", "embed_dim"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1")
+        check(self.gain > 0, "gain must be > 0")
         check(len(self.task_counts_log2) >= 1, "task_counts_log2 must name at least one k")
         for k in self.task_counts_log2:
             check(
@@ -143,7 +164,16 @@ class Config:
             )
 
     @property
-    def family(self) -> LinearRegression:
+    def family(self) -> LinearRegression | NonlinearRegression:
+        if self.mode == "lsa-mlp":
+            return NonlinearRegression(
+                dim=self.dim,
+                features=self.features,
+                context=self.context,
+                noise=self.noise,
+                gain=self.gain,
+                feature_seed=self.seed,
+            )
         return LinearRegression(dim=self.dim, context=self.context, noise=self.noise)
 
     @property
@@ -154,6 +184,14 @@ class Config:
 PRESETS = {
     "lsa-gd": {},
     "quick": {"generations": 600, "meta_batch": 512, "eval_tasks": 2000, "steps_per_call": 100},
+    "lsa-mlp": {
+        "mode": "lsa-mlp",
+        "dim": 2,
+        "context": 20,
+        "meta_batch": 512,
+        "generations": 3000,
+        "eval_tasks": 5000,
+    },
     "lsa-layers": {"layers": 3, "generations": 4000},
     "gpicl": {
         "mode": "gpicl",
@@ -172,10 +210,16 @@ def _mesh(n: int):
     return "auto" if n % jax.device_count() == 0 else None
 
 
-def build_outer(cfg: Config) -> MetaGradient:
-    """The LSA's meta-training: a MetaGradient over :func:`.lsa.lsa_inner_loop`."""
+def build_outer(cfg: Config, plain: bool = False) -> MetaGradient:
+    """The LSA's meta-training: a MetaGradient over :func:`.lsa.lsa_inner_loop`.
+
+    ``lsa-mlp``: the MLP embedding and the LSA together (:func:`.lsa.embed_batch_predict`),
+    or with ``plain`` the LSA alone on the raw inputs (the baseline).
+    """
+    embedded = cfg.mode == "lsa-mlp" and not plain
+    predict = lsa.embed_batch_predict if embedded else lsa.batch_predict
     return MetaGradient(
-        lsa.lsa_inner_loop(cfg.family),
+        lsa.lsa_inner_loop(cfg.family, predict=predict),
         population_size=cfg.meta_batch,
         learning_rate=cfg.meta_lr,
         clip_norm=cfg.clip_norm,
@@ -184,8 +228,17 @@ def build_outer(cfg: Config) -> MetaGradient:
     )
 
 
-def init_params(cfg: Config) -> list[lsa.LSALayer]:
-    """The random initial LSA of a run."""
+def init_params(cfg: Config, plain: bool = False):
+    """The random initial LSA of a run (``lsa-mlp``: ``{"embed", "lsa"}``, unless ``plain``)."""
+    if cfg.mode == "lsa-mlp" and not plain:
+        return lsa.init_embed_lsa(
+            jax.random.key(cfg.seed),
+            cfg.dim,
+            cfg.embed_hidden,
+            cfg.embed_dim,
+            cfg.layers,
+            cfg.init_scale,
+        )
     return lsa.init_lsa(jax.random.key(cfg.seed), cfg.dim, cfg.layers, cfg.init_scale)
 
 
@@ -200,6 +253,24 @@ def load_lsa(path: Path) -> list[lsa.LSALayer]:
     return [lsa.LSALayer(jnp.asarray(x["kq"]), jnp.asarray(x["pv"])) for x in layers]
 
 
+def save_embed_lsa(path: Path, params: dict, cfg: Config) -> None:
+    """Writes ``{"embed", "lsa"}`` meta-parameters (kind ``embed-lsa``)."""
+    tree = {
+        "embed": params["embed"],
+        "lsa": [dict(kq=p.kq, pv=p.pv) for p in params["lsa"]],
+    }
+    save_artifact(path, tree, "embed-lsa", dim=cfg.dim, embed_dim=cfg.embed_dim)
+
+
+def load_embed_lsa(path: Path) -> dict:
+    """Reads the meta-parameters written by :func:`save_embed_lsa`."""
+    tree, _ = load_artifact(path, "embed-lsa")
+    return {
+        "embed": {k: jnp.asarray(v) for k, v in tree["embed"].items()},
+        "lsa": [lsa.LSALayer(jnp.asarray(x["kq"]), jnp.asarray(x["pv"])) for x in tree["lsa"]],
+    }
+
+
 def load_predictor(run_dir: str | Path, k: int | None = None):
     """The meta-trained in-context learner of a run as a pure function.
 
@@ -209,7 +280,8 @@ def load_predictor(run_dir: str | Path, k: int | None = None):
 
     Returns:
       ``lsa-gd``: ``predict(context_x [N, d], context_y [N], query_x [Q, d]) -> [Q]``
-      (jitted; a query of shape ``[d]`` gives a scalar). ``gpicl``: ``predict(context_x,
+      (jitted; a query of shape ``[d]`` gives a scalar); ``lsa-mlp``: the same for the
+      embedding + LSA. ``gpicl``: ``predict(context_x,
       context_y, query_x [d]) -> logits [C]`` (:func:`load_gpicl_predictor`). Either
       holds the trained weights and needs nothing from metaopt's classes; ``jax.vmap``
       it for a batch of episodes.
@@ -223,12 +295,15 @@ def load_predictor(run_dir: str | Path, k: int | None = None):
     cfg = recipes.run_dir_config(run_dir)[1]
     if cfg.mode == "gpicl":
         return load_gpicl_predictor(run_dir, max(cfg.task_counts_log2) if k is None else k)
-    params = load_lsa(Path(run_dir) / "lsa.npz")
+    if cfg.mode == "lsa-mlp":
+        params, apply = load_embed_lsa(Path(run_dir) / "embed_lsa.npz"), lsa.embed_lsa_apply
+    else:
+        params, apply = load_lsa(Path(run_dir) / "lsa.npz"), lsa.lsa_apply
 
     @jax.jit
     def predict(context_x, context_y, query_x):
         q = jnp.asarray(query_x)
-        out = lsa.lsa_apply(params, context_x, context_y, q.reshape(-1, q.shape[-1]))
+        out = apply(params, context_x, context_y, q.reshape(-1, q.shape[-1]))
         return out[0] if q.ndim == 1 else out
 
     return predict
@@ -355,9 +430,53 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool):
     return _meta_train(cfg, out, "", build_outer(cfg), init_params(cfg), resume, progress, desc)
 
 
+def run_mlp(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> dict:
+    """``lsa-mlp``: the embedding + LSA (the run directory), then a plain LSA (``plain/``)."""
+    result = _meta_train(
+        cfg, out, "", build_outer(cfg), init_params(cfg), resume, progress, "mlp + lsa"
+    )
+    params = result.meta_params
+    save_embed_lsa(out / "embed_lsa.npz", params, cfg)
+    plain = _meta_train(
+        cfg,
+        out,
+        "plain",
+        build_outer(cfg, plain=True),
+        init_params(cfg, plain=True),
+        resume,
+        progress,
+        "plain lsa (raw x)",
+    ).meta_params
+    save_lsa(out / "lsa.npz", plain, cfg)
+    ep = cfg.family.sample_batch(jax.random.key(cfg.seed + 5_000), min(cfg.eval_tasks, 2000))
+    record = {
+        "mlp_lsa_query_loss": float(
+            lsa.query_loss(lsa.embed_batch_predict(params, ep), ep.query_y)
+        ),
+        "plain_lsa_query_loss": float(lsa.query_loss(lsa.batch_predict(plain, ep), ep.query_y)),
+        "zero_predictor_loss": float(lsa.query_loss(0.0 * ep.query_y, ep.query_y)),
+        "episodes": int(ep.query_y.shape[0]),
+    }
+    summary = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in record.items()}
+    summary["run_dir"] = str(out)
+    write_summary(
+        out,
+        f"in-context run (lsa-mlp, MLP {cfg.dim}-{cfg.embed_hidden}-{cfg.embed_dim} + "
+        f"{cfg.layers}-layer LSA, N={cfg.context})",
+        summary,
+        f"Query loss 1/2 (y_hat - y)^2 on {record['episodes']} fresh non-linear regression "
+        "episodes; `metaopt eval RUN_DIR` compares with GD on the learned features.\n\n"
+        "![curves](curves.png)\n",
+        record=record,
+    )
+    return summary
+
+
 def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> dict:
     if cfg.mode == "gpicl":
         return run_gpicl(cfg, out, resume, progress)
+    if cfg.mode == "lsa-mlp":
+        return run_mlp(cfg, out, resume, progress)
     result = _train(cfg, out, resume, progress)
     params = result.meta_params
     save_lsa(out / "lsa.npz", params, cfg)
@@ -391,6 +510,12 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
 
     if cfg.mode == "gpicl":
         return ev_lib.evaluate_gpicl(Path(run_dir), cfg, progress)
+    if cfg.mode == "lsa-mlp":
+        run_dir = Path(run_dir)
+        params = load_embed_lsa(run_dir / "embed_lsa.npz")
+        return ev_lib.evaluate_lsa_mlp(
+            run_dir, cfg, params, load_lsa(run_dir / "lsa.npz"), progress
+        )
     return ev_lib.evaluate_lsa(Path(run_dir), cfg, load_lsa(Path(run_dir) / "lsa.npz"), progress)
 
 
@@ -398,6 +523,8 @@ def _build(cfg: Config):
     """The dry build: every outer loop the run will train."""
     if cfg.mode == "gpicl":
         return [build_gpicl_outer(cfg, k) for k in cfg.task_counts_log2]
+    if cfg.mode == "lsa-mlp":
+        return [build_outer(cfg), build_outer(cfg, plain=True)]
     return build_outer(cfg)
 
 
