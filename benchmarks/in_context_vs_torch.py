@@ -201,10 +201,11 @@ class Block(nn.Module):
 class TorchTransformer(nn.Module):
     """``(xs [B, L, d], ys [B, L]) -> logits [B, L, C]``, as ``gpicl.Transformer``."""
 
-    def __init__(self, input_dim, num_classes, model_dim, heads, depth, max_len):
+    def __init__(self, input_dim, num_classes, model_dim, heads, depth, max_len, prev_input):
         super().__init__()
         self.num_classes = num_classes
-        self.embed = nn.Linear(input_dim + num_classes, model_dim)
+        self.prev_input = prev_input
+        self.embed = nn.Linear(input_dim * (2 if prev_input else 1) + num_classes, model_dim)
         self.pos = nn.Parameter(0.02 * torch.randn(max_len, model_dim))
         self.blocks = nn.ModuleList([Block(model_dim, heads) for _ in range(depth)])
         self.ln = nn.LayerNorm(model_dim, eps=LN_EPS)
@@ -213,7 +214,10 @@ class TorchTransformer(nn.Module):
     def forward(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         prev = F.one_hot(ys, self.num_classes).to(xs.dtype)
         prev = torch.cat([torch.zeros_like(prev[:, :1]), prev[:, :-1]], dim=1)
-        h = self.embed(torch.cat([xs, prev], -1)) + self.pos[: xs.shape[1]]
+        feats = [xs, prev]
+        if self.prev_input:  # token t also carries x_{t-1}, as gpicl.Transformer(prev_input=True)
+            feats.append(torch.cat([torch.zeros_like(xs[:, :1]), xs[:, :-1]], dim=1))
+        h = self.embed(torch.cat(feats, -1)) + self.pos[: xs.shape[1]]
         for block in self.blocks:
             h = block(h)
         return self.head(self.ln(h))
@@ -267,7 +271,13 @@ class TorchRunner:
     def __init__(self, cfg: recipe.Config, xs: np.ndarray, ys: np.ndarray):
         self.steps = xs.shape[0]
         self.model = TorchTransformer(
-            cfg.input_dim, cfg.num_classes, cfg.model_dim, cfg.heads, cfg.depth, cfg.max_len
+            cfg.input_dim,
+            cfg.num_classes,
+            cfg.model_dim,
+            cfg.heads,
+            cfg.depth,
+            cfg.max_len,
+            cfg.prev_input,
         )
         self.xs, self.ys = torch.from_numpy(xs), torch.from_numpy(ys)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.meta_lr)

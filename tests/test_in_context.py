@@ -213,6 +213,55 @@ def test_transformer_is_causal_and_reads_previous_labels():
         model.apply({"params": params}, jnp.zeros((9, 3)), jnp.zeros((9,), jnp.int32))
 
 
+def test_lstm_is_causal_and_reads_previous_labels():
+    """The LSTM baseline: logits at t depend on x_<=t and y_<t only, as for the transformer."""
+    model = gpicl.LSTM(num_classes=5, hidden=16, max_len=8)
+    params = gpicl.init_transformer(model, jax.random.key(0), 8, 3)
+    xs = jax.random.normal(jax.random.key(1), (8, 3))
+    ys = jnp.arange(8, dtype=jnp.int32) % 5
+    out = model.apply({"params": params}, xs, ys)
+    assert out.shape == (8, 5)
+    t = 4
+    ys2 = ys.at[t:].set((ys[t:] + 1) % 5)
+    xs2 = xs.at[t + 1 :].add(1.0)
+    out2 = model.apply({"params": params}, xs2, ys2)
+    np.testing.assert_allclose(out[: t + 1], out2[: t + 1], rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(out[t + 1 :] - out2[t + 1 :])).max() > 1e-4  # later ones change
+    with pytest.raises(ValueError, match="longer than max_len"):
+        model.apply({"params": params}, jnp.zeros((9, 3)), jnp.zeros((9,), jnp.int32))
+
+
+def test_gpicl_lstm_matches_transformer_parameters_not_state():
+    """Default configs: the LSTM has the transformer's parameter count (within 5%).
+
+    Counts (digits, input_dim=32, 10 labels, prev_input): transformer 109,642, LSTM
+    (hidden=131) 109,264. State: the LSTM carries 2 * 131 = 262 floats (cell + hidden)
+    through the sequence; the transformer reads a key/value cache of
+    2 * depth * length * model_dim = 2 * 2 * 32 * 64 = 8,192 floats -- ~31x more.
+    """
+    r = recipes.get("in-context")
+    t_cfg, l_cfg = r.config("gpicl"), r.config("gpicl-lstm")
+    assert (t_cfg.model, l_cfg.model) == ("transformer", "lstm")
+    assert isinstance(ic.gpicl_model(l_cfg), gpicl.LSTM)
+
+    def count(cfg):
+        params = gpicl.init_transformer(
+            ic.gpicl_model(cfg), jax.random.key(0), cfg.length, cfg.input_dim
+        )
+        return sum(x.size for x in jax.tree.leaves(params))
+
+    n_t, n_l = count(t_cfg), count(l_cfg)
+    print(f"parameters: transformer {n_t}, lstm {n_l}")
+    assert abs(n_l / n_t - 1) < 0.05
+    lstm_state = 2 * l_cfg.lstm_hidden
+    kv_cache = 2 * t_cfg.depth * t_cfg.length * t_cfg.model_dim
+    assert (lstm_state, kv_cache) == (262, 8192)
+    with pytest.raises(ConfigError, match=r"^lstm_hidden must be >= 1"):
+        r.config("gpicl-lstm", {"lstm_hidden": "0"})
+    with pytest.raises(ConfigError, match="model"):
+        r.config("gpicl", {"model": "gru"})
+
+
 @pytest.mark.slow
 def test_gpicl_tiny_run_memorises_and_evaluates(tmp_path):
     """A tiny pool of 2 tasks is memorised (seen accuracy above chance); eval writes its keys."""

@@ -103,6 +103,16 @@ def normalise_layer(layer: lsa.LSALayer, dim: int) -> tuple[np.ndarray, np.ndarr
     return kq * c, pv / c, c
 
 
+def _agreement(ax, ref, model, labels: tuple[str, str], title: str, n: int = 500):
+    """Scatter of the first ``n`` predictions of ``model`` against ``ref``, with the diagonal."""
+    ax.plot(ref[:n], model[:n], ".", ms=2)
+    lim = float(np.abs(ref[:n]).max())
+    ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.8)
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_title(title, fontsize=9)
+
+
 def _heatmap(ax, mat, title, vmax):
     im = ax.imshow(mat, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
     ax.set_title(title, fontsize=9)
@@ -206,13 +216,13 @@ def evaluate_lsa(run_dir: Path, cfg, params, progress: bool = True) -> dict:
     fig, axes = figure((17.0, 3.4), 1, 6)
     ev.plot_grid(axes[0, 0], choice, f"validation loss, {k}-step GD")
     axes[0, 0].set_yscale("log")
-    ax = axes[0, 1]
-    ax.plot(res["y_gd"][:500], res["y_lsa"][:500], ".", ms=2)
-    lim = float(np.abs(res["y_gd"][:500]).max())
-    ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.8)
-    ax.set_xlabel("GD prediction")
-    ax.set_ylabel("trained LSA prediction")
-    ax.set_title(f"cos(sensitivities) = {record['sensitivity_cosine']:.3f}", fontsize=9)
+    _agreement(
+        axes[0, 1],
+        res["y_gd"],
+        res["y_lsa"],
+        ("GD prediction", "trained LSA prediction"),
+        f"cos(sensitivities) = {record['sensitivity_cosine']:.3f}",
+    )
     vmax = float(max(np.abs(kq).max(), np.abs(pv).max(), abs(eta), 1.0))
     _heatmap(axes[0, 2], kq, "trained W_KQ (layer 1, rescaled)", vmax)
     _heatmap(axes[0, 3], pv, "trained W_PV (layer 1, rescaled)", vmax)
@@ -372,8 +382,8 @@ def evaluate_gpicl(run_dir: Path, cfg, progress: bool = True) -> dict:
     se = lambda a: float(np.std(a, ddof=1) / np.sqrt(len(a)))
     md = (
         f"Accuracy (mean over {cfg.length} positions and {cfg.eval_tasks} episodes of test-split "
-        f"examples, +- standard error over episodes) of a {cfg.depth}-layer transformer "
-        f"(d_model={cfg.model_dim}) meta-trained for {cfg.generations} steps on a pool of 2^k "
+        f"examples, +- standard error over episodes) of a {recipe.gpicl_model_name(cfg)} "
+        f"meta-trained for {cfg.generations} steps on a pool of 2^k "
         f"tasks of {cfg.dataset}. seen: tasks of the pool; unseen: fresh tasks; transfer: "
         f"fresh tasks of {cfg.transfer_dataset}. Chance among a dataset's classes "
         f"(a learner that knows which labels occur): {chance:.3f} ({cfg.dataset}), "
@@ -675,13 +685,13 @@ def evaluate_lsa_mlp(run_dir: Path, cfg, params, plain, progress: bool = True) -
     fig, axes = figure((13.0, 3.6), 1, 3)
     ev.plot_grid(axes[0, 0], c_feat, f"validation loss, {k}-step GD on e(x)")
     axes[0, 0].set_yscale("log")
-    ax = axes[0, 1]
-    ax.plot(res["y_gd_features"][:500], res["y_model"][:500], ".", ms=2)
-    lim = float(np.abs(res["y_gd_features"][:500]).max())
-    ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.8)
-    ax.set_xlabel("GD on learned features")
-    ax.set_ylabel("MLP + LSA")
-    ax.set_title(f"cos(d y_hat / d x_q) = {record['sensitivity_cosine']:.3f}", fontsize=9)
+    _agreement(
+        axes[0, 1],
+        res["y_gd_features"],
+        res["y_model"],
+        ("GD on learned features", "MLP + LSA"),
+        f"cos(d y_hat / d x_q) = {record['sensitivity_cosine']:.3f}",
+    )
     ax = axes[0, 2]
     for (name, ys), style in zip(curves.items(), ("k-", "C0-", "C1--", "C2:"), strict=True):
         ax.plot(np.asarray(grid[:, 0]), np.asarray(ys), style, label=name)

@@ -21,6 +21,19 @@ import optax
 from metaopt.inner import InnerLoop
 
 
+def tokens(xs, ys, num_classes: int, prev_input: bool = True):
+    """The model inputs ``[L, F]``: ``(x_t, onehot(y_{t-1}))``, and ``x_{t-1}`` with ``prev_input``.
+
+    Position 0 sees zeros for the previous label (and input).
+    """
+    prev = jax.nn.one_hot(ys, num_classes)
+    prev = jnp.concatenate([jnp.zeros_like(prev[..., :1, :]), prev[..., :-1, :]], axis=-2)
+    feats = [xs, prev]
+    if prev_input:  # no previous-token head needed to pair x_{t-1} with y_{t-1}
+        feats.append(jnp.concatenate([jnp.zeros_like(xs[..., :1, :]), xs[..., :-1, :]], -2))
+    return jnp.concatenate(feats, -1)
+
+
 class Block(nn.Module):
     """A pre-LayerNorm transformer block with causal self-attention."""
 
@@ -52,20 +65,52 @@ class Transformer(nn.Module):
     heads: int = 4
     depth: int = 2
     max_len: int = 64
+    prev_input: bool = True  # token t also carries x_{t-1}: (x_{t-1}, y_{t-1}) is one example
 
     @nn.compact
     def __call__(self, xs, ys):
         length = xs.shape[-2]
         if length > self.max_len:
             raise ValueError(f"sequence of {length} is longer than max_len={self.max_len}")
-        prev = jax.nn.one_hot(ys, self.num_classes)
-        prev = jnp.concatenate([jnp.zeros_like(prev[..., :1, :]), prev[..., :-1, :]], axis=-2)
-        h = nn.Dense(self.model_dim)(jnp.concatenate([xs, prev], -1))
+        h = nn.Dense(self.model_dim)(tokens(xs, ys, self.num_classes, self.prev_input))
         pos = self.param("pos", nn.initializers.normal(0.02), (self.max_len, self.model_dim))
         h = h + pos[:length]
         for _ in range(self.depth):
             h = Block(self.model_dim, self.heads)(h)
         return nn.Dense(self.num_classes)(nn.LayerNorm()(h))
+
+
+class LSTM(nn.Module):
+    """An LSTM over the same tokens: ``(xs [L, d], ys [L]) -> logits [L, num_classes]``.
+
+    The paper's state-size baseline (Kirsch et al. 2022, Sec. 4.4): about as many
+    parameters as :class:`Transformer`, but everything it knows about the context
+    lives in its state of ``2 * hidden`` floats (cell and hidden vector), where the
+    transformer can attend to a key/value cache of ``2 * depth * L * model_dim``
+    floats. With the recipe's defaults (``lstm_hidden=131``, ``depth=2``,
+    ``model_dim=64``, ``L=32``): 262 floats against 8192.
+
+    Attributes:
+      num_classes: label alphabet size.
+      hidden: LSTM state width.
+      max_len: the longest sequence the model reads (kept for the Transformer's interface).
+      prev_input: as for :class:`Transformer`.
+    """
+
+    num_classes: int = 10
+    hidden: int = 131
+    max_len: int = 64
+    prev_input: bool = True
+
+    @nn.compact
+    def __call__(self, xs, ys):
+        length = xs.shape[-2]
+        if length > self.max_len:
+            raise ValueError(f"sequence of {length} is longer than max_len={self.max_len}")
+        h = nn.RNN(nn.OptimizedLSTMCell(self.hidden))(
+            tokens(xs, ys, self.num_classes, self.prev_input)
+        )
+        return nn.Dense(self.num_classes)(h)
 
 
 def sequence_loss(model: Transformer, params, episodes) -> tuple[jax.Array, jax.Array]:

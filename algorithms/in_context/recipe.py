@@ -108,6 +108,13 @@ class Config:
     heads: int = 4
     depth: int = 2
     particles: int = 4
+    # token t carries x_{t-1} next to y_{t-1} (False: the paper's (x_t, y_{t-1}) tokens)
+    prev_input: bool = True
+    # the sequence model: the transformer, or an LSTM of about as many parameters but a state
+    # of only 2 * lstm_hidden floats (the paper's state-size finding); 131: within 1% of the
+    # default transformer's parameter count
+    model: Literal["transformer", "lstm"] = "transformer"
+    lstm_hidden: int = 131
     dataset: str = "digits"
     transfer_dataset: str = "breast_cancer"
 
@@ -143,7 +150,11 @@ class Config:
             f"length={self.length} is longer than the model's maximum context "
             f"max_len={self.max_len}",
         )
-        for name in ("input_dim", "model_dim", "heads", "depth", "particles"):
+        check(
+            self.model in ("transformer", "lstm"),
+            f"model={self.model!r} is not one of transformer, lstm",
+        )
+        for name in ("input_dim", "model_dim", "heads", "depth", "particles", "lstm_hidden"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1")
         check(self.model_dim % self.heads == 0, "model_dim must be a multiple of heads")
         check(
@@ -204,6 +215,8 @@ PRESETS = {
         "eval_tasks": 512,
     },
 }
+# the state-size baseline: an LSTM of matched parameter count on the smallest and largest pool
+PRESETS["gpicl-lstm"] = {**PRESETS["gpicl"], "model": "lstm", "task_counts_log2": (2, 14)}
 
 
 def _mesh(n: int):
@@ -309,9 +322,20 @@ def load_predictor(run_dir: str | Path, k: int | None = None):
     return predict
 
 
-def gpicl_model(cfg: Config) -> gpicl.Transformer:
-    """The gpicl preset's transformer."""
-    return gpicl.Transformer(cfg.num_classes, cfg.model_dim, cfg.heads, cfg.depth, cfg.max_len)
+def gpicl_model(cfg: Config) -> gpicl.Transformer | gpicl.LSTM:
+    """The gpicl preset's sequence model: ``cfg.model``, a transformer or an LSTM."""
+    if cfg.model == "lstm":
+        return gpicl.LSTM(cfg.num_classes, cfg.lstm_hidden, cfg.max_len, cfg.prev_input)
+    return gpicl.Transformer(
+        cfg.num_classes, cfg.model_dim, cfg.heads, cfg.depth, cfg.max_len, cfg.prev_input
+    )
+
+
+def gpicl_model_name(cfg: Config) -> str:
+    """The sequence model in words, for reports."""
+    if cfg.model == "lstm":
+        return f"LSTM (hidden={cfg.lstm_hidden})"
+    return f"{cfg.depth}-layer transformer (d_model={cfg.model_dim})"
 
 
 def gpicl_tasks(
@@ -394,7 +418,7 @@ def run_gpicl(cfg: Config, out: Path, resume: bool = False, progress: bool = Tru
     }
     write_summary(
         out,
-        f"in-context run (gpicl, {cfg.depth}-layer transformer, d_model={cfg.model_dim})",
+        f"in-context run (gpicl, {gpicl_model_name(cfg)})",
         summary,
         f"Accuracy over all {cfg.length} positions of {cfg.eval_tasks} episodes from the test "
         f"split: seen = tasks of the training pool, unseen = fresh tasks, transfer = fresh "
