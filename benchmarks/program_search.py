@@ -10,12 +10,10 @@ seed, exactly as the search's ``Scorer`` does (one compiled kernel per task,
 Measured in one process, calls alternated, medians over repeats (compilation
 excluded and reported separately):
 
-* ``candidates_per_s``: batch / seconds of ``Scorer.raw`` on the batch: the search's
-  own call (every default proxy task; programs grouped by length bucket, 4 or 8 rows,
-  and split into power-of-two kernel calls; host-side stacking included).
+* ``candidates_per_s``: batch / (seconds per call summed over the tasks).
 * ``interpreter_vs_fixed_optimizer``: the same trainings (batch x grid x seeds per
   task, same flat trainer, same normalisation) with a fixed Adam (``evaluate.adamw_rule``, no
-  interpreter) instead of the programs, one call per task; the ratio of the two times.
+  interpreter) instead of the programs; the ratio of the two times.
 * ``speedup_vs_generic_layout`` (first task only): the previous evaluator --
   ``vmap`` over (program, lr, seed) of the core's generic inner loop, the full
   op set, programs padded to 16 rows -- on the same programs; both sides are
@@ -60,12 +58,10 @@ from metaopt.algorithms.program_search.evaluate import (
 from metaopt.algorithms.program_search.mutate import mutate
 from metaopt.algorithms.program_search.program import (
     BUILTINS,
-    length,
     parse,
     stack_programs,
     trim,
 )
-from metaopt.algorithms.program_search.search import _bucket
 from metaopt.algorithms.program_search.simplify import remove_dead_code, structural_hash
 from metaopt.inner import training_inner_loop
 
@@ -174,31 +170,32 @@ def main() -> None:
     np.testing.assert_allclose(a[ok], b[ok], rtol=1e-3)
     print(f"flat layout == generic layout on {int(ok.sum())} of {BATCH} programs (rtol 1e-3)")
 
-    def all_fixed_tasks():
-        return [fixed[i](keys) for i in range(len(cfg.tasks))]
-
-    timed(lambda: scorer.raw(programs, 0)[0])  # compiles the other length buckets' calls
-    sizes = [_bucket(length(p)) for p in programs]
-    buckets = {int(b): sizes.count(b) for b in sorted(set(sizes))}
-    t_raw, t_fixed_all, t_kernel0, t_generic = [], [], [], []
+    t_interp = {n: [] for n in cfg.tasks}
+    t_fixed = {n: [] for n in cfg.tasks}
+    t_generic = []
     for r in range(repeats):
-        sides = [
-            (t_raw, lambda: scorer.raw(programs, 0)[0]),
-            (t_fixed_all, all_fixed_tasks),
-            (t_kernel0, lambda: interp[0](batch, keys, grid)),
-        ]
-        for out, fn in sides if r % 2 == 0 else sides[::-1]:
-            out.append(timed(fn))
+        order = range(len(cfg.tasks)) if r % 2 == 0 else reversed(range(len(cfg.tasks)))
+        for i in order:
+            name = cfg.tasks[i]
+            sides = [("interp", i), ("fixed", i)]
+            for side, j in sides if r % 2 == 0 else sides[::-1]:
+                if side == "interp":
+                    t_interp[name].append(timed(lambda j=j: interp[j](batch, keys, grid)))
+                else:
+                    t_fixed[name].append(timed(lambda j=j: fixed[j](keys)))
         if r < 3:
             t_generic.append(timed(lambda: generic(full16, keys)))
-    all_s, all_fixed = statistics.median(t_raw), statistics.median(t_fixed_all)
+    per_task = {n: statistics.median(t_interp[n]) for n in cfg.tasks}
+    per_task_fixed = {n: statistics.median(t_fixed[n]) for n in cfg.tasks}
+    all_s, all_fixed = sum(per_task.values()), sum(per_task_fixed.values())
     cands_per_s = BATCH / all_s
     ratio = all_s / all_fixed
-    gen_speedup = statistics.median(t_generic) / statistics.median(t_kernel0)
-    print(
-        f"Scorer.raw on {BATCH} candidates (programs per length bucket {buckets}): "
-        f"{spread(t_raw)}; fixed Adam, one call per task: {spread(t_fixed_all)}"
-    )
+    gen_speedup = statistics.median(t_generic) / per_task[cfg.tasks[0]]
+    for n in cfg.tasks:
+        print(
+            f"{n}: interpreter {spread(t_interp[n])}, fixed Adam {spread(t_fixed[n])} "
+            f"per {BATCH} candidates"
+        )
     print(
         f"all {len(cfg.tasks)} default proxy tasks: {all_s:.3f} s per {BATCH} programs -> "
         f"{cands_per_s:.1f} candidates/s; fixed Adam {BATCH / all_fixed:.1f}/s; "
@@ -249,9 +246,8 @@ def main() -> None:
                 "candidates_per_s": round(cands_per_s, 2),
                 "interpreter_vs_fixed_optimizer": round(ratio, 3),
                 "fixed_optimizer_candidates_per_s": round(BATCH / all_fixed, 2),
-                "scorer_raw_s": round(all_s, 4),
-                "fixed_optimizer_s": round(all_fixed, 4),
-                "programs_per_bucket": buckets,
+                "per_task_s": {k: round(v, 4) for k, v in per_task.items()},
+                "per_task_fixed_s": {k: round(v, 4) for k, v in per_task_fixed.items()},
                 "speedup_vs_generic_layout": round(gen_speedup, 2),
                 "compile_s": compile_s,
                 "search_rounds": search_rounds,

@@ -363,20 +363,3 @@ def test_kernel_calls_cover_every_program_with_little_padding():
         assert sum(s[1] for s in spans) == n
         assert all(r & (r - 1) == 0 and size <= r <= 256 for _, size, r in spans)  # 2^k rows
         assert sum(r for *_, r in spans) - n < 8  # padding: under 8 rows in all
-
-
-def test_length_buckets_score_each_program_as_it_scores_alone():
-    """Programs of 1-8 statements grouped into 4- and 8-row kernels, results in input order,
-    equal to scoring each program on its own (one program per call)."""
-    from metaopt.algorithms.program_search.search import Scorer
-    from metaopt.envs import families
-
-    task = families.make("quadratic-10d")
-    progs = [parse(BUILTINS[n]) for n in ("adamw_nobc", "signsgd", "lion", "sgd_momentum")]
-    assert sorted({length(p) <= 4 for p in progs}) == [False, True]  # both buckets in use
-    sc = Scorer([(task, 10)], (0.01, 0.1), 2, 8)
-    together, idx, _ = sc.raw(progs, 0)
-    for i, p in enumerate(progs):
-        alone, j, _ = sc.raw([p], 0)
-        np.testing.assert_allclose(together[i], alone[0], rtol=1e-6)
-        np.testing.assert_array_equal(idx[i], j[0])

@@ -89,12 +89,7 @@ WD_GRID = (0.0, 0.01, 0.1, 1.0, 3.0)
 #: the search's candidate grid: 3 points for updates normalised to unit RMS at step 1,
 #: where the 12-optimizer panel's optima concentrate (0.01-0.3 on the default proxy)
 NARROW_LR_GRID = (1e-2, 3e-2, 1e-1)
-BUCKETS = (4, 8, MAX_LEN)  # program length buckets: one kernel per bucket in use
-
-
-def _bucket(rows: int) -> int:
-    """The smallest length bucket that holds a program of ``rows`` statements."""
-    return next((b for b in BUCKETS if b >= rows), MAX_LEN)
+BUCKETS = (8, MAX_LEN)  # program length buckets: one kernel per bucket in use
 
 
 def chunk_spans(n: int, batch: int, smallest: int = 8) -> list[tuple[int, int, int]]:
@@ -127,9 +122,8 @@ class Scorer:
     validation loss (mean over seeds) divided by AdamW's best over
     ``ref_lr_grid x wd_grid`` on the same seeds. With task families every seed
     is a different task instance. Programs are run by the flat layout
-    (:func:`~.evaluate.train_grid`) in batches of ``batch``, grouped by length
-    bucket (:data:`BUCKETS`: a batch of programs of at most 4 statements scans 4
-    rows, not 8).
+    (:func:`~.evaluate.train_grid`) in batches of ``batch``, each batch cut to
+    the smallest length bucket that holds its longest program.
 
     Args:
       tasks: ``(task, steps)`` pairs: a task or task family and its inner horizon.
@@ -289,31 +283,29 @@ class Scorer:
         extra = ops_used(stack_programs(programs)) - set(self.ops or ()) if self.ops else set()
         if extra:
             raise ValueError(f"programs use {sorted(extra)} outside the scorer's op set")
-        n = len(programs)
+        n, out_l, out_i = len(programs), [], []
         grids = self.grids(n, centres).astype(np.float32)
-        # programs grouped by length bucket (a short program scans fewer rows); inside a
-        # bucket, calls of chunk_spans; results go back to the programs' own order
-        buckets = np.array([_bucket(length(p)) for p in programs])
-        loss_all = np.zeros((n, len(self.tasks)), np.float64)
-        idx_all = np.zeros((n, len(self.tasks)), np.int64)
-        for bucket in sorted(set(buckets.tolist())):
-            members = np.flatnonzero(buckets == bucket)
-            spans = chunk_spans(len(members), self.batch)
-            for i in range(len(self.tasks)):
-                steps = self.horizon(i, stage, screen_steps)
-                keys, kernel = self.keys(round_, i, stage), self._kernel(i, steps)
-                for lo, size, rows in spans:
-                    pick = members[lo : lo + size]
-                    chunk = [programs[j] for j in pick]
-                    lrs = grids[pick, i]
-                    lrs = np.concatenate([lrs, np.repeat(lrs[:1], rows - size, 0)])
-                    chunk += [chunk[0]] * (rows - size)
-                    batch = trim(stack_programs(chunk), bucket)
-                    loss, j = jax.device_get(kernel(batch, keys, jnp.asarray(lrs)))
-                    loss_all[pick, i] = np.asarray(loss[:size], np.float64)
-                    idx_all[pick, i] = np.asarray(j[:size])
-        lrs = np.exp(np.take_along_axis(grids.astype(np.float64), idx_all[..., None], -1)[..., 0])
-        return loss_all, idx_all, lrs
+        spans = chunk_spans(n, self.batch)
+        for i in range(len(self.tasks)):
+            steps = self.horizon(i, stage, screen_steps)
+            keys, kernel = self.keys(round_, i, stage), self._kernel(i, steps)
+            losses, idx = [], []
+            for lo, size, rows in spans:
+                chunk = list(programs[lo : lo + size])
+                lrs = grids[lo : lo + size, i]
+                longest = max(length(p) for p in chunk)
+                bucket = next((b for b in BUCKETS if b >= longest), MAX_LEN)
+                lrs = np.concatenate([lrs, np.repeat(lrs[:1], rows - size, 0)])
+                chunk += [chunk[0]] * (rows - size)
+                batch = trim(stack_programs(chunk), bucket)
+                loss, j = jax.device_get(kernel(batch, keys, jnp.asarray(lrs)))
+                losses.append(np.asarray(loss[:size], np.float64))
+                idx.append(np.asarray(j[:size]))
+            out_l.append(np.concatenate(losses))
+            out_i.append(np.concatenate(idx))
+        idx = np.stack(out_i, axis=1)
+        lrs = np.exp(np.take_along_axis(grids.astype(np.float64), idx[..., None], -1)[..., 0])
+        return np.stack(out_l, axis=1), idx, lrs
 
     def __call__(
         self, programs: list, round_: int, stage: int = 0, screen_steps: int = 0, centres=None
@@ -482,7 +474,7 @@ class RegularizedEvolution:
         for lo in range(0, len(programs), 64):
             chunk = programs[lo : lo + 64]
             rows = chunk + [chunk[0]] * (64 - len(chunk))
-            bucket = _bucket(max(length(p) for p in chunk))
+            bucket = next((b for b in BUCKETS if b >= max(length(p) for p in chunk)), MAX_LEN)
             out.append(np.asarray(fn(trim(stack_programs(rows), bucket)))[: len(chunk)])
         return np.concatenate(out)
 
