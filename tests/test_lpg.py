@@ -252,12 +252,13 @@ SMALL = [
 ]
 
 
-def agent_results(cfg, objective, meta, lifetimes):
+def agent_results(cfg, objective, meta, lifetimes, horizon=None):
     """Per lifetime N, ``(final returns [eval_seeds], mean return per update [N])`` of agents
     trained by ``objective`` for exactly N updates on the evaluation's seeds (``seed +
     30000``; per seed the keys ``k_init, k_run, k_eval``; update ``i`` uses key ``i`` of
-    ``k_run`` split ``max(lifetimes)`` ways), scored by a fresh rollout of the final policy."""
-    horizon = max(lifetimes)
+    ``k_run`` split ``horizon`` ways: the evaluation's longest lifetime, by default the
+    longest here), scored by a fresh rollout of the final policy."""
+    horizon = horizon or max(lifetimes)
     acfg = dataclasses.replace(cfg.agent, lifetime_min=1, lifetime_max=horizon)
     inner = agent_lib.make_agent(acfg, objective)
 
@@ -310,14 +311,20 @@ def test_recipe_resume_is_exact_and_eval_writes_the_table(tmp_path, capsys):
     result = json.loads((full / "eval.json").read_text())
     assert set(result["results"]) == {"ta_lpg_metagrad", "reinforce", "a2c"}
     assert result["lifetimes"] == [3, 8]
-    # Every row recomputed here: one agent per objective (not the evaluation's "mixed"
-    # program), run for exactly N updates (not frozen after N), on the evaluation's seeds.
+    # Rows recomputed here: one agent per objective (not the evaluation's "mixed"
+    # program), run for exactly N updates (not frozen after N), on the evaluation's seeds;
+    # the discovered objective at both lifetimes, the baselines at the shorter one.
     overrides = {**parse_overrides(SMALL), "outer": "metagrad", "metagrad_steps": "20"}
     cfg = lpg_recipe.RECIPE.config("quick", overrides)
-    objectives = {"ta_lpg_metagrad": ("lpg", a), "reinforce": ("reinforce", {}), "a2c": ("a2c", {})}
-    for name, (objective, meta) in objectives.items():
-        mine = agent_results(cfg, objective, meta, [3, 8])
-        for row, n, (finals, curve) in zip(result["results"][name], [3, 8], mine, strict=True):
+    objectives = {
+        "ta_lpg_metagrad": ("lpg", a, [3, 8]),
+        "reinforce": ("reinforce", {}, [3]),
+        "a2c": ("a2c", {}, [3]),
+    }
+    for name, (objective, meta, lifetimes) in objectives.items():
+        mine = agent_results(cfg, objective, meta, lifetimes, horizon=8)
+        rows = result["results"][name][: len(lifetimes)]
+        for row, n, (finals, curve) in zip(rows, lifetimes, mine, strict=True):
             np.testing.assert_allclose(row["returns"], finals, atol=1e-6, err_msg=f"{name} N={n}")
             np.testing.assert_allclose(row["mean_curve"], curve, atol=1e-6, err_msg=f"{name} N={n}")
             assert row["mean"] == pytest.approx(np.mean(finals), abs=1e-6)
