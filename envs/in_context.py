@@ -71,20 +71,24 @@ class LinearRegression:
     def __post_init__(self):
         for name in ("dim", "context", "queries"):
             if getattr(self, name) < 1:
-                raise ValueError(f"LinearRegression.{name} must be >= 1")
+                raise ValueError(f"{type(self).__name__}.{name} must be >= 1")
         if self.noise < 0 or self.x_range <= 0:
-            raise ValueError("LinearRegression: noise must be >= 0 and x_range > 0")
+            raise ValueError(f"{type(self).__name__}: noise must be >= 0 and x_range > 0")
+
+    def phi(self, x: jax.Array) -> jax.Array:
+        """The features the labels are linear in: here the inputs themselves."""
+        return x
 
     def sample_weights(self, key: jax.Array) -> jax.Array:
         """The task: weights ``w ~ N(0, I_d)``."""
         return jax.random.normal(key, (self.dim,))
 
     def sample_task(self, key: jax.Array, w: jax.Array) -> Episode:
-        """An episode of the task with weights ``w``."""
+        """An episode of the task with weights ``w`` (on the features :meth:`phi`)."""
         k_x, k_n = jax.random.split(key)
         n = self.context + self.queries
         x = jax.random.uniform(k_x, (n, self.dim), minval=-self.x_range, maxval=self.x_range)
-        y = x @ w + self.noise * jax.random.normal(k_n, (n,))
+        y = self.phi(x) @ w + self.noise * jax.random.normal(k_n, (n,))
         return Episode(x[: self.context], y[: self.context], x[self.context :], y[self.context :])
 
     def sample(self, key: jax.Array) -> Episode:
@@ -98,7 +102,7 @@ class LinearRegression:
 
 
 @dataclasses.dataclass(frozen=True)
-class NonlinearRegression:
+class NonlinearRegression(LinearRegression):
     """Non-linear regression episodes: ``y = w^T phi(x) + eps``, ``phi`` fixed across tasks.
 
     ``phi(x) = tanh(x A + b)`` with ``A ~ N(0, gain^2 / d)`` (``[d, m]``) and
@@ -119,20 +123,17 @@ class NonlinearRegression:
     """
 
     dim: int = 2
-    features: int = 16
     context: int = 20
-    queries: int = 1
-    noise: float = 0.0
+    features: int = 16
     gain: float = 3.0
     feature_seed: int = 0
-    x_range: float = 1.0
 
     def __post_init__(self):
-        for name in ("dim", "features", "context", "queries"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"NonlinearRegression.{name} must be >= 1")
-        if self.noise < 0 or self.x_range <= 0 or self.gain <= 0:
-            raise ValueError("NonlinearRegression: noise must be >= 0, x_range and gain > 0")
+        super().__post_init__()
+        if self.features < 1:
+            raise ValueError("NonlinearRegression.features must be >= 1")
+        if self.gain <= 0:
+            raise ValueError("NonlinearRegression.gain must be > 0")
 
     def feature_params(self) -> tuple[jax.Array, jax.Array]:
         """The fixed first layer ``(A [d, m], b [m])`` of the feature map."""
@@ -148,23 +149,6 @@ class NonlinearRegression:
     def sample_weights(self, key: jax.Array) -> jax.Array:
         """The task: read-out weights ``w ~ N(0, I_m / m)``."""
         return jax.random.normal(key, (self.features,)) / jnp.sqrt(self.features)
-
-    def sample_task(self, key: jax.Array, w: jax.Array) -> Episode:
-        """An episode of the task with read-out weights ``w``."""
-        k_x, k_n = jax.random.split(key)
-        n = self.context + self.queries
-        x = jax.random.uniform(k_x, (n, self.dim), minval=-self.x_range, maxval=self.x_range)
-        y = self.phi(x) @ w + self.noise * jax.random.normal(k_n, (n,))
-        return Episode(x[: self.context], y[: self.context], x[self.context :], y[self.context :])
-
-    def sample(self, key: jax.Array) -> Episode:
-        """One episode of a fresh task."""
-        k_w, k_e = jax.random.split(key)
-        return self.sample_task(k_e, self.sample_weights(k_w))
-
-    def sample_batch(self, key: jax.Array, batch: int) -> Episode:
-        """``batch`` episodes of independent tasks (leading axis ``batch``)."""
-        return jax.vmap(self.sample)(jax.random.split(key, batch))
 
 
 #: datasets a GPICL family can be built on (scikit-learn's bundled data).
