@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from program_search import candidates
 
-from metaopt.algorithms.program_search import evaluate, recipe
 from metaopt.algorithms.program_search import program as P
+from metaopt.algorithms.program_search import recipe
 from metaopt.algorithms.program_search.evaluate import adamw_rule, train_grid
 
 EXTRA = {
@@ -40,31 +40,15 @@ EXTRA = {
 }
 
 
-def interpreter_with(extra: tuple[str, ...]):
-    """``program.run`` with the ``extra`` branches appended to the switch (never selected)."""
+def branches_with(extra: tuple[str, ...]):
+    """``program._branches`` with the ``extra`` ops appended: the interpreter's switch
+    evaluates them at every statement; no opcode maps to them, so they are never selected."""
+    base = P._branches
 
-    def run(program, g, w, m, v, t, ops=None):
-        names = P._op_set(ops)
-        lut = np.zeros(len(P.OPS), np.int32)
-        for i, n in enumerate(names):
-            lut[P.OPCODE[n]] = i
-        branches = P._branches(names) + [EXTRA[e] for e in extra]
-        t = jnp.broadcast_to(jnp.asarray(t, g.dtype), g.shape)
-        regs = jnp.stack([g, w, m, v, t] + [jnp.zeros_like(g)] * (P.NUM_REGS - len(P.INPUTS)))
+    def branches(names):
+        return base(names) + [EXTRA[e] for e in extra]
 
-        def body(regs, row):
-            op, dst, args, const = row
-            a, b, c = (
-                jnp.where(args[i] == P.CONST, const, regs[jnp.minimum(args[i], P.NUM_REGS - 1)])
-                for i in range(3)
-            )
-            out = jax.lax.switch(jnp.asarray(lut)[op], branches, a, b, c)
-            return regs.at[dst].set(out), None
-
-        regs, _ = jax.lax.scan(body, regs, tuple(program))
-        return regs[P.REG["update"]], regs[P.REG["m"]], regs[P.REG["v"]]
-
-    return run
+    return branches
 
 
 def main() -> None:
@@ -80,16 +64,16 @@ def main() -> None:
     keys, log_lrs = scorer.keys(0, 0), scorer.log_lrs
     grid = jnp.tile(log_lrs, (len(progs), 1))
     variants = {"base": (), "plus_rms": ("rms",), "plus_rms_cos": ("rms", "cos")}
-    kernels, original = {}, evaluate.run
+    kernels, original = {}, P._branches
     try:
         for name, extra in variants.items():
-            evaluate.run = interpreter_with(extra)  # program_rule reads it at trace time
+            P._branches = branches_with(extra)  # program.run reads it at trace time
             scorer._kernels = {}
             kernels[name] = [scorer._kernel(i, cfg.inner_steps) for i in range(len(cfg.tasks))]
             for k in kernels[name]:
                 jax.block_until_ready(k(batch, keys, grid))
     finally:
-        evaluate.run = original
+        P._branches = original
     fixed = []
     for task, _ in scorer.tasks:
         lr_rep = jnp.tile(log_lrs, len(progs))
