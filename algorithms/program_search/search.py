@@ -136,6 +136,8 @@ class Scorer:
       wd_grid: AdamW's decoupled weight decays (include 0 and values >= 1).
       ops: the interpreter's op set (default: every operation).
       normalize: programs' updates are divided by their RMS at step 1.
+      chunk: programs trained at a time inside a kernel call (``None``: the whole
+        call at once; see :func:`~.evaluate.grid_losses`).
       check_reference: raise :class:`~metaopt.config.ConfigError` if AdamW's best
         learning rate is not strictly inside ``ref_lr_grid`` or its best weight
         decay is the top of ``wd_grid`` (checked by :meth:`check_reference`).
@@ -154,6 +156,7 @@ class Scorer:
         wd_grid=(0.0,),
         ops: tuple[str, ...] | None = None,
         normalize: bool = False,
+        chunk: int | None = None,
         check_reference: bool = False,
         names: list[str] | None = None,
     ):
@@ -167,6 +170,7 @@ class Scorer:
         self.wd_grid = tuple(float(x) for x in wd_grid)
         self.seeds, self.batch, self.base = seeds, batch, jax.random.key(seed)
         self.ops, self.normalize, self.checking = ops, normalize, check_reference
+        self.chunk = chunk
         self.names = list(names) if names else [f"task {i}" for i in range(len(tasks))]
         lr_c, wd_c = np.meshgrid(np.log(self.ref_lr_grid), self.wd_grid, indexing="ij")
         self._ref_configs = (jnp.asarray(lr_c.ravel(), jnp.float32), jnp.asarray(wd_c.ravel()))
@@ -180,11 +184,18 @@ class Scorer:
     def _kernel(self, i: int, steps: int):
         """``(programs [P], keys, log_lrs [P, G]) -> (best seed-mean loss [P], grid index [P])``."""
         if (i, steps) not in self._kernels:
-            inner, ops, normalize = self.inners[i], self.ops, self.normalize
+            inner, ops, normalize, chunk = self.inners[i], self.ops, self.normalize, self.chunk
             self._kernels[i, steps] = jax.jit(
                 lambda progs, keys, log_lrs: best_over_grid(
                     grid_losses(
-                        inner, progs, log_lrs, keys, ops=ops, normalize=normalize, horizon=steps
+                        inner,
+                        progs,
+                        log_lrs,
+                        keys,
+                        ops=ops,
+                        normalize=normalize,
+                        horizon=steps,
+                        chunk=chunk,
                     )
                 )
             )
