@@ -52,6 +52,7 @@ ENVIRONMENTS: tuple[str, ...] = (
     "DeepSea-bsuite",
     "FourRooms-misc",
     "BernoulliBandit-misc",
+    "LifetimeBandit",
 )
 ALIASES: dict[str, str] = {
     "CartPole": "CartPole-v1",
@@ -116,12 +117,50 @@ class RLEnv:
     def _flat(obs: jax.Array) -> jax.Array:
         return jnp.reshape(obs, (-1,)).astype(jnp.float32)
 
-    def reset(self, key: jax.Array, params: Any) -> tuple[jax.Array, EpisodeState]:
-        """``(obs [D] float32, state)`` at the start of an episode."""
-        obs, env_state = self.env.reset(key, params)
+    @staticmethod
+    def _started(obs: jax.Array, env_state: Any) -> tuple[jax.Array, EpisodeState]:
         zero_f, zero_i = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
         state = EpisodeState(env_state, zero_f, zero_i, zero_f, zero_i, zero_i)
-        return self._flat(obs), state
+        return RLEnv._flat(obs), state
+
+    def reset(self, key: jax.Array, params: Any) -> tuple[jax.Array, EpisodeState]:
+        """``(obs [D] float32, state)`` at the start of an episode."""
+        return self._started(*self.env.reset(key, params))
+
+    @property
+    def lifetime_task(self) -> bool:
+        """True for environments whose task is drawn once per lifetime and kept across
+        episodes (:mod:`metaopt.envs.bandit`): a batch of them shares one task."""
+        return hasattr(self.env, "sample_task")
+
+    def reset_batch(
+        self, key: jax.Array, num_envs: int, params: Any
+    ) -> tuple[jax.Array, EpisodeState]:
+        """``num_envs`` environments of one learner: ``(obs [n, D], state)`` batched.
+
+        Ordinary environments: ``vmap(reset)`` over ``split(key, num_envs)``. Lifetime-task
+        environments: one task drawn from ``key`` and shared by all ``num_envs`` (the
+        learner's lifetime is one task, seen through several environments).
+        """
+        if not self.lifetime_task:
+            return jax.vmap(lambda k: self.reset(k, params))(jax.random.split(key, num_envs))
+        k_task, k_envs = jax.random.split(key)
+        task = self.env.sample_task(k_task, params)
+        return jax.vmap(lambda k: self._started(*self.env.reset_task(k, task, params)))(
+            jax.random.split(k_envs, num_envs)
+        )
+
+    @property
+    def exact_return(self) -> bool:
+        """True where :meth:`expected_return` is available."""
+        return hasattr(self.env, "expected_return")
+
+    def expected_return(self, state: EpisodeState, pi: jax.Array, params: Any) -> jax.Array:
+        """The exact expected episode return of the action distribution ``pi [A]`` (for
+        environments with a constant observation, e.g. the lifetime bandit)."""
+        if not self.exact_return:
+            raise TypeError(f"{self.name} has no exact expected return")
+        return self.env.expected_return(state.env_state, pi, params)
 
     def step(
         self, key: jax.Array, state: EpisodeState, action: jax.Array, params: Any
@@ -164,8 +203,14 @@ class RLEnv:
 
 
 def canonical_name(name: str) -> str:
-    """The gymnax id of ``name`` (an id or a short alias); a ConfigError if unsupported."""
-    if name in ENVIRONMENTS:
+    """The gymnax id of ``name`` (an id or a short alias); a ConfigError if unsupported.
+
+    ``LifetimeBandit`` and ``LifetimeBandit-K<k>`` are metaopt's own lifetime-fixed bandit
+    (:mod:`metaopt.envs.bandit`; a ConfigError for ``k < 2``).
+    """
+    from metaopt.envs import bandit
+
+    if name in ENVIRONMENTS or bandit.parse_arms(name) is not None:
         return name
     if name in ALIASES:
         return ALIASES[name]
@@ -189,14 +234,28 @@ def make(name: str, **param_overrides: Any) -> tuple[RLEnv, Any]:
     """
     import gymnax
 
+    from metaopt.envs import bandit
+
     gid = canonical_name(name)
-    env, params = gymnax.make(gid)
+    arms = bandit.parse_arms(gid)
+    if arms is not None:
+        env = bandit.LifetimeBandit(arms)
+        params = env.default_params
+    else:
+        env, params = gymnax.make(gid)
     if param_overrides:
         unknown = sorted(set(param_overrides) - set(params.__dataclass_fields__))
         if unknown:
             raise ConfigError(f"{gid} has no parameter(s) {unknown}")
         params = params.replace(**param_overrides)
     return RLEnv(gid, env), params
+
+
+def is_lifetime_task(name: str) -> bool:
+    """True for environments whose task is fixed for a learner's lifetime (the bandit)."""
+    from metaopt.envs import bandit
+
+    return bandit.parse_arms(canonical_name(name)) is not None
 
 
 def random_returns(

@@ -26,7 +26,10 @@ whole lifetimes of every length and batches over them.
 
 ``meta_loss`` serves both outer loops (ES and meta-gradients) unchanged: its
 *value* is minus the mean return of the episodes completed in a fresh rollout of
-``meta_steps`` steps by the final policy (ES's fitness), and its *gradient* is that
+``meta_steps`` steps by the final policy (ES's fitness) -- or, with
+``fitness="expected"`` on an environment with an exact expected return (the
+lifetime bandit, :mod:`metaopt.envs.bandit`), minus the final policy's expected
+return ``sum_a pi(a) p_a``, without sampling noise -- and its *gradient* is that
 of the A2C surrogate on that rollout plus
 the LPG regularisers (a zero-valued ``f - stop_gradient(f)`` term): the
 score-function estimate of the return's gradient, which is what meta-gradient
@@ -80,9 +83,29 @@ class AgentConfig:
     meta_ent_coef: float = 0.01
     reg_pi: float = 1e-3  # L2 of the learned part of pi_hat
     reg_y: float = 1e-3  # KL(y_hat || uniform)
+    # "rollout": returns of a fresh rollout's episodes; "expected": the final policy's
+    # exact expected return (environments with a constant observation: the bandit)
+    fitness: Literal["rollout", "expected"] = "rollout"
+    # TA-LPG's temporal inputs: None = [n/N, log N / log 1000]; (lo, hi) = both rescaled
+    # to [-1, 1] over the lifetimes lo..hi (network.time_inputs)
+    time_range: tuple[int, int] | None = None
 
     def __post_init__(self):
         rl.canonical_name(self.env)
+        check(
+            self.fitness in ("rollout", "expected"),
+            f"fitness must be rollout or expected, got '{self.fitness}'",
+        )
+        check(
+            self.fitness == "rollout" or rl.is_lifetime_task(self.env),
+            f"fitness=expected needs an environment with an exact expected return "
+            f"(LifetimeBandit), not {self.env}",
+        )
+        check(
+            self.time_range is None
+            or (len(self.time_range) == 2 and 1 <= self.time_range[0] <= self.time_range[1]),
+            f"time_range must be None or (lo, hi) with 1 <= lo <= hi, got {self.time_range}",
+        )
         check(
             self.num_envs >= 1 and self.num_steps >= 1 and self.meta_steps >= 1,
             "num_envs, num_steps and meta_steps must be >= 1",
@@ -234,7 +257,8 @@ def make_agent(
         k_a, k_c, k_env = jax.random.split(key, 3)
         agent = _mlp_init(k_a, (obs_size, *cfg.hidden, num_actions + cfg.y_dim), 0.01)
         critic = _mlp_init(k_c, (obs_size, *cfg.hidden, 1), 1.0)
-        obs, env_state = jax.vmap(lambda k: env.reset(k, env_params))(jax.random.split(k_env, E))
+        # one task per lifetime for lifetime-task environments (the bandit's arms)
+        obs, env_state = env.reset_batch(k_env, E, env_params)
         return AgentState(
             agent,
             agent_opt.init(agent),
@@ -282,6 +306,13 @@ def make_agent(
         )
         return adv, ret
 
+    def policy_value(agent, env_state, obs):
+        """The exact expected episode return of the current policy, mean over the E envs."""
+        pi = jax.nn.softmax(agent_apply(agent, obs, num_actions)[0])
+        return jnp.mean(jax.vmap(lambda s, p: env.expected_return(s, p, env_params))(env_state, pi))
+
+    exact = cfg.fitness == "expected"
+
     def learned_targets(meta_params, agent, traj, adv, progress, lifetime):
         """``(pi_hat, y_hat, delta)`` of the objective for a rollout."""
         logits, ylog = agent_apply(agent, traj.obs, num_actions)
@@ -305,6 +336,7 @@ def make_agent(
             progress,
             lifetime,
             cfg.gamma,
+            cfg.time_range,
         )
         if objective == "lpg":
             return out
@@ -347,7 +379,10 @@ def make_agent(
         alive = state.update < state.lifetime
         new = jax.tree.map(lambda a, b: jnp.where(alive, a, b), new, state)
         metrics = {
-            "return": final_return(new.env_state),
+            # exact fitness: the policy's expected return (else the last episode's)
+            "return": policy_value(new.agent, new.env_state, new.obs)
+            if exact
+            else final_return(new.env_state),
             "entropy": jnp.mean(ent),
             "pi_hat_delta_rms": jnp.sqrt(jnp.mean(delta**2)),
             "alive": alive.astype(jnp.float32),
@@ -370,6 +405,8 @@ def make_agent(
             kl_uniform = jnp.sum(y_hat * jnp.log(jnp.maximum(y_hat * cfg.y_dim, 1e-12)), -1)
             surrogate = surrogate + cfg.reg_pi * jnp.mean(delta**2)
             surrogate = surrogate + cfg.reg_y * jnp.mean(kl_uniform)
+        if exact:
+            return surrogate, policy_value(state.agent, state.env_state, state.obs)
         return surrogate, mean_episode_return(traj, env_state)
 
     def lpg_inputs(state, key):

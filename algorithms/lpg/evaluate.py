@@ -22,7 +22,9 @@ Outputs in the run directory (:func:`metaopt.evaluation.write_eval`):
 ``eval.json`` (returns, mean learning and entropy curves, the comparison),
 ``eval.md`` (the tables), ``eval.png`` (return vs lifetime, curves) and
 ``progress.png`` (how the learned targets change with progress;
-:mod:`~metaopt.algorithms.lpg.plots`).
+:mod:`~metaopt.algorithms.lpg.plots`) and, on the lifetime bandit, ``exploration.png``
+(policy entropy and expected reward against progress at a short and a long lifetime,
+:func:`~metaopt.algorithms.lpg.plots.plot_exploration`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import numpy as np
 from metaopt import evaluation as ev
 from metaopt.algorithms.lpg import agent as agent_lib
 from metaopt.algorithms.lpg import network
+from metaopt.envs import rl
 from metaopt.inner import unroll
 
 LABELS = {
@@ -151,12 +154,16 @@ def run_evaluation(cfg, learned: dict[str, dict], progress: bool = True) -> dict
         "lifetimes": lifetimes,
         "train_range": [a.lifetime_min, a.lifetime_max],
         "steps_per_update": a.steps_per_update,
+        "fitness": a.fitness,
         "results": results,
     }
     scores = {
         name: {f"N={n}": rows[j]["returns"] for j, n in enumerate(lifetimes)}
         for name, rows in results.items()
     }
+    sched = schedule(names, lifetimes, (a.lifetime_min, a.lifetime_max), ent_curves)
+    if sched:
+        out["schedule"] = sched
     # the two TA-LPG estimators, compared with each other too (same Holm family)
     both = ("ta_lpg_es", "ta_lpg_metagrad")
     pairs = [both] if set(both) <= set(scores) else []
@@ -164,6 +171,34 @@ def run_evaluation(cfg, learned: dict[str, dict], progress: bool = True) -> dict
         scores, REFERENCE, lower_is_better=False, normalise="minmax", pairs=pairs
     )
     return out
+
+
+def schedule(names, lifetimes, train_range, ent_curves) -> dict | None:
+    """Does a rule's exploration depend on the lifetime?
+
+    Per objective, the policy entropy at update ``n`` (its rollout's mean) in a life of
+    ``N_short = n`` updates and in one of ``N_long`` updates (the shortest and the longest
+    evaluation lifetime in the training range), on the same seeds: same task, same
+    randomness, so a rule that ignores its lifetime (REINFORCE, A2C, the LPG without
+    temporal inputs) gives *identical* agents up to update ``n`` and a difference of
+    exactly 0; a paired t test per objective (not Holm-corrected). ``None`` with fewer
+    than two lifetimes in range.
+    """
+    lo, hi = train_range
+    inside = [j for j, n in enumerate(lifetimes) if lo <= n <= hi]
+    if len(inside) < 2:
+        return None
+    js, jl = inside[0], inside[-1]
+    n = lifetimes[js]
+    rows = {}
+    for i, name in enumerate(names):
+        short, long = ent_curves[i, js, :, n - 1], ent_curves[i, jl, :, n - 1]
+        rows[name] = {
+            "short": ev.seed_stats(short, "entropy"),
+            "long": ev.seed_stats(long, "entropy"),
+            "short_minus_long": ev.paired_test(short, long),
+        }
+    return {"update": n, "short": n, "long": lifetimes[jl], "rows": rows}
 
 
 def markdown(result: dict) -> str:
@@ -184,14 +219,19 @@ def markdown(result: dict) -> str:
             cell = f"{r['mean']:.2f} ± {r['std']:.2f}"
             cells.append(f"**{cell}**" if r["mean"] == best else cell)
         rows.append(cells)
+    if result.get("fitness") == "expected":
+        score = "the final policy's exact expected reward sum_a pi(a) p_a"
+    else:
+        score = (
+            "the mean return of every episode of a fresh rollout of the final policy (PPO: "
+            "of every episode that ended in its last 10% of training)"
+        )
     lines = [
         ev.table(["objective", *[f"N={n} ({tag(n)})" for n in lts]], rows),
         f"{result['env']}: final return after N agent updates "
-        f"({result['steps_per_update']} env steps each): the mean return of every episode "
-        f"of a fresh rollout of the final policy (PPO: of every episode that ended in its "
-        f"last 10% of training), mean ± std over {result['seeds']} "
-        f"seeds unseen in meta-training; meta-training lifetimes were log-uniform in "
-        f"[{lo}, {hi}].",
+        f"({result['steps_per_update']} env steps each): {score}, mean ± std over "
+        f"{result['seeds']} seeds unseen in meta-training; meta-training lifetimes were "
+        f"log-uniform in [{lo}, {hi}].",
     ]
     if "comparison" in result:
         lines += [
@@ -200,6 +240,40 @@ def markdown(result: dict) -> str:
             "as a row of its own):",
             "",
             ev.comparison_table(result["comparison"], labels=LABELS),
+        ]
+    sched = result.get("schedule")
+    if sched:
+        n, nl = sched["short"], sched["long"]
+        srows = []
+        for name, r in sched["rows"].items():
+            d = r["short_minus_long"]
+            srows.append(
+                [
+                    LABELS.get(name, name),
+                    f"{r['short']['mean']:.3f} ± {r['short']['stderr']:.3f}",
+                    f"{r['long']['mean']:.3f} ± {r['long']['stderr']:.3f}",
+                    f"{d['diff_mean']:+.3f} ± {d['diff_stderr']:.3f}",
+                    f"{d['p']:.2g}" if np.isfinite(d["p"]) else "-",
+                ]
+            )
+        lines += [
+            "",
+            f"Lifetime-dependent exploration: policy entropy at update {n} (the mean entropy "
+            f"of its rollout) in a life of N={n} and of N={nl} (same seeds: the same task "
+            "and randomness, so a rule that ignores its lifetime gives a difference of "
+            "exactly 0); mean ± SE, paired difference ± SE and its two-sided paired t test "
+            "p (uncorrected):",
+            "",
+            ev.table(
+                [
+                    "objective",
+                    f"H at update {n} (N={n})",
+                    f"H at update {n} (N={nl})",
+                    "short - long",
+                    "p",
+                ],
+                srows,
+            ),
         ]
     return "\n".join(lines) + "\n"
 
@@ -254,6 +328,8 @@ def evaluate_run(run_dir: Path, cfg, progress: bool = True) -> dict:
     result = run_evaluation(cfg, learned, progress)
     ev.write_eval(run_dir, result, markdown(result), lambda p: plot(result, p), recipe="ta-lpg")
     plots.plot_progress(cfg, learned, run_dir / "progress.png", run_dir / "progress.json")
+    if rl.is_lifetime_task(cfg.env):  # the bandit: exploration vs progress, short vs long N
+        plots.plot_exploration(result, run_dir / "exploration.png", run_dir / "exploration.json")
     return {
         f"{LABELS.get(k, k)} @ N={n}": f"{r['mean']:.2f} +- {r['std']:.2f}"
         for k, rows in result["results"].items()

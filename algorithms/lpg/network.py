@@ -10,7 +10,12 @@ vector ``y(s_t)`` is pulled towards). Inputs per step:
 * ``phi(y_t)`` and ``phi(y_{t+1})``: the agent's predictions at ``s_t`` and
   ``s_{t+1}`` through a shared embedding ``phi`` (Dense + ReLU);
 * TA-LPG (Jackson et al. 2024) adds the agent's training progress ``n/N`` and its
-  lifetime ``log N`` normalised by ``log(LOG_HORIZON_SCALE)`` -- not raw counters.
+  lifetime ``log N`` normalised by ``log(LOG_HORIZON_SCALE)`` -- not raw counters;
+  or, given the training range ``time_range=(N_min, N_max)``, both rescaled to
+  ``[-1, 1]``: ``2 n/N - 1`` and ``log N`` mapped linearly from
+  ``[log N_min, log N_max]`` (:func:`time_inputs`), so the inputs span the whole
+  range the GRU's first layer sees (``log N / log 1000`` spans only 0.43-0.77 for
+  N in [20, 200]).
 
 The core is a GRU run from the last step to the first; at an episode end
 (``d_t = 1``) the state carried back from ``t + 1`` is zeroed, so no information
@@ -141,6 +146,25 @@ def normalise(x: jax.Array) -> jax.Array:
     return (x - jnp.mean(x)) / (jnp.std(x) + 1e-8)
 
 
+def time_inputs(
+    progress: jax.Array, lifetime: jax.Array, time_range: tuple[int, int] | None = None
+) -> jax.Array:
+    """TA-LPG's two temporal inputs ``[progress feature, lifetime feature]``.
+
+    ``time_range=None``: ``[n/N, log N / log(LOG_HORIZON_SCALE)]``. ``(lo, hi)`` (the
+    meta-training lifetimes): ``[2 n/N - 1, 2 (log N - log lo) / (log hi - log lo) - 1]``,
+    -1 at ``n = 0`` / ``N = lo`` and 1 at ``n = N`` / ``N = hi`` (lifetime feature 0 if
+    ``lo == hi``; lifetimes outside the range extrapolate linearly in ``log N``).
+    """
+    p = jnp.asarray(progress, jnp.float32)
+    log_n = jnp.log(jnp.asarray(lifetime, jnp.float32))
+    if time_range is None:
+        return jnp.stack([p, log_n / math.log(LOG_HORIZON_SCALE)])
+    lo, hi = (math.log(v) for v in time_range)
+    life = 2.0 * (log_n - lo) / (hi - lo) - 1.0 if hi > lo else jnp.zeros_like(log_n)
+    return jnp.stack([2.0 * p - 1.0, life])
+
+
 def targets(
     params: dict,
     rewards: jax.Array,
@@ -151,6 +175,7 @@ def targets(
     progress: jax.Array,
     lifetime: jax.Array,
     gamma: float,
+    time_range: tuple[int, int] | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """LPG targets for a rollout.
 
@@ -160,6 +185,7 @@ def targets(
       y, y_next: ``[T, E, M]`` prediction distributions at ``s_t`` and ``s_{t+1}``.
       progress: scalar ``n / N``; lifetime: scalar ``N`` (read by TA-LPG only).
       gamma: discount of the REINFORCE base.
+      time_range: how the temporal inputs are scaled (:func:`time_inputs`).
 
     Returns:
       ``(pi_hat [T, E], y_hat [T, E, M] probabilities, delta [T, E])``, where
@@ -168,8 +194,7 @@ def targets(
     phi = lambda v: jax.nn.relu(v @ params["phi_w"] + params["phi_b"])
     parts = [rewards[..., None], dones[..., None], pi_a[..., None], phi(y), phi(y_next)]
     if is_temporal(params):
-        log_n = jnp.log(jnp.asarray(lifetime, jnp.float32)) / math.log(LOG_HORIZON_SCALE)
-        const = jnp.stack([jnp.asarray(progress, jnp.float32), log_n])
+        const = time_inputs(progress, lifetime, time_range)
         parts.append(jnp.broadcast_to(const, rewards.shape + (TEMPORAL_INPUTS,)))
     xs = jnp.concatenate(parts, axis=-1)
     hidden = params["gru_wh"].shape[0]

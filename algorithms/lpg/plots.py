@@ -58,9 +58,15 @@ def probe_batch(cfg, key: jax.Array, updates: int | None = None) -> dict:
 
 
 def progress_profile(
-    params: dict, batch: dict, lifetime: float, gamma: float = 0.99, progress=PROGRESS
+    params: dict,
+    batch: dict,
+    lifetime: float,
+    gamma: float = 0.99,
+    progress=PROGRESS,
+    time_range: tuple[int, int] | None = None,
 ) -> dict[str, list[float]]:
-    """The three target properties (module docstring) at each progress value."""
+    """The three target properties (module docstring) at each progress value
+    (``time_range``: the temporal inputs' scaling, :func:`network.time_inputs`)."""
 
     def at(p):
         pi_hat, y_hat, delta = network.targets(
@@ -73,6 +79,7 @@ def progress_profile(
             p,
             lifetime,
             gamma,
+            time_range,
         )
         s = -jnp.log(jnp.maximum(batch["pi_a"], 1e-8))
         sc = s - jnp.mean(s)
@@ -94,7 +101,10 @@ def plot_progress(cfg, learned: dict[str, dict], path, json_path=None) -> dict:
     a = cfg.agent
     batch = probe_batch(cfg, jax.random.key(cfg.seed + 40_000))
     lifetime = math.sqrt(a.lifetime_min * a.lifetime_max)
-    profiles = {name: progress_profile(p, batch, lifetime, a.gamma) for name, p in learned.items()}
+    profiles = {
+        name: progress_profile(p, batch, lifetime, a.gamma, time_range=a.time_range)
+        for name, p in learned.items()
+    }
     keys = (
         ("exploration_bonus", "exploration bonus (slope vs -log pi)"),
         ("update_scale", "std of pi_hat (untrained: 1)"),
@@ -134,7 +144,9 @@ def plot_meta_training(out: Path, names: tuple[str, ...], path: Path) -> None:
         ax = axes[0, 0 if es else 1]
         steps = np.array([r["step"] for r in rows])
         ret = -np.array([r["center_loss" if es else "loss_mean"] for r in rows])
-        if not es and len(ret) > 20:  # truncation-end returns are noisy: running mean
+        # truncation-end returns are noisy, and so is a long ES run's centre (per-pair
+        # sampling scores it on one new task per generation): a running mean
+        if len(ret) > (100 if es else 20):
             w = max(1, len(ret) // 50)
             ret = np.convolve(ret, np.ones(w) / w, mode="valid")
             steps = steps[w - 1 :]
@@ -147,10 +159,13 @@ def plot_meta_training(out: Path, names: tuple[str, ...], path: Path) -> None:
                 vr,
                 "o--",
                 ms=3,
+                zorder=3,
                 color=line.get_color(),
                 label=f"{LABELS.get(name, name)} (validation)",
             )
-    axes[0, 0].set_title("ES: return of the search mean (whole lifetimes)", fontsize=9)
+    axes[0, 0].set_title(
+        "ES: return of the search mean (whole lifetimes; running mean past 100)", fontsize=9
+    )
     axes[0, 0].set_xlabel("generation")
     axes[0, 1].set_title("meta-gradient: return at truncation ends (running mean)", fontsize=9)
     axes[0, 1].set_xlabel("outer step")
@@ -161,3 +176,80 @@ def plot_meta_training(out: Path, names: tuple[str, ...], path: Path) -> None:
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _curve_updates(lifetime: int, points: int) -> np.ndarray:
+    """The update numbers (1-based) of a curve downsampled by
+    :func:`metaopt.evaluation.downsample` from ``lifetime`` points."""
+    idx = np.unique(np.linspace(0, lifetime - 1, min(lifetime, points)).astype(int))
+    return idx + 1 if len(idx) == points else np.linspace(1, lifetime, points)
+
+
+def plot_exploration(result: dict, path, json_path=None) -> dict:
+    """The learned rules' exploration over a lifetime, short vs long (the lifetime bandit).
+
+    One column per learned rule of the run (TA-LPG by ES, by meta-gradient, the LPG
+    without temporal inputs), mean over the evaluation seeds, at the shortest and the
+    longest evaluation lifetime inside the meta-training range, REINFORCE (the untrained
+    LPG) dashed for reference. Rows: the policy's entropy (exploration) and its expected
+    reward against progress ``n/N``; and the entropy against the update number ``n``
+    (log scale). A rule that ignores its lifetime produces the same entropy at the same
+    ``n`` whatever ``N`` is (the two curves of the last row coincide up to where the short
+    life ends, as REINFORCE's do); where they part, the rule has a lifetime-dependent
+    schedule.
+
+    Args:
+      result: :func:`~metaopt.algorithms.lpg.evaluate.run_evaluation`'s output.
+      path: the PNG; json_path: also the plotted curves as JSON.
+    """
+    res, lts = result["results"], result["lifetimes"]
+    lo, hi = result["train_range"]
+    inside = [j for j, n in enumerate(lts) if lo <= n <= hi] or list(range(len(lts)))
+    picks = [inside[0], inside[-1]] if len(inside) > 1 else inside
+    order = ("ta_lpg_es", "ta_lpg_metagrad", "lpg_es")
+    learned = [n for n in order if n in res] or [
+        n for n in res if n not in ("reinforce", "a2c", "ppo")
+    ]
+    cols = max(1, len(learned))
+    fig, axes = figure((4.0 * cols, 8.4), 3, cols)
+    colors = ("tab:blue", "tab:red")
+    curves: dict = {}
+    rows = (
+        ("entropy_curve", "policy entropy (nats)", False),
+        ("mean_curve", "expected reward", False),
+        ("entropy_curve", "policy entropy (nats)", True),
+    )
+    for col, name in enumerate(learned):
+        for row, (key, ylabel, by_update) in enumerate(rows):
+            ax = axes[row, col]
+            for c, j in zip(colors, picks, strict=False):
+                n = lts[j]
+                for who, ls in ((name, "-"), ("reinforce", "--")):
+                    if who not in res:
+                        continue
+                    y = np.asarray(res[who][j][key])
+                    x = _curve_updates(n, len(y)) if by_update else np.linspace(0, 1, len(y))
+                    lab = f"{LABELS.get(who, 'REINFORCE')}, N={n}"
+                    ax.plot(x, y, ls=ls, color=c, alpha=1.0 if ls == "-" else 0.6, label=lab)
+                    if not by_update:
+                        curves.setdefault(who, {})[f"N={n}/{key}"] = y.tolist()
+            if by_update:
+                ax.set_xscale("log")
+                ax.set_xlabel("agent update n")
+            else:
+                ax.set_xlabel("training progress n/N")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.set_title(LABELS.get(name, name), fontsize=9)
+                ax.legend(fontsize=6)
+    fig.suptitle(
+        f"{result['env']}: exploration of the learned rules, short vs long lifetimes "
+        f"(mean over {result['seeds']} seeds)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(curves, indent=2) + "\n")
+    return curves

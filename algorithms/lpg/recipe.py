@@ -14,6 +14,10 @@ log-uniformly from ``[lifetime_min, lifetime_max]`` updates):
 * ``lpg_es``: the LPG without temporal inputs, by ES (the ablation).
 
 ``outer=es|metagrad|both`` chooses the phases (``--outer`` on the command line).
+``--preset bandit`` runs them on a task with a lifetime trade-off: a 10-armed Bernoulli
+bandit fixed for each lifetime (:mod:`metaopt.envs.bandit`), per-pair lifetimes and
+bandits, the exact expected reward as fitness and time inputs in [-1, 1]
+(docs/ta_lpg.md).
 ``metaopt eval RUN_DIR`` compares them with REINFORCE (the untrained LPG), A2C
 and PPO at lifetimes inside and outside the meta-training range
 (:mod:`~metaopt.algorithms.lpg.evaluate`).
@@ -65,6 +69,12 @@ class Config:
     agent_optimizer: Literal["sgd", "adam"] = "sgd"
     agent_lr: float = 1.0
     y_dim: int = 8
+    # fitness / eval score: "rollout" (a fresh rollout's episode returns) or "expected"
+    # (the final policy's exact expected return; LifetimeBandit only)
+    fitness: Literal["rollout", "expected"] = "rollout"
+    # TA-LPG's temporal inputs: "log1000" = [n/N, log N / log 1000]; "rescaled" = both
+    # mapped to [-1, 1] over [lifetime_min, lifetime_max] (network.time_inputs)
+    time_inputs: Literal["log1000", "rescaled"] = "log1000"
     # the LPG network
     hidden: int = 32
     embed: int = 8
@@ -125,6 +135,15 @@ class Config:
         )
         check(self.steps_per_call >= 1 and self.checkpoint_every >= 1, "driver steps must be >= 1")
         check(self.eval_seeds >= 1, "eval_seeds must be >= 1")
+        check(
+            self.time_inputs in ("log1000", "rescaled"),
+            f"time_inputs must be log1000 or rescaled, got '{self.time_inputs}'",
+        )
+        check(
+            not (self.eval_ppo and rl.is_lifetime_task(self.env)),
+            f"eval_ppo=true is not supported on {self.env} (PPO's environments would each "
+            "draw their own task); set eval_ppo=false",
+        )
         check(all(n >= 1 for n in self.eval_lifetimes), "eval_lifetimes must be >= 1")
         self.agent  # noqa: B018  (validates the agent settings)
 
@@ -140,6 +159,10 @@ class Config:
             optimizer=self.agent_optimizer,
             lr=self.agent_lr,
             y_dim=self.y_dim,
+            fitness=self.fitness,
+            time_range=(self.lifetime_min, self.lifetime_max)
+            if self.time_inputs == "rescaled"
+            else None,
         )
 
     @property
@@ -167,6 +190,34 @@ PRESETS = {
         "checkpoint_every": 2,
         "eval_seeds": 2,
         "eval_lifetimes": (10, 40),
+        "eval_ppo": False,
+    },
+    # TA-LPG on a task with a lifetime trade-off (docs/ta_lpg.md, "The lifetime bandit"):
+    # a 10-armed Bernoulli bandit fixed for a lifetime, 4 pulls per update, lifetimes
+    # log-uniform in [10, 400] updates, each antithetic pair its own bandit and lifetime,
+    # fitness = the final policy's exact expected reward; sized for ~20 min on one core.
+    "bandit": {
+        "env": "LifetimeBandit",
+        "fitness": "expected",
+        "time_inputs": "rescaled",
+        "num_envs": 4,
+        "num_steps": 1,
+        "meta_steps": 16,
+        "lifetime_min": 10,
+        "lifetime_max": 400,
+        "agent_lr": 0.5,
+        "population": 64,
+        "seeds": 1,
+        "task_sampling": "per_pair",
+        "generations": 1000,
+        "truncation": 5,
+        "particles": 8,
+        "metagrad_steps": 3000,
+        "valid_every": 10,
+        "valid_seeds": 32,
+        "checkpoint_every": 20,
+        "eval_seeds": 64,
+        "eval_lifetimes": (10, 30, 100, 400),
         "eval_ppo": False,
     },
 }
@@ -201,12 +252,18 @@ def load_objective(run_dir: str | Path, name: str = "ta_lpg_es"):
 
     Returns ``targets(rewards, dones, pi_a, y, y_next, progress, lifetime, gamma=0.99)
     -> (pi_hat, y_hat, delta)`` (shapes of :func:`metaopt.algorithms.lpg.network.targets`);
-    the agent's loss is ``mean(-pi_hat * log pi(a|s)) + KL(y_hat || y(s))``.
+    the agent's loss is ``mean(-pi_hat * log pi(a|s)) + KL(y_hat || y(s))``. The temporal
+    inputs are scaled as the run scaled them (its ``time_inputs``).
     """
+    from metaopt.recipes import run_dir_config
+
     params = load_meta_params(run_dir, name)
+    time_range = run_dir_config(run_dir)[1].agent.time_range
 
     def targets(rewards, dones, pi_a, y, y_next, progress, lifetime, gamma=0.99):
-        return network.targets(params, rewards, dones, pi_a, y, y_next, progress, lifetime, gamma)
+        return network.targets(
+            params, rewards, dones, pi_a, y, y_next, progress, lifetime, gamma, time_range
+        )
 
     return targets
 
