@@ -6,7 +6,7 @@ learning-rate grid, seeds, normalisation, op set, program length). A candidate
 counts once it is scored on *every* default proxy task at every grid point and
 seed, exactly as the search's ``Scorer`` does (one compiled kernel per task,
 ``Config().batch`` (256) different programs per call, trained ``Config().program_chunk``
-(16 on a CPU) at a time, the flat layout and length bucket 8).
+(16 when XLA has one core, else all at once), the flat layout and length bucket 8).
 
 Measured in one process, calls alternated, medians over repeats (compilation
 excluded and reported separately):
@@ -15,8 +15,9 @@ excluded and reported separately):
 * ``interpreter_vs_fixed_optimizer``: the same trainings (batch x grid x seeds per
   task, same flat trainer, same normalisation) with a fixed Adam (``evaluate.adamw_rule``, no
   interpreter) instead of the programs, chunked the same way; the ratio of the two times.
-* ``unchunked``: both sides again with all 256 candidates trained at once (one ``vmap``,
-  what an accelerator runs): ``speedup_from_chunks`` and the ratio there.
+* ``chunked`` (the other layout): both sides again with the candidates trained 16 at a
+  time if the search's default trains them all at once, or all at once if it chunks:
+  ``speedup_from_chunks`` (>1: chunks are faster) and the ratio there.
 * ``speedup_vs_generic_layout`` (first task only): the previous evaluator --
   ``vmap`` over (program, lr, seed) of the core's generic inner loop, the full
   op set, programs padded to 16 rows -- on the same programs; both sides are
@@ -47,12 +48,17 @@ import platform
 import statistics
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from metaopt.sharding import one_cpu_device_per_core, split_over_devices
 
-from metaopt.algorithms.program_search import recipe
-from metaopt.algorithms.program_search.evaluate import (
+# as `metaopt program-search` does, before JAX starts: one CPU device per core
+DEVICES_SET = one_cpu_device_per_core()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from metaopt.algorithms.program_search import recipe  # noqa: E402
+from metaopt.algorithms.program_search.evaluate import (  # noqa: E402
     adamw_rule,
     best_over_grid,
     grid_losses,
@@ -60,15 +66,15 @@ from metaopt.algorithms.program_search.evaluate import (
     program_optimizer,
     train_grid,
 )
-from metaopt.algorithms.program_search.mutate import mutate
-from metaopt.algorithms.program_search.program import (
+from metaopt.algorithms.program_search.mutate import mutate  # noqa: E402
+from metaopt.algorithms.program_search.program import (  # noqa: E402
     BUILTINS,
     parse,
     stack_programs,
     trim,
 )
-from metaopt.algorithms.program_search.simplify import remove_dead_code, structural_hash
-from metaopt.inner import training_inner_loop
+from metaopt.algorithms.program_search.simplify import remove_dead_code, structural_hash  # noqa: E402
+from metaopt.inner import training_inner_loop  # noqa: E402
 
 TARGET_CANDIDATES_PER_S = 50.0
 TARGET_INTERPRETER_RATIO = 2.0
@@ -134,7 +140,10 @@ def main() -> None:
 
     grid = jnp.tile(log_lrs, (BATCH, 1))  # every program at lr_grid (as the warm start is)
     chunk = scorer.chunk
-    print(f"programs trained {chunk or BATCH} at a time (Config().program_chunk)")
+    print(
+        f"{jax.local_device_count()} devices ({'set here' if DEVICES_SET else 'as given'}); "
+        f"each trains {chunk or 'all its'} programs at a time (Config().program_chunk)"
+    )
 
     def fixed_kernel(task, chunk):
         """Fixed Adam on every candidate's grid, ``chunk`` candidates at a time."""
@@ -144,16 +153,18 @@ def main() -> None:
                 task, cfg.inner_steps, adamw_rule(), lr, jnp.zeros_like(lr), keys, cfg.normalize
             )
 
-        return jax.jit(lambda k: map_chunked(one, (grid,), chunk))
+        split = split_over_devices(lambda g: map_chunked(one, (g,), chunk), (True,))
+        return lambda k: split(grid)  # keys: the search's, closed over in `one`
 
+    other_chunk = 16 if chunk is None else None  # the layout the default does not use
     interp, fixed, interp_all, fixed_all = [], [], [], []
-    whole = recipe.build(dataclasses.replace(cfg, chunk=0)).scorer
+    whole = recipe.build(dataclasses.replace(cfg, chunk=other_chunk or 0)).scorer
     for i in range(len(cfg.tasks)):
         interp.append(scorer._kernel(i, cfg.inner_steps))
         interp_all.append(whole._kernel(i, cfg.inner_steps))
         task = scorer.tasks[i][0]
         fixed.append(fixed_kernel(task, chunk))
-        fixed_all.append(fixed_kernel(task, None))
+        fixed_all.append(fixed_kernel(task, other_chunk))
     compile_s = {}
     for i, name in enumerate(cfg.tasks):
         compile_s[name] = round(timed(lambda i=i: interp[i](batch, keys, grid)), 2)
@@ -164,9 +175,7 @@ def main() -> None:
         # float rounding differs with the matmul shapes; programs that train stably agree
         ok = np.isfinite(a) & np.isfinite(b) & (b < 3.0)
         close = np.isclose(a[ok], b[ok], rtol=1e-3)
-        print(
-            f"{name}: chunked == all at once on {int(close.sum())} of {int(ok.sum())} stable programs"
-        )
+        print(f"{name}: chunked == all at once on {int(close.sum())} of {int(ok.sum())} stable")
         assert close.mean() > 0.9, f"{name}: chunked scoring disagrees with one vmap"
     print(f"compile + first call of the search's kernels: {compile_s}")
 
@@ -213,6 +222,9 @@ def main() -> None:
     gen_speedup = statistics.median(t_generic) / per_task[cfg.tasks[0]]
     all_whole, all_fixed_whole = statistics.median(t_all), statistics.median(t_fixed_all)
     ratio_whole = all_whole / all_fixed_whole
+    # > 1: chunks are faster (times of the unchunked layout over the chunked one)
+    chunk_gain = all_whole / all_s if chunk else all_s / all_whole
+    fixed_gain = all_fixed_whole / all_fixed if chunk else all_fixed / all_fixed_whole
     for n in cfg.tasks:
         print(
             f"{n}: interpreter {spread(t_interp[n])}, fixed Adam {spread(t_fixed[n])} "
@@ -224,9 +236,9 @@ def main() -> None:
         f"interpreter / fixed optimizer = {ratio:.2f}"
     )
     print(
-        f"all {BATCH} at once (no chunks): interpreter {all_whole:.3f} s, fixed Adam "
-        f"{all_fixed_whole:.3f} s (ratio {ratio_whole:.2f}); chunks make the interpreter "
-        f"{all_whole / all_s:.2f}x and fixed Adam {all_fixed_whole / all_fixed:.2f}x faster"
+        f"other layout ({other_chunk or BATCH} at a time): interpreter {all_whole:.3f} s, fixed "
+        f"Adam {all_fixed_whole:.3f} s (ratio {ratio_whole:.2f}); chunks of 16 make the "
+        f"interpreter {chunk_gain:.2f}x and fixed Adam {fixed_gain:.2f}x as fast"
     )
     print(
         f"generic layout on {cfg.tasks[0]}: {spread(t_generic)} -> the search's kernel is "
@@ -277,12 +289,14 @@ def main() -> None:
                 "per_task_fixed_s": {k: round(v, 4) for k, v in per_task_fixed.items()},
                 "speedup_vs_generic_layout": round(gen_speedup, 2),
                 "chunk": chunk,
-                "unchunked": {
+                "devices": jax.local_device_count(),
+                "other_layout": {
+                    "chunk": other_chunk,
                     "candidates_per_s": round(BATCH / all_whole, 2),
                     "interpreter_vs_fixed_optimizer": round(ratio_whole, 3),
-                    "speedup_from_chunks": round(all_whole / all_s, 3),
-                    "fixed_speedup_from_chunks": round(all_fixed_whole / all_fixed, 3),
                 },
+                "speedup_from_chunks": round(chunk_gain, 3),
+                "fixed_speedup_from_chunks": round(fixed_gain, 3),
                 "compile_s": compile_s,
                 "search_rounds": search_rounds,
                 "search_s_per_round": round(per_round, 2),

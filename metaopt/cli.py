@@ -154,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metaopt {__version__}")
         return 0
     cmd, rest = argv[0], argv[1:]
+    if cmd == "program-search":
+        # before JAX starts: one CPU device per core, over which the search's Scorer
+        # splits its programs (1.8x the candidates/s on 2 cores; no effect on a GPU/TPU)
+        from metaopt.sharding import one_cpu_device_per_core
+
+        one_cpu_device_per_core()
     try:
         if cmd == "list":
             return _cmd_list()

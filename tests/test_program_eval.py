@@ -1,5 +1,7 @@
 """Scoring programs: interpreted training equals optax training; one kernel per population."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,3 +139,67 @@ def test_chunked_scoring_equals_one_vmap():
     assert not np.allclose(ref[0], ref[4])
     with np.testing.assert_raises(ValueError):
         grid_losses(flat, programs, grids, keys, chunk=0)
+
+
+def test_default_chunk_follows_the_cores_xla_can_use():
+    """Chunks only where XLA has one core (measured faster there, slower on two)."""
+    from conftest import run_python
+
+    code = (
+        "import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
+        "from metaopt.algorithms.program_search.evaluate import default_chunk\n"
+        "from metaopt.algorithms.program_search.recipe import Config\n"
+        "print(default_chunk(), Config().program_chunk, Config(chunk=0).program_chunk)"
+    )
+    p = run_python(code)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == ["16", "16", "None"]
+    from metaopt.algorithms.program_search.evaluate import default_chunk
+
+    if len(os.sched_getaffinity(0)) > 1:
+        assert default_chunk() is None
+
+
+def test_scorer_splits_programs_over_devices_in_order():
+    """With 4 CPU devices the Scorer's kernel splits a batch of programs into 4 blocks
+    (shard_map): same losses as one device up to float rounding, in program order; a
+    batch that does not divide over the devices runs unsplit."""
+    from conftest import run_python
+
+    code = """
+import jax, jax.numpy as jnp, numpy as np
+from metaopt.algorithms.program_search import BUILTINS, parse
+from metaopt.algorithms.program_search.evaluate import best_over_grid, grid_losses
+from metaopt.algorithms.program_search.program import stack_programs
+from metaopt.algorithms.program_search.search import Scorer
+from metaopt.envs import families
+assert jax.local_device_count() == 4
+names = ["adamw_nobc", "lion", "sgd_momentum", "signsgd"] * 2
+progs = stack_programs([parse(BUILTINS[n]) for n in names])
+task = families.make("teacher-student-small")
+scorer = Scorer([(task, 30)], (1e-2, 1e-1), seeds=2, batch=8, chunk=1)
+keys = scorer.keys(0, 0)
+grids = jnp.log(jnp.asarray([[1e-3, 1e-2]] * 4 + [[1e-2, 1e-1]] * 4))
+kernel = scorer._kernel(0, 30)
+split = np.asarray(kernel(progs, keys, grids)[0])
+one = jax.jit(lambda p, g: best_over_grid(grid_losses(scorer.inners[0], p, g, keys))[0])
+ref = np.asarray(one(progs, grids))
+np.testing.assert_allclose(split, ref, rtol=1e-4)
+assert not np.allclose(split[:4], split[4:])  # each block kept its own rows' grids
+odd = np.asarray(kernel(jax.tree.map(lambda x: x[:3], progs), keys, grids[:3])[0])
+np.testing.assert_allclose(odd, ref[:3], rtol=1e-4)
+print("ok")
+"""
+    p = run_python(code, devices=4)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
+
+
+def test_one_cpu_device_per_core_respects_a_given_count():
+    from metaopt import sharding
+
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
+    assert sharding.one_cpu_device_per_core(env) == 0
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=3"
+    jax.devices()  # a started backend: too late to change, and nothing is changed
+    env = {"XLA_FLAGS": "--foo"}
+    assert sharding.one_cpu_device_per_core(env) == 0 and env == {"XLA_FLAGS": "--foo"}

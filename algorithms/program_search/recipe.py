@@ -119,9 +119,9 @@ class Config:
     # programs per kernel call (a round's evaluations go in one call, padded to a power of
     # two): 256 runs 12% more candidates/s than 64 here (benchmarks/program_search.py)
     batch: int = 256
-    # programs trained at a time inside a call: -1 = auto (16 on a CPU, where a chunk's
-    # registers stay in cache: 1.4x the candidates/s of 256 at once; the whole call at
-    # once on an accelerator), 0 = the whole call at once
+    # programs trained at a time inside a call: -1 = auto (16 when XLA has one CPU core,
+    # where a chunk's registers stay in cache: 1.24x the interpreter's speed; else the
+    # whole call at once, fastest on 2+ cores and accelerators), 0 = the whole call at once
     chunk: int = -1
     max_hits: int = 5
     rescore_top: int = 8  # fittest programs re-scored on fresh seeds every round

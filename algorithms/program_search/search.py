@@ -81,6 +81,7 @@ from metaopt.algorithms.program_search.simplify import (
     structural_hash,
 )
 from metaopt.config import ConfigError
+from metaopt.sharding import split_over_devices
 
 #: the wide learning-rate grid (half-decades). It reaches 3 because tuned AdamW's best
 #: learning rate on logistic-cond100 (200 steps) is 1.0, the top of a 1e-4..1 grid.
@@ -185,7 +186,9 @@ class Scorer:
         """``(programs [P], keys, log_lrs [P, G]) -> (best seed-mean loss [P], grid index [P])``."""
         if (i, steps) not in self._kernels:
             inner, ops, normalize, chunk = self.inners[i], self.ops, self.normalize, self.chunk
-            self._kernels[i, steps] = jax.jit(
+            # programs split over this process's devices (one per core on a CPU, see
+            # sharding.one_cpu_device_per_core), each device training its block
+            self._kernels[i, steps] = split_over_devices(
                 lambda progs, keys, log_lrs: best_over_grid(
                     grid_losses(
                         inner,
@@ -197,7 +200,8 @@ class Scorer:
                         horizon=steps,
                         chunk=chunk,
                     )
-                )
+                ),
+                (True, False, True),
             )
         return self._kernels[i, steps]
 
