@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import OPT_FLAG
 
 from metaopt import cli, sharding
 from metaopt.config import ConfigError
@@ -44,7 +45,8 @@ TIMEOUT = 1200  # seconds per launch; a 2-core machine shared with other jobs is
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("METAOPT_")}
-    env.pop("XLA_FLAGS", None)  # one CPU device per process
+    # one CPU device per process (the session's optimisation flag kept, see conftest)
+    env["XLA_FLAGS"] = OPT_FLAG if OPT_FLAG in env.get("XLA_FLAGS", "") else ""
     env["JAX_PLATFORMS"] = "cpu"
     return env
 
