@@ -113,8 +113,11 @@ def test_per_tensor_normalisation_makes_updates_gradient_scale_free():
     np.testing.assert_allclose(flat(u1), flat(u2), rtol=1e-4)
 
 
-def test_initial_optimizer_descends_a_parabola():
-    spec = lopt.LOptSpec(hidden=(8,), base_lr=0.05)
+# the normalised rule keeps a per-tensor step RMS of ~base_lr: it reaches the minimum's
+# neighbourhood (|x - c| ~ base_lr), not the minimum itself
+@pytest.mark.parametrize("rule, factor", [("adam_nominal", 1e-3), ("normalised", 1e-2)])
+def test_initial_optimizer_descends_a_parabola(rule, factor):
+    spec = lopt.LOptSpec(hidden=(8,), base_lr=0.05, rule=rule)
     opt = lopt.as_optax(lopt.init_weights(jax.random.key(3), spec), num_steps=300, spec=spec)
     c = jnp.linspace(-2.0, 3.0, 7)
     loss = lambda p: jnp.sum((p["x"] - c) ** 2)
@@ -126,7 +129,7 @@ def test_initial_optimizer_descends_a_parabola():
 
     params = {"x": jnp.zeros(7)}
     _, losses = jax.lax.scan(body, (params, opt.init(params)), None, length=300)
-    assert float(losses[-1]) < 1e-3 * float(losses[0])
+    assert float(losses[-1]) < factor * float(losses[0])
 
 
 def test_parametrized_optimizer_and_export_agree(tmp_path):

@@ -26,17 +26,31 @@ The update rule, for every parameter tensor of any pytree:
   softly bounded by ``tanh`` to ``|d| < max_direction``, ``|s| < max_log_step``
   (so that an optimizer meta-trained on one family cannot take unbounded steps
   on another);
-* the step is ``-base_lr * exp(s) * (a + d)`` where ``a`` is Adam's direction
+* ``spec.rule == "adam_nominal"`` (the default): the step is
+  ``-base_lr * exp(s) * (a + d)`` where ``a`` is Adam's direction
   ``m_hat / (sqrt(v_hat) + eps)`` when ``spec.nominal`` (a "nominal" descent
   term, Harrison et al. 2022, which keeps the learned optimizer stable and
   makes it exactly Adam(base_lr) when the output layer is zero) and ``0``
-  otherwise (the plain Metz et al. form).
+  otherwise (the plain Metz et al. form);
+* ``spec.rule == "normalised"`` (in the spirit of Celo2, Moudgil et al. 2026):
+  the same direction ``u = a + d`` (or ``d``) is divided, per tensor, by its
+  root mean square over the tensor, and the step is
+  ``-base_lr * exp(mean(s)) * u / rms(u)``: every tensor moves by exactly
+  ``base_lr`` times a per-tensor magnitude ``exp(mean(s))`` (the geometric mean
+  of the per-parameter step sizes, so within ``exp(+-max_log_step)``) in RMS,
+  whatever the MLP's output scale. The global step size is ``base_lr``, set
+  like Adam's learning rate, and the MLP only chooses the direction and a
+  bounded per-tensor factor.
 
 The output layer is initialised small (``spec.out_scale``), so the initial
-optimizer is Adam with learning rate ``base_lr`` plus a small perturbation.
+optimizer is Adam with learning rate ``base_lr`` plus a small perturbation (with
+the normalised rule: Adam's direction rescaled per tensor to RMS ``base_lr``).
 
 Weights are saved as ``.npz`` (plain arrays and a JSON string; loading never
-unpickles).
+unpickles). Files of the normalised rule are marked ``"mlp-normalised"`` on disk
+(``"mlp"`` for the Adam-nominal rule, as before), so that readers which only know
+the Adam-nominal rule (such as older versions of ``metaopt.torch_export``) refuse
+them instead of computing a different update.
 
 References:
   Metz et al. 2019, "Understanding and correcting pathologies in the training
@@ -67,6 +81,12 @@ PyTree = Any
 WEIGHTS_FILE = "learned_optimizer.npz"
 _FORMAT = "metaopt.learned_optimizer/1"
 
+#: update rules (:attr:`LOptSpec.rule`) and the ``optimizer`` entry each writes on disk.
+RULES = {"adam_nominal": "mlp", "normalised": "mlp-normalised"}
+
+#: added to the per-tensor RMS of the direction in the normalised rule (0/0 -> 0).
+NORM_EPS = 1e-12
+
 
 @dataclasses.dataclass(frozen=True)
 class LOptSpec:
@@ -84,6 +104,10 @@ class LOptSpec:
       max_log_step: bound on ``|s|`` (soft, ``tanh``): the learned step size stays within
         ``exp(+-max_log_step)`` times ``base_lr``.
       max_direction: bound on ``|d|`` (soft, ``tanh``).
+      rule: how the step is formed from the MLP's outputs: ``"adam_nominal"``
+        (``-base_lr * exp(s) * (a + d)`` per parameter) or ``"normalised"`` (the
+        direction divided by its RMS over each tensor, times ``base_lr`` and a
+        per-tensor ``exp(mean(s))``); see the module docstring.
     """
 
     hidden: tuple[int, ...] = (16,)
@@ -96,6 +120,7 @@ class LOptSpec:
     out_scale: float = 0.01
     max_log_step: float = 3.0
     max_direction: float = 3.0
+    rule: str = "adam_nominal"
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -110,6 +135,8 @@ class LOptSpec:
             raise ValueError("base_lr, eps, max_log_step and max_direction must be > 0")
         if self.nominal and self.nominal_decay not in self.decays:
             raise ValueError(f"nominal_decay {self.nominal_decay} must be one of decays")
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {sorted(RULES)}, got {self.rule!r}")
 
     @property
     def num_param_features(self) -> int:
@@ -197,6 +224,17 @@ def _rms_normalise(x: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------
 
 
+def normalised_step(direction: jax.Array, log_step: jax.Array, base_lr: float) -> jax.Array:
+    """The normalised rule's step for one tensor (flat ``direction``, ``log_step`` ``[n]``).
+
+    ``-base_lr * exp(mean(log_step)) * direction / (rms(direction) + NORM_EPS)``: its
+    RMS over the tensor is ``base_lr * exp(mean(log_step))`` (up to ``NORM_EPS``).
+    """
+    rms = jnp.sqrt(jnp.mean(jnp.square(direction)))
+    scale = -base_lr * jnp.exp(jnp.mean(log_step)) / (rms + NORM_EPS)
+    return scale * direction
+
+
 def init_state(params: PyTree, spec: LOptSpec = LOptSpec()) -> LOptState:
     """Zero accumulators (float32, whatever the parameters' dtype) and ``count = 0``."""
     k = len(spec.decays)
@@ -269,11 +307,17 @@ def update(
     log_step = spec.max_log_step * jnp.tanh(out[1] / spec.max_log_step)
     if nominal:
         direction = direction + jnp.concatenate(nominal)
-    step = -spec.base_lr * jnp.exp(log_step) * direction
     splits = np.cumsum(sizes)[:-1].tolist()
+    if spec.rule == "normalised":
+        steps = [
+            normalised_step(d, s, spec.base_lr)
+            for d, s in zip(jnp.split(direction, splits), jnp.split(log_step, splits), strict=True)
+        ]
+    else:
+        steps = jnp.split(-spec.base_lr * jnp.exp(log_step) * direction, splits)
     updates = [
         u.reshape(jnp.shape(g)).astype(jnp.result_type(g))
-        for u, g in zip(jnp.split(step, splits), g_leaves, strict=True)
+        for u, g in zip(steps, g_leaves, strict=True)
     ]
     new_state = LOptState(count=count, mom=treedef.unflatten(new_m), nu=treedef.unflatten(new_v))
     return treedef.unflatten(updates), new_state
@@ -343,13 +387,18 @@ def save(path: str | Path, kind: str, weights: PyTree, horizon: int, spec: LOptS
 
     The file is a run-directory artifact (:func:`metaopt.rundir.save_artifact`):
     float32 weights under their paths (``layers/0/w``) and a JSON header with the
-    kind, the meta-training horizon and the architecture.
+    kind, the meta-training horizon and the architecture. An ``"mlp"`` with the
+    normalised rule is written as ``"mlp-normalised"`` (:data:`RULES`).
     """
     if kind not in ("mlp", "adam"):
         raise ValueError(f"kind must be 'mlp' or 'adam', got {kind!r}")
     meta = {"format": _FORMAT, "optimizer": kind, "horizon": int(horizon)}
     if kind == "mlp":
-        meta["spec"] = json.loads((spec or LOptSpec()).to_json())
+        spec = spec or LOptSpec()
+        meta["spec"] = json.loads(spec.to_json())
+        meta["optimizer"] = RULES[spec.rule]  # "mlp" or "mlp-normalised"
+        if spec.rule == "adam_nominal":  # the header older readers know, unchanged
+            del meta["spec"]["rule"]
     weights = jax.tree.map(lambda v: np.asarray(v, np.float32), weights)
     save_artifact(path, weights, "learned-optimizer", **meta)
 
@@ -371,9 +420,17 @@ def load(path: str | Path) -> Exported:
     tree, meta = load_artifact(path, "learned-optimizer")
     if meta.get("format") != _FORMAT:
         raise ValueError(f"{path} is not a metaopt learned-optimizer file")
-    spec = LOptSpec(**meta["spec"]) if meta["optimizer"] == "mlp" else None
+    kind = meta["optimizer"]
+    spec = None
+    if kind in RULES.values():
+        spec = LOptSpec(**meta["spec"])
+        if RULES[spec.rule] != kind:
+            raise ValueError(f"{path}: optimizer {kind!r} does not match rule {spec.rule!r}")
+        kind = "mlp"
+    elif kind != "adam":
+        raise ValueError(f"{path}: unknown optimizer {kind!r}")
     weights = jax.tree.map(jnp.asarray, tree)
-    return Exported(meta["optimizer"], weights, int(meta["horizon"]), spec)
+    return Exported(kind, weights, int(meta["horizon"]), spec)
 
 
 def as_optax(

@@ -2,10 +2,11 @@
 
 The learner trains a model drawn from a task family (:mod:`metaopt.envs.families`,
 a new task instance per seed) for ``inner_steps`` steps with the learned
-optimizer of :mod:`.lopt` (or, with ``optimizer=adam``, the hand-designed
-baseline: Adam with meta-learned ``lr``, ``b1``, ``b2``). The meta-loss is the
-validation loss. Any of the core's outer estimators trains it, over the same
-inner loop:
+optimizer of :mod:`.lopt` (update rule ``rule=adam_nominal``, the default, or
+``rule=normalised``, whose per-tensor step RMS is ``base_lr`` times a bounded
+learned factor; or, with ``optimizer=adam``, the hand-designed baseline: Adam with
+meta-learned ``lr``, ``b1``, ``b2``). The meta-loss is the validation loss. Any of
+the core's outer estimators trains it, over the same inner loop:
 
 * ``outer=es``: evolution strategies over whole lifetimes (final validation loss);
 * ``outer=pes``: persistent ES over truncations of ``truncation`` steps (sum of
@@ -60,6 +61,7 @@ class Config:
     hidden: tuple[int, ...] = (16,)
     base_lr: float | None = None
     nominal: bool = True
+    rule: Literal["adam_nominal", "normalised"] = "adam_nominal"
     # the outer loop
     outer: Literal["es", "pes", "metagrad"] = "es"
     population: int = 32
@@ -119,7 +121,9 @@ class Config:
         """The architecture; ``base_lr`` must have been resolved (see :func:`resolve_base_lr`)."""
         if self.base_lr is None:
             raise ValueError("base_lr is not resolved yet: call resolve_base_lr(cfg) first")
-        return lopt.LOptSpec(hidden=self.hidden, base_lr=self.base_lr, nominal=self.nominal)
+        return lopt.LOptSpec(
+            hidden=self.hidden, base_lr=self.base_lr, nominal=self.nominal, rule=self.rule
+        )
 
 
 #: the default is ES (50 generations x 32 candidates x 4 tasks x T=1000); ``pes`` is PES
