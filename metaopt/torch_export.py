@@ -178,7 +178,8 @@ class LearnedOptimizer(_PerTensor):
     Args:
       params: parameters or parameter groups.
       weights: a run directory or a ``learned_optimizer.npz`` written by
-        :func:`metaopt.algorithms.learned_optimizers.lopt.save` (``"mlp"`` kind).
+        :func:`metaopt.algorithms.learned_optimizers.lopt.save` (``"mlp"`` kind; either
+        update rule, ``adam_nominal`` or ``normalised``).
       num_steps: the training horizon ``T`` it plans for (progress ``min(t / T, 1)``);
         default: the meta-training horizon stored with the weights.
 
@@ -192,12 +193,14 @@ class LearnedOptimizer(_PerTensor):
         if path.is_dir():
             path = path / lopt.WEIGHTS_FILE
         tree, meta = load_artifact(path, "learned-optimizer")
-        if meta.get("optimizer") != "mlp":
+        if meta.get("optimizer") not in lopt.RULES.values():
             raise ValueError(
                 f"{path} holds a {meta.get('optimizer')!r} optimizer; for the Adam baseline "
                 "use torch.optim.Adam with its hyperparameters"
             )
         self.spec = lopt.LOptSpec(**meta["spec"])
+        if lopt.RULES[self.spec.rule] != meta["optimizer"]:
+            raise ValueError(f"{path}: optimizer {meta['optimizer']!r} != rule {self.spec.rule!r}")
         self.horizon = float(num_steps or meta["horizon"])
         if self.horizon < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -250,4 +253,8 @@ class LearnedOptimizer(_PerTensor):
         log_step = spec.max_log_step * torch.tanh(out[1] / spec.max_log_step)
         if spec.nominal:
             direction = direction + mhat[spec.decays.index(spec.nominal_decay)] * inv[0]
+        if spec.rule == "normalised":  # lopt.normalised_step: per tensor, unit RMS
+            rms = torch.sqrt(torch.mean(torch.square(direction)))
+            scale = -spec.base_lr * torch.exp(torch.mean(log_step)) / (rms + lopt.NORM_EPS)
+            return (scale * direction).reshape(p.shape)
         return (-spec.base_lr * torch.exp(log_step) * direction).reshape(p.shape)

@@ -168,15 +168,6 @@ def test_adam_nominal_files_are_unchanged_on_disk(tmp_path):
     assert lopt.load(tmp_path).spec == spec
 
 
-def test_torch_export_refuses_the_normalised_rule(tmp_path):
-    torch = pytest.importorskip("torch")
-    from metaopt.torch_export import LearnedOptimizer
-
-    lopt.save(tmp_path / lopt.WEIGHTS_FILE, "mlp", _weights(), 10, NORM)
-    with pytest.raises(ValueError, match="'mlp-normalised' optimizer"):
-        LearnedOptimizer([torch.nn.Parameter(torch.zeros(3))], tmp_path)
-
-
 def test_recipe_config_selects_the_rule_and_lr_rescaling_stays_linear():
     cfg = recipe.Config(rule="normalised", base_lr=BASE_LR, hidden=(8,))
     assert cfg.spec.rule == "normalised"

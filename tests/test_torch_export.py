@@ -106,9 +106,10 @@ def test_program_optimizer_equals_its_optax_export(name, tmp_path):
     )
 
 
-def test_learned_optimizer_equals_its_optax_export(tmp_path):
+@pytest.mark.parametrize("rule", ["adam_nominal", "normalised"])
+def test_learned_optimizer_equals_its_optax_export(tmp_path, rule):
     # a large output layer so the MLP, not only Adam's nominal direction, moves the weights
-    spec = lopt.LOptSpec(hidden=(8, 8), out_scale=1.0, base_lr=1e-2)
+    spec = lopt.LOptSpec(hidden=(8, 8), out_scale=1.0, base_lr=1e-2, rule=rule)
     weights = lopt.init_weights(jax.random.key(3), spec)
     lopt.save(tmp_path / lopt.WEIGHTS_FILE, "mlp", weights, horizon=40, spec=spec)
     _run_both(
