@@ -85,6 +85,13 @@ def split_over_devices(fn, sharded: Sequence[bool]):
     return call
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity where the OS reports one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _backends_started() -> bool:
     try:
         from jax._src import xla_bridge
@@ -109,8 +116,8 @@ def one_cpu_device_per_core(environ: dict | None = None) -> int:
     flags = environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" in flags or _backends_started():
         return 0  # the user's count, or too late (and subprocesses must not inherit it)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if not cores or cores < 2:
+    cores = usable_cores()
+    if cores < 2:
         return 0
     environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cores}".strip()
     return cores

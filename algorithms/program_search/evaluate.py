@@ -22,7 +22,6 @@ step 1 (per training), so a narrower grid suffices.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -38,6 +37,7 @@ from metaopt.inner import (
     population_losses,
     training_inner_loop,
 )
+from metaopt.sharding import usable_cores
 
 
 class SlotState(NamedTuple):
@@ -292,8 +292,7 @@ def default_chunk() -> int | None:
     """
     if jax.default_backend() != "cpu":
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return 16 if (cores or 1) <= len(jax.local_devices()) else None
+    return 16 if usable_cores() <= len(jax.local_devices()) else None
 
 
 def best_over_grid(losses: jax.Array) -> tuple[jax.Array, jax.Array]:
