@@ -252,17 +252,19 @@ def plot_grid(ax, choice: GridChoice, label: str = "validation score", log: bool
 
 
 def seed_stats(x: np.ndarray, values_key: str = "returns") -> dict[str, Any]:
-    """Mean, std (``ddof=0``) and standard error (``ddof=1``) over seeds, and the values.
+    """Mean, sample standard deviation and standard error ``std / sqrt(n)`` over seeds
+    (both ``ddof=1``; NaN for one seed), and the values.
 
     Args:
       x: one score per seed.
       values_key: the key under which the values are listed.
     """
     x = np.asarray(x, np.float64)
+    std = float(x.std(ddof=1)) if len(x) > 1 else float("nan")
     return {
         "mean": float(x.mean()),
-        "std": float(x.std()),
-        "stderr": float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan"),
+        "std": std,
+        "stderr": std / float(np.sqrt(len(x))),
         values_key: [float(v) for v in x],
     }
 
