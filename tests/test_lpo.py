@@ -3,6 +3,8 @@ and ES meta-training through the recipe (improvement, exact resume, evaluation).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -223,6 +225,9 @@ def test_zero_meta_parameters_train_exactly_like_ppo():
     )
     hidden = objectives.LPO_HIDDEN
     zeros = {n: objectives.zeros_like_drift_params(n, hidden) for n in ("lpo", "ta_lpo")}
+    # the linear family (the distilled slot) at zero, and a clip other than the default
+    zeros |= {"ta_lpo_distilled": objectives.zeros_like_drift_params("ta_lpo", 0)}
+    zeros |= {"clip": jnp.float32(0.1)}
     init = objectives.init_drift_params("ta_lpo", hidden, seed=3)
     busy = {**init, "w2": jnp.full((hidden, 1), 0.05)}
     rows = {
@@ -230,8 +235,10 @@ def test_zero_meta_parameters_train_exactly_like_ppo():
         "lpo_zero": ("lpo", zeros),
         "ta_lpo_zero": ("ta_lpo", zeros),
         "ta_lpo_init": ("ta_lpo", {**zeros, "ta_lpo": init}),
+        "linear_zero": ("ta_lpo_distilled", zeros),
         "ta_lpo_nonzero": ("ta_lpo", {**zeros, "ta_lpo": busy}),
         "dpo": ("dpo", zeros),
+        "ppo_clip_0.2": ("ppo", {**zeros, "clip": jnp.float32(0.2)}),  # the clip is used
     }
     pop = [{"index": jnp.int32(evaluate._INDEX[name]), **params} for name, params in rows.values()]
     pop = jax.tree.map(lambda *xs: jnp.stack(xs), *pop)
@@ -245,10 +252,13 @@ def test_zero_meta_parameters_train_exactly_like_ppo():
 
     params, metrics = jax.jit(jax.vmap(one, in_axes=(0, None)))(pop, jax.random.key(4))
     labels = list(rows)
-    assert float(metrics["clip_fraction"][0].mean()) > 0.01  # clipping was active for PPO
-    leaves = [np.concatenate([np.ravel(x[i]) for x in jax.tree.leaves(params)]) for i in range(6)]
+    # clipping was active for PPO: ratios left [0.8, 1.2], so certainly [0.9, 1.1]
+    assert float(metrics["clip_fraction"][0].mean()) > 1e-3
+    leaves = [
+        np.concatenate([np.ravel(x[i]) for x in jax.tree.leaves(params)]) for i in range(len(rows))
+    ]
     for i, label in enumerate(labels):
-        if label in ("lpo_zero", "ta_lpo_zero", "ta_lpo_init"):
+        if label in ("lpo_zero", "ta_lpo_zero", "ta_lpo_init", "linear_zero"):
             np.testing.assert_array_equal(leaves[i], leaves[0], err_msg=label)
             np.testing.assert_array_equal(metrics["return"][i], metrics["return"][0])
         elif label != "ppo":
@@ -326,6 +336,8 @@ TINY = [
     "timesteps=2048",
     "population=4",
     "baseline_lpo=true",
+    "ppo_lr=0.01",
+    "ppo_clip=0.2",
     "eval_seeds=2",
     "eval_horizons=1",
     "eval_envs=",
@@ -349,8 +361,9 @@ def test_recipe_resumes_each_phase_exactly_and_evaluates(tmp_path):
     _cli(["ta-lpo", "--out", str(b), "--resume", "--no-progress", "generations=2"], cache, tmp_path)
     for name in ("lpo", "ta_lpo"):
         fa, fb = np.load(a / f"{name}.npz"), np.load(b / f"{name}.npz")
-        for k in ("w1", "w2"):
-            np.testing.assert_array_equal(fa[k], fb[k], err_msg=name)
+        assert "w" in fa.files  # the default: the linear drift family
+        for k in fa.files:
+            np.testing.assert_array_equal(fa[k], fb[k], err_msg=f"{name}: {k}")
         rows_a = [json.loads(x) for x in (a / name / "metrics.jsonl").read_text().splitlines()]
         rows_b = [json.loads(x) for x in (b / name / "metrics.jsonl").read_text().splitlines()]
         train_a = [r for r in rows_a if "loss_mean" in r]
@@ -414,3 +427,108 @@ def test_final_return_counts_every_episode_of_the_window():
     assert float(loss) == pytest.approx(-float(state.window_return) / float(state.window_episodes))
     # the default window: the last 10% of the updates (at least one)
     assert ppo.ppo_config("CartPole-v1", total_timesteps=6 * 512).window_start == 5
+
+
+# ---------------------------------------------------------------------------
+# Horizons drawn per run, the linear family and its distillation, PPO's tuning.
+# ---------------------------------------------------------------------------
+
+
+def test_a_run_frozen_past_its_drawn_horizon_equals_a_run_of_that_horizon():
+    """With ``horizon_range`` a run draws N from its init key, trains N updates (lr annealed
+    and the fitness window placed by its own N) and then stays frozen: its final state is
+    bit for bit that of a fixed-horizon run of N updates on the same keys."""
+    base = ppo.ppo_config("CartPole-v1", total_timesteps=8 * 512, lr=5e-3)
+    ranged = dataclasses.replace(base, horizon_range=(0.25, 2.0))
+    assert ranged.max_updates == 16
+    inner = ppo.make_ppo(ranged, "ppo")
+    key = jax.random.key(11)
+    k_init, k_run = jax.random.split(key)
+    state = inner.init(None, k_init)
+    n = int(state.horizon)
+    assert 2 <= n <= 16 and n != 8  # a horizon other than N (this key draws one)
+    end, metrics = jax.jit(lambda s: metaopt.unroll(inner, None, s, k_run, 16))(state)
+    fixed = ppo.make_ppo(dataclasses.replace(base, total_timesteps=n * 512), "ppo")
+    ref, _ = jax.jit(lambda s: metaopt.unroll(fixed, None, s, k_run, n))(fixed.init(None, k_init))
+    assert int(end.update) == n
+    for a, b in zip(jax.tree.leaves(end), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert float(inner.meta_loss(None, end, key)) == float(fixed.meta_loss(None, ref, key))
+    # frozen: the reported return no longer moves past the horizon
+    assert np.all(np.asarray(metrics["return"])[n:] == np.asarray(metrics["return"])[n - 1])
+
+
+def test_drawn_horizons_are_log_uniform_over_the_range():
+    cfg = ppo.ppo_config("CartPole-v1", total_timesteps=1000 * 512, horizon_range=(0.25, 2.0))
+    keys = jax.random.split(jax.random.key(0), 4000)
+    n = np.asarray(jax.vmap(lambda k: ppo.sample_horizon(cfg, k))(keys), np.float64)
+    assert n.min() >= 250 and n.max() <= 2000
+    logs = np.log(n)
+    lo, hi = np.log(250.0), np.log(2000.0)
+    # log N ~ U(lo, hi): mean (lo + hi) / 2, variance (hi - lo)^2 / 12
+    se = (hi - lo) / np.sqrt(12 * len(n))
+    assert abs(logs.mean() - (lo + hi) / 2) < 4 * se
+    assert logs.std() == pytest.approx((hi - lo) / np.sqrt(12), rel=0.05)
+    with pytest.raises(ConfigError, match="horizon_range must be"):
+        ppo.ppo_config("CartPole-v1", horizon_range=(2.0, 0.5))
+
+
+def test_linear_drift_is_its_closed_form_and_distillation_recovers_it():
+    """The linear family's drift equals relu(D_ppo + dz(sum_k (a_k + b_k p) x_k)) written out
+    with numpy; distilling a linear drift gives back its coefficients; a network is fitted
+    with R^2 < 1 (the fit is a real least-squares problem)."""
+    ratio, adv = _samples(256)
+    w = jnp.asarray(np.random.default_rng(0).normal(0, 0.5, 16), jnp.float32)
+    p = 0.3
+    d = objectives.ta_lpo_drift({"w": w}, ratio, adv, p, clip_eps=0.1)
+    r, a, w64 = (
+        np.asarray(ratio, np.float64),
+        np.asarray(adv, np.float64),
+        np.asarray(w, np.float64),
+    )
+    base = [np.log(r), np.log(r) ** 2, 1 - r, (1 - r) ** 2]
+    x = np.stack(base + [a * f for f in base], -1)
+    net = x @ (w64[:8] + p * w64[8:])
+    net = net - np.clip(net, -1e-4, 1e-4)
+    ppo_d = np.maximum((r - np.clip(r, 0.9, 1.1)) * a, 0)
+    np.testing.assert_allclose(d, np.maximum(ppo_d + net, 0), rtol=1e-4, atol=1e-6)
+
+    fitted, fit = objectives.distill("ta_lpo", {"w": w})
+    np.testing.assert_allclose(fitted["w"], w, atol=1e-4)
+    assert fit["r2_net"] > 1 - 1e-9 and fit["rmse_drift"] < 1e-5
+    network = objectives.init_drift_params("ta_lpo", 32, seed=1)
+    network["w2"] = jax.random.normal(jax.random.key(2), (32, 1)) * 0.3
+    _, fit = objectives.distill("ta_lpo", network)
+    assert 0.0 < fit["r2_net"] < 1.0 - 1e-6
+
+    text = objectives.formula("ta_lpo", {"w": jnp.zeros(16).at[6].set(0.25).at[14].set(-0.5)})
+    assert text == "D = relu(D_ppo[clip 0.2] + dz((0.250 - 0.500 p) A (1 - r)))"
+
+
+def test_ppo_tuning_grid_matches_independent_runs_and_flags_edges():
+    """Each point of the lr x clip grid is the mean final return of independent PPO runs with
+    that lr and clip on the tuning seeds; the best point is the argmax; an optimum at an end
+    of an axis is flagged."""
+    cfg = recipe.Config(
+        timesteps=1024,
+        horizon_range=None,
+        tune_lrs=(1e-3, 1e-2),
+        tune_clips=(0.1, 0.3),
+        tune_seeds=2,
+    )
+    tuned = recipe.tune_ppo(cfg, progress=False)
+    mean = np.asarray(tuned["mean"])
+    assert mean.shape == (2, 2) and tuned["runs"] == 8
+    keys = jax.random.split(
+        jax.random.fold_in(jax.random.key(cfg.seed), recipe.TUNE_SEED), cfg.tune_seeds
+    )
+    lr, clip = 1e-2, 0.3
+    inner = ppo.make_ppo(
+        ppo.ppo_config("CartPole-v1", total_timesteps=1024, lr=lr),
+        functools.partial(objectives.clipped_ppo, clip_eps=clip),
+    )
+    finals = [-float(jax.jit(lambda k: metaopt.rollout_loss(inner, None, k))(k)) for k in keys]
+    assert mean[1, 1] == pytest.approx(np.mean(finals), rel=1e-5)
+    i, j = np.unravel_index(np.argmax(mean), mean.shape)
+    assert (tuned["lr"], tuned["clip"]) == (cfg.tune_lrs[i], cfg.tune_clips[j])
+    assert tuned["at_edge"] == ["lr", "clip"]  # a 2 x 2 grid: every point is an edge

@@ -1,8 +1,8 @@
 """Evaluation of discovered objectives: TA-LPO vs LPO, PPO and DPO across horizons and environments.
 
-For every setting -- the meta-training environment at horizons ``N/4, N/2, N,
-2N`` (``eval_horizons``) and each of ``eval_envs`` at its own horizon -- every
-objective trains ``eval_seeds`` fresh PPO agents on seeds never used in
+For every setting -- the meta-training environment and each of ``eval_envs``,
+each at the fractions ``N/4, N/2, N, 2N`` (``eval_horizons``) of its own
+horizon -- every objective trains ``eval_seeds`` fresh PPO agents on seeds never used in
 meta-training (the same seeds for every objective), and the final return (the
 mean return of every episode that ended in the last ``fitness_window`` of the
 run, :func:`~metaopt.algorithms.lpo.ppo.window_return`) is reported as mean,
@@ -10,7 +10,11 @@ standard deviation and standard error over seeds, and compared with PPO's by
 paired t tests over the shared seeds, Holm-corrected over every comparison
 (:func:`metaopt.evaluation.compare`).
 TA-LPO reads progress ``n/N`` relative to each run's own horizon, which is what
-lets it transfer across horizons.
+lets it transfer across horizons. Every objective trains at the run's tuned PPO
+learning rate, and PPO and the learned drifts use its tuned clip
+(:func:`~metaopt.algorithms.lpo.recipe.resolve_ppo`): the baseline is the tuned
+PPO. A learned drift network is also evaluated as its symbolic distillation
+(:func:`~metaopt.algorithms.lpo.objectives.distill`, "TA-LPO (distilled)").
 
 All objectives of one setting run in one compiled, vmapped computation: the
 policy loss is a "mixed" objective that evaluates every candidate loss and
@@ -41,8 +45,9 @@ from metaopt.inner import unroll
 #: evaluated objectives, in table order: (key, label).
 OBJECTIVES = (
     ("ta_lpo", "TA-LPO (discovered)"),
+    ("ta_lpo_distilled", "TA-LPO (distilled)"),
     ("lpo", "LPO (discovered)"),
-    ("ppo", "PPO (clipped)"),
+    ("ppo", "PPO (tuned)"),
     ("dpo", "DPO"),
 )
 _INDEX = {k: i for i, (k, _) in enumerate(OBJECTIVES)}
@@ -53,27 +58,41 @@ REFERENCE = "ppo"
 def mixed_objective(meta_params, ratio, advantage, progress):
     """The loss of objective number ``meta_params["index"]`` (order of :data:`OBJECTIVES`).
 
-    ``meta_params``: ``{"index": int32, "ta_lpo": drift params, "lpo": drift params}``.
+    ``meta_params``: ``{"index": int32, "clip": float32 (PPO's, and the learned drifts'
+    base), "ta_lpo": drift params, "ta_lpo_distilled": linear drift params, "lpo": drift
+    params}``.
     """
+    clip = meta_params["clip"]
     losses = jnp.stack(
         [
-            obj_lib.ta_lpo(meta_params["ta_lpo"], ratio, advantage, progress),
-            obj_lib.lpo(meta_params["lpo"], ratio, advantage, progress),
-            obj_lib.clipped_ppo(None, ratio, advantage, progress),
+            obj_lib.ta_lpo(meta_params["ta_lpo"], ratio, advantage, progress, clip),
+            obj_lib.ta_lpo(meta_params["ta_lpo_distilled"], ratio, advantage, progress, clip),
+            obj_lib.lpo(meta_params["lpo"], ratio, advantage, progress, clip),
+            obj_lib.clipped_ppo(None, ratio, advantage, progress, clip),
             obj_lib.dpo(None, ratio, advantage, progress),
         ]
     )
     return losses[meta_params["index"]]
 
 
-def candidates(learned: dict[str, dict], hidden: int) -> tuple[list[str], dict]:
-    """``(keys, population)``: the objectives to evaluate and their stacked meta-parameters."""
-    keys = [k for k, _ in OBJECTIVES if k not in obj_lib.NUM_FEATURES or k in learned]
-    params = {
-        name: learned.get(name, obj_lib.zeros_like_drift_params(name, hidden))
-        for name in obj_lib.NUM_FEATURES
+def candidates(
+    learned: dict[str, dict], hidden: int, clip: float = obj_lib.PPO_CLIP
+) -> tuple[list[str], dict]:
+    """``(keys, population)``: the objectives to evaluate and their stacked meta-parameters.
+
+    ``learned`` holds ``"ta_lpo"`` / ``"lpo"`` (either may be absent) and, for a drift
+    network, ``"ta_lpo_distilled"`` (its linear fit)."""
+    slots = {
+        "ta_lpo": ("ta_lpo", hidden),
+        "ta_lpo_distilled": ("ta_lpo", 0),
+        "lpo": ("lpo", hidden),
     }
-    rows = [{"index": jnp.int32(_INDEX[k]), **params} for k in keys]
+    keys = [k for k, _ in OBJECTIVES if k not in slots or k in learned]
+    params = {
+        slot: learned.get(slot, obj_lib.zeros_like_drift_params(name, h))
+        for slot, (name, h) in slots.items()
+    }
+    rows = [{"index": jnp.int32(_INDEX[k]), "clip": jnp.float32(clip), **params} for k in keys]
     return keys, jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
 
 
@@ -90,7 +109,11 @@ def _runner(pcfg: ppo.PPOConfig):
 
 
 def returns_over_training(
-    pcfg: ppo.PPOConfig, learned: dict[str, dict], keys: jax.Array, hidden: int = 128
+    pcfg: ppo.PPOConfig,
+    learned: dict[str, dict],
+    keys: jax.Array,
+    hidden: int = 128,
+    clip: float = obj_lib.PPO_CLIP,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{objective: (curves [seeds, updates], final returns [seeds])}`` on ``pcfg``.
 
@@ -98,7 +121,7 @@ def returns_over_training(
     every update; the final return is :func:`ppo.window_return` (every episode that
     ended in the last ``fitness_window`` of the run, the meta-training fitness).
     """
-    names, pop = candidates(learned, hidden)
+    names, pop = candidates(learned, hidden, clip)
     curves, finals = _runner(pcfg)(pop, keys)
     return {
         n: (np.asarray(c), np.asarray(f)) for n, c, f in zip(names, curves, finals, strict=True)
@@ -106,31 +129,36 @@ def returns_over_training(
 
 
 def settings(cfg) -> list[dict]:
-    """The evaluation settings of a ``ta-lpo`` config: meta-training env at each horizon, then
-    each other environment."""
-    base = cfg.learner
+    """The evaluation settings of a (tuned) ``ta-lpo`` config: the meta-training environment,
+    then each of ``eval_envs``, each at every fraction of its own horizon, at PPO's lr."""
+    lr = {} if cfg.ppo_lr is None else {"lr": cfg.ppo_lr}
+    envs = [(cfg.env, cfg.timesteps), *zip(cfg.eval_envs, cfg.eval_timesteps, strict=True)]
     out = []
-    for h in cfg.eval_horizons:
-        p = ppo.horizon_config(base, h)
-        label = f"{base.env} {h:g}N"
-        out.append({"env": base.env, "fraction": h, "cfg": p, "label": label})
-    for env, steps in zip(cfg.eval_envs, cfg.eval_timesteps, strict=True):
-        p = ppo.ppo_config(env, total_timesteps=steps)
-        out.append({"env": p.env, "fraction": None, "cfg": p, "label": p.env})
+    for env, steps in envs:
+        base = ppo.ppo_config(env, total_timesteps=steps, **lr)
+        for h in cfg.eval_horizons:
+            p = ppo.horizon_config(base, h)
+            out.append({"env": base.env, "fraction": h, "cfg": p, "label": f"{base.env} {h:g}N"})
     return out
 
 
 def run_evaluation(cfg, learned: dict[str, dict], progress: bool = True) -> dict:
     """Every objective in every setting, and the paired comparison with PPO; a JSON-ready dict."""
     keys = jax.random.split(jax.random.key(cfg.seed + 20_000), cfg.eval_seeds)
-    result = {"seeds": cfg.eval_seeds, "meta_env": cfg.env, "settings": []}
+    result = {
+        "seeds": cfg.eval_seeds,
+        "meta_env": cfg.env,
+        "ppo_lr": cfg.learner.lr,
+        "ppo_clip": cfg.clip,
+        "settings": [],
+    }
     todo = settings(cfg)
     bar = ev.progress_bar(todo, desc="ta-lpo eval", unit="setting", progress=progress)
     finals: dict[str, dict[str, np.ndarray]] = {}
     for s in bar:
         p = s["cfg"]
         bar.set_postfix_str(f"{s['label']} ({ppo.env_steps(p)} steps)")
-        curves = returns_over_training(p, learned, keys, cfg.hidden)
+        curves = returns_over_training(p, learned, keys, cfg.hidden, cfg.clip)
         band = ev.curve_stats({k: c for k, (c, _) in curves.items()})
         result["settings"].append(
             {
@@ -160,29 +188,45 @@ def run_evaluation(cfg, learned: dict[str, dict], progress: bool = True) -> dict
     return result
 
 
+def _cell(mean: float, se: float) -> str:
+    return f"{mean:.3g} ± {se:.2g}"
+
+
 def markdown(result: dict) -> str:
-    """Rows = objectives, columns = settings, cells = mean ± std (best in bold); then the
-    paired comparison with PPO."""
+    """Rows = settings, columns = objectives, cells = mean ± standard error (best in bold);
+    then the paired comparison with PPO (Holm-corrected)."""
     labels = dict(OBJECTIVES)
     sets = result["settings"]
     names = list(sets[0]["results"])
     rows = []
-    for k in names:
-        cells = [labels[k]]
-        for s in sets:
+    for s in sets:
+        best = max(v["mean"] for v in s["results"].values())
+        cells = [f"{s['label']} ({s['timesteps']:,} steps)"]
+        for k in names:
             r = s["results"][k]
-            best = max(v["mean"] for v in s["results"].values())
-            cell = f"{r['mean']:.1f} ± {r['std']:.1f}"
+            cell = _cell(r["mean"], r["stderr"])
             cells.append(f"**{cell}**" if r["mean"] == best else cell)
         rows.append(cells)
-    header = ["objective", *[f"{s['label']} ({s['timesteps']:,} steps)" for s in sets]]
     lines = [
-        ev.table(header, rows),
+        f"PPO learning rate {result.get('ppo_lr', float('nan')):g} and clip "
+        f"{result.get('ppo_clip', obj_lib.PPO_CLIP):g} for every objective (tuned on the "
+        "meta-training tasks; `ppo_tuned.json`).",
+        "",
+        ev.table(["setting", *[labels[k] for k in names]], rows),
         f"Final return (mean return of the episodes that ended in the last "
         f"{sets[0]['ppo'].get('fitness_window', 0.1):.0%} of training), "
-        f"mean ± std over {result['seeds']} seeds unseen in meta-training (same seeds for "
-        f"every objective). N = the meta-training horizon.",
+        f"mean ± standard error over {result['seeds']} seeds unseen in meta-training (same "
+        "seeds for every objective; std and SE both with ddof=1). N = each environment's "
+        "evaluation horizon; the meta-training runs drew theirs from the horizon range.",
     ]
+    if "distilled" in result:
+        d = result["distilled"]
+        lines += [
+            "",
+            f"TA-LPO (distilled): `{d['formula']}` (least-squares fit of the network over the "
+            f"(r, A, p) grid: R² {d['fit']['r2_net']:.3f} on the network output, "
+            f"{d['fit']['r2_drift']:.3f} on the drift).",
+        ]
     if "comparison" in result:
         lines += [
             "",
@@ -194,39 +238,37 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: str | Path) -> None:
-    """Return vs horizon (meta env), bars for the other envs, learning curves at N."""
+    """Per environment, each objective's paired difference from PPO (± SE) against the
+    horizon fraction; then learning curves at N on the meta-training environment."""
     from metaopt.plotting import figure
 
     labels = dict(OBJECTIVES)
     sets = result["settings"]
-    horizon = [s for s in sets if s["horizon_fraction"] is not None]
-    others = [s for s in sets if s["horizon_fraction"] is None]
-    at_n = [s for s in horizon if s["horizon_fraction"] == 1.0]
-    ncols = (1 if horizon else 0) + len(others) + (1 if at_n else 0)
-    fig, axes = figure((3.6 * ncols, 3.2), 1, max(ncols, 1))
+    envs = list(dict.fromkeys(s["env"] for s in sets))
+    at_n = [s for s in sets if s["env"] == result["meta_env"] and s["horizon_fraction"] == 1.0]
+    ncols = len(envs) + (1 if at_n else 0)
+    fig, axes = figure((3.6 * ncols, 3.2), 1, ncols)
     axs = list(axes[0])
     names = list(sets[0]["results"])
-    if horizon:
+    for env in envs:
         ax = axs.pop(0)
-        x = [s["horizon_fraction"] for s in horizon]
-        for k in names:
-            m = [s["results"][k]["mean"] for s in horizon]
-            e = [s["results"][k]["stderr"] for s in horizon]
-            ax.errorbar(x, m, yerr=e, marker="o", capsize=3, label=labels[k])
+        rows = [s for s in sets if s["env"] == env]
+        x = [s["horizon_fraction"] for s in rows]
+        for i, k in enumerate(names):
+            diff = [
+                np.asarray(s["results"][k]["returns"])
+                - np.asarray(s["results"][REFERENCE]["returns"])
+                for s in rows
+            ]
+            m = [d.mean() for d in diff]
+            e = [d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0 for d in diff]
+            ax.errorbar(x, m, yerr=e, marker="o", capsize=3, color=f"C{i}", label=labels[k])
+        ax.axhline(0.0, color="k", lw=0.6)
         ax.set_xscale("log", base=2)
         ax.set_xticks(x, [f"{v:g}N" for v in x])
-        ax.set_title(f"{result['meta_env']}: final return vs horizon", fontsize=9)
-        ax.set_ylabel("final return")
+        ax.set_title(f"{env}: final return − PPO's (± paired SE)", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for s in others:
-        ax = axs.pop(0)
-        m = [s["results"][k]["mean"] for k in names]
-        e = [s["results"][k]["stderr"] for k in names]
-        ax.bar(range(len(names)), m, yerr=e, capsize=3, color=[f"C{i}" for i in range(len(names))])
-        ax.set_xticks(range(len(names)), [labels[k].split(" ")[0] for k in names])
-        ax.set_title(f"{s['label']} ({s['timesteps']:,} steps)", fontsize=9)
-        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=6)
     if at_n:
         ax = axs.pop(0)
         s = at_n[0]
@@ -245,14 +287,24 @@ def plot(result: dict, path: str | Path) -> None:
 
 def evaluate_run(run_dir: Path, cfg, progress: bool = True) -> dict:
     """``metaopt eval`` for a ``ta-lpo`` run: writes eval.json / eval.md / eval.png."""
-    from metaopt.algorithms.lpo.recipe import load_meta_params
+    from metaopt.algorithms.lpo.recipe import load_meta_params, resolve_ppo
 
+    cfg = resolve_ppo(cfg, run_dir, progress)
     learned = {name: load_meta_params(run_dir, name) for name in cfg.phases}
+    distilled = {}
+    if "ta_lpo" in learned and "w1" in learned["ta_lpo"]:  # a network: also its closed form
+        learned["ta_lpo_distilled"], fit = obj_lib.distill("ta_lpo", learned["ta_lpo"], cfg.clip)
+        distilled = {
+            "fit": fit,
+            "formula": obj_lib.formula("ta_lpo", learned["ta_lpo_distilled"], cfg.clip),
+        }
     result = run_evaluation(cfg, learned, progress)
+    if distilled:
+        result["distilled"] = distilled
     ev.write_eval(run_dir, result, markdown(result), lambda p: plot(result, p), recipe="ta-lpo")
     labels = dict(OBJECTIVES)
     return {
-        f"{labels[k]} @ {s['label']}": f"{r['mean']:.1f} +- {r['std']:.1f}"
+        f"{labels[k]} @ {s['label']}": f"{r['mean']:.3g} +- {r['stderr']:.2g} (SE)"
         for s in result["settings"]
         for k, r in s["results"].items()
     }

@@ -22,7 +22,11 @@ next to the value and entropy terms. Drop one into any PPO::
   ``[x, p x]``, so the drift can change with training progress ``p``.
 
 LPO / TA-LPO meta-parameters are ``{"w1": [F, H], "w2": [H, 1]}`` (``F`` = 8 or
-16 features, ``H`` hidden units, no biases). The drift is ``D = relu(D_ppo +
+16 features, ``H`` hidden units, no biases), or, for the *linear* drift family,
+``{"w": [F]}``: ``net(x) = w . x``, a closed form whose coefficients are linear
+in ``p`` for TA-LPO (``(a_k + b_k p) x_k``), printed by :func:`formula`.
+:func:`distill` fits the linear family to a network by least squares over an
+``(r, A, p)`` grid (symbolic distillation, as LPO distilled DPO). The drift is ``D = relu(D_ppo +
 dead_zone(net(x), 1e-4))`` ("PPO-init"), where ``dead_zone(u, c) = u - clip(u,
 -c, c)``. Every feature vanishes at ``r = 1`` and the network has no biases, so
 ``net`` is 0 at ``r = 1`` for any weights and below ``1e-4`` in a neighbourhood
@@ -109,10 +113,13 @@ def ta_lpo_features(ratio: jax.Array, advantage: jax.Array, progress: jax.Array)
 
 
 def drift_net(meta_params: dict, features: jax.Array) -> jax.Array:
-    """The drift network ``Dense(H, no bias) -> tanh -> Dense(1, no bias)``.
+    """The drift network ``Dense(H, no bias) -> tanh -> Dense(1, no bias)``, or ``w . x``
+    for linear meta-parameters ``{"w": [F]}``.
 
     Returns an array of shape ``features.shape[:-1]``.
     """
+    if "w" in meta_params:
+        return features @ meta_params["w"]
     hidden = jnp.tanh(features @ meta_params["w1"])
     return (hidden @ meta_params["w2"])[..., 0]
 
@@ -185,15 +192,18 @@ def dpo(meta_params, ratio, advantage, progress, alpha: float = DPO_ALPHA, beta:
     return drift_loss(ratio, advantage, dpo_drift(ratio, advantage, alpha, beta))
 
 
-def lpo(meta_params, ratio, advantage, progress):
-    """LPO: ``-mean(r A - D_lpo(r, A))`` with the drift network ``meta_params``."""
+def lpo(meta_params, ratio, advantage, progress, clip_eps: float = PPO_CLIP):
+    """LPO: ``-mean(r A - D_lpo(r, A))`` with the drift network ``meta_params`` (PPO-init
+    around the clip ``clip_eps``)."""
     del progress
-    return drift_loss(ratio, advantage, lpo_drift(meta_params, ratio, advantage))
+    return drift_loss(ratio, advantage, lpo_drift(meta_params, ratio, advantage, clip_eps))
 
 
-def ta_lpo(meta_params, ratio, advantage, progress):
-    """TA-LPO: ``-mean(r A - D_ta_lpo(r, A, p))`` with the drift network ``meta_params``."""
-    return drift_loss(ratio, advantage, ta_lpo_drift(meta_params, ratio, advantage, progress))
+def ta_lpo(meta_params, ratio, advantage, progress, clip_eps: float = PPO_CLIP):
+    """TA-LPO: ``-mean(r A - D_ta_lpo(r, A, p))`` with the drift network ``meta_params``
+    (PPO-init around the clip ``clip_eps``)."""
+    drift = ta_lpo_drift(meta_params, ratio, advantage, progress, clip_eps)
+    return drift_loss(ratio, advantage, drift)
 
 
 OBJECTIVES: dict[str, Objective] = {
@@ -208,16 +218,18 @@ OBJECTIVES: dict[str, Objective] = {
 NUM_FEATURES = {"lpo": 8, "ta_lpo": 16}
 
 
-def drift(name: str, meta_params, ratio, advantage, progress) -> jax.Array:
+def drift(
+    name: str, meta_params, ratio, advantage, progress, clip_eps: float = PPO_CLIP
+) -> jax.Array:
     """The elementwise drift ``D(r, A[, p])`` of objective ``name`` (for plots and tests)."""
     if name in ("ppo", "clipped_ppo"):
-        return ppo_drift(ratio, advantage)
+        return ppo_drift(ratio, advantage, clip_eps)
     if name == "dpo":
         return dpo_drift(ratio, advantage)
     if name == "lpo":
-        return lpo_drift(meta_params, ratio, advantage)
+        return lpo_drift(meta_params, ratio, advantage, clip_eps)
     if name == "ta_lpo":
-        return ta_lpo_drift(meta_params, ratio, advantage, progress)
+        return ta_lpo_drift(meta_params, ratio, advantage, progress, clip_eps)
     raise ValueError(f"unknown objective {name!r}; choose from {sorted(OBJECTIVES)}")
 
 
@@ -226,7 +238,9 @@ def init_drift_params(
 ) -> dict[str, jax.Array]:
     """PPO-initialised meta-parameters of a learned drift (``name`` = ``"lpo"`` or ``"ta_lpo"``).
 
-    ``w2`` (the output layer) is zero, so the drift is PPO's. ``w1`` is random
+    ``w2`` (the output layer) is zero, so the drift is PPO's. ``hidden=0``: the linear
+    family, ``{"w": zeros [F]}`` (also PPO's drift; linear in the weights, so antithetic
+    pairs differ). ``w1`` is random
     (LeCun-normal times ``scale``, from ``seed``), not zero: with both layers zero
     the network is an even function of the weights (``net(-w1, -w2) = net(w1,
     w2)``), so antithetic ES pairs get identical fitness and the mean never moves.
@@ -237,6 +251,8 @@ def init_drift_params(
     if name not in NUM_FEATURES:
         raise ValueError(f"{name!r} has no drift network; choose from {sorted(NUM_FEATURES)}")
     f = NUM_FEATURES[name]
+    if hidden == 0:
+        return zeros_like_drift_params(name, 0)
     rng = np.random.default_rng(seed)
     w1 = rng.standard_normal((f, hidden)) * scale / np.sqrt(f)
     return {
@@ -246,6 +262,96 @@ def init_drift_params(
 
 
 def zeros_like_drift_params(name: str, hidden: int = LPO_HIDDEN) -> dict[str, jax.Array]:
-    """All-zero meta-parameters (the drift is then PPO's, like :func:`init_drift_params`)."""
+    """All-zero meta-parameters (the drift is then PPO's, like :func:`init_drift_params`);
+    ``hidden=0``: the linear family."""
     f = NUM_FEATURES[name]
+    if hidden == 0:
+        return {"w": jnp.zeros((f,), jnp.float32)}
     return {"w1": jnp.zeros((f, hidden), jnp.float32), "w2": jnp.zeros((hidden, 1), jnp.float32)}
+
+
+# ---------------------------------------------------------------------------
+# The linear family as a closed form, and symbolic distillation into it.
+# ---------------------------------------------------------------------------
+
+#: names of the 8 base features of :func:`lpo_features`, in order.
+FEATURE_NAMES = (
+    "log r",
+    "(log r)^2",
+    "(1 - r)",
+    "(1 - r)^2",
+    "A log r",
+    "A (log r)^2",
+    "A (1 - r)",
+    "A (1 - r)^2",
+)
+
+
+def features(name: str, ratio, advantage, progress) -> jax.Array:
+    """The input features of learned drift ``name`` (``"lpo"``: 8, ``"ta_lpo"``: 16)."""
+    if name == "lpo":
+        return lpo_features(ratio, advantage)
+    return ta_lpo_features(ratio, advantage, progress)
+
+
+def distillation_grid(name: str, size: int = 33, progress_points: int = 11):
+    """``(r, A, p)`` flattened over the grid the distillation fits on: ``r`` log-spaced in
+    ``[0.5, 2]``, ``A`` in ``[-3, 3]`` (normalised advantages), ``p`` in ``[0, 1]`` (TA-LPO)."""
+    r = np.exp(np.linspace(np.log(0.5), np.log(2.0), size))
+    a = np.linspace(-3.0, 3.0, size)
+    p = np.linspace(0.0, 1.0, progress_points) if name == "ta_lpo" else np.zeros(1)
+    rr, aa, pp = np.meshgrid(r, a, p, indexing="ij")
+    return (jnp.asarray(v.ravel(), jnp.float32) for v in (rr, aa, pp))
+
+
+def _r2(target: np.ndarray, fitted: np.ndarray) -> float:
+    total = max(float(np.sum((target - target.mean()) ** 2)), 1e-30)
+    return 1.0 - float(np.sum((target - fitted) ** 2)) / total
+
+
+def distill(name: str, meta_params: dict, clip_eps: float = PPO_CLIP) -> tuple[dict, dict]:
+    """Fits the linear family ``w . x`` to a drift network by least squares over
+    :func:`distillation_grid` (the network's output, before the PPO base and the relu).
+
+    Returns:
+      ``({"w": [F]}, fit)`` with ``fit = {"r2_net": R^2 of the network output,
+      "r2_drift": R^2 of the drift D itself, "rmse_drift": its RMS error}``.
+    """
+    ratio, adv, prog = distillation_grid(name)
+    x = np.asarray(features(name, ratio, adv, prog), np.float64)
+    y = np.asarray(drift_net(meta_params, jnp.asarray(x, jnp.float32)), np.float64)
+    w, *_ = np.linalg.lstsq(x, y, rcond=None)
+    linear = {"w": jnp.asarray(w, jnp.float32)}
+    d_net = np.asarray(drift(name, meta_params, ratio, adv, prog, clip_eps), np.float64)
+    d_lin = np.asarray(drift(name, linear, ratio, adv, prog, clip_eps), np.float64)
+    fit = {
+        "r2_net": _r2(y, x @ w),
+        "r2_drift": _r2(d_net, d_lin),
+        "rmse_drift": float(np.sqrt(np.mean((d_net - d_lin) ** 2))),
+    }
+    return linear, fit
+
+
+def formula(name: str, meta_params: dict, clip_eps: float = PPO_CLIP, digits: int = 3) -> str:
+    """The linear drift as a closed form, e.g. ``D = relu(D_ppo[0.2] + dz((0.12 - 0.3 p) A (1 -
+    r)^2 + ...))``, where ``dz`` is the 1e-4 dead zone; terms below ``10^-digits`` left out."""
+    if "w" not in meta_params:
+        raise ValueError("formula needs linear drift parameters {'w': [F]}; distill a network")
+    w = np.asarray(meta_params["w"], np.float64)
+    f = len(FEATURE_NAMES)
+    terms = []
+    for k, feat in enumerate(FEATURE_NAMES):
+        a = w[k]
+        b = w[f + k] if name == "ta_lpo" else 0.0
+        tol = 0.5 * 10.0**-digits
+        if abs(a) < tol and abs(b) < tol:
+            continue
+        if abs(b) < tol:
+            coef = f"{a:.{digits}f}"
+        elif abs(a) < tol:
+            coef = f"{b:.{digits}f} p"
+        else:
+            coef = f"({a:.{digits}f} {'+' if b >= 0 else '-'} {abs(b):.{digits}f} p)"
+        terms.append(f"{coef} {feat}")
+    body = " + ".join(terms) if terms else "0"
+    return f"D = relu(D_ppo[clip {clip_eps:g}] + dz({body}))"

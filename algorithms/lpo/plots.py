@@ -28,12 +28,13 @@ def drift_grid(
     r_range: tuple[float, float] = R_RANGE,
     a_range: tuple[float, float] = A_RANGE,
     size: int = 101,
+    clip_eps: float = obj_lib.PPO_CLIP,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(r [size], A [size], D [size_A, size_r])`` of objective ``name`` on a grid."""
     r = jnp.linspace(*r_range, size)
     a = jnp.linspace(*a_range, size)
     rr, aa = jnp.meshgrid(r, a)
-    d = obj_lib.drift(name, meta_params, rr, aa, jnp.float32(progress))
+    d = obj_lib.drift(name, meta_params, rr, aa, jnp.float32(progress), clip_eps)
     return np.asarray(r), np.asarray(a), np.asarray(d)
 
 
@@ -47,26 +48,33 @@ def _panel(ax, r, a, d, title, vmax, cmap="viridis"):
 
 
 def plot_drift(
-    learned: dict[str, dict], path: str | Path | None = None, progress=PROGRESS, size: int = 101
+    learned: dict[str, dict],
+    path: str | Path | None = None,
+    progress=PROGRESS,
+    size: int = 101,
+    clip_eps: float = obj_lib.PPO_CLIP,
 ):
     """Drift heatmaps: one row of TA-LPO at each ``progress`` (if given), one row of references.
 
     Args:
       learned: ``{"ta_lpo": meta_params, "lpo": meta_params}`` (either may be absent).
       path: save the figure there as PNG.
+      clip_eps: PPO's clip, around which the learned drifts are built (and shown).
 
     Returns:
       The matplotlib figure.
     """
     from metaopt.plotting import figure
 
-    refs = [("PPO (clip 0.2)", "ppo", None), ("DPO", "dpo", None)]
+    refs = [(f"PPO (clip {clip_eps:g})", "ppo", None), ("DPO", "dpo", None)]
     if "lpo" in learned:
         refs.append(("LPO (discovered)", "lpo", learned["lpo"]))
     rows = [[(f"TA-LPO, p = n/N = {p:g}", "ta_lpo", learned["ta_lpo"], p) for p in progress]]
     rows = rows if "ta_lpo" in learned else []
     rows.append([(t, n, mp, 0.0) for t, n, mp in refs])
-    grids = [[drift_grid(n, mp, p, size=size) for _, n, mp, p in row] for row in rows]
+    grids = [
+        [drift_grid(n, mp, p, size=size, clip_eps=clip_eps) for _, n, mp, p in row] for row in rows
+    ]
     # one colour scale for everything, robust to a few huge values
     vmax = float(np.percentile(np.concatenate([g[2].ravel() for row in grids for g in row]), 98))
     vmax = max(vmax, 1e-3)

@@ -78,6 +78,10 @@ class PPOConfig:
     # the final return (fitness, evaluation) is the mean return of every episode that
     # ends in the last `fitness_window` of the updates (at least the last update)
     fitness_window: float = 0.1
+    # (lo, hi): each run draws its own horizon, log-uniform in [lo N, hi N] updates
+    # (N = num_updates) from its init key; the loop runs hi N updates and a run is
+    # frozen past its own horizon. None: every run has horizon N.
+    horizon_range: tuple[float, float] | None = None
 
     def __post_init__(self):
         rl.canonical_name(self.env)
@@ -100,6 +104,12 @@ class PPOConfig:
         check(self.value_clip >= 0, "value_clip must be >= 0")
         check(0 < self.fitness_window <= 1, "fitness_window must be in (0, 1]")
         check(all(h >= 1 for h in self.hidden), "hidden widths must be >= 1")
+        if self.horizon_range is not None:
+            lo, hi = self.horizon_range
+            check(
+                0 < lo <= hi,
+                f"horizon_range must be (lo, hi) with 0 < lo <= hi, got {self.horizon_range}",
+            )
 
     @property
     def batch_size(self) -> int:
@@ -112,6 +122,13 @@ class PPOConfig:
         return self.total_timesteps // self.batch_size
 
     @property
+    def max_updates(self) -> int:
+        """Updates the inner loop runs: ``num_updates``, or ``ceil(hi N)`` with a horizon range."""
+        if self.horizon_range is None:
+            return self.num_updates
+        return max(1, math.ceil(self.horizon_range[1] * self.num_updates))
+
+    @property
     def minibatch_size(self) -> int:
         return self.batch_size // self.num_minibatches
 
@@ -119,6 +136,25 @@ class PPOConfig:
     def window_start(self) -> int:
         """The first update whose completed episodes count towards the final return."""
         return self.num_updates - max(1, math.ceil(self.fitness_window * self.num_updates))
+
+
+def sample_horizon(cfg: PPOConfig, key: jax.Array) -> jax.Array:
+    """A run's horizon in updates (int32): ``cfg.num_updates``, or with ``cfg.horizon_range =
+    (lo, hi)`` drawn log-uniformly in ``[lo N, hi N]`` (rounded, at least 1)."""
+    if cfg.horizon_range is None:
+        return jnp.asarray(cfg.num_updates, jnp.int32)
+    lo, hi = (math.log(f * cfg.num_updates) for f in cfg.horizon_range)
+    u = jax.random.uniform(key, (), jnp.float32)
+    n = jnp.round(jnp.exp(lo + u * (hi - lo)))
+    return jnp.clip(n, 1, cfg.max_updates).astype(jnp.int32)
+
+
+def window_start(cfg: PPOConfig, horizon: jax.Array) -> jax.Array:
+    """:attr:`PPOConfig.window_start` for a run of ``horizon`` updates (traced)."""
+    if cfg.horizon_range is None:
+        return jnp.asarray(cfg.window_start, jnp.int32)
+    width = jnp.ceil(cfg.fitness_window * horizon.astype(jnp.float32)).astype(jnp.int32)
+    return horizon - jnp.maximum(1, width)
 
 
 #: per-environment PPO settings (CartPole/Acrobot: the common classic-control
@@ -336,23 +372,20 @@ def make_ppo(
     env, env_params = rl.make(cfg.env)
     net = ActorCritic(env.num_actions(env_params), tuple(cfg.hidden), cfg.activation)
     obs_size = env.observation_size(env_params)
-    steps_per_update = cfg.update_epochs * cfg.num_minibatches
-    num_updates = cfg.num_updates
+    num_updates = cfg.max_updates
+    # Adam's direction; the learning rate is applied in `step`, where the run's own
+    # horizon is known: constant within an update, linear from lr to lr/N over the run.
+    tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.scale_by_adam(eps=1e-5))
 
-    if cfg.anneal_lr:
-
-        def lr(count):
-            # constant within an update, linear from lr to lr/N over the run
-            done = count // steps_per_update
-            return cfg.lr * (1.0 - done.astype(jnp.float32) / num_updates)
-
-    else:
-        lr = cfg.lr
-    tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(lr, eps=1e-5))
+    def learning_rate(update, horizon):
+        if not cfg.anneal_lr:
+            return jnp.float32(cfg.lr)
+        return cfg.lr * (1.0 - update.astype(jnp.float32) / horizon.astype(jnp.float32))
 
     def init(meta_params, key):
         del meta_params
         k_net, k_env = jax.random.split(key)
+        horizon = sample_horizon(cfg, jax.random.fold_in(key, 1))
         params = net.init(k_net, jnp.zeros((obs_size,), jnp.float32))
         obs, env_state = jax.vmap(lambda k: env.reset(k, env_params))(
             jax.random.split(k_env, cfg.num_envs)
@@ -363,7 +396,7 @@ def make_ppo(
             env_state=env_state,
             obs=obs,
             update=jnp.zeros((), jnp.int32),
-            horizon=jnp.asarray(num_updates, jnp.int32),
+            horizon=horizon,
             window_return=jnp.zeros((), jnp.float32),
             window_episodes=jnp.zeros((), jnp.float32),
         )
@@ -438,11 +471,13 @@ def make_ppo(
             lambda x: x.reshape((cfg.batch_size,) + x.shape[2:]), (traj, adv, targets)
         )
         progress = state.progress
+        step_size = -learning_rate(state.update, state.horizon)
 
         def minibatch_step(carry, batch):
             params, opt_state = carry
             grads, aux = grad_fn(params, meta_params, batch, progress)
             updates, opt_state = tx.update(grads, opt_state, params)
+            updates = jax.tree.map(lambda u: step_size * u, updates)
             return (optax.apply_updates(params, updates), opt_state), aux
 
         def epoch(carry, k):
@@ -460,7 +495,7 @@ def make_ppo(
             (state.params, state.opt_state),
             jax.random.split(k_epochs, cfg.update_epochs),
         )
-        in_window = (state.update >= cfg.window_start).astype(jnp.float32)
+        in_window = (state.update >= window_start(cfg, state.horizon)).astype(jnp.float32)
         new = PPOState(
             params,
             opt_state,
@@ -473,6 +508,10 @@ def make_ppo(
         )
         metrics = {k: jnp.mean(v) for k, v in aux.items()}
         metrics["return"] = final_return(env_state)
+        if cfg.horizon_range is not None:  # past its own horizon a run stays as it was
+            live = state.update < state.horizon
+            new = jax.tree.map(lambda a, b: jnp.where(live, a, b), new, state)
+            metrics["return"] = final_return(new.env_state)
         return new, metrics
 
     def meta_loss(meta_params, state, key):

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +55,7 @@ from metaopt import outer as outer_lib
 from metaopt.algorithms.lpo import objectives as obj_lib
 from metaopt.algorithms.lpo import ppo
 from metaopt.algorithms.lpo.evaluate import evaluate_run
+from metaopt.checkpoint import write_json_atomic
 from metaopt.config import check
 from metaopt.envs import rl
 from metaopt.inner import InnerLoop
@@ -74,34 +76,51 @@ class Config:
     """
 
     env: str = "CartPole-v1"
-    timesteps: int = 65_536  # horizon N, in environment steps
+    timesteps: int = 16_384  # horizon N, in environment steps (32 PPO updates)
+    # each meta-training run draws its horizon log-uniformly in [lo N, hi N] (padded to
+    # hi N and frozen past its own), so evaluation at N/4..2N is in distribution;
+    # None: every run has horizon N
+    horizon_range: tuple[float, float] | None = (0.25, 2.0)
     objective: Literal["ta_lpo", "lpo"] = "ta_lpo"
     baseline_lpo: bool = True  # also meta-train non-temporal LPO (same budget) for eval
-    hidden: int = 128  # drift-network width
-    init_scale: float = 1.0  # scale of the random first layer (the output layer starts at 0)
+    # 0: the linear drift family (w . x: 16 coefficients (a_k + b_k p) for TA-LPO, 8 for
+    # LPO, zero = PPO); > 0: the LPO drift network of that width (output layer at zero)
+    hidden: int = 0
+    init_scale: float = 1.0  # scale of the network's random first layer
+    # PPO's learning rate and clip: tuned on the grid below (on the meta-training tasks,
+    # tune_seeds runs per point) unless given; every objective then trains at the tuned
+    # lr, and the learned drifts start from (and are built around) the tuned clip
+    ppo_lr: float | None = None
+    ppo_clip: float | None = None
+    tune_lrs: tuple[float, ...] = (1e-3, 2.5e-3, 5e-3, 1e-2, 2e-2)
+    tune_clips: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
+    tune_seeds: int = 32
     strategy: str = "Open_ES"
     population: int = 32
-    seeds: int = 2
-    sigma: float = 0.03
-    sigma_decay: float = 1.0
-    meta_lr: float = 0.015
-    meta_lr_decay: float = 1.0  # per-generation decay of meta_lr (LPO's ES decays it)
+    seeds: int = 1
+    sigma: float = 0.2
+    sigma_decay: float = 0.99
+    meta_lr: float = 0.05
+    meta_lr_decay: float = 0.99  # per-generation decay of meta_lr (LPO's ES decays it)
     # "shared": every candidate on the generation's seeds; "per_pair": each antithetic
-    # pair on its own seeds (metaopt.outer.ES); pair_fitness: "centered" or "sign"
-    task_sampling: str = "shared"
-    pair_fitness: str = "centered"
-    generations: int = 12
+    # pair on its own seeds (and horizons) (metaopt.outer.ES); pair_fitness: "sign" (which
+    # of the pair won: returns at 2N and N/4 weigh the same) or "centered"
+    task_sampling: str = "per_pair"
+    pair_fitness: str = "sign"
+    generations: int = 80
     steps_per_call: int = 1
-    checkpoint_every: int = 4
+    checkpoint_every: int = 10
     # validation: every valid_every generations the ES mean runs whole PPO runs on
-    # valid_seeds fixed seeds; valid_return is logged (from generation 0) and the
-    # best-on-validation drift is kept as PHASE_best.npz. 0 turns it off.
-    valid_every: int = 4
-    valid_seeds: int = 8
-    eval_seeds: int = 8
+    # valid_seeds fixed seeds (and horizons); valid_return is logged (from generation 0)
+    # and the best-on-validation drift is kept as PHASE_best.npz. 0 turns it off.
+    valid_every: int = 5
+    valid_seeds: int = 32
+    eval_seeds: int = 64
+    # every environment (the meta-training one first) is evaluated at each fraction of
+    # its own horizon (timesteps for env, eval_timesteps for the others)
     eval_horizons: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
-    eval_envs: tuple[str, ...] = ("Acrobot-v1", "Breakout-MinAtar")
-    eval_timesteps: tuple[int, ...] = (131_072, 262_144)
+    eval_envs: tuple[str, ...] = ("Acrobot-v1", "Catch-bsuite")
+    eval_timesteps: tuple[int, ...] = (32_768, 8_192)
     seed: int = 0
 
     def __post_init__(self):
@@ -117,7 +136,13 @@ class Config:
             f"eval_timesteps ({len(self.eval_timesteps)} values) must give one horizon per "
             f"eval_envs entry ({len(self.eval_envs)})",
         )
-        check(self.hidden >= 1, "hidden must be >= 1")
+        check(self.hidden >= 0, "hidden must be >= 0 (0: the linear drift family)")
+        check(len(self.tune_lrs) >= 1 and len(self.tune_clips) >= 1, "the tuning grid is empty")
+        check(all(v > 0 for v in self.tune_lrs), "tune_lrs must be > 0")
+        check(all(0 < v < 1 for v in self.tune_clips), "tune_clips must be in (0, 1)")
+        check(self.tune_seeds >= 1, "tune_seeds must be >= 1")
+        check(self.ppo_lr is None or self.ppo_lr > 0, "ppo_lr must be > 0")
+        check(self.ppo_clip is None or 0 < self.ppo_clip < 1, "ppo_clip must be in (0, 1)")
         check(self.population >= 2 and self.population % 2 == 0, "population must be even, >= 2")
         check(self.seeds >= 1, "seeds must be >= 1")
         check(self.sigma > 0, "sigma must be > 0")
@@ -134,8 +159,24 @@ class Config:
 
     @property
     def learner(self) -> ppo.PPOConfig:
-        """The PPO learner of meta-training (horizon ``N`` = ``timesteps``)."""
-        return ppo.ppo_config(self.env, total_timesteps=self.timesteps)
+        """The PPO learner of meta-training (horizon ``N`` = ``timesteps``, each run's own
+        horizon drawn from ``horizon_range``) at ``ppo_lr`` (the environment's default
+        until tuned)."""
+        return ppo.ppo_config(
+            self.env,
+            total_timesteps=self.timesteps,
+            horizon_range=self.horizon_range,
+            **({"lr": self.ppo_lr} if self.ppo_lr is not None else {}),
+        )
+
+    @property
+    def clip(self) -> float:
+        """PPO's clip (tuned or given; the common 0.2 until then)."""
+        return obj_lib.PPO_CLIP if self.ppo_clip is None else self.ppo_clip
+
+    @property
+    def tuned(self) -> bool:
+        return self.ppo_lr is not None and self.ppo_clip is not None
 
     @property
     def phases(self) -> tuple[str, ...]:
@@ -147,22 +188,141 @@ class Config:
 
 PRESETS = {
     "quick": {
-        "timesteps": 16_384,
+        "timesteps": 4_096,
         "population": 8,
-        "seeds": 1,
         "generations": 3,
         "baseline_lpo": False,
+        "tune_lrs": (2.5e-3, 1e-2),
+        "tune_clips": (0.2,),
+        "tune_seeds": 2,
+        "valid_every": 1,
+        "valid_seeds": 2,
         "eval_seeds": 2,
         "eval_horizons": (0.5, 1.0),
         "eval_envs": ("Acrobot-v1",),
-        "eval_timesteps": (16_384,),
+        "eval_timesteps": (4_096,),
+    },
+    # sized for one accelerator: 8x the population, 6x the generations, 4x the seeds
+    "long": {
+        "population": 256,
+        "generations": 500,
+        "checkpoint_every": 25,
+        "valid_every": 10,
+        "valid_seeds": 128,
+        "tune_seeds": 128,
+        "eval_seeds": 256,
     },
 }
 
 
 def build_inner(cfg: Config, name: str) -> InnerLoop:
-    """PPO on the meta-training task with the learned objective ``name``."""
-    return ppo.make_ppo(cfg.learner, name, name=f"ppo-{name}")
+    """PPO on the meta-training tasks with the learned objective ``name`` around ``cfg.clip``."""
+    objective = functools.partial(obj_lib.OBJECTIVES[name], clip_eps=cfg.clip)
+    return ppo.make_ppo(cfg.learner, objective, name=f"ppo-{name}")
+
+
+# ---------------------------------------------------------------------------
+# The baseline gets the same care: PPO's lr x clip tuned on the meta-training tasks.
+# ---------------------------------------------------------------------------
+
+TUNE_SEED = 31_337  # folded into cfg.seed: the tuning runs' seeds (and horizons)
+TUNED_FILE = "ppo_tuned.json"
+
+
+def _clipped(clip, ratio, advantage, progress):
+    return obj_lib.clipped_ppo(None, ratio, advantage, progress, clip_eps=clip)
+
+
+def tune_ppo(cfg: Config, progress: bool = True) -> dict:
+    """PPO's ``lr x clip`` grid on the meta-training tasks: ``tune_seeds`` whole runs per
+    point on the same seeds (and, with ``horizon_range``, the same drawn horizons), one
+    compiled computation per lr, vmapped over clips x seeds.
+
+    Returns a JSON-ready dict: the best ``lr`` and ``clip`` (highest mean final return),
+    the grid's means and standard errors, the number of runs, and ``at_edge`` (the grid
+    axes whose best value is an end point: the optimum may lie outside).
+    """
+    from metaopt import evaluation as ev
+    from metaopt.inner import rollout_loss
+
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(cfg.seed), TUNE_SEED), cfg.tune_seeds)
+    clips = jnp.asarray(cfg.tune_clips, jnp.float32)
+    finals = []
+    for lr in ev.progress_bar(
+        cfg.tune_lrs, desc="ta-lpo: tune PPO lr x clip", unit="lr", progress=progress
+    ):
+        inner = ppo.make_ppo(dataclasses.replace(cfg, ppo_lr=lr).learner, _clipped, name="ppo-tune")
+        run = jax.jit(jax.vmap(lambda c: jax.vmap(lambda k: -rollout_loss(inner, c, k))(keys)))
+        finals.append(np.asarray(run(clips), np.float64))
+    r = np.stack(finals)  # [lrs, clips, seeds]
+    mean = r.mean(-1)
+    se = r.std(-1, ddof=1) / np.sqrt(r.shape[-1]) if r.shape[-1] > 1 else np.full_like(mean, np.nan)
+    i, j = np.unravel_index(int(np.argmax(mean)), mean.shape)
+    at_edge = [
+        axis
+        for axis, k, n in (("lr", i, len(cfg.tune_lrs)), ("clip", j, len(cfg.tune_clips)))
+        if n > 1 and k in (0, n - 1)
+    ]
+    return {
+        "lr": float(cfg.tune_lrs[i]),
+        "clip": float(cfg.tune_clips[j]),
+        "best_return": float(mean[i, j]),
+        "best_stderr": float(se[i, j]),
+        "lrs": [float(v) for v in cfg.tune_lrs],
+        "clips": [float(v) for v in cfg.tune_clips],
+        "mean": mean.tolist(),
+        "stderr": se.tolist(),
+        "runs": int(r.size),
+        "seeds_per_point": int(r.shape[-1]),
+        "at_edge": at_edge,
+    }
+
+
+def resolve_ppo(cfg: Config, out: str | Path | None = None, progress: bool = True) -> Config:
+    """``cfg`` with ``ppo_lr`` and ``ppo_clip`` set: as given, else from ``out/ppo_tuned.json``
+    (resume, evaluation), else tuned now (:func:`tune_ppo`) and written there atomically."""
+    if cfg.tuned:
+        return cfg
+    path = Path(out) / TUNED_FILE if out is not None else None
+    if path is not None and path.exists():
+        tuned = json.loads(path.read_text())
+    else:
+        tuned = tune_ppo(cfg, progress)
+        if tuned["at_edge"]:
+            print(
+                f"warning: PPO's best {' and '.join(tuned['at_edge'])} on the tuning grid is "
+                "an end point (tune_lrs / tune_clips): the optimum may lie outside the grid"
+            )
+        if path is not None:
+            write_json_atomic(path, tuned)
+    return dataclasses.replace(
+        cfg,
+        ppo_lr=tuned["lr"] if cfg.ppo_lr is None else cfg.ppo_lr,
+        ppo_clip=tuned["clip"] if cfg.ppo_clip is None else cfg.ppo_clip,
+    )
+
+
+def plot_tuning(tuned: dict, path: Path) -> None:
+    """PPO's final return over the lr x clip grid (mean over the tuning seeds)."""
+    from metaopt.plotting import figure
+
+    fig, axes = figure((4.6, 3.4))
+    ax = axes[0, 0]
+    mean = np.asarray(tuned["mean"])
+    im = ax.imshow(mean.T, origin="lower", aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(tuned["lrs"])), [f"{v:g}" for v in tuned["lrs"]], fontsize=7)
+    ax.set_yticks(range(len(tuned["clips"])), [f"{v:g}" for v in tuned["clips"]], fontsize=7)
+    for i in range(mean.shape[0]):
+        for j in range(mean.shape[1]):
+            ax.text(i, j, f"{mean[i, j]:.0f}", ha="center", va="center", fontsize=6, color="w")
+    ax.set_xlabel("PPO learning rate")
+    ax.set_ylabel("clip")
+    ax.set_title(
+        f"PPO tuning: final return, {tuned['seeds_per_point']} seeds per point", fontsize=9
+    )
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def initial_meta_params(cfg: Config, name: str) -> dict:
@@ -176,18 +336,30 @@ def build_outer(cfg: Config, inner: InnerLoop) -> outer_lib.OuterEstimator:
 
 
 def load_meta_params(run_dir: str | Path, name: str = "ta_lpo") -> dict:
-    """The discovered drift network ``name`` (``"ta_lpo"`` or ``"lpo"``) of a finished run."""
+    """The discovered drift ``name`` (``"ta_lpo"`` or ``"lpo"``) of a finished run: network
+    ``{"w1", "w2"}`` or linear ``{"w"}`` meta-parameters."""
     tree, _ = load_artifact(Path(run_dir) / f"{name}.npz", f"lpo-drift/{name}")
-    return {k: jnp.asarray(tree[k], jnp.float32) for k in ("w1", "w2")}
+    keys = ("w",) if "w" in tree else ("w1", "w2")
+    return {k: jnp.asarray(tree[k], jnp.float32) for k in keys}
+
+
+def load_clip(run_dir: str | Path) -> float:
+    """The PPO clip the run's drifts are built around (``ppo_tuned.json``; 0.2 for runs
+    that did not tune it)."""
+    path = Path(run_dir) / TUNED_FILE
+    return float(json.loads(path.read_text())["clip"]) if path.exists() else obj_lib.PPO_CLIP
 
 
 def load_objective(run_dir: str | Path, name: str = "ta_lpo") -> Callable:
     """The discovered objective as a pure loss ``(ratio, advantage, progress) -> scalar``.
 
     Drop it into any PPO in place of the clipped surrogate; ``progress`` is the
-    update index over the number of updates of the run (ignored by LPO).
+    update index over the number of updates of the run (ignored by LPO). Train it at
+    the run's tuned PPO learning rate (``ppo_tuned.json``).
     """
-    return functools.partial(obj_lib.OBJECTIVES[name], load_meta_params(run_dir, name))
+    return functools.partial(
+        obj_lib.OBJECTIVES[name], load_meta_params(run_dir, name), clip_eps=load_clip(run_dir)
+    )
 
 
 VALID_SEED = 7_777  # folded into cfg.seed: validation seeds no phase trains on
@@ -277,6 +449,9 @@ def _phase_summary(out: Path, name: str) -> dict:
     line = validation_line(every, name)
     if line:
         out[f"{name}_valid_return"] = line
+    corr = [r["pair_correlation"] for r in rows if "pair_correlation" in r]
+    if corr:  # do common random numbers (a pair's shared seed and horizon) still help?
+        out[f"{name}_within_pair_correlation"] = f"{np.mean(corr):.2f} (mean over generations)"
     return out
 
 
@@ -284,20 +459,34 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     from metaopt.algorithms.lpo.plots import plot_drift
 
     t0 = time.perf_counter()
+    cfg = resolve_ppo(cfg, out, progress)
+    tuned_path = out / TUNED_FILE
+    if tuned_path.exists():
+        plot_tuning(json.loads(tuned_path.read_text()), out / "ppo_tuning.png")
     learned = {}
     for name in cfg.phases:
         learned[name] = meta_train(cfg, name, out, resume, progress)
     plot_meta_training(out, cfg.phases, out / "meta_training.png")
-    plot_drift(learned, out / "drift.png")
+    plot_drift(learned, out / "drift.png", clip_eps=cfg.clip)
     n = cfg.learner.num_updates
     summary = {
         "env": cfg.env,
-        "horizon": f"{ppo.env_steps(cfg.learner)} env steps = {n} PPO updates",
+        "horizon": f"N = {ppo.env_steps(cfg.learner)} env steps = {n} PPO updates"
+        + (
+            f"; meta-training horizons log-uniform in [{cfg.horizon_range[0]:g}N, "
+            f"{cfg.horizon_range[1]:g}N]"
+            if cfg.horizon_range
+            else ""
+        ),
+        "ppo": f"lr {cfg.ppo_lr:g}, clip {cfg.clip:g}"
+        + (" (tuned: ppo_tuned.json, ppo_tuning.png)" if tuned_path.exists() else " (given)"),
         "es": f"{cfg.strategy}, population {cfg.population} x {cfg.seeds} seeds, "
         f"{cfg.generations} generations per objective",
     }
     for name in cfg.phases:
         summary.update(_phase_summary(out, name))
+        if "w" in learned[name]:
+            summary[f"{name}_closed_form"] = obj_lib.formula(name, learned[name], cfg.clip)
     summary["wall_time_s"] = f"{time.perf_counter() - t0:.0f} (this process)"
     summary["run_dir"] = str(out)
     write_summary(
