@@ -532,3 +532,19 @@ def test_ppo_tuning_grid_matches_independent_runs_and_flags_edges():
     i, j = np.unravel_index(np.argmax(mean), mean.shape)
     assert (tuned["lr"], tuned["clip"]) == (cfg.tune_lrs[i], cfg.tune_clips[j])
     assert tuned["at_edge"] == ["lr", "clip"]  # a 2 x 2 grid: every point is an edge
+
+
+def test_load_objective_bakes_in_the_tuned_clip_and_can_distill_a_network(tmp_path):
+    from metaopt.rundir import save_artifact
+
+    net = objectives.init_drift_params("ta_lpo", 16, seed=4)
+    net["w2"] = 0.2 * jax.random.normal(jax.random.key(5), (16, 1))
+    save_artifact(tmp_path / "ta_lpo.npz", net, "lpo-drift/ta_lpo")
+    (tmp_path / recipe.TUNED_FILE).write_text(json.dumps({"lr": 0.01, "clip": 0.3}))
+    ratio, adv = _samples(128)
+    exact = recipe.load_objective(tmp_path)(ratio, adv, 0.4)
+    assert float(exact) == float(objectives.ta_lpo(net, ratio, adv, 0.4, clip_eps=0.3))
+    linear, _ = objectives.distill("ta_lpo", net, 0.3)
+    closed = recipe.load_objective(tmp_path, distilled=True)(ratio, adv, 0.4)
+    assert float(closed) == float(objectives.ta_lpo(linear, ratio, adv, 0.4, clip_eps=0.3))
+    assert float(closed) != float(exact)

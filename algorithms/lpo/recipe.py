@@ -92,8 +92,8 @@ class Config:
     # lr, and the learned drifts start from (and are built around) the tuned clip
     ppo_lr: float | None = None
     ppo_clip: float | None = None
-    tune_lrs: tuple[float, ...] = (1e-3, 2.5e-3, 5e-3, 1e-2, 2e-2)
-    tune_clips: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
+    tune_lrs: tuple[float, ...] = (2.5e-3, 5e-3, 1e-2, 2e-2, 4e-2, 8e-2)
+    tune_clips: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4)
     tune_seeds: int = 32
     strategy: str = "Open_ES"
     population: int = 32
@@ -350,16 +350,19 @@ def load_clip(run_dir: str | Path) -> float:
     return float(json.loads(path.read_text())["clip"]) if path.exists() else obj_lib.PPO_CLIP
 
 
-def load_objective(run_dir: str | Path, name: str = "ta_lpo") -> Callable:
+def load_objective(run_dir: str | Path, name: str = "ta_lpo", distilled: bool = False) -> Callable:
     """The discovered objective as a pure loss ``(ratio, advantage, progress) -> scalar``.
 
     Drop it into any PPO in place of the clipped surrogate; ``progress`` is the
     update index over the number of updates of the run (ignored by LPO). Train it at
-    the run's tuned PPO learning rate (``ppo_tuned.json``).
+    the run's tuned PPO learning rate (``ppo_tuned.json``). ``distilled``: a drift
+    network's least-squares closed form (:func:`objectives.distill`) instead of the
+    network; a linear drift is its own closed form.
     """
-    return functools.partial(
-        obj_lib.OBJECTIVES[name], load_meta_params(run_dir, name), clip_eps=load_clip(run_dir)
-    )
+    params, clip = load_meta_params(run_dir, name), load_clip(run_dir)
+    if distilled and "w" not in params:
+        params, _ = obj_lib.distill(name, params, clip)
+    return functools.partial(obj_lib.OBJECTIVES[name], params, clip_eps=clip)
 
 
 VALID_SEED = 7_777  # folded into cfg.seed: validation seeds no phase trains on
