@@ -140,3 +140,13 @@ def test_bandit_preset_validates():
         lpg_recipe.Config(time_inputs="linear")
     with pytest.raises(ConfigError, match="K >= 2"):
         lpg_recipe.Config(env="LifetimeBandit-K1")
+
+
+def test_es_sigma_and_learning_rate_decay_reach_the_estimator():
+    """``sigma_decay`` / ``meta_lr_decay`` of the config reach the ES estimator."""
+    cfg = lpg_recipe.Config(sigma=0.1, sigma_decay=0.9, meta_lr_decay=0.95)
+    inner = agent_lib.make_agent(cfg.agent, "lpg")
+    es = lpg_recipe.build_outer(cfg, "ta_lpg_es", inner)
+    assert (es.sigma_decay, es.learning_rate_decay) == (0.9, 0.95)
+    with pytest.raises(ConfigError, match="sigma_decay"):
+        lpg_recipe.Config(sigma_decay=1.5)

@@ -83,6 +83,7 @@ class Config:
     population: int = 32
     seeds: int = 2
     sigma: float = 0.1
+    sigma_decay: float = 1.0  # per-generation decay of sigma (LPO's ES decays it)
     es_lr: float = 0.03
     meta_lr_decay: float = 1.0  # per-generation decay of es_lr
     # "shared": every candidate on the generation's seeds and lifetimes; "per_pair": each
@@ -128,6 +129,7 @@ class Config:
         check(self.population >= 2 and self.population % 2 == 0, "population must be even, >= 2")
         check(self.seeds >= 1 and self.particles >= 1, "seeds and particles must be >= 1")
         check(self.sigma > 0 and self.es_lr > 0 and self.metagrad_lr > 0, "rates must be > 0")
+        check(0 < self.sigma_decay <= 1, "sigma_decay must be in (0, 1]")
         check(self.generations >= 0 and self.metagrad_steps >= 0, "step counts must be >= 0")
         check(
             self.truncation >= 1 and self.lifetime_max % self.truncation == 0,
