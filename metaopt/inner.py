@@ -23,6 +23,7 @@ meta-parameters can read them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol
 
@@ -223,6 +224,15 @@ def unroll(
         return new, metrics
 
     return jax.lax.scan(body, state, jax.random.split(key, num_steps))
+
+
+def log_uniform_horizon(key: jax.Array, lo: float, hi: float, max_horizon: int) -> jax.Array:
+    """A lifetime drawn log-uniformly on ``[lo, hi]`` steps: ``round(exp(U(log lo, log hi)))``
+    as int32, clipped to ``[1, max_horizon]`` (inner loops compiled at ``max_horizon`` steps
+    that freeze a run past its own horizon)."""
+    a, b = math.log(lo), math.log(hi)
+    u = jax.random.uniform(key, (), jnp.float32)
+    return jnp.clip(jnp.round(jnp.exp(a + u * (b - a))), 1, max_horizon).astype(jnp.int32)
 
 
 def rollout_loss(

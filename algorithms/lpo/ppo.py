@@ -47,7 +47,7 @@ import optax
 from metaopt.algorithms.lpo import objectives as obj_lib
 from metaopt.config import ConfigError, check
 from metaopt.envs import rl
-from metaopt.inner import InnerLoop
+from metaopt.inner import InnerLoop, log_uniform_horizon
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,10 +143,8 @@ def sample_horizon(cfg: PPOConfig, key: jax.Array) -> jax.Array:
     (lo, hi)`` drawn log-uniformly in ``[lo N, hi N]`` (rounded, at least 1)."""
     if cfg.horizon_range is None:
         return jnp.asarray(cfg.num_updates, jnp.int32)
-    lo, hi = (math.log(f * cfg.num_updates) for f in cfg.horizon_range)
-    u = jax.random.uniform(key, (), jnp.float32)
-    n = jnp.round(jnp.exp(lo + u * (hi - lo)))
-    return jnp.clip(n, 1, cfg.max_updates).astype(jnp.int32)
+    lo, hi = (f * cfg.num_updates for f in cfg.horizon_range)
+    return log_uniform_horizon(key, lo, hi, cfg.max_updates)
 
 
 def window_start(cfg: PPOConfig, horizon: jax.Array) -> jax.Array:
