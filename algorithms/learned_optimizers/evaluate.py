@@ -1,10 +1,11 @@
 """Held-out evaluation of a meta-trained optimizer against tuned Adam / AdamW / Lion.
 
-Workloads (a task family and a horizon): the meta-training family at the
-meta-training horizon with unseen seeds (*in-distribution*: new task instances,
-initialisations and minibatches), the same family at ``eval_horizon_mult``
-times the horizon (*longer*), and every family of ``eval_families`` at that
-longer horizon (*out-of-distribution*: other data, larger models).
+Workloads (a task family and a horizon): the meta-training family (each family of
+a mixture's ``families``) at the meta-training horizon with unseen seeds
+(*in-distribution*: new task instances, initialisations and minibatches), the
+same family at ``eval_horizon_mult`` times the horizon (*longer*), and every
+family of ``eval_families`` at that longer horizon (*out-of-distribution*: other
+data, larger models).
 
 Every optimizer trains ``eval_seeds`` runs per workload, on the same seeds (same
 tasks, initialisations and minibatches: paired comparisons). The meta-trained
@@ -50,9 +51,11 @@ def _lr_scaled_fn(cfg: recipe.Config, family: str, horizon: int, points: int):
 def workloads(cfg: recipe.Config) -> dict[str, tuple[str, int, str]]:
     """``label -> (family, horizon, group)`` with group in-distribution / longer / OOD."""
     t, m = cfg.inner_steps, cfg.eval_horizon_mult
-    out = {f"{cfg.family} T={t}": (cfg.family, t, "in-distribution")}
-    if m > 1:
-        out[f"{cfg.family} T={m * t}"] = (cfg.family, m * t, "longer")
+    out = {}
+    for fam in cfg.train_families:
+        out[f"{fam} T={t}"] = (fam, t, "in-distribution")
+        if m > 1:
+            out[f"{fam} T={m * t}"] = (fam, m * t, "longer")
     for fam in cfg.eval_families:
         out.setdefault(f"{fam} T={m * t}", (fam, m * t, "out-of-distribution"))
     return out
@@ -135,12 +138,16 @@ def evaluate(
             times[n].append(t)
             finals_all[n][label] = finals
             diff = finals - ref_finals  # paired: same tasks, inits and minibatches
+            with np.errstate(divide="ignore", invalid="ignore"):
+                log_ratio = np.log(finals / ref_finals)
             rows[n] = {
                 "lr": lrs[n],
                 "lr_at_edge": None if tuning[n] is None else tuning[n]["at_edge"],
                 **_stats(finals),
                 "minus_adam_mean": float(np.mean(diff)),
                 "minus_adam_std": float(np.std(diff)),
+                # geometric mean over seeds of final / tuned Adam's final (paired)
+                "ratio_to_adam": float(np.exp(np.mean(log_ratio))),
                 "wins_vs_adam": int(np.sum(finals < ref_finals)),
                 "steps_to_target": t,
                 "median_curve": medians[n].tolist(),
@@ -204,15 +211,28 @@ def markdown(result: dict[str, Any]) -> str:
                     lr,
                     f"{r['final_test_loss_mean']:.4g} +- {r['final_test_loss_std']:.2g}",
                     f"{r['minus_adam_mean']:+.3g} +- {r['minus_adam_std']:.2g}",
+                    f"{r.get('ratio_to_adam', float('nan')):.3g}",
                     f"{r['wins_vs_adam']}/{result['seeds']}",
                     f"{r['steps_to_target']:.0f}",
                 ]
             )
-    header = ["workload", "group", "optimizer", "lr", "final test loss", "- adam", "wins", "steps"]
+    header = [
+        "workload",
+        "group",
+        "optimizer",
+        "lr",
+        "final test loss",
+        "- adam",
+        "/ adam",
+        "wins",
+        "steps",
+    ]
     lines = [
         f"Final test loss, mean +- std over {result['seeds']} seeds (each seed a new task "
         "instance, initialisation and minibatch stream, shared by all optimizers); "
         "'- adam' is the paired difference to tuned Adam (negative = better than Adam); "
+        "'/ adam' the geometric mean over seeds of the paired ratio to tuned Adam's final "
+        "test loss (below 1 = better than Adam); "
         "wins = seeds on which the optimizer's final test loss is below tuned Adam's; "
         "steps = steps for the median test curve to reach tuned Adam's median final test loss; "
         "(edge) = the tuned lr is at the edge of the grid.",

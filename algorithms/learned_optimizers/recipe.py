@@ -5,7 +5,11 @@ a new task instance per seed) for ``inner_steps`` steps with the learned
 optimizer of :mod:`.lopt` (update rule ``rule=adam_nominal``, the default, or
 ``rule=normalised``, whose per-tensor step RMS is ``base_lr`` times a bounded
 learned factor; or, with ``optimizer=adam``, the hand-designed baseline: Adam with
-meta-learned ``lr``, ``b1``, ``b2``). The meta-loss is the validation loss. Any of
+meta-learned ``lr``, ``b1``, ``b2``). The meta-loss is the validation loss. With
+``families=a,b,c`` it is meta-trained on a mixture of families instead (:mod:`.mixture`):
+every candidate is scored on tasks of every family, each task with its own
+log-uniform horizon (``horizon_range``), and the meta-loss is the mean over
+families of ``log(validation loss / tuned Adam's final validation loss)``. Any of
 the core's outer estimators trains it, over the same inner loop:
 
 * ``outer=es``: evolution strategies over whole lifetimes (final validation loss);
@@ -27,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -36,7 +41,7 @@ import numpy as np
 
 from metaopt import driver
 from metaopt import outer as outer_lib
-from metaopt.algorithms.learned_optimizers import lopt
+from metaopt.algorithms.learned_optimizers import lopt, mixture
 from metaopt.algorithms.learned_optimizers.optimizers import (
     adam_optimizer,
     initial_adam_hyperparams,
@@ -49,6 +54,11 @@ from metaopt.envs import families
 from metaopt.inner import InnerLoop, ParametrizedOptimizer, training_inner_loop, unroll
 from metaopt.recipes import Recipe, register, write_summary
 
+log = logging.getLogger(__name__)
+
+#: per-family tuned Adam (learning rate and final validation loss) of a mixture run.
+ADAM_FILE = "adam_per_family.json"
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -57,6 +67,10 @@ class Config:
     # what is meta-trained, on what
     optimizer: Literal["mlp", "adam"] = "mlp"
     family: str = "teacher-student-small"
+    # a mixture of families (empty: meta-train on ``family`` alone, as before) and the
+    # range of its tasks' horizons, as fractions of inner_steps (log-uniform)
+    families: tuple[str, ...] = ()
+    horizon_range: tuple[float, ...] = (1.0, 1.0)
     inner_steps: int = 1000
     hidden: tuple[int, ...] = (16,)
     base_lr: float | None = None
@@ -86,12 +100,34 @@ class Config:
     lr_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 
     def __post_init__(self):
-        for name in (self.family, *self.eval_families):
+        for name in (self.family, *self.families, *self.eval_families):
             check(
                 name in families.FAMILIES,
                 f"unknown task family '{name}'; choose from {sorted(families.FAMILIES)}",
             )
+        check(
+            len(set(self.families)) == len(self.families),
+            f"families lists a family twice: {','.join(self.families)}",
+        )
         check(self.inner_steps >= 1, "inner_steps must be >= 1")
+        rng = self.horizon_range
+        check(
+            len(rng) == 2,
+            f"horizon_range must be two fractions of inner_steps, lo,hi; got {len(rng)} values",
+        )
+        check(
+            0 < rng[0] <= rng[1] <= 1,
+            f"horizon_range must satisfy 0 < lo <= hi <= 1, got {rng[0]:g},{rng[1]:g}",
+        )
+        check(
+            rng[0] * self.inner_steps >= 1,
+            f"horizon_range lo ({rng[0]:g}) times inner_steps ({self.inner_steps}) "
+            "must be >= 1 step",
+        )
+        check(
+            bool(self.families) or tuple(rng) == (1.0, 1.0),
+            "horizon_range needs a mixture: set families=... (one family: families=<family>)",
+        )
         check(all(h >= 1 for h in self.hidden) and self.hidden, "hidden widths must be >= 1")
         check(self.base_lr is None or self.base_lr > 0, "base_lr must be > 0 (or none: tuned)")
         check(self.population >= 2 and self.population % 2 == 0, "population must be even, >= 2")
@@ -115,6 +151,11 @@ class Config:
                 1 <= self.truncation and self.inner_steps % self.truncation == 0,
                 f"truncation ({self.truncation}) must divide inner_steps ({self.inner_steps})",
             )
+
+    @property
+    def train_families(self) -> tuple[str, ...]:
+        """The meta-training families: ``families``, or ``(family,)``."""
+        return self.families or (self.family,)
 
     @property
     def spec(self) -> lopt.LOptSpec:
@@ -149,6 +190,19 @@ PRESETS = {
         "eval_points": 5,
         "lr_grid": (1e-3, 1e-2, 1e-1),
     },
+    # a mixture of three families none of which is held out, with log-uniform horizons
+    # (T in 100-400); the normalised rule; ~8 min on one core (docs/learned_optimizer.md)
+    "mixture": {
+        "families": ("teacher-student-small", "logistic-cond10", "digits-mlp8"),
+        "horizon_range": (0.25, 1.0),
+        "rule": "normalised",
+        "inner_steps": 400,
+        "population": 32,
+        "seeds": 2,
+        "generations": 200,
+        "steps_per_call": 10,
+        "checkpoint_every": 50,
+    },
 }
 
 
@@ -175,8 +229,65 @@ def tune_adam_lr(cfg: Config) -> float:
     return tune_grid(valid, {"lr": cfg.lr_grid}, what=f"adam base lr on {cfg.family}").value
 
 
-def resolve_base_lr(cfg: Config, out: Path | None = None, reuse: bool = True) -> Config:
-    """``cfg`` with ``base_lr`` set: as given, else Adam's tuned lr on the meta-training family.
+def tune_adam_families(cfg: Config, out: Path | None = None, reuse: bool = True) -> dict:
+    """Tuned Adam on every meta-training family: ``{family: {"lr", "final_valid_loss",
+    "at_edge"}}``.
+
+    Per family, Adam's best learning rate of ``cfg.lr_grid`` by mean final validation
+    loss at ``inner_steps`` over ``eval_seeds`` tasks (the seeds of :func:`tune_adam_lr`,
+    unused by meta-training and evaluation), and that loss (the family's normaliser in
+    the mixture's meta-loss). A choice at the grid's edge is logged as a warning (the
+    normaliser is then weaker than tuned Adam's). Written atomically to
+    ``out/adam_per_family.json`` and, with ``reuse``, read back from there.
+    """
+    path = Path(out) / ADAM_FILE if out is not None else None
+    if reuse and path is not None and path.exists():
+        stored = json.loads(path.read_text())["families"]
+        if all(f in stored for f in cfg.train_families):
+            return {f: stored[f] for f in cfg.train_families}
+    from metaopt.evaluation import tune_grid
+
+    keys = jax.random.split(jax.random.key(cfg.seed + 30_000), cfg.eval_seeds)
+    log_lrs = jnp.log(jnp.asarray(cfg.lr_grid, jnp.float32))
+    tuned = {}
+    for fam in cfg.train_families:
+        f = tuned_curves_fn("adam", fam, cfg.inner_steps, cfg.eval_points)
+        valid = np.asarray(f(log_lrs, keys)[0][:, :, -1])  # [G, S]
+        choice = tune_grid(valid, {"lr": cfg.lr_grid}, warn=False)
+        if choice.at_edge:
+            log.warning(
+                "tuned adam on %s: lr=%g is at the edge of lr_grid [%g, %g]; its final loss "
+                "(the normaliser of %s) may be worse than Adam's best",
+                fam,
+                choice.value,
+                min(cfg.lr_grid),
+                max(cfg.lr_grid),
+                fam,
+            )
+        tuned[fam] = {
+            "lr": choice.value,
+            "final_valid_loss": choice.score,
+            "at_edge": choice.at_edge,
+        }
+    if path is not None:
+        write_json_atomic(
+            path,
+            {
+                "families": tuned,
+                "horizon": cfg.inner_steps,
+                "seeds": cfg.eval_seeds,
+                "grid": list(cfg.lr_grid),
+            },
+        )
+    return tuned
+
+
+def resolve_base_lr(
+    cfg: Config, out: Path | None = None, reuse: bool = True, adam: dict | None = None
+) -> Config:
+    """``cfg`` with ``base_lr`` set: as given, else Adam's tuned lr on the meta-training family
+    (for a mixture: the geometric mean of the families' tuned lrs, ``adam`` or
+    :func:`tune_adam_families`).
 
     The tuned value is stored in ``out/base_lr.json`` and, with ``reuse``, read
     back from there (resume, evaluation).
@@ -186,6 +297,19 @@ def resolve_base_lr(cfg: Config, out: Path | None = None, reuse: bool = True) ->
     path = Path(out) / "base_lr.json" if out is not None else None
     if reuse and path is not None and path.exists():
         lr = float(json.loads(path.read_text())["base_lr"])
+    elif cfg.families:
+        adam = adam if adam is not None else tune_adam_families(cfg, out, reuse)
+        lr = float(np.exp(np.mean([np.log(adam[f]["lr"]) for f in cfg.families])))
+        if path is not None:
+            write_json_atomic(
+                path,
+                {
+                    "base_lr": lr,
+                    "tuned_on": list(cfg.families),
+                    "grid": cfg.lr_grid,
+                    "rule": "geometric mean of the families' tuned Adam lrs",
+                },
+            )
     else:
         lr = tune_adam_lr(cfg)
         if path is not None:
@@ -231,6 +355,26 @@ def build_inner(cfg: Config, family: str | None = None, horizon: int | None = No
         horizon,
         f"learned-optimizer[{cfg.optimizer}]",
     )
+
+
+def build_mixture_inner(cfg: Config, norms: dict[str, float]) -> InnerLoop:
+    """The mixture's inner loop (:func:`mixture.mixture_inner`): every family of
+    ``cfg.families`` with log-uniform horizons in ``horizon_range * inner_steps``;
+    meta-loss the mean over families of ``log(valid loss / norms[family])``."""
+
+    def make_optimizer(horizon: jax.Array) -> ParametrizedOptimizer:
+        if cfg.optimizer == "adam":
+            return adam_optimizer()
+        return mlp_optimizer(cfg.spec, horizon)  # the task's own T: the log T feature
+
+    name = f"learned-optimizer[{cfg.optimizer}]"
+    inners = [
+        mixture.sampled_horizon_inner(
+            families.make(fam), make_optimizer, cfg.inner_steps, cfg.horizon_range, name
+        )
+        for fam in cfg.families
+    ]
+    return mixture.mixture_inner(inners, [norms[f] for f in cfg.families], f"{name} mixture")
 
 
 def initial_meta_params(cfg: Config) -> dict:
@@ -326,13 +470,19 @@ def _dry_build(cfg: Config):
     """The inner and outer loop without running anything (``base_lr``, when it is to be
     tuned, is only known after tuning; any positive value builds the same objects)."""
     cfg = cfg if cfg.base_lr is not None else dataclasses.replace(cfg, base_lr=1e-3)
+    if cfg.families:
+        return build_outer(cfg, build_mixture_inner(cfg, dict.fromkeys(cfg.families, 1.0)))
     return build_outer(cfg, build_inner(cfg))
 
 
 def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> dict:
     """Meta-trains (resolving ``base_lr`` first), exports the optimizer, plots, summarises."""
-    cfg = resolve_base_lr(cfg, out, reuse=resume)
-    inner = build_inner(cfg)
+    adam = tune_adam_families(cfg, out, reuse=resume) if cfg.families else None
+    cfg = resolve_base_lr(cfg, out, reuse=resume, adam=adam)
+    if cfg.families:
+        inner = build_mixture_inner(cfg, {f: a["final_valid_loss"] for f, a in adam.items()})
+    else:
+        inner = build_inner(cfg)
     outer = build_outer(cfg, inner)
     init = initial_meta_params(cfg)
     result = driver.train(
@@ -349,6 +499,8 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     )
     learned = jax.tree.map(jnp.asarray, result.meta_params)
     save_optimizer(out, cfg, learned)
+    if cfg.families:
+        return _summarise_mixture(cfg, out, init, learned, adam)
     # unseen tasks of the meta-training family (seeds never used in meta-training)
     keys = jax.random.split(jax.random.key(cfg.seed + 10_000), cfg.eval_seeds)
     f = curve_fn(cfg, cfg.family, cfg.inner_steps, cfg.eval_points)
@@ -373,6 +525,47 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
         summary,
         f"Final validation loss on {cfg.eval_seeds} unseen {cfg.family} tasks "
         f"(T={cfg.inner_steps}), mean +- std over tasks (above).\n\n"
+        "Use it: `metaopt.algorithms.learned_optimizers.as_optax(RUN_DIR)`.\n\n"
+        "![training](training.png)\n\n![curves](curves.png)\n",
+    )
+    return summary
+
+
+def _summarise_mixture(cfg: Config, out: Path, init, learned, adam: dict) -> dict:
+    """Per family: validation-loss curves of the initial and the meta-trained optimizer
+    on unseen tasks at ``inner_steps``, divided by tuned Adam's final loss (the
+    normaliser); ``training.png`` and ``summary.md``."""
+    keys = jax.random.split(jax.random.key(cfg.seed + 10_000), cfg.eval_seeds)
+    steps = np.arange(1, cfg.eval_points + 1) * (cfg.inner_steps // cfg.eval_points)
+    curves, summary = {}, {}
+    for fam in cfg.families:
+        f = curve_fn(cfg, fam, cfg.inner_steps, cfg.eval_points)
+        norm = adam[fam]["final_valid_loss"]
+        before, after = (np.asarray(f(mp, keys)[0]) / norm for mp in (init, learned))
+        curves[f"{fam} initial"], curves[f"{fam} meta-trained"] = before, after
+        gmean = lambda x: float(np.exp(np.mean(np.log(x))))
+        summary[f"{fam} valid/adam initial"] = f"{gmean(before[:, -1]):.4g}"
+        summary[f"{fam} valid/adam meta-trained"] = f"{gmean(after[:, -1]):.4g}"
+        edge = " (lr at grid edge)" if adam[fam]["at_edge"] else ""
+        summary[f"{fam} adam lr, final valid loss"] = f"{adam[fam]['lr']:g}, {norm:.4g}{edge}"
+    plot_training(
+        curves,
+        steps,
+        out / "training.png",
+        f"mixture, T={cfg.inner_steps}, {cfg.eval_seeds} unseen tasks per family; "
+        "validation loss / tuned Adam's final",
+    )
+    summary["optimizer"] = str(out / lopt.WEIGHTS_FILE)
+    summary["run_dir"] = str(out)
+    write_summary(
+        out,
+        f"learned-optimizer mixture run ({cfg.optimizer}, rule={cfg.rule}, outer={cfg.outer})",
+        summary,
+        f"Families {', '.join(cfg.families)}; horizons log-uniform in "
+        f"{cfg.horizon_range[0]:g}-{cfg.horizon_range[1]:g} x {cfg.inner_steps}. Above: "
+        f"geometric mean over {cfg.eval_seeds} unseen tasks per family of the final "
+        f"validation loss at T={cfg.inner_steps} divided by tuned Adam's mean final "
+        f"validation loss (1 = tuned Adam; base_lr {cfg.base_lr:.3g}).\n\n"
         "Use it: `metaopt.algorithms.learned_optimizers.as_optax(RUN_DIR)`.\n\n"
         "![training](training.png)\n\n![curves](curves.png)\n",
     )
