@@ -92,9 +92,9 @@ class Config:
     # lr, and the learned drifts start from (and are built around) the tuned clip
     ppo_lr: float | None = None
     ppo_clip: float | None = None
-    tune_lrs: tuple[float, ...] = (2.5e-3, 5e-3, 1e-2, 2e-2, 4e-2, 8e-2)
-    tune_clips: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4)
-    tune_seeds: int = 32
+    tune_lrs: tuple[float, ...] = (5e-3, 1e-2, 2e-2, 4e-2)
+    tune_clips: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.6)
+    tune_seeds: int = 48
     strategy: str = "Open_ES"
     population: int = 32
     seeds: int = 1
@@ -417,18 +417,26 @@ def plot_meta_training(out: Path, names: tuple[str, ...], path: Path) -> None:
         if not rows:
             continue
         steps = [r["step"] for r in rows]
-        (line,) = ax.plot(steps, [-r["center_loss"] for r in rows], label=f"{name} (centre)")
+        # a generation's own tasks are noisy (one per pair): thin lines, in the background
+        (line,) = ax.plot(
+            steps,
+            [-r["center_loss"] for r in rows],
+            lw=0.7,
+            alpha=0.35,
+            label=f"{name} (centre, the generation's tasks)",
+        )
         ax.plot(
             steps,
             [-r["loss_mean"] for r in rows],
             ls=":",
+            lw=0.8,
             color=line.get_color(),
             label=f"{name} (population mean)",
         )
         valid = [(r["step"], r["valid_return"]) for r in every if "valid_return" in r]
-        if valid:  # fixed validation seeds: what meta-training is judged on
+        if valid:  # fixed validation tasks: what meta-training is judged on
             vs, vr = zip(*valid, strict=True)
-            ax.plot(vs, vr, "o--", ms=3, color=line.get_color(), label=f"{name} (validation)")
+            ax.plot(vs, vr, "o-", ms=4, lw=2, color=line.get_color(), label=f"{name} (validation)")
     ax.set_xlabel("generation")
     ax.set_ylabel("final return (meta-training seeds)")
     ax.grid(alpha=0.3)
