@@ -387,6 +387,14 @@ def test_recipe_resumes_each_phase_exactly_and_evaluates(tmp_path):
     for s in result["settings"]:
         assert list(s["results"]) == ["ta_lpo", "lpo", "ppo", "dpo"]
         assert all(len(r["returns"]) == 2 for r in s["results"].values())
+    # TA-LPO - LPO, paired, in the Holm family of the comparisons with PPO
+    (pair,) = result["comparison"]["pairs"]
+    assert (pair["method"], pair["other"]) == ("ta_lpo", "lpo")
+    row = pair["tasks"]["CartPole-v1 1N"]
+    ta, lpo_ = (
+        np.asarray(result["settings"][0]["results"][k]["returns"]) for k in ("ta_lpo", "lpo")
+    )
+    assert row["diff_mean"] == pytest.approx(float(np.mean(ta - lpo_)))
     md = (a / "eval.md").read_text()
     assert "TA-LPO (discovered)" in md and "LPO (discovered)" in md and "DPO" in md
     assert (a / "eval.png").stat().st_size > 0

@@ -154,7 +154,6 @@ def run_evaluation(cfg, learned: dict[str, dict], progress: bool = True) -> dict
     }
     todo = settings(cfg)
     bar = ev.progress_bar(todo, desc="ta-lpo eval", unit="setting", progress=progress)
-    finals: dict[str, dict[str, np.ndarray]] = {}
     for s in bar:
         p = s["cfg"]
         bar.set_postfix_str(f"{s['label']} ({ppo.env_steps(p)} steps)")
@@ -179,13 +178,26 @@ def run_evaluation(cfg, learned: dict[str, dict], progress: bool = True) -> dict
                 },
             }
         )
-        for k, (_, f) in curves.items():
-            finals.setdefault(k, {})[s["label"]] = f
-    if REFERENCE in finals:
-        result["comparison"] = ev.compare(
-            finals, REFERENCE, lower_is_better=False, normalise="minmax"
-        )
+    result["comparison"] = comparison(result)
     return result
+
+
+#: learned-vs-learned comparisons, in the same Holm family as those with PPO: does the
+#: temporal input help (the paper's claim), does the closed form keep the network's gains.
+PAIRS = (("ta_lpo", "lpo"), ("ta_lpo_distilled", "ta_lpo"))
+
+
+def comparison(result: dict) -> dict | None:
+    """The paired comparison of every objective with PPO, plus :data:`PAIRS`, Holm-corrected
+    over all of them, from the per-seed final returns stored in ``result``."""
+    finals = {
+        k: {s["label"]: np.asarray(s["results"][k]["returns"]) for s in result["settings"]}
+        for k in result["settings"][0]["results"]
+    }
+    if REFERENCE not in finals:
+        return None
+    pairs = [(a, b) for a, b in PAIRS if a in finals and b in finals]
+    return ev.compare(finals, REFERENCE, lower_is_better=False, normalise="minmax", pairs=pairs)
 
 
 def _cell(mean: float, se: float) -> str:
@@ -227,7 +239,7 @@ def markdown(result: dict) -> str:
             f"(r, A, p) grid: R² {d['fit']['r2_net']:.3f} on the network output, "
             f"{d['fit']['r2_drift']:.3f} on the drift).",
         ]
-    if "comparison" in result:
+    if result.get("comparison"):
         lines += [
             "",
             "Paired comparison with PPO (final return):",
