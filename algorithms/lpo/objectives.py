@@ -346,12 +346,13 @@ def formula(name: str, meta_params: dict, clip_eps: float = PPO_CLIP, digits: in
         tol = 0.5 * 10.0**-digits
         if abs(a) < tol and abs(b) < tol:
             continue
-        if abs(b) < tol:
-            coef = f"{a:.{digits}f}"
+        if abs(b) < tol:  # a constant coefficient: its sign joins the sum
+            sign, coef = ("-" if a < 0 else "+"), f"{abs(a):.{digits}f}"
         elif abs(a) < tol:
-            coef = f"{b:.{digits}f} p"
+            sign, coef = ("-" if b < 0 else "+"), f"{abs(b):.{digits}f} p"
         else:
-            coef = f"({a:.{digits}f} {'+' if b >= 0 else '-'} {abs(b):.{digits}f} p)"
-        terms.append(f"{coef} {feat}")
-    body = " + ".join(terms) if terms else "0"
+            sign, coef = "+", f"({a:.{digits}f} {'+' if b >= 0 else '-'} {abs(b):.{digits}f} p)"
+        terms.append((sign, f"{coef} {feat}"))
+    body = "".join(f" {sign} {t}" for sign, t in terms).removeprefix(" + ").strip() or "0"
+    body = "-" + body[2:] if body.startswith("- ") else body
     return f"D = relu(D_ppo[clip {clip_eps:g}] + dz({body}))"
