@@ -352,11 +352,20 @@ class Spec:
     build: Callable[[], TaskFamily]
     steps: int
     description: str
+    #: the hidden width of a one-hidden-layer family that belongs to a width series
+    #: (``digits-mlp<w>``: same data, initialisation scheme and batch size; only the
+    #: width differs), else None. See :func:`width`.
+    width: int | None = None
 
 
 FAMILIES: dict[str, Spec] = {
-    "digits-mlp8": Spec(lambda: DatasetMLP("digits", (8,), 64), 200, "digits, MLP 64-8-10"),
-    "digits-mlp32": Spec(lambda: DatasetMLP("digits", (32,), 64), 300, "digits, MLP 64-32-10"),
+    "digits-mlp8": Spec(lambda: DatasetMLP("digits", (8,), 64), 200, "digits, MLP 64-8-10", 8),
+    "digits-mlp16": Spec(lambda: DatasetMLP("digits", (16,), 64), 300, "digits, MLP 64-16-10", 16),
+    "digits-mlp32": Spec(lambda: DatasetMLP("digits", (32,), 64), 300, "digits, MLP 64-32-10", 32),
+    "digits-mlp64": Spec(lambda: DatasetMLP("digits", (64,), 64), 300, "digits, MLP 64-64-10", 64),
+    "digits-mlp128": Spec(
+        lambda: DatasetMLP("digits", (128,), 64), 300, "digits, MLP 64-128-10", 128
+    ),
     "digits-mlp16x16": Spec(
         lambda: DatasetMLP("digits", (16, 16), 64), 400, "digits, MLP 64-16-16-10"
     ),
@@ -418,3 +427,11 @@ def steps(name: str) -> int:
     """The suggested horizon of the registered family ``name``."""
     make(name)  # validates the name
     return FAMILIES[name].steps
+
+
+def width(name: str) -> int | None:
+    """The hidden width of the registered family ``name`` if it belongs to a width series
+    (:attr:`Spec.width`; the ``digits-mlp<w>`` families), else None (also for an
+    unregistered name; nothing is built)."""
+    spec = FAMILIES.get(name)
+    return None if spec is None else spec.width

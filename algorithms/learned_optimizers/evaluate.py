@@ -19,8 +19,17 @@ the shared seeds, Holm-corrected over every comparison
 (:mod:`metaopt.profiles`): steps until the median test-loss curve reaches tuned
 Adam's median final test loss, and a performance profile over all workloads.
 
+Width sweep (``eval_widths``, :func:`width_sweep`): does the step size stay right
+as the model gets wider? One-hidden-layer families of increasing width (default
+``digits-mlp8`` ... ``digits-mlp128``), each trained for ``inner_steps`` on the
+same ``eval_seeds`` seeds by the meta-trained optimizer as exported and by Adam
+at the learning rate tuned once, at the smallest width (and, as a reference,
+Adam re-tuned at every width); also the meta-trained optimizer with its step
+size tuned the same way (once, or per width). ``metaopt learned-optimizer width-sweep RUN_DIR``
+runs only the sweep and adds it to an existing ``eval.json`` / ``eval.md``.
+
 Outputs: ``eval.json``, ``eval.md`` and ``eval.png`` (profile and median test
-curves per workload).
+curves per workload), ``width.png`` (final test loss vs width).
 """
 
 from __future__ import annotations
@@ -35,9 +44,23 @@ import numpy as np
 from metaopt import evaluation as ev
 from metaopt.algorithms.learned_optimizers import recipe
 from metaopt.algorithms.learned_optimizers.optimizers import TUNED
+from metaopt.envs import families
 
 REFERENCE = "adam"
 LR_TUNED = "meta-trained, lr tuned"
+#: the width sweep's optimizers: the meta-trained one as exported, Adam at the lr tuned at
+#: the smallest width, Adam re-tuned at every width (a reference), and the meta-trained one
+#: with its step size tuned like Adam's (at the smallest width, or at every width)
+WIDTH_LEARNED, ADAM_FIXED, ADAM_RETUNED = "meta-trained", "adam, lr fixed", "adam, lr re-tuned"
+LEARNED_FIXED, LEARNED_RETUNED = "meta-trained, lr fixed", "meta-trained, lr re-tuned"
+WIDTH_NAMES = (WIDTH_LEARNED, ADAM_FIXED, ADAM_RETUNED, LEARNED_FIXED, LEARNED_RETUNED)
+WIDTH_PLOT = "width.png"
+
+
+def eval_keys(cfg: recipe.Config) -> jax.Array:
+    """The evaluation's task seeds (``eval_seeds`` keys, unused by meta-training and by
+    the tuning of ``base_lr``): every optimizer of every workload runs on these."""
+    return jax.random.split(jax.random.key(cfg.seed + 20_000), cfg.eval_seeds)
 
 
 def _lr_scaled_fn(cfg: recipe.Config, family: str, horizon: int, points: int):
@@ -87,7 +110,7 @@ def evaluate(
     """
     if cfg.base_lr is None:
         raise ValueError("cfg.base_lr is not resolved: call recipe.resolve_base_lr(cfg, run_dir)")
-    keys = jax.random.split(jax.random.key(cfg.seed + 20_000), cfg.eval_seeds)
+    keys = eval_keys(cfg)
     log_lrs = jnp.log(jnp.asarray(cfg.lr_grid, jnp.float32))
     entries: dict[str, Any] = {"meta-trained": meta_params}
     if include_initial:
@@ -167,6 +190,170 @@ def evaluate(
     return result
 
 
+def _se(x: np.ndarray) -> float:
+    """Standard error of the mean (ddof 1; inf when a run diverged, 0 for one seed)."""
+    if not np.isfinite(x).all():
+        return float("inf")
+    return float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def width_sweep(cfg: recipe.Config, meta_params, progress: bool = False) -> dict[str, Any]:
+    """Final test loss vs width (``cfg.eval_widths``) at ``cfg.inner_steps``.
+
+    Every family of ``eval_widths`` is trained on the evaluation's seeds
+    (:func:`eval_keys`, paired) by the meta-trained optimizer ``meta_params`` as
+    exported (no tuning), by Adam at every lr of ``lr_grid`` and by the meta-trained
+    optimizer with its step size set to every lr of ``lr_grid`` (``LR_TUNED``). Adam's
+    lr is tuned once, on the smallest width's mean final validation loss, and kept
+    fixed for every width (``adam, lr fixed``); ``adam, lr re-tuned`` re-tunes it per
+    width the same way (a reference); ``meta-trained, lr fixed`` / ``lr re-tuned`` do
+    the same for the meta-trained optimizer's step size. Reported: final test loss per
+    seed, mean and standard error, and the geometric mean of the paired ratio to
+    fixed-lr Adam and the number of seeds on which it is lower.
+    """
+    if not cfg.eval_widths:
+        raise ValueError("cfg.eval_widths is empty: there is no width sweep to run")
+    keys = eval_keys(cfg)
+    log_lrs = jnp.log(jnp.asarray(cfg.lr_grid, jnp.float32))
+    horizon, points = cfg.inner_steps, cfg.eval_points
+    bar = ev.progress_bar(
+        total=3 * len(cfg.eval_widths), desc="width sweep", unit="run", progress=progress
+    )
+    adam, scaled, learned = {}, {}, {}
+    last = lambda curves: tuple(np.asarray(c)[..., -1] for c in curves)  # [G, S] each
+    for fam in cfg.eval_widths:
+        adam[fam] = last(recipe.tuned_curves_fn("adam", fam, horizon, points)(log_lrs, keys))
+        bar.update()
+        scaled[fam] = last(_lr_scaled_fn(cfg, fam, horizon, points)(log_lrs, meta_params, keys))
+        bar.update()
+        learned[fam] = last(recipe.curve_fn(cfg, fam, horizon, points)(meta_params, keys))[1]
+        bar.update()
+    bar.close()
+    smallest = cfg.eval_widths[0]
+    tune = lambda valid, what: ev.tune_grid(valid, {"lr": cfg.lr_grid}, what=what)
+    fixed = {
+        "adam": tune(adam[smallest][0], f"adam on {smallest}"),
+        "learned": tune(scaled[smallest][0], f"{LR_TUNED} on {smallest}"),
+    }
+    rows = []
+    for fam in cfg.eval_widths:
+        finals = {WIDTH_LEARNED: (learned[fam], None)}
+        for who, grid, f_name, r_name in (
+            ("adam", adam, ADAM_FIXED, ADAM_RETUNED),
+            ("learned", scaled, LEARNED_FIXED, LEARNED_RETUNED),
+        ):
+            valid, test = grid[fam]
+            retuned = tune(valid, f"{who} on {fam}")
+            finals[f_name] = (test[fixed[who].flat_index], fixed[who])
+            finals[r_name] = (test[retuned.flat_index], retuned)
+        ref = _finite(finals[ADAM_FIXED][0])
+        opts = {}
+        for name in WIDTH_NAMES:
+            x, choice = finals[name]
+            x = _finite(x)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                log_ratio = np.log(x / ref)
+            opts[name] = {
+                "lr": None if choice is None else choice.value,
+                "lr_at_edge": None if choice is None else choice.at_edge,
+                "final_test_loss_mean": float(np.mean(x)),
+                "final_test_loss_se": _se(x),
+                "final_test_loss_per_seed": x.tolist(),
+                "ratio_to_adam_fixed": float(np.exp(np.mean(log_ratio))),
+                "wins_vs_adam_fixed": int(np.sum(x < ref)),
+            }
+        rows.append({"family": fam, "width": families.width(fam), "optimizers": opts})
+    return {
+        "horizon": horizon,
+        "seeds": cfg.eval_seeds,
+        "lr_grid": list(cfg.lr_grid),
+        "adam_lr": fixed["adam"].value,
+        "adam_lr_tuned_on": smallest,
+        "adam_lr_at_edge": fixed["adam"].at_edge,
+        "learned_lr": fixed["learned"].value,
+        "learned_lr_at_edge": fixed["learned"].at_edge,
+        "widths": rows,
+    }
+
+
+def plot_width(sweep: dict[str, Any], path: Path) -> None:
+    """Final test loss (mean +- standard error over seeds) vs width."""
+    from metaopt.plotting import figure
+
+    fig, axes = figure((5.6, 4.0))
+    ax = axes[0, 0]
+    widths = [r["width"] for r in sweep["widths"]]
+    labels = {
+        WIDTH_LEARNED: ("o-", "meta-trained (as exported)"),
+        ADAM_FIXED: ("s-", f"adam, lr {sweep['adam_lr']:g} (tuned at width {widths[0]})"),
+        ADAM_RETUNED: ("^:", "adam, lr re-tuned per width"),
+        LEARNED_FIXED: (
+            "D--",
+            f"meta-trained, lr {sweep.get('learned_lr', float('nan')):g} "
+            f"(tuned at width {widths[0]})",
+        ),
+        LEARNED_RETUNED: ("v:", "meta-trained, lr re-tuned per width"),
+    }
+    for name, (style, label) in labels.items():
+        if name not in sweep["widths"][0]["optimizers"]:
+            continue
+        rows = [r["optimizers"][name] for r in sweep["widths"]]
+        mean = np.array([r["final_test_loss_mean"] for r in rows])
+        se = np.array([r["final_test_loss_se"] for r in rows])
+        se = np.where(np.isfinite(se), se, 0.0)
+        ax.errorbar(widths, mean, yerr=se, fmt=style, label=label, capsize=3, alpha=0.85)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(widths, [str(w) for w in widths])
+    ax.set_yscale("log")
+    ax.set_xlabel("hidden width")
+    ax.set_ylabel("final test loss")
+    ax.set_title(
+        f"{sweep['widths'][0]['family']} ... {sweep['widths'][-1]['family']}, "
+        f"T={sweep['horizon']}, {sweep['seeds']} seeds (mean +- SE)",
+        fontsize=8,
+    )
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def width_markdown(sweep: dict[str, Any]) -> str:
+    """The width sweep's table."""
+    names = [n for n in WIDTH_NAMES if n in sweep["widths"][0]["optimizers"]]
+    rows = []
+    for r in sweep["widths"]:
+        for n in names:
+            o = r["optimizers"][n]
+            edge = " (edge)" if o["lr_at_edge"] else ""
+            rows.append(
+                [
+                    r["family"],
+                    str(r["width"]),
+                    n,
+                    "-" if o["lr"] is None else f"{o['lr']:.0e}{edge}",
+                    f"{o['final_test_loss_mean']:.4g} +- {o['final_test_loss_se']:.2g}",
+                    f"{o['ratio_to_adam_fixed']:.3g}",
+                    f"{o['wins_vs_adam_fixed']}/{sweep['seeds']}",
+                ]
+            )
+    header = ["family", "width", "optimizer", "lr", "final test loss", "/ adam fixed", "wins"]
+    edge = " (at the grid's edge)" if sweep["adam_lr_at_edge"] else ""
+    return "\n".join(
+        [
+            f"Width sweep: final test loss at T={sweep['horizon']}, mean +- standard error over "
+            f"{sweep['seeds']} seeds (shared by all optimizers). 'adam, lr fixed' uses lr "
+            f"{sweep['adam_lr']:g}{edge}, tuned once on {sweep['adam_lr_tuned_on']} (mean final "
+            "validation loss) and kept for every width; 'lr re-tuned' re-tunes per width; "
+            "'meta-trained' runs as exported, 'meta-trained, lr ...' with its step size "
+            "tuned like Adam's; '/ adam fixed' is the geometric mean over seeds of the paired "
+            "ratio to fixed-lr Adam (below 1 = better), wins the seeds on which it is lower.",
+            "",
+            ev.table(header, rows),
+        ]
+    )
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     """Performance profile (left) and median test-loss curves per workload."""
     from metaopt.plotting import figure
@@ -197,7 +384,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """Per-workload table, the paired comparison with tuned Adam and the profile scores."""
+    """Per-workload table, the paired comparison with tuned Adam and the profile scores;
+    the width sweep's table (when ``result`` holds one)."""
+    width = ["", width_markdown(result["width_sweep"])] if result.get("width_sweep") else []
+    if "workloads" not in result:
+        return "\n".join(width[1:]) + "\n"
     rows = []
     for w, info in result["workloads"].items():
         for name, r in info["optimizers"].items():
@@ -245,7 +436,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
     ]
     lines += [f"- {n}: {p['score']:.3f}" for n, p in result["profile"].items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + width) + "\n"
 
 
 def evaluate_run(run_dir: Path, cfg: recipe.Config, progress: bool = True) -> dict[str, str]:
@@ -253,6 +444,9 @@ def evaluate_run(run_dir: Path, cfg: recipe.Config, progress: bool = True) -> di
     learned = recipe.load_optimizer(run_dir)
     cfg = recipe.resolve_base_lr(cfg, run_dir)
     result = evaluate(cfg, learned, progress=progress)
+    if cfg.eval_widths:
+        result["width_sweep"] = width_sweep(cfg, learned, progress=progress)
+        plot_width(result["width_sweep"], run_dir / WIDTH_PLOT)
     ev.write_eval(
         run_dir, result, markdown(result), lambda p: plot(result, p), recipe="learned-optimizer"
     )
@@ -266,5 +460,49 @@ def evaluate_run(run_dir: Path, cfg: recipe.Config, progress: bool = True) -> di
     summary["profile_scores"] = ", ".join(
         f"{n} {p['score']:.2f}" for n, p in result["profile"].items()
     )
+    if cfg.eval_widths:
+        summary.update(_width_summary(result["width_sweep"]))
     summary["report"] = str(run_dir / "eval.md")
     return summary
+
+
+def _width_summary(sweep: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for r in sweep["widths"]:
+        m, a = r["optimizers"][WIDTH_LEARNED], r["optimizers"][ADAM_FIXED]
+        out[f"width {r['width']} ({r['family']})"] = (
+            f"meta-trained {m['final_test_loss_mean']:.4g} +- {m['final_test_loss_se']:.2g} "
+            f"vs adam lr {a['lr']:g} {a['final_test_loss_mean']:.4g} +- "
+            f"{a['final_test_loss_se']:.2g} (mean +- SE)"
+        )
+    return out
+
+
+def width_sweep_run(run_dir: Path, progress: bool = True) -> dict[str, str]:
+    """Runs only the width sweep of a finished run (its saved config's ``eval_widths``)
+    and adds it to ``eval.json`` / ``eval.md`` (kept otherwise; created with the sweep
+    alone when there is no evaluation yet); writes ``width.png``."""
+    import json
+
+    from metaopt import recipes
+    from metaopt.config import check
+
+    run_dir = Path(run_dir)
+    _, cfg, _ = recipes.run_dir_config(run_dir)
+    check(
+        bool(cfg.eval_widths),
+        f"{run_dir / 'config.json'}: eval_widths is empty, there is no width sweep to run",
+    )
+    learned = recipe.load_optimizer(run_dir)
+    cfg = recipe.resolve_base_lr(cfg, run_dir)
+    sweep = width_sweep(cfg, learned, progress=progress)
+    result: dict[str, Any] = {}
+    path = run_dir / "eval.json"
+    if path.exists():
+        result = json.loads(path.read_text())
+        result.pop("schema_version", None)
+        result.pop("recipe", None)
+    result["width_sweep"] = sweep
+    plot_width(sweep, run_dir / WIDTH_PLOT)
+    ev.write_eval(run_dir, result, markdown(result), None, recipe="learned-optimizer", echo=False)
+    return {**_width_summary(sweep), "plot": str(run_dir / WIDTH_PLOT), "report": str(path)}

@@ -23,7 +23,8 @@ architecture; :func:`lopt.as_optax` turns it into an optax transformation),
 ``training.png`` (validation-loss curves of the initial and the meta-trained
 optimizer on unseen tasks), ``curves.png`` and ``metrics.jsonl``
 (meta-training), ``summary.md``. ``metaopt eval RUN_DIR`` compares it with tuned
-Adam/AdamW/Lion on held-out tasks (:mod:`.evaluate`).
+Adam/AdamW/Lion on held-out tasks and runs a width sweep (``eval_widths``;
+``metaopt learned-optimizer width-sweep RUN_DIR`` runs the sweep alone) (:mod:`.evaluate`).
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ class Config:
     inner_steps: int = 1000
     hidden: tuple[int, ...] = (16,)
     base_lr: float | None = None
+    # how base_lr is tuned when it is not given: "adam" = Adam's tuned lr (a mixture: the
+    # geometric mean of the families'); "untrained" = the untrained rule's best on
+    # lr_grid (mixture only); "auto" = "untrained" for a mixture with rule=normalised,
+    # else "adam"
+    base_lr_tuning: Literal["auto", "adam", "untrained"] = "auto"
     nominal: bool = True
     rule: Literal["adam_nominal", "normalised"] = "adam_nominal"
     # the outer loop
@@ -97,10 +103,20 @@ class Config:
     )
     eval_horizon_mult: int = 2
     eval_points: int = 10
+    # width sweep (metaopt eval): one-hidden-layer families of increasing width, trained
+    # for inner_steps; Adam's lr is tuned at the first (smallest) width and kept fixed,
+    # the learned optimizer runs as exported (empty: no sweep)
+    eval_widths: tuple[str, ...] = (
+        "digits-mlp8",
+        "digits-mlp16",
+        "digits-mlp32",
+        "digits-mlp64",
+        "digits-mlp128",
+    )
     lr_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 
     def __post_init__(self):
-        for name in (self.family, *self.families, *self.eval_families):
+        for name in (self.family, *self.families, *self.eval_families, *self.eval_widths):
             check(
                 name in families.FAMILIES,
                 f"unknown task family '{name}'; choose from {sorted(families.FAMILIES)}",
@@ -130,6 +146,10 @@ class Config:
         )
         check(all(h >= 1 for h in self.hidden) and self.hidden, "hidden widths must be >= 1")
         check(self.base_lr is None or self.base_lr > 0, "base_lr must be > 0 (or none: tuned)")
+        check(
+            self.base_lr_tuning != "untrained" or (bool(self.families) and self.optimizer == "mlp"),
+            "base_lr_tuning=untrained needs optimizer=mlp and a mixture (families=...)",
+        )
         check(self.population >= 2 and self.population % 2 == 0, "population must be even, >= 2")
         check(self.seeds >= 1, "seeds must be >= 1")
         check(self.sigma > 0, "sigma must be > 0")
@@ -146,6 +166,18 @@ class Config:
             f"eval_points ({self.eval_points}) must divide inner_steps ({self.inner_steps})",
         )
         check(len(self.lr_grid) >= 1 and min(self.lr_grid) > 0, "lr_grid must be positive")
+        widths = [families.width(name) for name in self.eval_widths]
+        check(
+            all(w is not None for w in widths),
+            "eval_widths must be families of a width series ("
+            + ",".join(n for n, s in families.FAMILIES.items() if s.width is not None)
+            + f"), got {','.join(self.eval_widths)}",
+        )
+        check(
+            len(widths) != 1 and all(a < b for a, b in zip(widths, widths[1:], strict=False)),
+            "eval_widths must be empty or at least two families of increasing width, got "
+            + ",".join(self.eval_widths),
+        )
         if self.outer != "es":
             check(
                 1 <= self.truncation and self.inner_steps % self.truncation == 0,
@@ -187,6 +219,7 @@ PRESETS = {
         "checkpoint_every": 20,
         "eval_seeds": 3,
         "eval_families": ("teacher-student-large",),
+        "eval_widths": ("digits-mlp8", "digits-mlp32"),
         "eval_points": 5,
         "lr_grid": (1e-3, 1e-2, 1e-1),
     },
@@ -282,12 +315,79 @@ def tune_adam_families(cfg: Config, out: Path | None = None, reuse: bool = True)
     return tuned
 
 
+def tunes_untrained(cfg: Config) -> bool:
+    """Whether an unset ``base_lr`` is tuned on the untrained rule
+    (:func:`tune_untrained_base_lr`) rather than taken from tuned Adam."""
+    if cfg.base_lr_tuning == "auto":
+        return bool(cfg.families) and cfg.optimizer == "mlp" and cfg.rule == "normalised"
+    return cfg.base_lr_tuning == "untrained"
+
+
+@functools.lru_cache(maxsize=16)
+def _scaled_valid_fn(cfg: Config, family: str, horizon: int, points: int):
+    """Jitted ``(log_lrs [G], weights, keys [S]) -> valid [G, S, points]`` of the
+    optimizer with its step size replaced by ``exp(log_lr)`` (:func:`lr_scaled_optimizer`)."""
+    f = loss_curves(family, lr_scaled_optimizer(cfg, horizon), horizon, points)
+    per_lr = lambda lr, w, keys: f({"weights": w, "log_lr": lr}, keys)[0]
+    return jax.jit(jax.vmap(per_lr, in_axes=(0, None, None)))
+
+
+def untrained_base_lr_scores(cfg: Config, adam: dict) -> np.ndarray:
+    """``[G, F * S]``: per ``lr_grid`` value, per family and tuning task, ``log(L / A_f)`` of
+    the untrained rule (:func:`initial_meta_params`) at ``base_lr`` = that value.
+
+    ``L`` is the final validation loss after ``inner_steps`` steps, ``A_f`` tuned Adam's
+    mean final validation loss on the family (``adam[f]["final_valid_loss"]``, the
+    mixture's normaliser); the tasks are :func:`tune_adam_lr`'s (``eval_seeds`` seeds
+    that meta-training and evaluation do not use). The update is linear in ``base_lr``
+    and the initial weights do not depend on it, so one compiled run per family covers
+    the grid (:func:`lr_scaled_optimizer`).
+    """
+    ref = dataclasses.replace(cfg, base_lr=1.0)
+    init = initial_meta_params(ref)
+    keys = jax.random.split(jax.random.key(cfg.seed + 30_000), cfg.eval_seeds)
+    log_lrs = jnp.log(jnp.asarray(cfg.lr_grid, jnp.float32))
+    scores = []
+    for fam in cfg.families:
+        f = _scaled_valid_fn(ref, fam, cfg.inner_steps, cfg.eval_points)
+        valid = np.asarray(f(log_lrs, init, keys)[:, :, -1], np.float64)  # [G, S]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_valid = np.log(np.maximum(valid, mixture.LOSS_FLOOR))
+        scores.append(log_valid - np.log(adam[fam]["final_valid_loss"]))
+    return np.concatenate(scores, axis=1)
+
+
+def tune_untrained_base_lr(cfg: Config, adam: dict) -> tuple[float, dict]:
+    """``base_lr`` for the untrained rule: the ``lr_grid`` value with the lowest mean over
+    families and tasks of ``log(L / A_f)`` (:func:`untrained_base_lr_scores`; a
+    non-finite run counts as the worst). Returns the value and a JSON-able record
+    (scores per grid value, whether it is at the grid's edge, which is logged as a
+    warning)."""
+    from metaopt.evaluation import tune_grid
+
+    scores = untrained_base_lr_scores(cfg, adam)
+    choice = tune_grid(scores, {"lr": cfg.lr_grid}, warn=False)
+    if choice.at_edge:
+        log.warning(
+            "untrained %s rule: base_lr=%g is at the edge of lr_grid [%g, %g]; the optimum "
+            "may lie outside the grid",
+            cfg.rule,
+            choice.value,
+            min(cfg.lr_grid),
+            max(cfg.lr_grid),
+        )
+    means = [float(np.mean(s)) if np.isfinite(s).all() else float("inf") for s in scores]
+    return choice.value, {"mean_log_ratio_to_adam": means, "at_edge": choice.at_edge}
+
+
 def resolve_base_lr(
     cfg: Config, out: Path | None = None, reuse: bool = True, adam: dict | None = None
 ) -> Config:
     """``cfg`` with ``base_lr`` set: as given, else Adam's tuned lr on the meta-training family
     (for a mixture: the geometric mean of the families' tuned lrs, ``adam`` or
-    :func:`tune_adam_families`).
+    :func:`tune_adam_families`), or, when :func:`tunes_untrained` (by default a mixture
+    with ``rule=normalised``), the untrained rule's best value on ``lr_grid``
+    (:func:`tune_untrained_base_lr`).
 
     The tuned value is stored in ``out/base_lr.json`` and, with ``reuse``, read
     back from there (resume, evaluation).
@@ -296,24 +396,25 @@ def resolve_base_lr(
         return cfg
     path = Path(out) / "base_lr.json" if out is not None else None
     if reuse and path is not None and path.exists():
-        lr = float(json.loads(path.read_text())["base_lr"])
+        return dataclasses.replace(cfg, base_lr=float(json.loads(path.read_text())["base_lr"]))
+    if tunes_untrained(cfg):
+        adam = adam if adam is not None else tune_adam_families(cfg, out, reuse)
+        lr, extra = tune_untrained_base_lr(cfg, adam)
+        rule = (
+            f"untrained {cfg.rule} rule: lowest mean log(final valid loss / tuned Adam's) "
+            f"at T={cfg.inner_steps} over {cfg.eval_seeds} tasks per family"
+        )
+        record = {"tuned_on": list(cfg.families), "grid": cfg.lr_grid, "rule": rule, **extra}
     elif cfg.families:
         adam = adam if adam is not None else tune_adam_families(cfg, out, reuse)
         lr = float(np.exp(np.mean([np.log(adam[f]["lr"]) for f in cfg.families])))
-        if path is not None:
-            write_json_atomic(
-                path,
-                {
-                    "base_lr": lr,
-                    "tuned_on": list(cfg.families),
-                    "grid": cfg.lr_grid,
-                    "rule": "geometric mean of the families' tuned Adam lrs",
-                },
-            )
+        rule = "geometric mean of the families' tuned Adam lrs"
+        record = {"tuned_on": list(cfg.families), "grid": cfg.lr_grid, "rule": rule}
     else:
         lr = tune_adam_lr(cfg)
-        if path is not None:
-            write_json_atomic(path, {"base_lr": lr, "tuned_on": cfg.family, "grid": cfg.lr_grid})
+        record = {"tuned_on": cfg.family, "grid": cfg.lr_grid}
+    if path is not None:
+        write_json_atomic(path, {"base_lr": lr, **record})
     return dataclasses.replace(cfg, base_lr=lr)
 
 
@@ -578,6 +679,31 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
     return evaluate_lib.evaluate_run(Path(run_dir), cfg, progress=progress)
 
 
+def _width_sweep_cmd(argv: list[str]) -> int:
+    """``metaopt learned-optimizer width-sweep RUN_DIR [--no-progress]``."""
+    import argparse
+
+    from metaopt.algorithms.learned_optimizers import evaluate as evaluate_lib
+    from metaopt.config import ConfigError
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, exit 2
+            raise ConfigError(message)
+
+    p = Parser(
+        prog="metaopt learned-optimizer width-sweep",
+        description="Run only the width sweep of metaopt eval on a finished run; adds it to "
+        "eval.json / eval.md and writes width.png.",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    summary = evaluate_lib.width_sweep_run(Path(args.run_dir), progress=not args.no_progress)
+    for k, v in summary.items():
+        print(f"{k}: {v}")
+    return 0
+
+
 RECIPE = register(
     Recipe(
         name="learned-optimizer",
@@ -587,5 +713,6 @@ RECIPE = register(
         presets=PRESETS,
         evaluate=evaluate,
         build=_dry_build,
+        commands={"width-sweep": _width_sweep_cmd},
     )
 )
