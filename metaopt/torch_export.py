@@ -182,13 +182,27 @@ class LearnedOptimizer(_PerTensor):
         update rule, ``adam_nominal`` or ``normalised``).
       num_steps: the training horizon ``T`` it plans for (progress ``min(t / T, 1)``);
         default: the meta-training horizon stored with the weights.
+      layout: where a weight's input axes are, for the muP option
+        (``LOptSpec.mup_fan_in``; nothing else depends on it): ``"torch"`` (the default:
+        ``Linear`` ``[out, in]``, ``Conv`` ``[out, in, kh, kw]``, fan-in = the product of
+        all axes but the first) or ``"jax"`` (``[in, out]`` / HWIO, fan-in = all axes but
+        the last, as the optax export).
 
     Same features, MLP and step as :func:`~metaopt.algorithms.learned_optimizers.lopt.update`,
     computed per tensor (the MLP acts on each parameter independently; the feature
     normalisation is per tensor, as there).
     """
 
-    def __init__(self, params: Iterable, weights: str | Path, num_steps: int | None = None):
+    def __init__(
+        self,
+        params: Iterable,
+        weights: str | Path,
+        num_steps: int | None = None,
+        layout: str = "torch",
+    ):
+        if layout not in ("torch", "jax"):
+            raise ValueError(f"layout must be 'torch' or 'jax', got {layout!r}")
+        self.layout = layout
         path = Path(weights)
         if path.is_dir():
             path = path / lopt.WEIGHTS_FILE
@@ -253,8 +267,10 @@ class LearnedOptimizer(_PerTensor):
         log_step = spec.max_log_step * torch.tanh(out[1] / spec.max_log_step)
         if spec.nominal:
             direction = direction + mhat[spec.decays.index(spec.nominal_decay)] * inv[0]
+        shape = tuple(p.shape) if self.layout == "jax" else tuple(p.shape)[::-1]
+        mup = lopt.mup_multiplier(shape, spec.mup_fan_in)  # fan-in: all axes but the first
         if spec.rule == "normalised":  # lopt.normalised_step: per tensor, unit RMS
             rms = torch.sqrt(torch.mean(torch.square(direction)))
             scale = -spec.base_lr * torch.exp(torch.mean(log_step)) / (rms + lopt.NORM_EPS)
-            return (scale * direction).reshape(p.shape)
-        return (-spec.base_lr * torch.exp(log_step) * direction).reshape(p.shape)
+            return (mup * scale * direction).reshape(p.shape)
+        return (mup * -spec.base_lr * torch.exp(log_step) * direction).reshape(p.shape)

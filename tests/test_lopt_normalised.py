@@ -185,3 +185,32 @@ def test_recipe_config_selects_the_rule_and_lr_rescaling_stays_linear():
         u2, s2 = scaled.update(mp, g, s2, params, jnp.float32(i / 10))
         for k in SHAPES:
             np.testing.assert_allclose(u2[k], 4.0 * np.asarray(u1[k]), rtol=1e-5, atol=1e-10)
+
+
+@pytest.mark.parametrize("rule", ["normalised", "adam_nominal"])
+def test_mup_scales_each_matrix_step_by_reference_fan_in_over_its_fan_in(rule, tmp_path):
+    """``mup_fan_in=n0``: a 2-axis tensor's step is n0 / fan_in times the step without the
+    option (fan_in = all axes but the last; here w [5, 4] -> 5, a conv kernel [3, 3, 2, 4]
+    -> 18); vectors and scalars are unchanged; the file round-trips the option and a file
+    without it keeps the header older readers know."""
+    shapes = {**SHAPES, "k": (3, 3, 2, 4)}
+    rng = np.random.default_rng(1)
+    params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+    grads = [
+        {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+        for _ in range(4)
+    ]
+    plain = dataclasses.replace(NORM, rule=rule)
+    mup = dataclasses.replace(plain, mup_fan_in=3)
+    w = _weights(plain)
+    for u0, u1 in zip(_run(w, plain, params, grads), _run(w, mup, params, grads), strict=True):
+        expect = {"w": 3 / 5, "k": 3 / 18, "b": 1.0, "s": 1.0, "one": 1.0}
+        for k, m in expect.items():
+            np.testing.assert_allclose(np.asarray(u1[k]), m * np.asarray(u0[k]), rtol=1e-6)
+        assert _rms(u0["w"]) > 0
+    lopt.save(tmp_path / "a.npz", "mlp", w, horizon=10, spec=mup)
+    assert lopt.load(tmp_path / "a.npz").spec.mup_fan_in == 3
+    lopt.save(tmp_path / "b.npz", "mlp", w, horizon=10, spec=plain)
+    assert "mup_fan_in" not in load_artifact(tmp_path / "b.npz", "learned-optimizer")[1]["spec"]
+    with pytest.raises(ValueError, match="mup_fan_in"):
+        lopt.LOptSpec(mup_fan_in=-1)

@@ -35,15 +35,24 @@ def _grad(params, target, noise):
     }
 
 
-def _run_both(make_optax, make_torch):
+def _run_both(make_optax, make_torch, transpose_w=False):
+    """``transpose_w``: torch holds ``w`` as ``[out, in]`` (its ``Linear`` layout; the
+    gradient is elementwise, so the torch run is the jax run with ``w`` transposed)."""
     params, target, noise = _start()
+    if transpose_w:
+        flip = lambda tree: {k: (v.T.copy() if k == "w" else v) for k, v in tree.items()}
+        params, target, noise = flip(params), flip(target), [flip(n) for n in noise]
+    view = (lambda k, x: x.T if k == "w" else x) if transpose_w else (lambda k, x: x)
+    p_jax_0 = {k: view(k, v) for k, v in params.items()}  # jax holds [in, out]
     opt = make_optax()
-    p_jax = jax.tree.map(jnp.asarray, params)
+    p_jax = jax.tree.map(jnp.asarray, p_jax_0)
+    target_jax = {k: view(k, v) for k, v in target.items()}
+    noise_jax = [{k: view(k, v) for k, v in n.items()} for n in noise]
     state = opt.init(p_jax)
     p_torch = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in params.items()}
     topt = make_torch(list(p_torch.values()))
     for i in range(STEPS):
-        g = _grad(jax.tree.map(np.asarray, p_jax), target, noise[i])
+        g = _grad(jax.tree.map(np.asarray, p_jax), target_jax, noise_jax[i])
         updates, state = opt.update(jax.tree.map(jnp.asarray, g), state, p_jax)
         p_jax = optax.apply_updates(p_jax, updates)
         tg = _grad({k: v.detach().numpy() for k, v in p_torch.items()}, target, noise[i])
@@ -52,14 +61,14 @@ def _run_both(make_optax, make_torch):
         topt.step()
         for k in params:
             np.testing.assert_allclose(
-                p_torch[k].detach().numpy(),
+                view(k, p_torch[k].detach().numpy()),
                 np.asarray(p_jax[k]),
                 rtol=2e-5,
                 atol=2e-6,
                 err_msg=f"{k} after step {i + 1}",
             )
     # the run moved the parameters (the comparison is not of two no-ops)
-    assert max(np.abs(np.asarray(p_jax[k]) - params[k]).max() for k in params) > 1e-3
+    assert max(np.abs(np.asarray(p_jax[k]) - p_jax_0[k]).max() for k in params) > 1e-3
 
 
 def test_torch_operations_match_the_interpreters():
@@ -106,15 +115,26 @@ def test_program_optimizer_equals_its_optax_export(name, tmp_path):
     )
 
 
-@pytest.mark.parametrize("rule", ["adam_nominal", "normalised"])
-def test_learned_optimizer_equals_its_optax_export(tmp_path, rule):
+@pytest.mark.parametrize(
+    "rule,mup,layout",
+    [
+        ("adam_nominal", 0, "torch"),
+        ("normalised", 0, "torch"),
+        # muP: w's step is scaled by 3 / fan_in (6 inputs) on both sides, b's and s's not;
+        # torch reads the fan-in from its own [out, in] layout, or from [in, out] on request
+        ("normalised", 3, "torch"),
+        ("adam_nominal", 3, "jax"),
+    ],
+)
+def test_learned_optimizer_equals_its_optax_export(tmp_path, rule, mup, layout):
     # a large output layer so the MLP, not only Adam's nominal direction, moves the weights
-    spec = lopt.LOptSpec(hidden=(8, 8), out_scale=1.0, base_lr=1e-2, rule=rule)
+    spec = lopt.LOptSpec(hidden=(8, 8), out_scale=1.0, base_lr=1e-2, rule=rule, mup_fan_in=mup)
     weights = lopt.init_weights(jax.random.key(3), spec)
     lopt.save(tmp_path / lopt.WEIGHTS_FILE, "mlp", weights, horizon=40, spec=spec)
     _run_both(
         lambda: lopt.as_optax(tmp_path),
-        lambda ps: LearnedOptimizer(ps, tmp_path),
+        lambda ps: LearnedOptimizer(ps, tmp_path, layout=layout),
+        transpose_w=layout == "torch",
     )
     adam_dir = tmp_path / "adam"
     adam_dir.mkdir()

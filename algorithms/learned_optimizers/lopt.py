@@ -42,6 +42,10 @@ The update rule, for every parameter tensor of any pytree:
   like Adam's learning rate, and the MLP only chooses the direction and a
   bounded per-tensor factor.
 
+With ``spec.mup_fan_in = n0 > 0`` (off by default), the step of every tensor of two or
+more axes is then multiplied by ``n0 / fan_in``, muP's width scaling of Adam-like steps
+(Yang et al. 2022): a layer's output moves by about the same amount whatever its width.
+
 The output layer is initialised small (``spec.out_scale``), so the initial
 optimizer is Adam with learning rate ``base_lr`` plus a small perturbation (with
 the normalised rule: Adam's direction rescaled per tensor to RMS ``base_lr``).
@@ -108,6 +112,11 @@ class LOptSpec:
         (``-base_lr * exp(s) * (a + d)`` per parameter) or ``"normalised"`` (the
         direction divided by its RMS over each tensor, times ``base_lr`` and a
         per-tensor ``exp(mean(s))``); see the module docstring.
+      mup_fan_in: 0 (off) or a reference fan-in ``n0``: the step of every tensor with
+        two or more axes is multiplied by ``n0 / fan_in`` (muP's scaling of Adam-like
+        steps with width; ``fan_in`` is the product of all axes but the last, the
+        layout of ``x @ W`` with ``W [in, out]`` and of HWIO convolution kernels).
+        Vectors and scalars (biases, gains) are not rescaled.
     """
 
     hidden: tuple[int, ...] = (16,)
@@ -121,6 +130,7 @@ class LOptSpec:
     max_log_step: float = 3.0
     max_direction: float = 3.0
     rule: str = "adam_nominal"
+    mup_fan_in: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -137,6 +147,9 @@ class LOptSpec:
             raise ValueError(f"nominal_decay {self.nominal_decay} must be one of decays")
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {sorted(RULES)}, got {self.rule!r}")
+        if int(self.mup_fan_in) != self.mup_fan_in or self.mup_fan_in < 0:
+            raise ValueError(f"mup_fan_in must be an integer >= 0, got {self.mup_fan_in}")
+        object.__setattr__(self, "mup_fan_in", int(self.mup_fan_in))
 
     @property
     def num_param_features(self) -> int:
@@ -235,6 +248,15 @@ def normalised_step(direction: jax.Array, log_step: jax.Array, base_lr: float) -
     return scale * direction
 
 
+def mup_multiplier(shape: tuple[int, ...], mup_fan_in: int) -> float:
+    """The step multiplier of a tensor of ``shape`` under :attr:`LOptSpec.mup_fan_in`:
+    ``mup_fan_in / fan_in`` for tensors of two or more axes (``fan_in`` = the product of
+    all axes but the last), 1 for vectors and scalars and when the option is off (0)."""
+    if not mup_fan_in or len(shape) < 2:
+        return 1.0
+    return mup_fan_in / math.prod(shape[:-1])
+
+
 def init_state(params: PyTree, spec: LOptSpec = LOptSpec()) -> LOptState:
     """Zero accumulators (float32, whatever the parameters' dtype) and ``count = 0``."""
     k = len(spec.decays)
@@ -316,7 +338,9 @@ def update(
     else:
         steps = jnp.split(-spec.base_lr * jnp.exp(log_step) * direction, splits)
     updates = [
-        u.reshape(jnp.shape(g)).astype(jnp.result_type(g))
+        (u * mup_multiplier(jnp.shape(g), spec.mup_fan_in))
+        .reshape(jnp.shape(g))
+        .astype(jnp.result_type(g))
         for u, g in zip(steps, g_leaves, strict=True)
     ]
     new_state = LOptState(count=count, mom=treedef.unflatten(new_m), nu=treedef.unflatten(new_v))
@@ -399,6 +423,8 @@ def save(path: str | Path, kind: str, weights: PyTree, horizon: int, spec: LOptS
         meta["optimizer"] = RULES[spec.rule]  # "mlp" or "mlp-normalised"
         if spec.rule == "adam_nominal":  # the header older readers know, unchanged
             del meta["spec"]["rule"]
+        if not spec.mup_fan_in:  # likewise; with the option on, older readers refuse the file
+            del meta["spec"]["mup_fan_in"]
     weights = jax.tree.map(lambda v: np.asarray(v, np.float32), weights)
     save_artifact(path, weights, "learned-optimizer", **meta)
 
