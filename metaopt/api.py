@@ -13,6 +13,7 @@ directory: ``metaopt eval`` and ``metaopt <recipe> --resume`` work on it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -148,17 +149,36 @@ def run(
     return RunResult(rd.path, r.name, cfg, summary)
 
 
-def evaluate(run_dir: str | Path, *, progress: bool = True) -> dict:
-    """Runs the recipe's evaluation of a finished run (``metaopt eval RUN_DIR``).
+def eval_config(run_dir: str | Path, overrides: Mapping[str, str] | None = None):
+    """The recipe and config of a finished run, with evaluation settings overridden.
 
-    Returns:
-      The evaluation's summary; the files (``eval.json``, ``eval.md``, plots) are in ``run_dir``.
+    Only ``eval_*`` keys may be overridden (what is evaluated, not what was trained:
+    e.g. ``eval_families``, ``eval_seeds``); anything else is a ``ConfigError``.
     """
     from metaopt import recipes
 
     r, cfg, _ = recipes.run_dir_config(run_dir)
     if r.evaluate is None:
         raise ConfigError(f"recipe '{r.name}' has no evaluation")
+    overrides = dict(overrides or {})
+    bad = sorted(k for k in overrides if not k.startswith("eval_"))
+    if bad:
+        raise ConfigError(
+            f"metaopt eval overrides only evaluation settings (eval_*), got {', '.join(bad)}"
+        )
+    return r, cfg_lib.replace(cfg, overrides, context=f"{r.name} eval") if overrides else cfg
+
+
+def evaluate(
+    run_dir: str | Path, *, progress: bool = True, overrides: Mapping[str, str] | None = None
+) -> dict:
+    """Runs the recipe's evaluation of a finished run (``metaopt eval RUN_DIR [eval_key=value
+    ...]``; ``overrides``: evaluation settings, see :func:`eval_config`).
+
+    Returns:
+      The evaluation's summary; the files (``eval.json``, ``eval.md``, plots) are in ``run_dir``.
+    """
+    r, cfg = eval_config(run_dir, overrides)
     return r.evaluate(Path(run_dir), cfg, progress=progress)
 
 

@@ -41,15 +41,21 @@ def _cmd_list() -> int:
 
 
 def _cmd_eval(argv: list[str]) -> int:
-    from metaopt import api, recipes
+    from metaopt import api
+    from metaopt import config as cfg_lib
 
-    p = _Parser(prog="metaopt eval", description="Evaluate a finished run.")
+    p = _Parser(
+        prog="metaopt eval",
+        description="Evaluate a finished run; eval_key=value overrides evaluation settings.",
+    )
     p.add_argument("run_dir")
+    p.add_argument("overrides", nargs="*", help="eval_*=value (e.g. eval_seeds=10)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    recipes.run_dir_config(args.run_dir)  # validates before anything is printed
+    overrides = cfg_lib.parse_overrides(args.overrides)
+    api.eval_config(args.run_dir, overrides)  # validates before anything is printed
     _startup_line("eval", args.run_dir)
-    summary = api.evaluate(args.run_dir, progress=not args.no_progress)
+    summary = api.evaluate(args.run_dir, progress=not args.no_progress, overrides=overrides)
     _print_summary(summary)
     return 0
 

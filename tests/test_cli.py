@@ -191,3 +191,45 @@ def test_config_errors(key, text, message):
 def test_config_round_trip():
     cfg = config.replace(Toy(), {"sizes": "3,4", "maybe": "2"})
     assert config.from_dict(Toy, json.loads(json.dumps(config.to_dict(cfg)))) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "population=8",
+            "metaopt eval overrides only evaluation settings (eval_*), got population",
+        ),
+        (
+            "eval_sedes=3",
+            "unknown lr-schedule eval key 'eval_sedes' (did you mean 'eval_seeds'?)",
+        ),
+        ("eval_seeds=zero", "eval_seeds must be an integer"),
+        ("eval_seeds", "expected key=value, got 'eval_seeds'"),
+    ],
+)
+def test_eval_overrides_are_evaluation_settings_checked_before_anything_runs(
+    capsys, tmp_path, override, message
+):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(
+        json.dumps({"recipe": "lr-schedule", "preset": "default", "config": {}})
+    )
+    code, out, err = run_cli(capsys, "eval", str(run), override)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert out == ""  # nothing started
+
+
+def test_eval_overrides_reach_the_evaluation_config(tmp_path):
+    from metaopt import api
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(
+        json.dumps({"recipe": "lr-schedule", "preset": "default", "config": {}})
+    )
+    _, cfg = api.eval_config(run, {"eval_seeds": "7"})
+    _, default = api.eval_config(run)
+    assert cfg.eval_seeds == 7 and default.eval_seeds != 7
