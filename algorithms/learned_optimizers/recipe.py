@@ -82,6 +82,9 @@ class Config:
     base_lr_tuning: Literal["auto", "adam", "untrained"] = "auto"
     nominal: bool = True
     rule: Literal["adam_nominal", "normalised"] = "adam_nominal"
+    # muP width scaling of the step (0 = off): every matrix's step times mup_fan_in / its
+    # fan-in (lopt.LOptSpec.mup_fan_in)
+    mup_fan_in: int = 0
     # the outer loop
     outer: Literal["es", "pes", "metagrad"] = "es"
     population: int = 32
@@ -146,6 +149,7 @@ class Config:
         )
         check(all(h >= 1 for h in self.hidden) and self.hidden, "hidden widths must be >= 1")
         check(self.base_lr is None or self.base_lr > 0, "base_lr must be > 0 (or none: tuned)")
+        check(self.mup_fan_in >= 0, "mup_fan_in must be >= 0 (0: off)")
         check(
             self.base_lr_tuning != "untrained" or (bool(self.families) and self.optimizer == "mlp"),
             "base_lr_tuning=untrained needs optimizer=mlp and a mixture (families=...)",
@@ -195,7 +199,11 @@ class Config:
         if self.base_lr is None:
             raise ValueError("base_lr is not resolved yet: call resolve_base_lr(cfg) first")
         return lopt.LOptSpec(
-            hidden=self.hidden, base_lr=self.base_lr, nominal=self.nominal, rule=self.rule
+            hidden=self.hidden,
+            base_lr=self.base_lr,
+            nominal=self.nominal,
+            rule=self.rule,
+            mup_fan_in=self.mup_fan_in,
         )
 
 
