@@ -13,6 +13,10 @@ meta-training -> :func:`compare` -> :func:`write_eval`.
   tested (two-sided paired t test, standard error with ``ddof=1``), the p-values
   Holm-corrected over every comparison made, tasks counted as won / tied / lost,
   and the interquartile mean (IQM) of normalised scores per method.
+- **Relative to a reference, per task** (:func:`relative_summary`, Celo's figures): IQM
+  over (workload, seed) tasks of the final loss normalised by the reference's and of the
+  speedup to the reference's final loss (:func:`speedups`), with bootstrap intervals
+  (:func:`bootstrap_ci`), tasks won and the mean paired log-ratio.
 - **Performance profiles** (AlgoPerf, :mod:`metaopt.profiles`, re-exported here).
 - **Loss curves** (:func:`curve_stats`, :func:`plot_curves`): mean and standard
   error band per method.
@@ -22,7 +26,9 @@ meta-training -> :func:`compare` -> :func:`write_eval`.
 
 References: Holm 1979, "A simple sequentially rejective multiple test procedure";
 Agarwal et al. 2021, "Deep RL at the edge of the statistical precipice" (IQM);
-Dahl et al. 2023, "Benchmarking Neural Network Training Algorithms" (profiles).
+Dahl et al. 2023, "Benchmarking Neural Network Training Algorithms" (profiles);
+Moudgil et al. 2025, "Celo: Training Versatile Learned Optimizers on a Compute Diet"
+(normalised loss and speedup IQMs).
 """
 
 from __future__ import annotations
@@ -46,10 +52,12 @@ __all__ = [
     "TAUS",
     "GridChoice",
     "GridEdgeWarning",
+    "bootstrap_ci",
     "comparison_table",
     "compare",
     "curve_stats",
     "downsample",
+    "first_hits",
     "holm",
     "iqm",
     "paired_test",
@@ -59,7 +67,9 @@ __all__ = [
     "plot_profile",
     "progress_bar",
     "read_eval",
+    "relative_summary",
     "seed_stats",
+    "speedups",
     "steps_to_target",
     "table",
     "tune_grid",
@@ -337,18 +347,194 @@ def holm(pvalues: Sequence[float]) -> np.ndarray:
     return out
 
 
-def iqm(x: np.ndarray) -> float:
+def iqm(x: np.ndarray, keep_inf: bool = False) -> float:
     """Interquartile mean: the mean of the middle half of the finite values.
 
     ``floor(n / 4)`` values are cut from each end of the sorted values (as
-    ``scipy.stats.trim_mean(x, 0.25)``, which rliable's IQM uses). NaN if no value is finite.
+    ``scipy.stats.trim_mean(x, 0.25)``, which rliable's IQM uses; for ``n`` not a multiple
+    of 4 this keeps slightly more than half, it does not weight the boundary values
+    fractionally). NaN if no value is finite.
+
+    With ``keep_inf`` only NaNs are left out: ``+-inf`` (a diverged run's loss ratio) sort to
+    the ends and are cut like any other value, so they count as the worst (best) scores;
+    the IQM is infinite if one is left in the middle half.
     """
     x = np.sort(np.asarray(x, np.float64).reshape(-1))
-    x = x[np.isfinite(x)]
+    x = x[~np.isnan(x)] if keep_inf else x[np.isfinite(x)]
     if x.size == 0:
         return float("nan")
     cut = x.size // 4
-    return float(np.mean(x[cut : x.size - cut]))
+    middle = x[cut : x.size - cut]
+    with np.errstate(invalid="ignore"):
+        return float(np.mean(middle))
+
+
+def bootstrap_ci(
+    x: np.ndarray,
+    stat: Callable[[np.ndarray], float] = iqm,
+    *,
+    level: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of ``stat`` over the values of ``x``.
+
+    ``x`` (one value per task) is resampled with replacement ``resamples`` times (numpy
+    generator seeded with ``seed``: reproducible). The bounds are order statistics of the
+    resampled statistics (no interpolation, so infinite values stay meaningful); NaN
+    statistics are left out. ``(nan, nan)`` for an empty ``x``.
+    """
+    x = np.asarray(x, np.float64).reshape(-1)
+    if x.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.size, size=(resamples, x.size))
+    stats = np.array([stat(x[i]) for i in idx])
+    stats = stats[~np.isnan(stats)]
+    if stats.size == 0:
+        return float("nan"), float("nan")
+    alpha = (1.0 - level) / 2.0
+    lo = np.quantile(stats, alpha, method="lower")
+    hi = np.quantile(stats, 1.0 - alpha, method="higher")
+    return float(lo), float(hi)
+
+
+def first_hits(curves: np.ndarray, targets: np.ndarray, eval_steps: np.ndarray) -> np.ndarray:
+    """Per run, the first evaluation step at which its curve is ``<= `` its own target.
+
+    Args:
+      curves: ``[S, P]`` losses of ``S`` runs at the ``P`` evaluation points.
+      targets: ``[S]`` one target per run (or a scalar for all).
+      eval_steps: ``[P]`` the training step of each evaluation point.
+
+    Returns:
+      ``[S]`` steps (float); ``inf`` where the curve never reaches its target (non-finite
+      losses never do) and where the target is NaN. Row ``s`` is
+      :func:`steps_to_target` ``(curves[s], targets[s], eval_steps)``.
+    """
+    c = np.asarray(curves, np.float64)
+    t = np.broadcast_to(np.asarray(targets, np.float64), c.shape[:1])
+    steps = np.asarray(eval_steps, np.float64)
+    with np.errstate(invalid="ignore"):
+        hit = np.isfinite(c) & (c <= t[:, None])
+    first = np.argmax(hit, axis=1)
+    return np.where(hit.any(axis=1), steps[first], np.inf)
+
+
+def speedups(curves: np.ndarray, reference: np.ndarray, eval_steps: np.ndarray) -> np.ndarray:
+    """Speedup over a reference on each paired run (Celo, Moudgil et al. 2025).
+
+    For run ``s`` the target is the reference's final loss ``reference[s, -1]``; the speedup
+    is the steps the reference takes to reach it divided by the steps ``curves[s]`` takes,
+    both as the first evaluation step at which the curve is at or below the target
+    (:func:`first_hits`; the reference's own time is at most the horizon, earlier if its
+    curve dipped below its final loss before the end). So the reference's speedup is 1, and
+    a value > 1 reaches the reference's final loss sooner.
+
+    Returns:
+      ``[S]``: the speedup; ``0`` where the curve never reaches the target within the
+      horizon (the floor); NaN where the reference's final loss is not finite (no target).
+      The resolution is that of the evaluation points.
+    """
+    c, r = np.asarray(curves, np.float64), np.asarray(reference, np.float64)
+    if c.shape != r.shape or c.ndim != 2:
+        raise ValueError(f"paired curves need the same shape [S, P]: {c.shape} vs {r.shape}")
+    target = r[:, -1]
+    t_ref, t = first_hits(r, target, eval_steps), first_hits(c, target, eval_steps)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(np.isfinite(t), t_ref / t, 0.0)
+    return np.where(np.isfinite(target), out, np.nan)
+
+
+def relative_summary(
+    curves: Mapping[str, Mapping[str, np.ndarray]],
+    eval_steps: Mapping[str, np.ndarray],
+    reference: str,
+    *,
+    level: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Celo-style summary of several optimizers against a reference over tasks.
+
+    A task is one (workload, seed) pair; every optimizer ran every task on the same seed
+    as the reference (paired). Per task and optimizer:
+
+    - normalised final loss ``x = final / reference's final`` (``inf`` when the run's final
+      loss is not finite; NaN, and left out, when the reference's is not);
+    - speedup (:func:`speedups`): the reference's steps to its own final loss over the
+      optimizer's steps to that loss, 0 if never reached.
+
+    Args:
+      curves: ``{optimizer: {workload: [S, P] loss curves}}`` (same workloads and shapes).
+      eval_steps: ``{workload: [P] step of each evaluation point}``.
+      reference: the optimizer the others are normalised by.
+      level, resamples, seed: of the bootstrap confidence intervals (:func:`bootstrap_ci`).
+
+    Returns:
+      ``{"reference", "workloads", "tasks": n, "definitions": str, "optimizers": {name:
+      row}}`` where ``row`` holds ``normalised_loss_iqm`` and its ``_ci`` (IQM over tasks,
+      infinite values kept as the worst, :func:`iqm`), ``speedup_iqm`` and ``_ci``,
+      ``speedup_median``, ``log_ratio_mean`` and ``log_ratio_se`` (mean of ``log x`` over
+      the tasks where both runs are finite, standard error ``std(ddof=1)/sqrt(n)`` treating
+      tasks as independent), ``wins`` / ``losses`` (tasks with ``x < 1`` / ``x > 1``),
+      ``tasks`` (tasks with a finite reference), ``diverged`` (non-finite final loss) and
+      ``never_reached`` (speedup 0).
+    """
+    names = list(curves)
+    if reference not in curves:
+        raise ValueError(f"reference {reference!r} is not one of {names}")
+    works = list(curves[reference])
+    ref = {w: np.asarray(curves[reference][w], np.float64) for w in works}
+    out: dict[str, Any] = {}
+    for n in names:
+        if list(curves[n]) != works:
+            raise ValueError(f"optimizer {n!r} has workloads {list(curves[n])}, expected {works}")
+        ratios, speeds = [], []
+        for w in works:
+            c = np.asarray(curves[n][w], np.float64)
+            final, ref_final = c[:, -1], ref[w][:, -1]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                x = np.where(np.isfinite(final), final / ref_final, np.inf)
+            ratios.append(np.where(np.isfinite(ref_final), x, np.nan))
+            speeds.append(speedups(c, ref[w], eval_steps[w]))
+        x, sp = np.concatenate(ratios), np.concatenate(speeds)
+        x, sp = x[~np.isnan(x)], sp[~np.isnan(sp)]
+        ok = np.isfinite(x) & (x > 0)
+        logs = np.log(x[ok])
+        se = float(np.std(logs, ddof=1) / np.sqrt(logs.size)) if logs.size > 1 else float("nan")
+        boot = dict(level=level, resamples=resamples, seed=seed)
+        out[n] = {
+            "tasks": int(x.size),
+            "normalised_loss_iqm": iqm(x, keep_inf=True),
+            "normalised_loss_ci": list(bootstrap_ci(x, lambda v: iqm(v, keep_inf=True), **boot)),
+            "speedup_iqm": iqm(sp),
+            "speedup_ci": list(bootstrap_ci(sp, iqm, **boot)),
+            "speedup_median": float(np.median(sp)) if sp.size else float("nan"),
+            "log_ratio_mean": float(np.mean(logs)) if logs.size else float("nan"),
+            "log_ratio_se": se,
+            "wins": int(np.sum(x < 1.0)),
+            "losses": int(np.sum(x > 1.0)),
+            "diverged": int(np.sum(~np.isfinite(x))),
+            "never_reached": int(np.sum(sp == 0.0)),
+        }
+    return {
+        "reference": reference,
+        "workloads": works,
+        "tasks": int(sum(ref[w].shape[0] for w in works)),
+        "definitions": (
+            f"task = (workload, seed), paired with {reference} on the same seed; normalised "
+            f"loss = final / {reference}'s final (inf if the run diverged); speedup = steps "
+            f"{reference} takes to first reach its own final loss / steps the optimizer takes "
+            "to first reach it, at the evaluation points (0 if never); IQM = mean of the "
+            "middle 50% over tasks (floor(n/4) cut from each end, as "
+            f"scipy.stats.trim_mean(x, 0.25)); CI = {level:.0%} percentile bootstrap over "
+            f"tasks ({resamples} resamples); log ratio = mean over tasks of log(normalised "
+            "loss) +- standard error (ddof=1, tasks treated as independent); wins = tasks "
+            "with normalised loss < 1"
+        ),
+        "optimizers": out,
+    }
 
 
 def _finite_mean(x: np.ndarray) -> float:

@@ -297,10 +297,16 @@ class ParametrizedOptimizer(NamedTuple):
       init: ``(meta_params, params) -> opt_state``.
       update: ``(meta_params, grads, opt_state, params, progress) -> (updates, opt_state)``
         where ``progress = t / T`` is a float scalar in ``[0, 1)``.
+      needs_obj_fn: the update also takes the keyword argument ``obj_fn``, the training
+        loss as a function of the parameters alone on the current minibatch
+        (``lambda p: task.loss(p, batch)``), e.g. for a Hessian estimate (Sophia's
+        Hutchinson estimator). Default False: ``update`` is called without it.
+        :func:`training_inner_loop` passes it when set.
     """
 
     init: Callable[[MetaParams, PyTree], PyTree]
     update: Callable[..., tuple[PyTree, PyTree]]
+    needs_obj_fn: bool = False
 
 
 class TrainState(NamedTuple):
@@ -350,8 +356,9 @@ def training_inner_loop(
     def step(meta_params, state, key):
         batch = task.sample_batch(key, state.task) if family else task.sample_batch(key)
         loss, grads = jax.value_and_grad(task.loss)(state.params, batch)
+        extra = {"obj_fn": lambda p: task.loss(p, batch)} if optimizer.needs_obj_fn else {}
         updates, opt_state = optimizer.update(
-            meta_params, grads, state.opt_state, state.params, state.progress
+            meta_params, grads, state.opt_state, state.params, state.progress, **extra
         )
         params = optax.apply_updates(state.params, updates)
         new = TrainState(params, opt_state, state.step + 1, state.horizon, state.task)

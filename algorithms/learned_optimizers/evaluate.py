@@ -1,4 +1,5 @@
-"""Held-out evaluation of a meta-trained optimizer against tuned Adam / AdamW / Lion.
+"""Held-out evaluation of a meta-trained optimizer against tuned Adam / AdamW / Lion /
+SGD with momentum / Sophia.
 
 Workloads (a task family and a horizon): the meta-training family (each family of
 a mixture's ``families``) at the meta-training horizon with unseen seeds
@@ -9,8 +10,9 @@ data, larger models).
 
 Every optimizer trains ``eval_seeds`` runs per workload, on the same seeds (same
 tasks, initialisations and minibatches: paired comparisons). The meta-trained
-optimizer and its initialisation run as they are (no tuning); Adam, AdamW and
-Lion run at every learning rate of ``lr_grid`` and keep the one with the lowest
+optimizer and its initialisation run as they are (no tuning); Adam, AdamW, Lion,
+SGD-momentum and Sophia (:data:`optimizers.TUNED`) run at every learning rate of
+``lr_grid`` and keep the one with the lowest
 mean final *validation* loss (:func:`metaopt.evaluation.tune_grid`, which flags a
 choice at the grid's edge); everything reported is measured on the *test*
 split. Final test losses are compared with tuned Adam's by paired t tests over
@@ -18,6 +20,13 @@ the shared seeds, Holm-corrected over every comparison
 (:func:`metaopt.evaluation.compare`). Scoring as in AlgoPerf
 (:mod:`metaopt.profiles`): steps until the median test-loss curve reaches tuned
 Adam's median final test loss, and a performance profile over all workloads.
+
+Held-out summary (``held_out_summary``, as Celo reports it): over the
+out-of-distribution workloads only, every (workload, seed) is a task paired with tuned
+Adam on that seed; per optimizer the IQM over tasks of the final test loss normalised
+by Adam's and of the speedup to reach Adam's final test loss, with bootstrap intervals,
+tasks won, the mean paired log-ratio +- SE and a performance profile of those workloads
+(:func:`metaopt.evaluation.relative_summary`).
 
 Width sweep (``eval_widths``, :func:`width_sweep`): does the step size stay right
 as the model gets wider? One-hidden-layer families of increasing width (default
@@ -127,6 +136,8 @@ def evaluate(
         "workloads": {},
     }
     times: dict[str, list[float]] = {n: [] for n in names}
+    held: dict[str, Any] = {"curves": {n: {} for n in names}, "steps": {}, "edges": {}}
+    held["times"] = {n: [] for n in names}
     finals_all: dict[str, dict[str, np.ndarray]] = {n: {} for n in names}
     for label, (family, horizon, group) in works.items():
         test_curves, lrs, tuning = {}, {}, {}
@@ -155,10 +166,18 @@ def evaluate(
         target = float(medians[REFERENCE][-1])
         ref_finals = _finite(test_curves[REFERENCE][:, -1])
         rows = {}
+        ood = group == "out-of-distribution"
+        if ood:
+            held["steps"][label] = eval_steps
         for n in names:
             finals = _finite(test_curves[n][:, -1])
             t = ev.steps_to_target(medians[n], target, eval_steps)
             times[n].append(t)
+            if ood:
+                held["curves"][n][label] = test_curves[n]
+                held["times"][n].append(t)
+                if tuning[n] is not None and tuning[n]["at_edge"]:
+                    held["edges"].setdefault(n, []).append(label)
             finals_all[n][label] = finals
             diff = finals - ref_finals  # paired: same tasks, inits and minibatches
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -187,7 +206,19 @@ def evaluate(
     bar.close()
     result["profile"] = ev.performance_profile(times)
     result["comparison"] = ev.compare(finals_all, REFERENCE, lower_is_better=True)
+    result["held_out_summary"] = held_out_summary(held) if held["steps"] else None
     return result
+
+
+def held_out_summary(held: dict[str, Any]) -> dict[str, Any]:
+    """:func:`metaopt.evaluation.relative_summary` of the out-of-distribution workloads'
+    per-seed test curves against tuned Adam, with the performance profile of those
+    workloads and, per optimizer, the workloads whose tuned lr is at the grid's edge."""
+    summary = ev.relative_summary(held["curves"], held["steps"], REFERENCE)
+    summary["profile"] = ev.performance_profile(held["times"])
+    for n, row in summary["optimizers"].items():
+        row["lr_at_edge"] = held["edges"].get(n, [])
+    return summary
 
 
 def _se(x: np.ndarray) -> float:
@@ -436,7 +467,62 @@ def markdown(result: dict[str, Any]) -> str:
         "",
     ]
     lines += [f"- {n}: {p['score']:.3f}" for n, p in result["profile"].items()]
+    if "held_out_summary" in result:
+        lines += ["", held_out_markdown(result["held_out_summary"], result["seeds"])]
     return "\n".join(lines + width) + "\n"
+
+
+def held_out_markdown(summary: dict[str, Any] | None, seeds: int) -> str:
+    """The held-out summary's table (Celo's figures), or a line saying there is none."""
+    if summary is None:
+        return "Held-out families: none (``eval_families`` gives no out-of-distribution workload)."
+
+    def g(x: float, digits: int) -> str:
+        return f"{x:.{digits}g}" if np.isfinite(x) else str(x)
+
+    def ci(lo_hi):
+        return f"[{g(lo_hi[0], 3)}, {g(lo_hi[1], 3)}]"
+
+    rows = []
+    for n, r in summary["optimizers"].items():
+        edges = r.get("lr_at_edge") or []
+        rows.append(
+            [
+                n,
+                f"{g(r['normalised_loss_iqm'], 4)} {ci(r['normalised_loss_ci'])}",
+                f"{g(r['speedup_iqm'], 3)} {ci(r['speedup_ci'])}",
+                f"{r['log_ratio_mean']:+.3g} +- {g(r['log_ratio_se'], 2)}",
+                f"{r['wins']}/{r['tasks']}",
+                str(r["diverged"]),
+                str(r["never_reached"]),
+                f"{summary['profile'][n]['score']:.3f}",
+                f"{len(edges)}/{len(summary['workloads'])}",
+            ]
+        )
+    header = [
+        "optimizer",
+        "IQM final / adam [95% CI]",
+        "IQM speedup [95% CI]",
+        "log(final / adam)",
+        "wins",
+        "diverged",
+        "never reached",
+        "profile",
+        "lr at edge",
+    ]
+    works = ", ".join(summary["workloads"])
+    return "\n".join(
+        [
+            f"Held-out families ({works}): {summary['tasks']} tasks = workloads x {seeds} "
+            "seeds, each paired with tuned Adam on the same seed; the meta-trained optimizer "
+            "runs as it is (its step size not re-tuned), the baselines at the lr tuned on "
+            f"validation. Definitions: {summary['definitions']}; profile = performance profile "
+            "score over these workloads only; lr at edge = workloads whose tuned lr is at the "
+            "edge of the grid.",
+            "",
+            ev.table(header, rows),
+        ]
+    )
 
 
 def evaluate_run(run_dir: Path, cfg: recipe.Config, progress: bool = True) -> dict[str, str]:
@@ -460,6 +546,13 @@ def evaluate_run(run_dir: Path, cfg: recipe.Config, progress: bool = True) -> di
     summary["profile_scores"] = ", ".join(
         f"{n} {p['score']:.2f}" for n, p in result["profile"].items()
     )
+    held = result.get("held_out_summary")
+    if held:
+        m = held["optimizers"]["meta-trained"]
+        summary["held_out"] = (
+            f"meta-trained IQM final / adam {m['normalised_loss_iqm']:.3g}, IQM speedup "
+            f"{m['speedup_iqm']:.3g}, wins {m['wins']}/{m['tasks']}"
+        )
     if cfg.eval_widths:
         summary.update(_width_summary(result["width_sweep"]))
     summary["report"] = str(run_dir / "eval.md")

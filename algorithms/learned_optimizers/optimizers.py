@@ -9,8 +9,8 @@ through :func:`metaopt.inner.training_inner_loop`:
 * :func:`adam_optimizer` -- the hand-designed baseline with learnable
   hyperparameters: Adam whose ``log lr``, ``logit b1`` and ``logit b2`` are the
   meta-parameters, run by ``optax.inject_hyperparams(optax.adam)``;
-* :func:`tuned_optimizer` -- Adam / AdamW / Lion whose only meta-parameter is
-  ``log_lr`` (the learning-rate grids of held-out evaluation).
+* :func:`tuned_optimizer` -- Adam / AdamW / Lion / SGD with momentum / Sophia whose
+  only meta-parameter is ``log_lr`` (the learning-rate grids of held-out evaluation).
 """
 
 from __future__ import annotations
@@ -27,12 +27,24 @@ from metaopt.inner import ParametrizedOptimizer
 PyTree = Any
 
 #: hand-designed optimizers of held-out evaluation: optax constructor and fixed settings.
-#: Lion's weight decay is 10x AdamW's, as Chen et al. 2023 recommend.
+#: Lion's weight decay is 10x AdamW's, as Chen et al. 2023 recommend. ``sgdm``: heavy-ball
+#: momentum 0.9 (not Nesterov). ``sophia``: ``optax.contrib.sophia`` at its defaults (b1
+#: 0.965, b2 0.99, weight decay 1e-4, gamma 0.01, clip 1, Hessian diagonal every 10 steps by
+#: Hutchinson's estimator, whose Rademacher vectors come from the fixed key
+#: ``jax.random.PRNGKey(0)`` in its state, the same sequence on every run); its update needs
+#: the loss of the current minibatch (``obj_fn``, see :data:`NEEDS_OBJ_FN`).
 TUNED: dict[str, tuple[Any, dict]] = {
     "adam": (optax.adam, {}),
     "adamw": (optax.adamw, {"weight_decay": 1e-2}),
     "lion": (optax.lion, {"weight_decay": 1e-1}),
+    "sgdm": (optax.sgd, {"momentum": 0.9, "nesterov": False}),
+    "sophia": (optax.contrib.sophia, {}),
 }
+#: the baselines of :data:`TUNED` whose update takes ``obj_fn=`` (the minibatch loss as a
+#: function of the parameters): their :func:`tuned_optimizer` sets
+#: ``ParametrizedOptimizer.needs_obj_fn``, so :func:`metaopt.inner.training_inner_loop`
+#: passes it.
+NEEDS_OBJ_FN: frozenset[str] = frozenset({"sophia"})
 
 
 def mlp_optimizer(spec: lopt.LOptSpec, horizon: int) -> ParametrizedOptimizer:
@@ -62,8 +74,11 @@ def initial_adam_hyperparams(lr: float = 1e-3, b1: float = 0.9, b2: float = 0.99
     }
 
 
-def _injected(build, meta_to_hyper, **fixed) -> ParametrizedOptimizer:
-    """An ``inject_hyperparams`` optimizer whose injected values are set from meta-params."""
+def _injected(build, meta_to_hyper, needs_obj_fn: bool = False, **fixed) -> ParametrizedOptimizer:
+    """An ``inject_hyperparams`` optimizer whose injected values are set from meta-params.
+
+    Keyword arguments of ``update`` past ``progress`` (``obj_fn=`` when ``needs_obj_fn``)
+    go on to the optax update."""
     dummy = {k: jnp.asarray(v, jnp.float32) for k, v in meta_to_hyper(None).items()}
     base = optax.inject_hyperparams(build)(**dummy, **fixed)
 
@@ -71,15 +86,20 @@ def _injected(build, meta_to_hyper, **fixed) -> ParametrizedOptimizer:
         del meta_params
         return base.init(params)
 
-    def update(meta_params, grads, state, params, progress):
+    def update(meta_params, grads, state, params, progress, **extra):
         del progress
+        if needs_obj_fn and "obj_fn" not in extra:
+            raise TypeError(
+                "this optimizer's update needs obj_fn= (the minibatch loss as a function of "
+                "the params); training_inner_loop passes it for optimizers with needs_obj_fn"
+            )
         hyper = dict(state.hyperparams)
         hyper.update(
             {k: jnp.asarray(v, jnp.float32) for k, v in meta_to_hyper(meta_params).items()}
         )
-        return base.update(grads, state._replace(hyperparams=hyper), params)
+        return base.update(grads, state._replace(hyperparams=hyper), params, **extra)
 
-    return ParametrizedOptimizer(init, update)
+    return ParametrizedOptimizer(init, update, needs_obj_fn)
 
 
 def adam_optimizer() -> ParametrizedOptimizer:
@@ -103,4 +123,4 @@ def tuned_optimizer(name: str) -> ParametrizedOptimizer:
     def hyper(mp):
         return {"learning_rate": 1e-3 if mp is None else jnp.exp(mp["log_lr"])}
 
-    return _injected(build, hyper, **fixed)
+    return _injected(build, hyper, needs_obj_fn=name in NEEDS_OBJ_FN, **fixed)
