@@ -343,7 +343,16 @@ def test_recipe_runs_resumes_exactly_and_evaluates(tmp_path, capsys):
     result = json.loads((a / "eval.json").read_text())
     assert list(result["workloads"]) == ["quadratic-10d T=20"]
     rows = result["workloads"]["quadratic-10d T=20"]["optimizers"]
-    names = {"meta-trained", "initial", "meta-trained, lr tuned", "adam", "adamw", "lion", "sgdm", "sophia"}
+    names = {
+        "meta-trained",
+        "initial",
+        "meta-trained, lr tuned",
+        "adam",
+        "adamw",
+        "lion",
+        "sgdm",
+        "sophia",
+    }
     assert set(rows) == names and set(result["profile"]) == names
     # Recomputed here with plain optax loops on the evaluation's seeds: Adam at each
     # learning rate of the grid (the best on validation is the reference) and the
