@@ -3,6 +3,7 @@ meta-gradient bias on a long horizon, and the recipe end to end."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import chex
@@ -421,6 +422,13 @@ def test_evaluation_workloads_are_in_distribution_longer_and_other_families():
     assert evaluate.workloads(cfg) == {
         "digits-mlp8 T=200": ("digits-mlp8", 200, "in-distribution"),
         "digits-mlp8 T=400": ("digits-mlp8", 400, "longer"),
+        "wine-mlp16 T=400": ("wine-mlp16", 400, "out-of-distribution"),
+    }
+    # the meta-training family at 4x its horizon, the held-out one still at 2x
+    four = dataclasses.replace(cfg, eval_longer_mult=4)
+    assert evaluate.workloads(four) == {
+        "digits-mlp8 T=200": ("digits-mlp8", 200, "in-distribution"),
+        "digits-mlp8 T=800": ("digits-mlp8", 800, "longer"),
         "wine-mlp16 T=400": ("wine-mlp16", 400, "out-of-distribution"),
     }
 

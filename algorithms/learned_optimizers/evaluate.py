@@ -4,9 +4,9 @@ SGD with momentum / Sophia.
 Workloads (a task family and a horizon): the meta-training family (each family of
 a mixture's ``families``) at the meta-training horizon with unseen seeds
 (*in-distribution*: new task instances, initialisations and minibatches), the
-same family at ``eval_horizon_mult`` times the horizon (*longer*), and every
-family of ``eval_families`` at that longer horizon (*out-of-distribution*: other
-data, larger models).
+same family at ``eval_longer_mult`` (default: ``eval_horizon_mult``) times the
+horizon (*longer*), and every family of ``eval_families`` at ``eval_horizon_mult``
+times the horizon (*out-of-distribution*: other data, larger models).
 
 Every optimizer trains ``eval_seeds`` runs per workload, on the same seeds (same
 tasks, initialisations and minibatches: paired comparisons). The meta-trained
@@ -83,11 +83,12 @@ def _lr_scaled_fn(cfg: recipe.Config, family: str, horizon: int, points: int):
 def workloads(cfg: recipe.Config) -> dict[str, tuple[str, int, str]]:
     """``label -> (family, horizon, group)`` with group in-distribution / longer / OOD."""
     t, m = cfg.inner_steps, cfg.eval_horizon_mult
+    longer = cfg.eval_longer_mult or m
     out = {}
     for fam in cfg.train_families:
         out[f"{fam} T={t}"] = (fam, t, "in-distribution")
-        if m > 1:
-            out[f"{fam} T={m * t}"] = (fam, m * t, "longer")
+        if longer > 1:
+            out[f"{fam} T={longer * t}"] = (fam, longer * t, "longer")
     for fam in cfg.eval_families:
         out.setdefault(f"{fam} T={m * t}", (fam, m * t, "out-of-distribution"))
     return out

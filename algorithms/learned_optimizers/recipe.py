@@ -105,6 +105,9 @@ class Config:
         "logistic-cond100",
     )
     eval_horizon_mult: int = 2
+    # the meta-training families are also evaluated at this multiple of inner_steps
+    # ("longer"; 0 = eval_horizon_mult)
+    eval_longer_mult: int = 0
     eval_points: int = 10
     # width sweep (metaopt eval): one-hidden-layer families of increasing width, trained
     # for inner_steps; Adam's lr is tuned at the first (smallest) width and kept fixed,
@@ -164,6 +167,7 @@ class Config:
         check(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
         check(self.eval_seeds >= 1, "eval_seeds must be >= 1")
         check(self.eval_horizon_mult >= 1, "eval_horizon_mult must be >= 1")
+        check(self.eval_longer_mult >= 0, "eval_longer_mult must be >= 0 (0: eval_horizon_mult)")
         check(self.eval_points >= 1, "eval_points must be >= 1")
         check(
             self.inner_steps % self.eval_points == 0,
