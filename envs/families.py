@@ -18,9 +18,10 @@ Protocol (:class:`TaskFamily`)::
     family.test_loss(params, task)                # held-out evaluation only
 
 Registry: :func:`make` builds a family by name (``"digits-mlp32"``,
-``"teacher-student-small"``, ``"logistic-cond1000"``, ``"quadratic-100d"``, ...;
-:data:`FAMILIES` lists them), so meta-training and held-out evaluation can
-differ in width, depth, data, conditioning and horizon. Each registered family
+``"teacher-student-small"``, ``"logistic-cond1000"``, ``"quadratic-100d"``, the
+convnet ``"digits-conv"``, the RNN copy task ``"copy-rnn"``, ...; :data:`FAMILIES`
+lists them), so meta-training and held-out evaluation can differ in width, depth,
+architecture, data, conditioning and horizon. Each registered family
 suggests a horizon (``steps``); learning rates are tuned per family by the callers
 (the learned-optimizer recipe grid-searches Adam's on validation before meta-training).
 """
@@ -37,7 +38,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from metaopt.envs import datasets
-from metaopt.envs.tasks import cross_entropy, mlp_apply, mlp_init
+from metaopt.envs.tasks import (
+    convnet_apply,
+    convnet_init,
+    cross_entropy,
+    mlp_apply,
+    mlp_init,
+    rnn_apply,
+    rnn_init,
+)
 from metaopt.inner import is_task_family as is_family  # noqa: F401  (re-export)
 
 PyTree = Any
@@ -345,6 +354,140 @@ class NoisyQuadratic:
     test_loss = valid_loss
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class DatasetConvNet:
+    """A small convnet classifier on the 8x8 digits images; the instance is the data.
+
+    The 64 standardised features are the pixels of an ``8 x 8 x 1`` (NHWC) image.
+    Layers: 3x3 SAME convolutions with ReLU (``channels``, ``strides``), then flatten
+    and a dense layer to the classes; cross-entropy. He-normal initialisation, zero
+    biases; the parameters are a list of ``{"w", "b"}`` per layer, conv kernels
+    ``[3, 3, C_in, C_out]``. Data, splits and minibatches as in :class:`DatasetMLP`.
+    """
+
+    dataset: str = "digits"
+    channels: tuple[int, ...] = (8, 16)
+    strides: tuple[int, ...] = (1, 2)
+    batch_size: int = 64
+    data_seed: int = 0
+    valid_fraction: float = 0.2
+    test_fraction: float = 0.2
+
+    def __post_init__(self):
+        data = datasets.load(self.dataset, self.data_seed, self.valid_fraction, self.test_fraction)
+        side = int(round(np.sqrt(data.num_features)))
+        if side * side != data.num_features:
+            raise ValueError(f"{self.dataset!r} features are not a square image")
+        object.__setattr__(self, "data", data)
+        object.__setattr__(self, "image_shape", (side, side, 1))
+
+    def _images(self, x: jax.Array) -> jax.Array:
+        return x.reshape(x.shape[0], *self.image_shape)
+
+    def logits(self, params: PyTree, x: jax.Array) -> jax.Array:
+        """Logits on flat features ``x`` ``[N, 64]`` (reshaped to images here)."""
+        return convnet_apply(params, self._images(x), self.strides)
+
+    sample = DatasetMLP.sample
+    sample_batch = DatasetMLP.sample_batch
+
+    def init_params(self, key: jax.Array, task: PyTree) -> PyTree:
+        del task
+        return convnet_init(
+            key, self.image_shape, self.channels, self.strides, self.data.num_classes
+        )
+
+    def loss(self, params: PyTree, batch: PyTree) -> jax.Array:
+        x, y = batch
+        return cross_entropy(self.logits(params, x), y)
+
+    def valid_loss(self, params: PyTree, task: PyTree) -> jax.Array:
+        return cross_entropy(self.logits(params, task["x_valid"]), task["y_valid"])
+
+    def test_loss(self, params: PyTree, task: PyTree) -> jax.Array:
+        return cross_entropy(self.logits(params, task["x_test"]), task["y_test"])
+
+    def test_accuracy(self, params: PyTree, task: PyTree) -> jax.Array:
+        """Fraction of the test split classified correctly."""
+        return jnp.mean(jnp.argmax(self.logits(params, task["x_test"]), -1) == task["y_test"])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CopyRNN:
+    """The copy task for a vanilla tanh RNN (:func:`~metaopt.envs.tasks.rnn_apply`).
+
+    A sequence is ``length`` random symbols (one-hot over ``vocab`` channels), a
+    delimiter (its own input channel) and ``length`` blank (all-zero) steps:
+    ``2 * length + 1`` steps with ``vocab + 1`` input channels. During the blank
+    steps the network must output the symbols in order; the loss is the
+    cross-entropy on those answer steps only (chance level ``log(vocab)``).
+
+    A batch is ``{"x": [B, T, vocab + 1], "y": [B, T] int32, "mask": [B, T]}``
+    (``y`` is 0 and ``mask`` 0 off the answer steps). Minibatches are fresh
+    sequences drawn from the step's key; an instance holds fixed validation and
+    test sets of ``n_eval`` sequences each, drawn from its key (different
+    sequences for the two, and for different instances). Seeds vary those sets,
+    the initialisation and the minibatches.
+    """
+
+    length: int = 8
+    vocab: int = 8
+    hidden: int = 32
+    batch_size: int = 32
+    n_eval: int = 256
+
+    @property
+    def seq_len(self) -> int:
+        return 2 * self.length + 1
+
+    def sequences(self, key: jax.Array, n: int) -> PyTree:
+        """``n`` random copy-task sequences (a batch, see the class docstring)."""
+        L, V = self.length, self.vocab
+        symbols = jax.random.randint(key, (n, L), 0, V)
+        x = jnp.concatenate(
+            [
+                jax.nn.one_hot(symbols, V + 1),
+                jnp.broadcast_to(jax.nn.one_hot(V, V + 1), (n, 1, V + 1)),
+                jnp.zeros((n, L, V + 1)),
+            ],
+            axis=1,
+        )
+        y = jnp.concatenate([jnp.zeros((n, L + 1), jnp.int32), symbols], axis=1)
+        mask = jnp.broadcast_to(jnp.arange(self.seq_len) > L, (n, self.seq_len))
+        return {"x": x, "y": y, "mask": mask.astype(jnp.float32)}
+
+    def sample(self, key: jax.Array) -> PyTree:
+        return {
+            "valid": self.sequences(jax.random.fold_in(key, 0), self.n_eval),
+            "test": self.sequences(jax.random.fold_in(key, 1), self.n_eval),
+        }
+
+    def init_params(self, key: jax.Array, task: PyTree) -> PyTree:
+        del task
+        return rnn_init(key, self.vocab + 1, self.hidden, self.vocab)
+
+    def sample_batch(self, key: jax.Array, task: PyTree) -> PyTree:
+        del task
+        return self.sequences(key, self.batch_size)
+
+    def loss(self, params: PyTree, batch: PyTree) -> jax.Array:
+        logp = jax.nn.log_softmax(rnn_apply(params, batch["x"]))
+        nll = -jnp.take_along_axis(logp, batch["y"][..., None], axis=-1)[..., 0]
+        return jnp.sum(nll * batch["mask"]) / jnp.sum(batch["mask"])
+
+    def valid_loss(self, params: PyTree, task: PyTree) -> jax.Array:
+        return self.loss(params, task["valid"])
+
+    def test_loss(self, params: PyTree, task: PyTree) -> jax.Array:
+        return self.loss(params, task["test"])
+
+    def test_accuracy(self, params: PyTree, task: PyTree) -> jax.Array:
+        """Fraction of the test set's answer symbols predicted correctly."""
+        b = task["test"]
+        hit = jnp.argmax(rnn_apply(params, b["x"]), -1) == b["y"]
+        return jnp.sum(hit * b["mask"]) / jnp.sum(b["mask"])
+
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
     """A registered family with its suggested horizon (inner steps)."""
@@ -410,6 +553,22 @@ FAMILIES: dict[str, Spec] = {
         lambda: TeacherStudent(8, (16, 16), (16, 16)),
         300,
         "8-d inputs, tanh teacher 16x16, student 16x16",
+    ),
+    "digits-conv": Spec(
+        lambda: DatasetConvNet("digits", (8, 16), (1, 2), 64),
+        200,
+        "digits 8x8 images, convnet conv3x3-8, conv3x3-16 stride 2, dense 10",
+    ),
+    "digits-mlp32x4": Spec(
+        lambda: DatasetMLP("digits", (32, 32, 32, 32), 64), 400, "digits, MLP 64-32-32-32-32-10"
+    ),
+    "digits-mlp256": Spec(
+        lambda: DatasetMLP("digits", (256,), 64), 300, "digits, MLP 64-256-10", 256
+    ),
+    "copy-rnn": Spec(
+        lambda: CopyRNN(8, 8, 32, 32),
+        400,
+        "copy task: 8 symbols of 8 recalled after a delimiter, tanh RNN 32",
     ),
 }
 

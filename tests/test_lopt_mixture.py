@@ -216,6 +216,12 @@ def test_default_config_keeps_the_single_family_path():
     mix = recipe.Config(**recipe.PRESETS["mixture"])
     assert "mixture" in recipe._dry_build(mix).inner.name
     assert not set(mix.families) & set(mix.eval_families)  # held-out families stay held out
+    assert (mix.families, mix.eval_families) == (
+        recipe.MIXTURE_FAMILIES,
+        recipe.HELD_OUT_FAMILIES,
+    )
+    with pytest.raises(ConfigError, match="eval_families holds a meta-training family: "):
+        recipe.Config(families=("digits-mlp8", "digits-conv"), eval_families=("digits-conv",))
     works = evaluate.workloads(_cfg(eval_families=("wine-mlp16",), eval_horizon_mult=2))
     assert works == {
         f"logistic-cond10 T={N}": ("logistic-cond10", N, "in-distribution"),

@@ -131,6 +131,8 @@ class Config:
             len(set(self.families)) == len(self.families),
             f"families lists a family twice: {','.join(self.families)}",
         )
+        both = [f for f in self.eval_families if f in (self.families or (self.family,))]
+        check(not both, f"eval_families holds a meta-training family: {','.join(both)}")
         check(self.inner_steps >= 1, "inner_steps must be >= 1")
         rng = self.horizon_range
         check(
@@ -211,6 +213,21 @@ class Config:
         )
 
 
+#: The transfer split (issue 14), fixed here: the mixture's meta-training families and the
+#: held-out families its evaluation reports. Held out are other sizes and depths of the
+#: trained kinds (a 17x larger teacher-student, deeper digits MLPs, a worse-conditioned
+#: logistic regression) and kinds never trained on (a convnet, an RNN, an autoencoder).
+MIXTURE_FAMILIES = ("teacher-student-small", "logistic-cond10", "digits-mlp8")
+HELD_OUT_FAMILIES = (
+    "teacher-student-large",
+    "digits-mlp32x32",
+    "digits-mlp32x4",
+    "logistic-cond100",
+    "digits-conv",
+    "copy-rnn",
+    "digits-ae16",
+)
+
 #: the default is ES (50 generations x 32 candidates x 4 tasks x T=1000); ``pes`` is PES
 #: at the same number of inner steps (4000 outer steps x 32 particles x 50 steps).
 PRESETS = {
@@ -236,11 +253,16 @@ PRESETS = {
         "lr_grid": (1e-3, 1e-2, 1e-1),
     },
     # a mixture of three families none of which is held out, with log-uniform horizons
-    # (T in 100-400); the normalised rule; ~8 min on one core (docs/learned_optimizer.md)
+    # (T in 100-400); the normalised rule with muP scaling; evaluated on the held-out
+    # families at 2x and the training families at 4x the longest trained horizon; ~8 min
+    # on one core, its evaluation ~20 (docs/learned_optimizer.md)
     "mixture": {
-        "families": ("teacher-student-small", "logistic-cond10", "digits-mlp8"),
+        "families": MIXTURE_FAMILIES,
         "horizon_range": (0.25, 1.0),
         "rule": "normalised",
+        "mup_fan_in": 32,
+        "eval_families": HELD_OUT_FAMILIES,
+        "eval_longer_mult": 4,
         "inner_steps": 400,
         "population": 32,
         "seeds": 2,
