@@ -6,6 +6,7 @@ and the ``held_out_summary`` of :func:`evaluate.evaluate` on a tiny config."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -229,3 +230,67 @@ def test_evaluation_reports_the_held_out_summary(tmp_path, monkeypatch):
     # no out-of-distribution workload: no summary, and a line saying so
     result["held_out_summary"] = None
     assert "Held-out families: none" in evaluate.markdown(result)
+
+
+def _fake_eval(finals: dict[str, dict[str, list[float]]], speed: dict[str, float]) -> dict:
+    """An eval.json-shaped record: held-out workloads' per-seed final test losses."""
+    works = {}
+    for w, per_opt in finals.items():
+        works[w] = {
+            "group": "out-of-distribution",
+            "optimizers": {
+                n: {"final_test_loss_per_seed": v, "lr": 0.01} for n, v in per_opt.items()
+            },
+        }
+    works["train T=10"] = {"group": "in-distribution", "optimizers": {}}
+    opts = {n: {"speedup_iqm": s} for n, s in speed.items()}
+    return {"workloads": works, "held_out_summary": {"optimizers": opts}}
+
+
+def test_pool_recomputes_the_held_out_figures_over_runs_and_seeds(tmp_path, capsys):
+    a = _fake_eval(
+        {
+            "w1": {"adam": [1.0, 2.0], "meta-trained": [0.5, 4.0]},
+            "w2": {"adam": [1.0, 1.0], "meta-trained": [0.9, float("nan")]},
+        },
+        {"adam": 1.0, "meta-trained": 2.0},
+    )
+    b = _fake_eval(
+        {
+            "w1": {"adam": [2.0, 1.0], "meta-trained": [1.0, 0.25]},
+            "w2": {"adam": [4.0, 1.0], "meta-trained": [2.0, 3.0]},
+        },
+        {"adam": 1.0, "meta-trained": 0.5},
+    )
+    pooled = evaluate.pool([a, b])
+    w1 = pooled["workloads"]["w1"]["optimizers"]["meta-trained"]
+    x1 = np.array([0.5, 2.0, 0.5, 0.25])  # by hand: run a's two seeds, then run b's
+    assert w1["ratio_geomean"] == pytest.approx(np.exp(np.mean(np.log(x1))))
+    assert w1["log_ratio_se"] == pytest.approx(np.std(np.log(x1), ddof=1) / 2)
+    assert (w1["wins"], w1["tasks"]) == (3, 4)
+    w2 = pooled["workloads"]["w2"]["optimizers"]["meta-trained"]
+    assert w2["log_ratio_se"] == float("inf") and w2["wins"] == 2  # one diverged seed
+    overall = pooled["overall"]["meta-trained"]
+    x = np.concatenate([x1, [0.9, np.inf, 0.5, 3.0]])
+    assert overall["normalised_loss_iqm"] == pytest.approx(np.mean(np.sort(x)[2:6]))
+    assert (overall["wins"], overall["tasks"], overall["workloads_won"]) == (5, 8, 1)
+    assert overall["speedup_iqm_per_run"] == [2.0, 0.5]
+    assert pooled["overall"]["adam"]["normalised_loss_iqm"] == 1.0
+    # the command: reads eval.json files, prints and writes the tables; one-line errors
+    from metaopt import cli
+    from metaopt.evaluation import SCHEMA_VERSION
+
+    for name, rec in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        rec["schema_version"] = SCHEMA_VERSION
+        (tmp_path / name / "eval.json").write_text(json.dumps(rec))
+    out = tmp_path / "pooled.md"
+    args = ["learned-optimizer", "pool", str(tmp_path / "a"), str(tmp_path / "b")]
+    assert cli.main([*args, "--out", str(out)]) == 0
+    assert "| w1 |" in out.read_text() and "5/8" in capsys.readouterr().out
+    assert cli.main([*args[:2], str(tmp_path / "nothing")]) == 2
+    assert "no eval.json" in capsys.readouterr().err
+    del b["workloads"]["w2"]
+    (tmp_path / "b" / "eval.json").write_text(json.dumps(b))
+    assert cli.main(args) == 2
+    assert "must share their held-out workloads" in capsys.readouterr().err

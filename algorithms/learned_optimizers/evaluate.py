@@ -600,3 +600,159 @@ def width_sweep_run(run_dir: Path, progress: bool = True) -> dict[str, str]:
     plot_width(sweep, run_dir / WIDTH_PLOT)
     ev.write_eval(run_dir, result, markdown(result), None, recipe="learned-optimizer", echo=False)
     return {**_width_summary(sweep), "plot": str(run_dir / WIDTH_PLOT), "report": str(path)}
+
+
+# ---------------------------------------------------------------------------
+# Pooling several meta-training seeds (metaopt learned-optimizer pool RUN ...).
+# ---------------------------------------------------------------------------
+
+
+def pool(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Held-out figures pooled over the evaluations of several meta-training runs.
+
+    Every evaluation must have the same held-out (out-of-distribution) workloads and
+    optimizers. A task is one (run, workload, seed): every run evaluates on its own seeds
+    (:func:`eval_keys`), so the tasks are distinct. Per held-out workload and optimizer: the
+    geometric mean over tasks of final test loss / tuned Adam's (paired), the mean
+    log-ratio +- SE (ddof 1) and tasks won. Over all held-out tasks: the IQM of the
+    normalised final loss with a bootstrap interval (:func:`metaopt.evaluation.iqm`, a
+    diverged run counted as the worst), and the IQM speedup of each run's own summary
+    (per-seed curves are not kept in ``eval.json``) as mean and spread over runs.
+    """
+    if not results:
+        raise ValueError("pool needs at least one evaluation")
+    works = [
+        [w for w, i in r["workloads"].items() if i["group"] == "out-of-distribution"]
+        for r in results
+    ]
+    if not works[0] or any(w != works[0] for w in works):
+        raise ValueError(
+            "the evaluations must share their held-out workloads (metaopt eval RUN "
+            f"eval_families=...); got {works}"
+        )
+    names = list(results[0]["workloads"][works[0][0]]["optimizers"])
+    per_work: dict[str, dict[str, Any]] = {}
+    ratios: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for w in works[0]:
+        rows = [r["workloads"][w]["optimizers"] for r in results]
+        if any(set(row) != set(names) for row in rows):
+            raise ValueError(f"the evaluations compare different optimizers on {w}")
+        ref = np.concatenate([row[REFERENCE]["final_test_loss_per_seed"] for row in rows])
+        per_work[w] = {"adam_final_mean": float(np.mean(ref)), "optimizers": {}}
+        for n in names:
+            finals = np.concatenate([row[n]["final_test_loss_per_seed"] for row in rows])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                x = np.where(np.isfinite(finals), finals / ref, np.inf)
+            ratios[n].append(x)
+            logs = np.log(x[np.isfinite(x)])
+            per_work[w]["optimizers"][n] = {
+                "ratio_geomean": float(np.exp(np.mean(logs))) if logs.size else float("nan"),
+                "log_ratio_mean": float(np.mean(logs)) if logs.size else float("nan"),
+                "log_ratio_se": _se(logs) if logs.size == x.size else float("inf"),
+                "wins": int(np.sum(x < 1.0)),
+                "tasks": int(x.size),
+                "lrs": [row[n]["lr"] for row in rows],
+            }
+    overall = {}
+    for n in names:
+        x = np.concatenate(ratios[n])
+        speed = [r["held_out_summary"]["optimizers"][n]["speedup_iqm"] for r in results]
+        overall[n] = {
+            "normalised_loss_iqm": ev.iqm(x, keep_inf=True),
+            "normalised_loss_ci": list(ev.bootstrap_ci(x, lambda v: ev.iqm(v, keep_inf=True))),
+            "speedup_iqm_per_run": speed,
+            "wins": int(np.sum(x < 1.0)),
+            "tasks": int(x.size),
+            "workloads_won": int(
+                sum(per_work[w]["optimizers"][n]["ratio_geomean"] < 1.0 for w in works[0])
+            ),
+        }
+    return {"runs": len(results), "workloads": per_work, "overall": overall}
+
+
+def pool_markdown(pooled: dict[str, Any]) -> str:
+    """Two tables: per held-out workload, and Celo's figures over all held-out tasks."""
+    works = list(pooled["workloads"])
+    names = list(pooled["overall"])
+    first = pooled["workloads"][works[0]]["optimizers"]
+    tasks = first[names[0]]["tasks"]
+    head = ["workload", "tuned adam (mean)"] + [n for n in names if n != REFERENCE]
+    rows = []
+    for w in works:
+        info = pooled["workloads"][w]
+        cells = [w, f"{info['adam_final_mean']:.4g}"]
+        for n in names:
+            if n == REFERENCE:
+                continue
+            o = info["optimizers"][n]
+            cells.append(
+                f"{o['ratio_geomean']:.3g} ({o['log_ratio_mean']:+.2f} +- "
+                f"{o['log_ratio_se']:.2f}), {o['wins']}/{o['tasks']}"
+            )
+        rows.append(cells)
+    out = [
+        f"Held-out workloads, {pooled['runs']} meta-training runs x {tasks // pooled['runs']} "
+        f"seeds = {tasks} tasks each. Per optimizer: geometric mean of final test loss / "
+        "tuned Adam's (paired, same task), (mean log-ratio +- SE), tasks won.",
+        "",
+        ev.table(head, rows),
+    ]
+    rows = []
+    for n in names:
+        o = pooled["overall"][n]
+        sp = np.asarray(o["speedup_iqm_per_run"], np.float64)
+        lo, hi = o["normalised_loss_ci"]
+        rows.append(
+            [
+                n,
+                f"{o['normalised_loss_iqm']:.3g} [{lo:.3g}, {hi:.3g}]",
+                f"{np.mean(sp):.3g} ({', '.join(f'{s:.3g}' for s in sp)})",
+                f"{o['wins']}/{o['tasks']}",
+                f"{o['workloads_won']}/{len(works)}",
+            ]
+        )
+    out += [
+        "All held-out tasks (Celo's figures): IQM over tasks of final test loss / tuned "
+        "Adam's with a 95% bootstrap interval; IQM speedup to tuned Adam's final loss, mean "
+        "over runs (each run's value in brackets); tasks won; workloads whose geometric "
+        "mean ratio is below 1.",
+        "",
+        ev.table(
+            ["optimizer", "IQM final / adam", "IQM speedup", "tasks won", "workloads won"], rows
+        ),
+    ]
+    return "\n".join(out)
+
+
+def pool_cmd(argv: list[str]) -> int:
+    """``metaopt learned-optimizer pool RUN_DIR [RUN_DIR ...] [--out FILE.md]``."""
+    import argparse
+
+    from metaopt.config import ConfigError
+    from metaopt.rundir import write_text_atomic
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, exit 2
+            raise ConfigError(message)
+
+    p = Parser(
+        prog="metaopt learned-optimizer pool",
+        description="Pool the held-out figures of several evaluated runs (e.g. meta-training "
+        "seeds); prints markdown, and writes it to --out.",
+    )
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", default=None, help="also write the tables to this file")
+    args = p.parse_args(argv)
+    results = []
+    for d in args.run_dirs:
+        if not (Path(d) / "eval.json").is_file():
+            raise ConfigError(f"{d}: no eval.json (run metaopt eval {d} first)")
+        results.append(ev.read_eval(d))
+    try:
+        text = pool_markdown(pool(results))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    print(text)
+    if args.out:
+        write_text_atomic(Path(args.out), text + "\n")
+    return 0

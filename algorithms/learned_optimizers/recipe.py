@@ -738,6 +738,13 @@ def _width_sweep_cmd(argv: list[str]) -> int:
     return 0
 
 
+def _pool_cmd(argv: list[str]) -> int:
+    """``metaopt learned-optimizer pool RUN_DIR ...`` (:func:`.evaluate.pool_cmd`)."""
+    from metaopt.algorithms.learned_optimizers import evaluate as evaluate_lib
+
+    return evaluate_lib.pool_cmd(argv)
+
+
 RECIPE = register(
     Recipe(
         name="learned-optimizer",
@@ -747,6 +754,6 @@ RECIPE = register(
         presets=PRESETS,
         evaluate=evaluate,
         build=_dry_build,
-        commands={"width-sweep": _width_sweep_cmd},
+        commands={"width-sweep": _width_sweep_cmd, "pool": _pool_cmd},
     )
 )
