@@ -129,7 +129,7 @@ def conv2d_same(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
     """``jax.lax.conv_general_dilated(x, w, (s, s), "SAME")`` for NHWC ``x`` and HWIO ``w``
     (square kernel), computed as patches times a matrix (im2col): the same numbers, and on
     CPU 5x faster than XLA's convolution for these tiny images, also under ``vmap``
-    (``benchmarks``-style timing in the commit that added it)."""
+    (``benchmarks/conv_im2col.py``)."""
     k = w.shape[0]
     pads, outs = [], []
     for n in x.shape[1:3]:
