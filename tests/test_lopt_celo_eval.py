@@ -293,4 +293,9 @@ def test_pool_recomputes_the_held_out_figures_over_runs_and_seeds(tmp_path, caps
     del b["workloads"]["w2"]
     (tmp_path / "b" / "eval.json").write_text(json.dumps(b))
     assert cli.main(args) == 2
-    assert "must share their held-out workloads" in capsys.readouterr().err
+    assert "must share their out-of-distribution workloads" in capsys.readouterr().err
+    # another group of workloads: the same figures, without the held-out speedups
+    a["workloads"]["train T=10"]["optimizers"] = a["workloads"]["w1"]["optimizers"]
+    train = evaluate.pool([a], "in-distribution")
+    assert train["workloads"]["train T=10"] == evaluate.pool([a])["workloads"]["w1"]
+    assert train["overall"]["meta-trained"]["speedup_iqm_per_run"] == []

@@ -607,8 +607,11 @@ def width_sweep_run(run_dir: Path, progress: bool = True) -> dict[str, str]:
 # ---------------------------------------------------------------------------
 
 
-def pool(results: list[dict[str, Any]]) -> dict[str, Any]:
+def pool(results: list[dict[str, Any]], group: str = "out-of-distribution") -> dict[str, Any]:
     """Held-out figures pooled over the evaluations of several meta-training runs.
+
+    ``group``: the workloads pooled (``out-of-distribution``, the default, or ``longer`` or
+    ``in-distribution``); the speedup IQMs exist only for the held-out group.
 
     Every evaluation must have the same held-out (out-of-distribution) workloads and
     optimizers. A task is one (run, workload, seed): every run evaluates on its own seeds
@@ -621,14 +624,11 @@ def pool(results: list[dict[str, Any]]) -> dict[str, Any]:
     """
     if not results:
         raise ValueError("pool needs at least one evaluation")
-    works = [
-        [w for w, i in r["workloads"].items() if i["group"] == "out-of-distribution"]
-        for r in results
-    ]
+    works = [[w for w, i in r["workloads"].items() if i["group"] == group] for r in results]
     if not works[0] or any(w != works[0] for w in works):
         raise ValueError(
-            "the evaluations must share their held-out workloads (metaopt eval RUN "
-            f"eval_families=...); got {works}"
+            f"the evaluations must share their {group} workloads (metaopt eval RUN "
+            f"eval_...=...); got {works}"
         )
     names = list(results[0]["workloads"][works[0][0]]["optimizers"])
     per_work: dict[str, dict[str, Any]] = {}
@@ -656,7 +656,8 @@ def pool(results: list[dict[str, Any]]) -> dict[str, Any]:
     overall = {}
     for n in names:
         x = np.concatenate(ratios[n])
-        speed = [r["held_out_summary"]["optimizers"][n]["speedup_iqm"] for r in results]
+        held = group == "out-of-distribution"
+        speed = [r["held_out_summary"]["optimizers"][n]["speedup_iqm"] for r in results if held]
         overall[n] = {
             "normalised_loss_iqm": ev.iqm(x, keep_inf=True),
             "normalised_loss_ci": list(ev.bootstrap_ci(x, lambda v: ev.iqm(v, keep_inf=True))),
@@ -667,7 +668,7 @@ def pool(results: list[dict[str, Any]]) -> dict[str, Any]:
                 sum(per_work[w]["optimizers"][n]["ratio_geomean"] < 1.0 for w in works[0])
             ),
         }
-    return {"runs": len(results), "workloads": per_work, "overall": overall}
+    return {"runs": len(results), "group": group, "workloads": per_work, "overall": overall}
 
 
 def pool_markdown(pooled: dict[str, Any]) -> str:
@@ -691,7 +692,8 @@ def pool_markdown(pooled: dict[str, Any]) -> str:
             )
         rows.append(cells)
     out = [
-        f"Held-out workloads, {pooled['runs']} meta-training runs x {tasks // pooled['runs']} "
+        f"{pooled['group']} workloads, {pooled['runs']} meta-training runs x "
+        f"{tasks // pooled['runs']} "
         f"seeds = {tasks} tasks each. Per optimizer: geometric mean of final test loss / "
         "tuned Adam's (paired, same task), (mean log-ratio +- SE), tasks won.",
         "",
@@ -706,13 +708,13 @@ def pool_markdown(pooled: dict[str, Any]) -> str:
             [
                 n,
                 f"{o['normalised_loss_iqm']:.3g} [{lo:.3g}, {hi:.3g}]",
-                f"{np.mean(sp):.3g} ({', '.join(f'{s:.3g}' for s in sp)})",
+                f"{np.mean(sp):.3g} ({', '.join(f'{s:.3g}' for s in sp)})" if sp.size else "-",
                 f"{o['wins']}/{o['tasks']}",
                 f"{o['workloads_won']}/{len(works)}",
             ]
         )
     out += [
-        "All held-out tasks (Celo's figures): IQM over tasks of final test loss / tuned "
+        f"All {pooled['group']} tasks (Celo's figures): IQM over tasks of final test loss / tuned "
         "Adam's with a 95% bootstrap interval; IQM speedup to tuned Adam's final loss, mean "
         "over runs (each run's value in brackets); tasks won; workloads whose geometric "
         "mean ratio is below 1.",
@@ -742,6 +744,12 @@ def pool_cmd(argv: list[str]) -> int:
     )
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", default=None, help="also write the tables to this file")
+    p.add_argument(
+        "--group",
+        default="out-of-distribution",
+        choices=["out-of-distribution", "longer", "in-distribution"],
+        help="which workloads to pool (default: the held-out families)",
+    )
     args = p.parse_args(argv)
     results = []
     for d in args.run_dirs:
@@ -749,7 +757,7 @@ def pool_cmd(argv: list[str]) -> int:
             raise ConfigError(f"{d}: no eval.json (run metaopt eval {d} first)")
         results.append(ev.read_eval(d))
     try:
-        text = pool_markdown(pool(results))
+        text = pool_markdown(pool(results, args.group))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     print(text)
