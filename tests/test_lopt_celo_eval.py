@@ -286,8 +286,9 @@ def test_pool_recomputes_the_held_out_figures_over_runs_and_seeds(tmp_path, caps
         (tmp_path / name / "eval.json").write_text(json.dumps(rec))
     out = tmp_path / "pooled.md"
     args = ["learned-optimizer", "pool", str(tmp_path / "a"), str(tmp_path / "b")]
-    assert cli.main([*args, "--out", str(out)]) == 0
+    assert cli.main([*args, "--out", str(out), "--plot", str(tmp_path / "p.png")]) == 0
     assert "| w1 |" in out.read_text() and "5/8" in capsys.readouterr().out
+    assert (tmp_path / "p.png").stat().st_size > 0
     assert cli.main([*args[:2], str(tmp_path / "nothing")]) == 2
     assert "no eval.json" in capsys.readouterr().err
     del b["workloads"]["w2"]

@@ -726,6 +726,38 @@ def pool_markdown(pooled: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def pool_plot(pooled: dict[str, Any], path: Path, title: str = "") -> None:
+    """Per workload, each optimizer's mean paired log(final / tuned Adam's) +- SE over the
+    pooled tasks (left of 0 = better than tuned Adam), as a dot plot."""
+    from metaopt.plotting import figure
+
+    works = list(pooled["workloads"])
+    names = [n for n in pooled["overall"] if n != REFERENCE]
+    fig, axes = figure((6.4, 0.35 * len(works) * (1 + len(names) / 6) + 1.2))
+    ax = axes[0, 0]
+    step = 0.8 / max(1, len(names))
+    for i, n in enumerate(names):
+        rows = [pooled["workloads"][w]["optimizers"][n] for w in works]
+        x = np.array([r["log_ratio_mean"] for r in rows])
+        se = np.array([r["log_ratio_se"] for r in rows])
+        y = np.arange(len(works)) - 0.4 + (i + 0.5) * step
+        ax.errorbar(
+            x, y, xerr=np.where(np.isfinite(se), se, 0.0), fmt="o", ms=3, capsize=2, label=n
+        )
+    ax.axvline(0.0, color="k", lw=0.8)
+    ax.set_yticks(np.arange(len(works)), works, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("log(final test loss / tuned Adam's), mean +- SE over tasks", fontsize=8)
+    tasks = pooled["workloads"][works[0]]["optimizers"][names[0]]["tasks"]
+    ax.set_title(
+        title or f"{pooled['group']}: {pooled['runs']} runs, {tasks} tasks per row", fontsize=8
+    )
+    ax.legend(fontsize=6, loc="best")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def pool_cmd(argv: list[str]) -> int:
     """``metaopt learned-optimizer pool RUN_DIR [RUN_DIR ...] [--out FILE.md]``."""
     import argparse
@@ -750,6 +782,7 @@ def pool_cmd(argv: list[str]) -> int:
         choices=["out-of-distribution", "longer", "in-distribution"],
         help="which workloads to pool (default: the held-out families)",
     )
+    p.add_argument("--plot", default=None, help="also draw the paired log-ratios (a .png)")
     args = p.parse_args(argv)
     results = []
     for d in args.run_dirs:
@@ -757,10 +790,13 @@ def pool_cmd(argv: list[str]) -> int:
             raise ConfigError(f"{d}: no eval.json (run metaopt eval {d} first)")
         results.append(ev.read_eval(d))
     try:
-        text = pool_markdown(pool(results, args.group))
+        pooled = pool(results, args.group)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    text = pool_markdown(pooled)
     print(text)
     if args.out:
         write_text_atomic(Path(args.out), text + "\n")
+    if args.plot:
+        pool_plot(pooled, Path(args.plot))
     return 0
