@@ -268,6 +268,16 @@ def test_pool_recomputes_the_held_out_figures_over_runs_and_seeds(tmp_path, caps
     assert w1["ratio_geomean"] == pytest.approx(np.exp(np.mean(np.log(x1))))
     assert w1["log_ratio_se"] == pytest.approx(np.std(np.log(x1), ddof=1) / 2)
     assert (w1["wins"], w1["tasks"]) == (3, 4)
+    from scipy import stats
+
+    assert w1["p"] == pytest.approx(stats.ttest_1samp(np.log(x1), 0.0).pvalue, rel=1e-4)
+    w2_p = stats.ttest_1samp(np.log([0.9, 0.5, 3.0]), 0.0).pvalue  # the diverged pair left out
+    assert pooled["workloads"]["w2"]["optimizers"]["meta-trained"]["p"] == pytest.approx(
+        w2_p, rel=1e-4
+    )
+    lo, hi = sorted([w1["p"], w2_p])  # Holm over the two workloads, by hand
+    want = {lo: min(1.0, 2 * lo), hi: min(1.0, max(2 * lo, hi))}
+    assert w1["p_holm"] == pytest.approx(want[w1["p"]], rel=1e-4)
     w2 = pooled["workloads"]["w2"]["optimizers"]["meta-trained"]
     assert w2["log_ratio_se"] == float("inf") and w2["wins"] == 2  # one diverged seed
     overall = pooled["overall"]["meta-trained"]

@@ -617,10 +617,12 @@ def pool(results: list[dict[str, Any]], group: str = "out-of-distribution") -> d
     optimizers. A task is one (run, workload, seed): every run evaluates on its own seeds
     (:func:`eval_keys`), so the tasks are distinct. Per held-out workload and optimizer: the
     geometric mean over tasks of final test loss / tuned Adam's (paired), the mean
-    log-ratio +- SE (ddof 1) and tasks won. Over all held-out tasks: the IQM of the
-    normalised final loss with a bootstrap interval (:func:`metaopt.evaluation.iqm`, a
-    diverged run counted as the worst), and the IQM speedup of each run's own summary
-    (per-seed curves are not kept in ``eval.json``) as mean and spread over runs.
+    log-ratio +- SE (ddof 1), tasks won, and the paired t test of the log-ratio (``p``;
+    ``p_holm``: Holm-corrected over the workloads of that optimizer). Over all held-out
+    tasks: the IQM of the normalised final loss with a bootstrap interval
+    (:func:`metaopt.evaluation.iqm`, a diverged run counted as the worst), and the IQM
+    speedup of each run's own summary (per-seed curves are not kept in ``eval.json``) as
+    mean and spread over runs.
     """
     if not results:
         raise ValueError("pool needs at least one evaluation")
@@ -645,7 +647,10 @@ def pool(results: list[dict[str, Any]], group: str = "out-of-distribution") -> d
                 x = np.where(np.isfinite(finals), finals / ref, np.inf)
             ratios[n].append(x)
             logs = np.log(x[np.isfinite(x)])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                test = ev.paired_test(np.log(finals), np.log(ref))  # = log-ratio vs 0
             per_work[w]["optimizers"][n] = {
+                "p": test["p"],
                 "ratio_geomean": float(np.exp(np.mean(logs))) if logs.size else float("nan"),
                 "log_ratio_mean": float(np.mean(logs)) if logs.size else float("nan"),
                 "log_ratio_se": _se(logs) if logs.size == x.size else float("inf"),
@@ -653,6 +658,10 @@ def pool(results: list[dict[str, Any]], group: str = "out-of-distribution") -> d
                 "tasks": int(x.size),
                 "lrs": [row[n]["lr"] for row in rows],
             }
+    for n in names:  # Holm over the workloads, per optimizer (its claim: "wins on k of them")
+        rows = [per_work[w]["optimizers"][n] for w in works[0]]
+        for row, p_holm in zip(rows, ev.holm([r["p"] for r in rows]), strict=True):
+            row["p_holm"] = float(p_holm)
     overall = {}
     for n in names:
         x = np.concatenate(ratios[n])
@@ -686,8 +695,9 @@ def pool_markdown(pooled: dict[str, Any]) -> str:
             if n == REFERENCE:
                 continue
             o = info["optimizers"][n]
+            star = "*" if o["p_holm"] < 0.05 else ""
             cells.append(
-                f"{o['ratio_geomean']:.3g} ({o['log_ratio_mean']:+.2f} +- "
+                f"{o['ratio_geomean']:.3g}{star} ({o['log_ratio_mean']:+.2f} +- "
                 f"{o['log_ratio_se']:.2f}), {o['wins']}/{o['tasks']}"
             )
         rows.append(cells)
@@ -695,7 +705,9 @@ def pool_markdown(pooled: dict[str, Any]) -> str:
         f"{pooled['group']} workloads, {pooled['runs']} meta-training runs x "
         f"{tasks // pooled['runs']} "
         f"seeds = {tasks} tasks each. Per optimizer: geometric mean of final test loss / "
-        "tuned Adam's (paired, same task), (mean log-ratio +- SE), tasks won.",
+        "tuned Adam's (paired, same task), (mean log-ratio +- SE), tasks won; * = the "
+        "paired t test of the log-ratio differs from 0 at 0.05 after Holm's correction over "
+        "the workloads of that optimizer.",
         "",
         ev.table(head, rows),
     ]

@@ -255,7 +255,7 @@ PRESETS = {
     # a mixture of three families none of which is held out, with log-uniform horizons
     # (T in 100-400); the normalised rule with muP scaling; evaluated on the held-out
     # families at 2x and the training families at 4x the longest trained horizon; ~8 min
-    # on one core, its evaluation ~20 (docs/learned_optimizer.md)
+    # on one core, its evaluation 15-17 (docs/learned_optimizer.md)
     "mixture": {
         "families": MIXTURE_FAMILIES,
         "horizon_range": (0.25, 1.0),
