@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metaopt import cli
+from metaopt import api, cli
 from metaopt.algorithms.learned_optimizers import evaluate, lopt, mixture, optimizers, recipe
 from metaopt.config import ConfigError
 from metaopt.envs import families
-from metaopt.inner import rollout_loss
+from metaopt.inner import rollout_loss, seed_losses
 
 FAMS = ("logistic-cond10", "teacher-student-small")
 N = 12
@@ -283,10 +283,24 @@ def test_mixture_recipe_runs_and_evaluates(tmp_path, capsys):
         "eval_points=4",
         "eval_families=wine-mlp16",
         "eval_horizon_mult=1",
+        "eval_longer_mult=1",
         "lr_grid=0.01,0.1",
         "eval_widths=digits-mlp8,digits-mlp16",
+        "valid_every=1",
+        "valid_seeds=3",
     ]
     assert cli.main(args) == 0, capsys.readouterr().err
+    # validation on fixed tasks after every generation: the logged valid_loss of the last
+    # one is the mean meta-loss of the exported optimizer on those tasks, recomputed here
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    valid = {r["step"]: r["valid_loss"] for r in rows if "valid_loss" in r}
+    assert sorted(valid) == [0, 1, 2]  # the initial optimizer too
+    cfg = recipe.resolve_base_lr(api.eval_config(out)[1], out)
+    adam = json.loads((out / recipe.ADAM_FILE).read_text())["families"]
+    inner = recipe.build_mixture_inner(cfg, {f: a["final_valid_loss"] for f, a in adam.items()})
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(cfg.seed), recipe.VALID_SEED), 3)
+    want = float(np.mean(seed_losses(inner, lopt.load(out).weights, keys)))
+    assert valid[2] == pytest.approx(want, rel=1e-5)
     tuned = json.loads((out / recipe.ADAM_FILE).read_text())["families"]
     assert set(tuned) == {"logistic-cond10", "quadratic-10d"}
     # rule=normalised: base_lr tuned on the untrained rule (not Adam's geometric mean)

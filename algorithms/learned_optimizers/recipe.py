@@ -57,6 +57,9 @@ from metaopt.recipes import Recipe, register, write_summary
 
 log = logging.getLogger(__name__)
 
+#: ``fold_in`` constant of the validation tasks' key (no training step draws from it).
+VALID_SEED = 50_000
+
 #: per-family tuned Adam (learning rate and final validation loss) of a mixture run.
 ADAM_FILE = "adam_per_family.json"
 
@@ -96,6 +99,11 @@ class Config:
     generations: int = 50
     steps_per_call: int = 5
     checkpoint_every: int = 10
+    # every valid_every generations (0: never) the ES mean is scored on valid_seeds fixed
+    # tasks (and, for a mixture, fixed horizons) that no training step draws: valid_loss in
+    # metrics.jsonl and curves.png, a progress signal free of the generations' task noise
+    valid_every: int = 0
+    valid_seeds: int = 16
     seed: int = 0
     # held-out evaluation (metaopt eval)
     eval_seeds: int = 5
@@ -167,6 +175,8 @@ class Config:
         check(self.generations >= 0, "generations must be >= 0")
         check(self.steps_per_call >= 1, "steps_per_call must be >= 1")
         check(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
+        check(self.valid_every >= 0, "valid_every must be >= 0 (0 turns validation off)")
+        check(self.valid_seeds >= 1, "valid_seeds must be >= 1")
         check(self.eval_seeds >= 1, "eval_seeds must be >= 1")
         check(self.eval_horizon_mult >= 1, "eval_horizon_mult must be >= 1")
         check(self.eval_longer_mult >= 0, "eval_longer_mult must be >= 0 (0: eval_horizon_mult)")
@@ -269,6 +279,7 @@ PRESETS = {
         "generations": 200,
         "steps_per_call": 10,
         "checkpoint_every": 50,
+        "valid_every": 10,
     },
 }
 
@@ -631,6 +642,14 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
         checkpoint_every=cfg.checkpoint_every,
         progress=progress,
         desc=f"learned-optimizer [{cfg.optimizer}, {cfg.outer}]",
+        validation=driver.seed_validation(
+            inner,
+            jax.random.fold_in(jax.random.key(cfg.seed), VALID_SEED),
+            cfg.valid_seeds,
+            cfg.valid_every,
+        )
+        if cfg.valid_every
+        else None,
     )
     learned = jax.tree.map(jnp.asarray, result.meta_params)
     save_optimizer(out, cfg, learned)
