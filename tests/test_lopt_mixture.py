@@ -68,9 +68,20 @@ def test_mixture_meta_loss_is_the_mean_of_the_families_normalised_losses():
             s, jax.vmap(fold)(step_keys)
         )
         loss = float(single.meta_loss(mp, s, fold(k_loss)))
-        want.append(np.log(loss / norms[fam]))
+        want.append(max(np.log(loss / norms[fam]), mixture.MIN_LOG_RATIO))
     np.testing.assert_allclose(got, np.mean(want), rtol=1e-6, atol=1e-6)
     assert np.isfinite(want).all() and abs(want[0] - want[1]) > 1e-3  # not a trivial mean
+
+
+def test_a_tasks_log_ratio_is_floored_at_ten_times_better_than_adam():
+    """A family whose loss can reach 0 must not outweigh the others: log(L / A) counts at
+    most log(1/10); above the floor it is the plain log-ratio; NaN (a failed run) stays."""
+    f = lambda loss, norm: float(mixture.normalised_log_loss(jnp.float32(loss), np.log(norm)))
+    assert f(0.0, 0.005) == pytest.approx(-np.log(10.0))
+    assert f(1e-12, 0.005) == pytest.approx(-np.log(10.0))
+    assert f(0.02, 0.1) == pytest.approx(np.log(0.2), rel=1e-6)
+    assert f(3.0, 1.0) == pytest.approx(np.log(3.0), rel=1e-6)
+    assert np.isnan(f(np.nan, 1.0))
 
 
 def test_frozen_past_horizon_equals_a_run_of_exactly_that_horizon():
@@ -192,7 +203,10 @@ def test_untrained_base_lr_is_the_argmin_of_the_untrained_rules_losses(tmp_path)
         c = dataclasses.replace(cfg, base_lr=lr)
         mp = recipe.initial_meta_params(c)
         per_family = [
-            np.log(np.asarray(recipe.curve_fn(c, fam, N, 4)(mp, keys)[0])[:, -1] / a)
+            np.maximum(
+                np.log(np.asarray(recipe.curve_fn(c, fam, N, 4)(mp, keys)[0])[:, -1] / a),
+                mixture.MIN_LOG_RATIO,
+            )
             for fam, a in ((f, adam[f]["final_valid_loss"]) for f in fams)
         ]  # [F, S]
         want.append(np.mean(per_family))

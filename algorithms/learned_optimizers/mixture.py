@@ -25,7 +25,9 @@ not ``L``), and turns the offsets common to every candidate (a short task's
 ``A_f`` at its own ``T`` is above the full-horizon one; each task's own
 difficulty) into additive constants, which the per-generation ranking ignores
 (all candidates see the same tasks and horizons). A ratio would weight a task
-by how far it is from Adam, so short-horizon tasks would count more.
+by how far it is from Adam, so short-horizon tasks would count more. The log-ratio is
+floored at ``log(1/10)`` (:data:`MIN_LOG_RATIO`): a family whose loss can reach 0 would
+otherwise reward driving it from 1e-3 to 1e-12 more than any real gain elsewhere.
 
 The per-family key of family ``i`` is ``fold_in(key, i)`` for ``init`` and for
 every ``step`` (so one family's run is exactly the single-family loop's run on
@@ -54,6 +56,12 @@ HORIZON_FOLD = 3
 
 #: floor on a validation loss before its log (a loss of exactly 0 stays finite).
 LOSS_FLOOR = 1e-30
+
+#: floor on a task's ``log(L / A)``: a run 10x better than tuned Adam counts as 10x. On a
+#: family whose validation loss can approach 0 (wine-mlp16: tuned Adam's is 0.005) the
+#: unfloored log-ratio is unbounded below, and one such family outweighed all the others
+#: in the mean (its untrained-rule score was -4.5 where the others' are O(1)).
+MIN_LOG_RATIO = -float(np.log(10.0))
 
 
 def sample_horizon(key: jax.Array, max_horizon: int, horizon_range: Sequence[float]) -> jax.Array:
@@ -155,6 +163,6 @@ def mixture_inner(
 
 
 def normalised_log_loss(loss: jax.Array, log_norm: float) -> jax.Array:
-    """``log(loss / norm)`` given ``log(norm)`` (losses floored at :data:`LOSS_FLOOR`;
-    NaN stays NaN, so ES's sanitising sees a failed run)."""
-    return jnp.log(jnp.maximum(loss, LOSS_FLOOR)) - log_norm
+    """``max(log(loss / norm), MIN_LOG_RATIO)`` given ``log(norm)`` (losses floored at
+    :data:`LOSS_FLOOR`; NaN stays NaN, so ES's sanitising sees a failed run)."""
+    return jnp.maximum(jnp.log(jnp.maximum(loss, LOSS_FLOOR)) - log_norm, MIN_LOG_RATIO)

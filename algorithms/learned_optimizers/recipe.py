@@ -378,7 +378,8 @@ def _scaled_valid_fn(cfg: Config, family: str, horizon: int, points: int):
 
 
 def untrained_base_lr_scores(cfg: Config, adam: dict) -> np.ndarray:
-    """``[G, F * S]``: per ``lr_grid`` value, per family and tuning task, ``log(L / A_f)`` of
+    """``[G, F * S]``: per ``lr_grid`` value, per family and tuning task, ``log(L / A_f)``
+    (floored at :data:`.mixture.MIN_LOG_RATIO`, as in meta-training) of
     the untrained rule (:func:`initial_meta_params`) at ``base_lr`` = that value.
 
     ``L`` is the final validation loss after ``inner_steps`` steps, ``A_f`` tuned Adam's
@@ -398,7 +399,8 @@ def untrained_base_lr_scores(cfg: Config, adam: dict) -> np.ndarray:
         valid = np.asarray(f(log_lrs, init, keys)[:, :, -1], np.float64)  # [G, S]
         with np.errstate(divide="ignore", invalid="ignore"):
             log_valid = np.log(np.maximum(valid, mixture.LOSS_FLOOR))
-        scores.append(log_valid - np.log(adam[fam]["final_valid_loss"]))
+        ratio = log_valid - np.log(adam[fam]["final_valid_loss"])
+        scores.append(np.maximum(ratio, mixture.MIN_LOG_RATIO))  # NaN stays NaN
     return np.concatenate(scores, axis=1)
 
 
