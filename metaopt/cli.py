@@ -23,12 +23,9 @@ import time
 from pathlib import Path
 
 from metaopt import config as cfg_lib
-from metaopt.config import ConfigError
+from metaopt.config import ArgumentParser, ConfigError
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        raise ConfigError(message)
+_Parser = ArgumentParser  # errors are one-line ConfigErrors
 
 
 def _cmd_list() -> int:

@@ -9,6 +9,7 @@ unknown key, a value of the wrong type, a value the recipe rejects -- raises a
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import types
@@ -134,4 +135,13 @@ def from_dict(cls: type[C], data: Mapping[str, Any], *, context: str = "config")
 def check(condition: bool, message: str) -> None:
     """Config validation helper for ``__post_init__``."""
     if not condition:
+        raise ConfigError(message)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An ``argparse`` parser whose errors are one-line :class:`ConfigError`s (the command
+    line prints them as ``metaopt: error: ...`` and exits 2), for ``metaopt`` commands and
+    recipe sub-commands."""
+
+    def error(self, message):  # one line, exit 2
         raise ConfigError(message)

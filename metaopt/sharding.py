@@ -328,13 +328,9 @@ def initialize_from_argv(argv: Sequence[str]) -> bool:
     The command calls it first, before a recipe is imported (evosax starts JAX's
     backend on import); other arguments are ignored here.
     """
-    from metaopt.config import ConfigError
+    from metaopt.config import ArgumentParser
 
-    class _Parser(argparse.ArgumentParser):
-        def error(self, message):
-            raise ConfigError(message)
-
-    p = _Parser(add_help=False)  # abbreviations as the command's own parser takes them
+    p = ArgumentParser(add_help=False)  # abbreviations as the command's own parser takes them
     add_distributed_arguments(p)
     args, _ = p.parse_known_args(list(argv))
     return initialize_from_args(args)

@@ -772,16 +772,10 @@ def pool_plot(pooled: dict[str, Any], path: Path, title: str = "") -> None:
 
 def pool_cmd(argv: list[str]) -> int:
     """``metaopt learned-optimizer pool RUN_DIR [RUN_DIR ...] [--out FILE.md]``."""
-    import argparse
-
-    from metaopt.config import ConfigError
+    from metaopt.config import ArgumentParser, ConfigError
     from metaopt.rundir import write_text_atomic
 
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):  # one line, exit 2
-            raise ConfigError(message)
-
-    p = Parser(
+    p = ArgumentParser(
         prog="metaopt learned-optimizer pool",
         description="Pool the held-out figures of several evaluated runs (e.g. meta-training "
         "seeds); prints markdown, and writes it to --out.",

@@ -736,16 +736,10 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
 
 def _width_sweep_cmd(argv: list[str]) -> int:
     """``metaopt learned-optimizer width-sweep RUN_DIR [--no-progress]``."""
-    import argparse
-
     from metaopt.algorithms.learned_optimizers import evaluate as evaluate_lib
-    from metaopt.config import ConfigError
+    from metaopt.config import ArgumentParser
 
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):  # one line, exit 2
-            raise ConfigError(message)
-
-    p = Parser(
+    p = ArgumentParser(
         prog="metaopt learned-optimizer width-sweep",
         description="Run only the width sweep of metaopt eval on a finished run; adds it to "
         "eval.json / eval.md and writes width.png.",
