@@ -137,8 +137,7 @@ def evaluate(
         "workloads": {},
     }
     times: dict[str, list[float]] = {n: [] for n in names}
-    held: dict[str, Any] = {"curves": {n: {} for n in names}, "steps": {}, "edges": {}}
-    held["times"] = {n: [] for n in names}
+    held_curves: dict[str, dict[str, np.ndarray]] = {n: {} for n in names}  # per-seed, OOD
     finals_all: dict[str, dict[str, np.ndarray]] = {n: {} for n in names}
     for label, (family, horizon, group) in works.items():
         test_curves, lrs, tuning = {}, {}, {}
@@ -167,18 +166,12 @@ def evaluate(
         target = float(medians[REFERENCE][-1])
         ref_finals = _finite(test_curves[REFERENCE][:, -1])
         rows = {}
-        ood = group == "out-of-distribution"
-        if ood:
-            held["steps"][label] = eval_steps
         for n in names:
             finals = _finite(test_curves[n][:, -1])
             t = ev.steps_to_target(medians[n], target, eval_steps)
             times[n].append(t)
-            if ood:
-                held["curves"][n][label] = test_curves[n]
-                held["times"][n].append(t)
-                if tuning[n] is not None and tuning[n]["at_edge"]:
-                    held["edges"].setdefault(n, []).append(label)
+            if group == "out-of-distribution":
+                held_curves[n][label] = test_curves[n]
             finals_all[n][label] = finals
             diff = finals - ref_finals  # paired: same tasks, inits and minibatches
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -207,18 +200,28 @@ def evaluate(
     bar.close()
     result["profile"] = ev.performance_profile(times)
     result["comparison"] = ev.compare(finals_all, REFERENCE, lower_is_better=True)
-    result["held_out_summary"] = held_out_summary(held) if held["steps"] else None
+    result["held_out_summary"] = held_out_summary(result, held_curves)
     return result
 
 
-def held_out_summary(held: dict[str, Any]) -> dict[str, Any]:
+def held_out_summary(
+    result: dict[str, Any], curves: dict[str, dict[str, np.ndarray]]
+) -> dict[str, Any] | None:
     """:func:`metaopt.evaluation.relative_summary` of the out-of-distribution workloads'
-    per-seed test curves against tuned Adam, with the performance profile of those
-    workloads and, per optimizer, the workloads whose tuned lr is at the grid's edge."""
-    summary = ev.relative_summary(held["curves"], held["steps"], REFERENCE)
-    summary["profile"] = ev.performance_profile(held["times"])
+    per-seed test ``curves`` (``{optimizer: {workload: [S, P]}}``) against tuned Adam, with
+    the performance profile of those workloads and, per optimizer, the workloads whose
+    tuned lr is at the grid's edge (both read off ``result``'s rows); None without any."""
+    works = {w: i for w, i in result["workloads"].items() if i["group"] == "out-of-distribution"}
+    if not works:
+        return None
+    steps = {w: np.asarray(i["eval_steps"]) for w, i in works.items()}
+    summary = ev.relative_summary(curves, steps, REFERENCE)
+    rows = {n: [i["optimizers"][n] for i in works.values()] for n in curves}
+    summary["profile"] = ev.performance_profile(
+        {n: [r["steps_to_target"] for r in rs] for n, rs in rows.items()}
+    )
     for n, row in summary["optimizers"].items():
-        row["lr_at_edge"] = held["edges"].get(n, [])
+        row["lr_at_edge"] = [w for w, r in zip(works, rows[n], strict=True) if r["lr_at_edge"]]
     return summary
 
 

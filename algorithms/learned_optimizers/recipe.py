@@ -396,11 +396,9 @@ def untrained_base_lr_scores(cfg: Config, adam: dict) -> np.ndarray:
     scores = []
     for fam in cfg.families:
         f = _scaled_valid_fn(ref, fam, cfg.inner_steps, cfg.eval_points)
-        valid = np.asarray(f(log_lrs, init, keys)[:, :, -1], np.float64)  # [G, S]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            log_valid = np.log(np.maximum(valid, mixture.LOSS_FLOOR))
-        ratio = log_valid - np.log(adam[fam]["final_valid_loss"])
-        scores.append(np.maximum(ratio, mixture.MIN_LOG_RATIO))  # NaN stays NaN
+        valid = f(log_lrs, init, keys)[:, :, -1]  # [G, S]
+        log_norm = float(np.log(adam[fam]["final_valid_loss"]))
+        scores.append(np.asarray(mixture.normalised_log_loss(valid, log_norm), np.float64))
     return np.concatenate(scores, axis=1)
 
 
