@@ -25,9 +25,10 @@ import optax
 from _common import compiled_versions, emit, header, median, parser, spread, time_interleaved
 
 from metaopt import driver
-from metaopt.algorithms.learned_optimizers import lopt, recipe
+from metaopt.algorithms.learned_optimizers import recipe
 from metaopt.envs import families
 from metaopt.envs.tasks import cross_entropy, mlp_apply, mlp_init
+from metaopt.optimizers import lopt
 
 TARGET = 3.0
 SIZES = (64, 96, 16, 10)

@@ -58,7 +58,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from metaopt.algorithms.program_search import recipe  # noqa: E402
-from metaopt.algorithms.program_search.evaluate import (  # noqa: E402
+from metaopt.algorithms.program_search.mutate import mutate  # noqa: E402
+from metaopt.algorithms.program_search.scoring import (  # noqa: E402
     adamw_rule,
     best_over_grid,
     grid_losses,
@@ -66,15 +67,14 @@ from metaopt.algorithms.program_search.evaluate import (  # noqa: E402
     program_optimizer,
     train_grid,
 )
-from metaopt.algorithms.program_search.mutate import mutate  # noqa: E402
-from metaopt.algorithms.program_search.program import (  # noqa: E402
+from metaopt.algorithms.program_search.simplify import remove_dead_code, structural_hash  # noqa: E402
+from metaopt.inner import training_inner_loop  # noqa: E402
+from metaopt.optimizers.program import (  # noqa: E402
     BUILTINS,
     parse,
     stack_programs,
     trim,
 )
-from metaopt.algorithms.program_search.simplify import remove_dead_code, structural_hash  # noqa: E402
-from metaopt.inner import training_inner_loop  # noqa: E402
 
 TARGET_CANDIDATES_PER_S = 50.0
 TARGET_INTERPRETER_RATIO = 2.0

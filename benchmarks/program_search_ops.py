@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from program_search import candidates
 
-from metaopt.algorithms.program_search import program as P
 from metaopt.algorithms.program_search import recipe
-from metaopt.algorithms.program_search.evaluate import adamw_rule, train_grid
+from metaopt.algorithms.program_search.scoring import adamw_rule, train_grid
+from metaopt.optimizers import program as P
 
 EXTRA = {
     "rms": lambda a, b, c: jnp.broadcast_to(jnp.sqrt(jnp.mean(jnp.square(a))), a.shape),

@@ -31,11 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from metaopt.algorithms.program_search import recipe
-from metaopt.algorithms.program_search.evaluate import grid_losses
 from metaopt.algorithms.program_search.panel import PANEL
-from metaopt.algorithms.program_search.program import parse, stack_programs
+from metaopt.algorithms.program_search.scoring import grid_losses
 from metaopt.algorithms.program_search.search import WIDE_LR_GRID
 from metaopt.algorithms.program_search.validate import kendall_tau
+from metaopt.optimizers.program import parse, stack_programs
 
 
 def losses(cfg, scorer, programs, grid, normalize, rounds) -> np.ndarray:

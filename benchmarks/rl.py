@@ -6,7 +6,7 @@ Three sides, in one process, calls alternated, median over repeats, compilation 
 * ``ta_lpo``: 32 PPO runs on CartPole-v1 vmapped in one jitted call, each with its own
   TA-LPO drift network (16 features, 128 hidden, a different perturbation per run, as
   in an ES population) and its own seed; ``updates`` PPO updates of 4 envs x 128 steps,
-  4 epochs x 4 minibatches, actor-critic 64-64 tanh (``metaopt.algorithms.lpo.ppo``);
+  4 epochs x 4 minibatches, actor-critic 64-64 tanh (``metaopt.rl.ppo``);
 * ``clipped``: the same 32 runs with the standard clipped surrogate (no drift network);
 * ``random``: gymnax CartPole-v1 stepped with uniformly random actions, 32 x 4 = 128
   environments vmapped, as many steps per environment, one ``lax.scan`` (the cost of
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from _common import emit, header, median, parser, time_interleaved
 
 import metaopt
-from metaopt.algorithms.lpo import objectives, ppo
+from metaopt.rl import objectives, ppo
 
 TARGET = 0.8
 POPULATION = 32

@@ -1,16 +1,27 @@
 """The recipe registry: discovery jobs the ``metaopt`` command can run.
 
-A recipe module registers itself on import with :func:`register`; the built-in
-recipes live in ``metaopt.algorithms`` and are loaded by :func:`load_builtin`.
+Recipes come from the entry-point group ``metaopt.recipes``: each entry names a
+:class:`Recipe` or a mapping of them. The built-in table is one such entry,
+declared in ``pyproject.toml`` (``builtin = "metaopt.algorithms:RECIPES"``), so
+the core names no recipe and a third-party package adds its own the same way.
+Within a process, :func:`register` adds one more (a notebook's, a plugin's).
+
+Example:
+  >>> from metaopt import recipes
+  >>> sorted(recipes.all_recipes())[:2]
+  ['hypergradient', 'in-context']
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Callable, Mapping
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from metaopt import config as cfg_lib
 from metaopt.config import ConfigError
 from metaopt.rundir import RunDir, write_summary  # noqa: F401  (write_summary: for recipes)
 
@@ -47,8 +58,6 @@ class Recipe:
 
     def config(self, preset: str = "default", overrides: Mapping[str, Any] | None = None):
         """The config of ``preset`` with ``overrides`` applied."""
-        from metaopt import config as cfg_lib
-
         if preset != "default" and preset not in self.presets:
             raise ConfigError(
                 f"unknown preset '{preset}' for recipe '{self.name}'; "
@@ -59,10 +68,20 @@ class Recipe:
         return cfg_lib.replace(cfg, overrides or {}, context=f"'{self.name}' config")
 
 
+ENTRY_POINT_GROUP = "metaopt.recipes"
 _REGISTRY: dict[str, Recipe] = {}
+_LOADED: list[bool] = []
 
 
 def register(recipe: Recipe) -> Recipe:
+    """Adds ``recipe`` to this process's registry (``metaopt <recipe.name>`` runs it).
+
+    Example:
+      >>> register(dataclasses.replace(get("lr-schedule"), name="my-schedule"))
+
+    Raises:
+      ValueError: another recipe is registered under the same name.
+    """
     if recipe.name in _REGISTRY and _REGISTRY[recipe.name] is not recipe:
         raise ValueError(f"recipe {recipe.name!r} is already registered")
     _REGISTRY[recipe.name] = recipe
@@ -70,14 +89,19 @@ def register(recipe: Recipe) -> Recipe:
 
 
 def load_builtin() -> None:
-    import metaopt.algorithms  # noqa: F401  (registers the built-in recipes)
+    """Registers the recipes of every ``metaopt.recipes`` entry point (once per process)."""
+    if _LOADED:
+        return
+    _LOADED.append(True)
+    for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        table = entry.load()
+        for recipe in table.values() if isinstance(table, Mapping) else (table,):
+            register(recipe)
 
 
 def get(name: str) -> Recipe:
     load_builtin()
     if name not in _REGISTRY:
-        import difflib
-
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(f"unknown recipe '{name}'{hint}; run 'metaopt list' to see them")
@@ -91,8 +115,6 @@ def all_recipes() -> dict[str, Recipe]:
 
 def run_dir_config(run_dir: str | Path) -> tuple[Recipe, Any, dict]:
     """Reads ``run_dir/config.json``: the recipe, its config and the raw record."""
-    from metaopt import config as cfg_lib
-
     record = RunDir(run_dir).record()
     recipe = get(record["recipe"])
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,10 +34,31 @@ def population_mesh(devices: list | None = None) -> Mesh:
 def resolve_mesh(mesh: Mesh | str | None, population_size: int) -> Mesh | None:
     """Turns the user's ``mesh`` argument into a mesh or ``None`` (no sharding).
 
-    ``"auto"`` shards over all devices when there is more than one.
+    ``"auto"`` shards the population over all devices when there is more than one
+    and the population divides over them; when it does not, it runs unsharded and
+    says so with a ``UserWarning`` (the numbers are the same either way). An
+    explicit mesh that the population does not divide over is an error.
+
+    Example:
+      >>> resolve_mesh("auto", 8)        # a mesh over the devices, or None on one device
+      >>> resolve_mesh(None, 8) is None
+      True
+
+    Raises:
+      ValueError: an explicit ``mesh`` whose device count does not divide ``population_size``.
     """
     if mesh == "auto":
-        mesh = population_mesh() if jax.device_count() > 1 else None
+        n = jax.device_count()
+        if n == 1:
+            return None
+        if population_size % n:
+            warnings.warn(
+                f"population of {population_size} does not split over {n} devices; running "
+                f"it unsharded (use a multiple of {n} to shard)",
+                stacklevel=2,
+            )
+            return None
+        return population_mesh()
     if mesh is None:
         return None
     n = mesh.devices.size

@@ -6,12 +6,12 @@ versions to float32 tolerance over 50 steps of the same gradients):
 
 * :class:`ProgramOptimizer` -- a program from ``program-search`` (its text, or a
   ``best_program.txt``), run by a small interpreter over the program's rows with
-  the same operations as :data:`metaopt.algorithms.program_search.program.OPS`;
+  the same operations as :data:`metaopt.optimizers.program.OPS`;
   the applied step is ``-lr * (update + weight_decay * w)``, as
-  :func:`~metaopt.algorithms.program_search.program.as_optax`.
+  :func:`~metaopt.optimizers.program.as_optax`.
 * :class:`LearnedOptimizer` -- the per-parameter MLP of ``learned-optimizer``
   read from its ``learned_optimizer.npz`` (or the run directory), as
-  :func:`~metaopt.algorithms.learned_optimizers.lopt.as_optax`.
+  :func:`~metaopt.optimizers.lopt.as_optax`.
 
 torch is optional (``pip install "metaopt[bench]"`` or any torch >= 2); this
 module needs it, nothing else in metaopt does. The text of a program is parsed by
@@ -40,8 +40,8 @@ except ImportError as e:  # pragma: no cover - exercised only without torch
         "metaopt.torch_export needs PyTorch: pip install 'metaopt[bench]' (or any torch >= 2)"
     ) from e
 
-from metaopt.algorithms.learned_optimizers import lopt
-from metaopt.algorithms.program_search import program as prog
+from metaopt.optimizers import lopt
+from metaopt.optimizers import program as prog
 from metaopt.rundir import load_artifact
 
 __all__ = ["LearnedOptimizer", "ProgramOptimizer"]
@@ -178,7 +178,7 @@ class LearnedOptimizer(_PerTensor):
     Args:
       params: parameters or parameter groups.
       weights: a run directory or a ``learned_optimizer.npz`` written by
-        :func:`metaopt.algorithms.learned_optimizers.lopt.save` (``"mlp"`` kind; either
+        :func:`metaopt.optimizers.lopt.save` (``"mlp"`` kind; either
         update rule, ``adam_nominal`` or ``normalised``).
       num_steps: the training horizon ``T`` it plans for (progress ``min(t / T, 1)``);
         default: the meta-training horizon stored with the weights.
@@ -188,7 +188,7 @@ class LearnedOptimizer(_PerTensor):
         all axes but the first) or ``"jax"`` (``[in, out]`` / HWIO, fan-in = all axes but
         the last, as the optax export).
 
-    Same features, MLP and step as :func:`~metaopt.algorithms.learned_optimizers.lopt.update`,
+    Same features, MLP and step as :func:`~metaopt.optimizers.lopt.update`,
     computed per tensor (the MLP acts on each parameter independently; the feature
     normalisation is per tensor, as there).
     """

@@ -11,6 +11,7 @@ population sharded over 4 devices gives the single-device numbers.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 
 import jax
@@ -196,6 +197,13 @@ def test_make_takes_one_vocabulary():
         assert set(outer.VOCABULARY[kw]) == set(outer.ESTIMATORS), kw
 
 
+def test_keyword_table_matches_the_constructors():
+    # the explicit table make() reads is the constructors' keywords, no more, no less
+    for name, cls in outer.ESTIMATORS.items():
+        params = list(inspect.signature(cls).parameters)[1:]  # after ``inner``
+        assert outer.KEYWORDS[name] == frozenset(params), name
+
+
 def test_from_config_reads_a_recipe_config():
     @dataclasses.dataclass(frozen=True)
     class Config:
@@ -266,3 +274,39 @@ def test_sharded_over_four_devices_equals_one_device():
         if CASES[case][0] != "es":
             assert r["grad_scale"] > 0, case
             assert r["grad"] <= 1e-4 * max(1.0, r["grad_scale"]), (case, r)
+
+
+AUTO_MESH = """
+import json, warnings, jax
+from metaopt.sharding import resolve_mesh
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    even = resolve_mesh("auto", 8)
+    odd = resolve_mesh("auto", 6)
+try:
+    resolve_mesh(even, 6)
+    explicit = "accepted"
+except ValueError as e:
+    explicit = str(e)
+print("RESULT " + json.dumps({
+    "even": None if even is None else int(even.devices.size),
+    "odd": None if odd is None else int(odd.devices.size),
+    "warnings": [str(w.message) for w in caught],
+    "explicit": explicit,
+}))
+"""
+
+
+def test_auto_mesh_shards_when_it_can_and_says_when_it_cannot():
+    proc = run_python(AUTO_MESH, devices=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    result = json.loads(line[len("RESULT ") :])
+    assert result["even"] == 4 and result["odd"] is None
+    assert result["warnings"] == [
+        "population of 6 does not split over 4 devices; running it unsharded "
+        "(use a multiple of 4 to shard)"
+    ]
+    # an explicit mesh is the user's choice: it is not silently dropped
+    assert "cannot be split over 4 devices" in result["explicit"]

@@ -12,8 +12,8 @@ from scipy import stats
 
 from metaopt import profiles
 from metaopt.algorithms.program_search import heldout, panel
-from metaopt.algorithms.program_search.program import as_optax
 from metaopt.envs import families
+from metaopt.optimizers.program import as_optax
 
 
 def test_performance_profile_closed_form():

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from metaopt import cli
-from metaopt.algorithms.learned_optimizers import evaluate, lopt, recipe
+from metaopt.algorithms.learned_optimizers import evaluate, recipe
 from metaopt.config import ConfigError
+from metaopt.optimizers import lopt
 from metaopt.rundir import RunDir
 
 N = 8

@@ -18,8 +18,9 @@ import pytest
 
 import metaopt
 from metaopt import cli
-from metaopt.algorithms.lpo import evaluate, objectives, ppo, recipe
+from metaopt.algorithms.lpo import evaluate, recipe
 from metaopt.config import ConfigError
+from metaopt.rl import objectives, ppo
 
 # ---------------------------------------------------------------------------
 # Objectives.

@@ -15,7 +15,7 @@ from metaopt.algorithms.program_search import (
     run,
     to_source,
 )
-from metaopt.algorithms.program_search.program import stack_programs
+from metaopt.optimizers.program import stack_programs
 
 
 def updates_side_by_side(ours, ref, steps=300):
@@ -137,7 +137,7 @@ def test_exported_optimizer_trains_under_jit_and_scan():
 
 
 def test_length_buckets_and_op_subsets_compute_the_same_updates():
-    from metaopt.algorithms.program_search.program import CHEAP_OPS, ops_used, trim
+    from metaopt.optimizers.program import CHEAP_OPS, ops_used, trim
 
     names = ["adamw_nobc", "lion", "sgd_momentum", "signsgd"]
     programs = [parse(BUILTINS[n]) for n in names]

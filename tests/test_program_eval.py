@@ -8,14 +8,14 @@ import numpy as np
 import optax
 
 from metaopt.algorithms.program_search import BUILTINS, parse
-from metaopt.algorithms.program_search.evaluate import (
+from metaopt.algorithms.program_search.scoring import (
     best_over_grid,
     grid_losses,
     program_inner_loop,
 )
-from metaopt.algorithms.program_search.program import stack_programs
 from metaopt.envs import MLPClassification
 from metaopt.inner import rollout_loss
+from metaopt.optimizers.program import stack_programs
 
 TASK = MLPClassification("digits", hidden=(16,), batch_size=64)
 STEPS = 40
@@ -79,7 +79,7 @@ def test_diverged_learning_rates_never_win():
 
 
 def test_flat_layout_equals_the_generic_population_vmap():
-    from metaopt.algorithms.program_search.evaluate import program_optimizer
+    from metaopt.algorithms.program_search.scoring import program_optimizer
     from metaopt.inner import training_inner_loop
 
     flat = program_inner_loop(TASK, STEPS)
@@ -93,7 +93,7 @@ def test_flat_layout_equals_the_generic_population_vmap():
 
 
 def test_tuned_adamw_reference_equals_optax_adamw_with_weight_decay():
-    from metaopt.algorithms.program_search.evaluate import adamw_rule, train_grid
+    from metaopt.algorithms.program_search.scoring import adamw_rule, train_grid
 
     lrs, wds = [3e-3, 3e-2], [0.0, 1.0]
     key = jax.random.key(4)
@@ -147,14 +147,14 @@ def test_default_chunk_follows_the_cores_xla_can_use():
 
     code = (
         "import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
-        "from metaopt.algorithms.program_search.evaluate import default_chunk\n"
+        "from metaopt.algorithms.program_search.scoring import default_chunk\n"
         "from metaopt.algorithms.program_search.recipe import Config\n"
         "print(default_chunk(), Config().program_chunk, Config(chunk=0).program_chunk)"
     )
     p = run_python(code)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.split() == ["16", "16", "None"]
-    from metaopt.algorithms.program_search.evaluate import default_chunk
+    from metaopt.algorithms.program_search.scoring import default_chunk
 
     if len(os.sched_getaffinity(0)) > 1:
         assert default_chunk() is None
@@ -169,8 +169,8 @@ def test_scorer_splits_programs_over_devices_in_order():
     code = """
 import jax, jax.numpy as jnp, numpy as np
 from metaopt.algorithms.program_search import BUILTINS, parse
-from metaopt.algorithms.program_search.evaluate import best_over_grid, grid_losses
-from metaopt.algorithms.program_search.program import stack_programs
+from metaopt.algorithms.program_search.scoring import best_over_grid, grid_losses
+from metaopt.optimizers.program import stack_programs
 from metaopt.algorithms.program_search.search import Scorer
 from metaopt.envs import families
 assert jax.local_device_count() == 4

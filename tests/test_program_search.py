@@ -8,18 +8,18 @@ import pytest
 
 from metaopt.algorithms.program_search import BUILTINS, parse, to_source
 from metaopt.algorithms.program_search import recipe as ps
-from metaopt.algorithms.program_search.evaluate import program_optimizer
 from metaopt.algorithms.program_search.mutate import (
     RandomMutator,
     SearchSpace,
     mutate,
     uses_slots,
 )
-from metaopt.algorithms.program_search.program import CHEAP_OPS, length, ops_used
+from metaopt.algorithms.program_search.scoring import program_optimizer
 from metaopt.algorithms.program_search.search import RegularizedEvolution
 from metaopt.algorithms.program_search.simplify import structural_hash
 from metaopt.config import ConfigError
 from metaopt.inner import seed_losses, training_inner_loop
+from metaopt.optimizers.program import CHEAP_OPS, length, ops_used
 
 TINY = ps.Config(
     tasks=("wine-mlp16", "quadratic-10d"),

@@ -47,7 +47,7 @@ def test_dead_code_removal_keeps_behaviour():
 
 
 def test_dead_state_is_removed_across_steps():
-    from metaopt.algorithms.program_search.program import run
+    from metaopt.optimizers.program import run
 
     # m feeds v and v feeds the update next step: both slots are live
     chained = parse("m = add(m, g)\nr0 = abs(v)\nv = copy(m)\nupdate = add(g, r0)")
@@ -126,8 +126,8 @@ def test_fitness_cache_is_lru_and_forgets_after_max_hits():
 
 
 def test_stationarity_rejects_a_counter_in_a_state_slot_and_passes_real_optimizers():
-    from metaopt.algorithms.program_search.program import stack_programs
     from metaopt.algorithms.program_search.simplify import stationarity_ratios
+    from metaopt.optimizers.program import stack_programs
 
     counters = [
         "m = interp(m, g, 0.1)\nv = add(v, 1.0)\nupdate = div(m, v)",  # lr ~ 1/t

@@ -10,8 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from metaopt.algorithms.learned_optimizers import lopt  # noqa: E402
-from metaopt.algorithms.program_search import program as prog  # noqa: E402
+from metaopt.optimizers import lopt  # noqa: E402
+from metaopt.optimizers import program as prog  # noqa: E402
 from metaopt.torch_export import TORCH_OPS, LearnedOptimizer, ProgramOptimizer  # noqa: E402
 
 SHAPES = {"w": (6, 4), "b": (4,), "s": ()}

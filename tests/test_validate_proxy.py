@@ -12,11 +12,11 @@ import optax
 import pytest
 
 from metaopt.algorithms.program_search import heldout, panel, validate
-from metaopt.algorithms.program_search.evaluate import program_inner_loop
-from metaopt.algorithms.program_search.program import as_optax, parse
+from metaopt.algorithms.program_search.scoring import program_inner_loop
 from metaopt.config import ConfigError
 from metaopt.envs import families
 from metaopt.inner import population_losses
+from metaopt.optimizers.program import as_optax, parse
 
 
 def _reference(name: str, lr: float, wd: float) -> optax.GradientTransformation:

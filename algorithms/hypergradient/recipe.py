@@ -53,7 +53,7 @@ from metaopt.checkpoint import MissingCheckpointError, write_json_atomic
 from metaopt.config import check
 from metaopt.inner import InnerLoop
 from metaopt.outer import MetaGradient
-from metaopt.recipes import Recipe, register, write_summary
+from metaopt.recipes import Recipe, write_summary
 from metaopt.rundir import run_phase
 
 PyTree = Any
@@ -534,14 +534,12 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
     return {name: f"test {r['test_loss']:.4f}" for name, r in rows.items()}
 
 
-RECIPE = register(
-    Recipe(
-        name="hypergradient",
-        description="learn L2 strengths by unrolled vs implicit (custom_root + CG) hypergradients",
-        config_cls=Config,
-        run=run,
-        presets=PRESETS,
-        evaluate=evaluate,
-        extendable=("outer_steps",),
-    )
+RECIPE = Recipe(
+    name="hypergradient",
+    description="learn L2 strengths by unrolled vs implicit (custom_root + CG) hypergradients",
+    config_cls=Config,
+    run=run,
+    presets=PRESETS,
+    evaluate=evaluate,
+    extendable=("outer_steps",),
 )

@@ -60,7 +60,7 @@ from metaopt.envs.in_context import (
     NonlinearRegression,
 )
 from metaopt.outer import MetaGradient
-from metaopt.recipes import Recipe, register, write_summary
+from metaopt.recipes import Recipe, write_summary
 from metaopt.rundir import load_artifact, run_phase, save_artifact
 
 #: the largest number of LSA layers the recipe builds.
@@ -219,10 +219,6 @@ PRESETS = {
 PRESETS["gpicl-lstm"] = {**PRESETS["gpicl"], "model": "lstm", "task_counts_log2": (2, 14)}
 
 
-def _mesh(n: int):
-    return "auto" if n % jax.device_count() == 0 else None
-
-
 def build_outer(cfg: Config, plain: bool = False) -> MetaGradient:
     """The LSA's meta-training: a MetaGradient over :func:`.lsa.lsa_inner_loop`.
 
@@ -237,7 +233,6 @@ def build_outer(cfg: Config, plain: bool = False) -> MetaGradient:
         learning_rate=cfg.meta_lr,
         clip_norm=cfg.clip_norm,
         truncation_length=None,
-        mesh=_mesh(cfg.meta_batch),
     )
 
 
@@ -364,7 +359,6 @@ def build_gpicl_outer(cfg: Config, k: int) -> MetaGradient:
         learning_rate=cfg.meta_lr,
         clip_norm=cfg.clip_norm,
         truncation_length=None,
-        mesh=_mesh(cfg.particles),
     )
 
 
@@ -552,14 +546,12 @@ def _build(cfg: Config):
     return build_outer(cfg)
 
 
-RECIPE = register(
-    Recipe(
-        name="in-context",
-        description="in-context learners: linear self-attention = GD (lsa-gd), GPICL transformer",
-        config_cls=Config,
-        run=run,
-        presets=PRESETS,
-        evaluate=evaluate,
-        build=_build,
-    )
+RECIPE = Recipe(
+    name="in-context",
+    description="in-context learners: linear self-attention = GD (lsa-gd), GPICL transformer",
+    config_cls=Config,
+    run=run,
+    presets=PRESETS,
+    evaluate=evaluate,
+    build=_build,
 )

@@ -2,18 +2,6 @@
 hand-designed baseline with learnable hyperparameters, meta-trained on task families by
 ES, PES or truncated meta-gradients; exported as ``optax.GradientTransformation``."""
 
-from metaopt.algorithms.learned_optimizers.lopt import (
-    LOptSpec,
-    LOptState,
-    as_optax,
-    init_state,
-    init_weights,
-    load,
-    num_weights,
-    save,
-    scale_by_learned_optimizer,
-    update,
-)
 from metaopt.algorithms.learned_optimizers.optimizers import (
     TUNED,
     adam_optimizer,
@@ -28,6 +16,18 @@ from metaopt.algorithms.learned_optimizers.recipe import (
     build_outer,
     initial_meta_params,
     loss_curves,
+)
+from metaopt.optimizers.lopt import (
+    LOptSpec,
+    LOptState,
+    as_optax,
+    init_state,
+    init_weights,
+    load,
+    num_weights,
+    save,
+    scale_by_learned_optimizer,
+    update,
 )
 
 __all__ = [

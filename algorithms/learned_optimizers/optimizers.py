@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metaopt.algorithms.learned_optimizers import lopt
 from metaopt.inner import ParametrizedOptimizer
+from metaopt.optimizers import lopt
 
 PyTree = Any
 

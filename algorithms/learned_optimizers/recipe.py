@@ -42,7 +42,7 @@ import numpy as np
 
 from metaopt import driver
 from metaopt import outer as outer_lib
-from metaopt.algorithms.learned_optimizers import lopt, mixture
+from metaopt.algorithms.learned_optimizers import mixture
 from metaopt.algorithms.learned_optimizers.optimizers import (
     adam_optimizer,
     initial_adam_hyperparams,
@@ -53,7 +53,8 @@ from metaopt.checkpoint import write_json_atomic
 from metaopt.config import check
 from metaopt.envs import families
 from metaopt.inner import InnerLoop, ParametrizedOptimizer, training_inner_loop, unroll
-from metaopt.recipes import Recipe, register, write_summary
+from metaopt.optimizers import lopt
+from metaopt.recipes import Recipe, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -758,15 +759,13 @@ def _pool_cmd(argv: list[str]) -> int:
     return evaluate_lib.pool_cmd(argv)
 
 
-RECIPE = register(
-    Recipe(
-        name="learned-optimizer",
-        description="per-parameter MLP learned optimizer on task families, by ES/PES/meta-gradient",
-        config_cls=Config,
-        run=run,
-        presets=PRESETS,
-        evaluate=evaluate,
-        build=_dry_build,
-        commands={"width-sweep": _width_sweep_cmd, "pool": _pool_cmd},
-    )
+RECIPE = Recipe(
+    name="learned-optimizer",
+    description="per-parameter MLP learned optimizer on task families, by ES/PES/meta-gradient",
+    config_cls=Config,
+    run=run,
+    presets=PRESETS,
+    evaluate=evaluate,
+    build=_dry_build,
+    commands={"width-sweep": _width_sweep_cmd, "pool": _pool_cmd},
 )

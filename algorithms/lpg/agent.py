@@ -48,10 +48,10 @@ import jax.numpy as jnp
 import optax
 
 from metaopt.algorithms.lpg import network
-from metaopt.algorithms.lpo.ppo import final_return, gae, orthogonal
 from metaopt.config import check
 from metaopt.envs import rl
 from metaopt.inner import InnerLoop
+from metaopt.rl.ppo import final_return, gae, orthogonal
 
 Objective = Literal["lpg", "a2c", "reinforce", "mixed"]
 OBJECTIVES: tuple[str, ...] = ("lpg", "a2c", "reinforce", "mixed")
@@ -217,7 +217,7 @@ class AgentLoop(InnerLoop):
 def mean_episode_return(traj: Rollout, env_state: rl.EpisodeState) -> jax.Array:
     """Mean return of the episodes completed during ``traj`` (every environment, every
     episode: many more than one per environment); if none completed, the last
-    completed episodes' (:func:`~metaopt.algorithms.lpo.ppo.final_return`)."""
+    completed episodes' (:func:`~metaopt.rl.ppo.final_return`)."""
     count = jnp.sum(traj.done)
     mean = jnp.sum(traj.episode_return) / jnp.maximum(count, 1.0)
     return jnp.where(count > 0, mean, final_return(env_state))

@@ -12,7 +12,7 @@ Objectives: the meta-trained LPG networks of the run, REINFORCE (the untrained
 LPG: its initialisation), A2C (the critic's GAE advantage) -- all on the same
 agent, optimiser and rollouts, in one compiled computation (agents whose
 lifetime is over are frozen, so every lifetime shares one ``unroll``) -- and
-PPO (:mod:`metaopt.algorithms.lpo.ppo`, clipped objective, Adam at ``ppo_lr``,
+PPO (:mod:`metaopt.rl.ppo`, clipped objective, Adam at ``ppo_lr``,
 final return over the episodes that ended in its last 10% of training,
 4 epochs x 4 minibatches per rollout, the same environment steps per update and
 lifetime) as an outside reference: it takes 16 gradient steps per rollout where
@@ -86,7 +86,7 @@ def agent_runs(cfg, population, lifetimes, keys):
 
 def ppo_runs(cfg, lifetimes, keys) -> tuple[np.ndarray, list[np.ndarray]]:
     """PPO (clipped) with the agent's environment steps per update, one lifetime at a time."""
-    from metaopt.algorithms.lpo import ppo
+    from metaopt.rl import ppo
 
     a = cfg.agent
     finals, curves = [], []

@@ -42,7 +42,7 @@ from metaopt.algorithms.lpg.evaluate import evaluate_run
 from metaopt.config import check
 from metaopt.envs import rl
 from metaopt.plotting import read_metrics
-from metaopt.recipes import Recipe, register, write_summary
+from metaopt.recipes import Recipe, write_summary
 from metaopt.rundir import load_artifact, run_phase, save_phase_result, validation_line
 
 #: every objective a run can meta-train, in order: name -> (outer, temporal).
@@ -374,14 +374,12 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     return summary
 
 
-RECIPE = register(
-    Recipe(
-        name="ta-lpg",
-        description="LPG / TA-LPG learned RL objectives by ES and by truncated meta-gradients",
-        config_cls=Config,
-        run=run,
-        presets=PRESETS,
-        evaluate=evaluate_run,
-        extendable=("generations", "metagrad_steps"),
-    )
+RECIPE = Recipe(
+    name="ta-lpg",
+    description="LPG / TA-LPG learned RL objectives by ES and by truncated meta-gradients",
+    config_cls=Config,
+    run=run,
+    presets=PRESETS,
+    evaluate=evaluate_run,
+    extendable=("generations", "metagrad_steps"),
 )

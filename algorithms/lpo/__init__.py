@@ -1,16 +1,17 @@
 """LPO / TA-LPO: RL objectives discovered by evolution strategies (recipe ``ta-lpo``).
 
-* :mod:`~metaopt.algorithms.lpo.objectives` -- PPO, DPO, LPO and TA-LPO as pure
+* :mod:`~metaopt.rl.objectives` -- PPO, DPO, LPO and TA-LPO as pure
   losses ``objective(meta_params, ratio, advantage, progress)``;
-* :mod:`~metaopt.algorithms.lpo.ppo` -- a pure-JAX PPO learner with a pluggable
+* :mod:`~metaopt.rl.ppo` -- a pure-JAX PPO learner with a pluggable
   objective, as a metaopt ``InnerLoop``;
 * :mod:`~metaopt.algorithms.lpo.recipe` -- the ``ta-lpo`` recipe (ES meta-training);
 * :mod:`~metaopt.algorithms.lpo.evaluate` -- the comparison across horizons and envs;
 * :mod:`~metaopt.algorithms.lpo.plots` -- drift heatmaps.
 """
 
-from metaopt.algorithms.lpo import objectives, ppo
-from metaopt.algorithms.lpo.objectives import (
+from metaopt.algorithms.lpo.recipe import Config, load_meta_params, load_objective
+from metaopt.rl import objectives, ppo
+from metaopt.rl.objectives import (
     OBJECTIVES,
     clipped_ppo,
     dpo,
@@ -22,8 +23,7 @@ from metaopt.algorithms.lpo.objectives import (
     ta_lpo,
     ta_lpo_drift,
 )
-from metaopt.algorithms.lpo.ppo import PPOConfig, PPOState, make_ppo, ppo_config
-from metaopt.algorithms.lpo.recipe import Config, load_meta_params, load_objective
+from metaopt.rl.ppo import PPOConfig, PPOState, make_ppo, ppo_config
 
 __all__ = [
     "OBJECTIVES",

@@ -5,7 +5,7 @@ each at the fractions ``N/4, N/2, N, 2N`` (``eval_horizons``) of its own
 horizon -- every objective trains ``eval_seeds`` fresh PPO agents on seeds never used in
 meta-training (the same seeds for every objective), and the final return (the
 mean return of every episode that ended in the last ``fitness_window`` of the
-run, :func:`~metaopt.algorithms.lpo.ppo.window_return`) is reported as mean,
+run, :func:`~metaopt.rl.ppo.window_return`) is reported as mean,
 standard deviation and standard error over seeds, and compared with PPO's by
 paired t tests over the shared seeds, Holm-corrected over every comparison
 (:func:`metaopt.evaluation.compare`).
@@ -14,7 +14,7 @@ lets it transfer across horizons. Every objective trains at the run's tuned PPO
 learning rate, and PPO and the learned drifts use its tuned clip
 (:func:`~metaopt.algorithms.lpo.recipe.resolve_ppo`): the baseline is the tuned
 PPO. A learned drift network is also evaluated as its symbolic distillation
-(:func:`~metaopt.algorithms.lpo.objectives.distill`, "TA-LPO (distilled)").
+(:func:`~metaopt.rl.objectives.distill`, "TA-LPO (distilled)").
 
 All objectives of one setting run in one compiled, vmapped computation: the
 policy loss is a "mixed" objective that evaluates every candidate loss and
@@ -38,9 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from metaopt import evaluation as ev
-from metaopt.algorithms.lpo import objectives as obj_lib
-from metaopt.algorithms.lpo import ppo
 from metaopt.inner import unroll
+from metaopt.rl import objectives as obj_lib
+from metaopt.rl import ppo
 
 #: evaluated objectives, in table order: (key, label).
 OBJECTIVES = (

@@ -14,7 +14,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from metaopt.algorithms.lpo import objectives as obj_lib
+from metaopt.rl import objectives as obj_lib
 
 R_RANGE = (0.5, 1.5)
 A_RANGE = (-2.0, 2.0)

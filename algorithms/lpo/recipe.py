@@ -2,8 +2,8 @@
 
 The meta-parameters are the weights of a drift network ``D(r, A, p)`` over the
 probability ratio ``r``, the advantage ``A`` and training progress ``p = n/N``
-(:mod:`~metaopt.algorithms.lpo.objectives`). Each candidate is scored by whole
-PPO runs (:mod:`~metaopt.algorithms.lpo.ppo`) on ``env`` for ``timesteps``
+(:mod:`~metaopt.rl.objectives`). Each candidate is scored by whole
+PPO runs (:mod:`~metaopt.rl.ppo`) on ``env`` for ``timesteps``
 environment steps (the horizon ``N``), vmapped over population x seeds; fitness
 is the final return: the mean return of every episode that ended in the last 10%
 of the run (``PPOConfig.fitness_window``; the last completed episode of each of 4
@@ -52,15 +52,15 @@ import numpy as np
 
 from metaopt import driver
 from metaopt import outer as outer_lib
-from metaopt.algorithms.lpo import objectives as obj_lib
-from metaopt.algorithms.lpo import ppo
 from metaopt.algorithms.lpo.evaluate import evaluate_run
 from metaopt.checkpoint import write_json_atomic
 from metaopt.config import check
 from metaopt.envs import rl
 from metaopt.inner import InnerLoop
 from metaopt.plotting import read_metrics
-from metaopt.recipes import Recipe, register, write_summary
+from metaopt.recipes import Recipe, write_summary
+from metaopt.rl import objectives as obj_lib
+from metaopt.rl import ppo
 from metaopt.rundir import load_artifact, run_phase, save_phase_result, validation_line
 
 LEARNED = ("lpo", "ta_lpo")
@@ -72,7 +72,7 @@ class Config:
 
     ``env`` and ``timesteps`` set the meta-training task (the issue's ``--env``
     is the ``env=`` key); the PPO settings are those of
-    :data:`metaopt.algorithms.lpo.ppo.ENV_DEFAULTS` for that environment.
+    :data:`metaopt.rl.ppo.ENV_DEFAULTS` for that environment.
     """
 
     env: str = "CartPole-v1"
@@ -512,14 +512,12 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     return summary
 
 
-RECIPE = register(
-    Recipe(
-        name="ta-lpo",
-        description="ES discovery of a temporally-aware PPO objective (TA-LPO / LPO drift)",
-        config_cls=Config,
-        run=run,
-        presets=PRESETS,
-        evaluate=evaluate_run,
-        build=lambda cfg: [build_outer(cfg, build_inner(cfg, n)) for n in cfg.phases],
-    )
+RECIPE = Recipe(
+    name="ta-lpo",
+    description="ES discovery of a temporally-aware PPO objective (TA-LPO / LPO drift)",
+    config_cls=Config,
+    run=run,
+    presets=PRESETS,
+    evaluate=evaluate_run,
+    build=lambda cfg: [build_outer(cfg, build_inner(cfg, n)) for n in cfg.phases],
 )

@@ -40,7 +40,7 @@ from metaopt.inner import (
     seed_losses,
     training_inner_loop,
 )
-from metaopt.recipes import Recipe, register, write_summary
+from metaopt.recipes import Recipe, write_summary
 from metaopt.rundir import load_artifact, save_artifact
 
 
@@ -298,14 +298,12 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
     return {k: f"{v['mean']:.4f} +- {v['std']:.4f}" for k, v in rows.items()}
 
 
-RECIPE = register(
-    Recipe(
-        name="lr-schedule",
-        description="ES/PES/meta-gradient discovery of a learning-rate schedule (MLP on digits)",
-        config_cls=Config,
-        run=run,
-        presets=PRESETS,
-        evaluate=evaluate,
-        build=lambda cfg: build_outer(cfg, build_inner(cfg)),
-    )
+RECIPE = Recipe(
+    name="lr-schedule",
+    description="ES/PES/meta-gradient discovery of a learning-rate schedule (MLP on digits)",
+    config_cls=Config,
+    run=run,
+    presets=PRESETS,
+    evaluate=evaluate,
+    build=lambda cfg: build_outer(cfg, build_inner(cfg)),
 )

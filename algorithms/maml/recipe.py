@@ -41,7 +41,7 @@ from metaopt.algorithms.maml.maml import (
 )
 from metaopt.config import check
 from metaopt.outer import MetaGradient
-from metaopt.recipes import Recipe, register, write_summary
+from metaopt.recipes import Recipe, write_summary
 from metaopt.rundir import load_artifact, run_phase, save_artifact
 
 
@@ -98,11 +98,6 @@ PRESETS = {
 FINETUNE_GRID = (0.001, 0.003, 0.01, 0.03, 0.1)
 
 
-def _mesh(meta_batch: int):
-    # the paper's meta-batch (25) does not split over an even device count; run it unsharded
-    return "auto" if meta_batch % jax.device_count() == 0 else None
-
-
 def build_outer(cfg: Config, pretrained: bool = False) -> MetaGradient:
     """MAML (or, with ``pretrained=True``, joint training on all tasks) as a MetaGradient."""
     inner = sinusoid_inner_loop(
@@ -113,9 +108,7 @@ def build_outer(cfg: Config, pretrained: bool = False) -> MetaGradient:
         name="pretrained" if pretrained else "maml",
     )
     # full backprop (no ``truncation``) over ``meta_batch`` tasks at ``meta_lr``
-    return outer_lib.from_config(
-        "metagrad", inner, cfg, population_size=cfg.meta_batch, mesh=_mesh(cfg.meta_batch)
-    )
+    return outer_lib.from_config("metagrad", inner, cfg, population_size=cfg.meta_batch)
 
 
 def save_params(path: Path, params) -> None:
@@ -416,14 +409,12 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
     return {k: f"{r['mean'][1]:.3f} +- {r['std'][1]:.3f} after 1 step" for k, r in rows.items()}
 
 
-RECIPE = register(
-    Recipe(
-        name="maml",
-        description="MAML on sinusoid regression (meta-gradient through one inner SGD step)",
-        config_cls=Config,
-        run=run,
-        presets=PRESETS,
-        evaluate=evaluate,
-        build=lambda cfg: (build_outer(cfg), build_outer(cfg, pretrained=True)),
-    )
+RECIPE = Recipe(
+    name="maml",
+    description="MAML on sinusoid regression (meta-gradient through one inner SGD step)",
+    config_cls=Config,
+    run=run,
+    presets=PRESETS,
+    evaluate=evaluate,
+    build=lambda cfg: (build_outer(cfg), build_outer(cfg, pretrained=True)),
 )

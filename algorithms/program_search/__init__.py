@@ -4,7 +4,7 @@ Built so far: the program representation, the vmappable interpreter, the text
 round trip and the built-in programs (AdamW, Lion, SGD-momentum, signSGD).
 """
 
-from metaopt.algorithms.program_search.program import (
+from metaopt.optimizers.program import (
     ADAMW,
     BUILTINS,
     LION,

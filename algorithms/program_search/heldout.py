@@ -37,9 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from metaopt import evaluation
-from metaopt.algorithms.program_search.program import as_optax, parse
 from metaopt.envs import families
 from metaopt.inner import ParametrizedOptimizer, training_inner_loop
+from metaopt.optimizers.program import as_optax, parse
 from metaopt.profiles import TAUS, performance_profile, plot_profile, steps_to_target
 
 __all__ = [
@@ -138,7 +138,7 @@ def _cosine(progress: jax.Array) -> jax.Array:
 def decoupled_optimizer(program) -> ParametrizedOptimizer:
     """``program`` with meta-parameters ``{"log_lr", "wd"}``: ``-lr cos(t/T) (update + wd w)``.
 
-    The same step :func:`~metaopt.algorithms.program_search.evaluate.program_inner_loop`
+    The same step :func:`~metaopt.algorithms.program_search.scoring.program_inner_loop`
     takes (there ``wd`` is a constant of the inner loop; here it is traced, so one
     kernel runs a whole weight-decay grid).
     """

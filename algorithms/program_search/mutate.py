@@ -28,7 +28,8 @@ from typing import Protocol
 
 import numpy as np
 
-from metaopt.algorithms.program_search.program import (
+from metaopt.algorithms.program_search.simplify import structural_hash
+from metaopt.optimizers.program import (
     CHEAP_OPS,
     INPUTS,
     MAX_LEN,
@@ -43,7 +44,6 @@ from metaopt.algorithms.program_search.program import (
     statements,
     to_source,
 )
-from metaopt.algorithms.program_search.simplify import structural_hash
 
 _OP_NAMES = [n for n in OPS if n != "nop"]
 _DESTS = [OUTPUT, "m", "v", *(f"r{i}" for i in range(NUM_TEMPS))]

@@ -24,8 +24,8 @@ from __future__ import annotations
 import dataclasses
 
 # the panel's Adam, Lion, SGD-momentum and signSGD are the interpreter's built-ins
-from metaopt.algorithms.program_search.program import ADAMW as ADAM
-from metaopt.algorithms.program_search.program import LION, SGD_MOMENTUM, SIGNSGD
+from metaopt.optimizers.program import ADAMW as ADAM
+from metaopt.optimizers.program import LION, SGD_MOMENTUM, SIGNSGD
 
 __all__ = ["DECAY_FREE", "OPTAX_EQUIVALENT", "PANEL", "Entry"]
 
@@ -35,7 +35,7 @@ class Entry:
     """One panel optimizer.
 
     Attributes:
-      source: program text (parsed by :func:`~metaopt.algorithms.program_search.program.parse`).
+      source: program text (parsed by :func:`~metaopt.optimizers.program.parse`).
       decay: whether its weight decay is tuned (``False``: held at 0).
       structure: which of the structures the issue asks about it carries
         (``momentum``, ``sign``, ``decay``, ``adaptive``), for the proxy report.

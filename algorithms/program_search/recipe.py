@@ -46,15 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
-from metaopt.algorithms.program_search.evaluate import default_chunk
 from metaopt.algorithms.program_search.mutate import SearchSpace
-from metaopt.algorithms.program_search.program import (
-    ALL_OPS,
-    BUILTINS,
-    CHEAP_OPS,
-    MAX_LEN,
-    parse,
-)
+from metaopt.algorithms.program_search.scoring import default_chunk
 from metaopt.algorithms.program_search.search import (
     NARROW_LR_GRID,
     WD_GRID,
@@ -68,8 +61,15 @@ from metaopt.checkpoint import MissingCheckpointError, write_json_atomic, write_
 from metaopt.config import check
 from metaopt.driver import ProgressBar
 from metaopt.envs import families
+from metaopt.optimizers.program import (
+    ALL_OPS,
+    BUILTINS,
+    CHEAP_OPS,
+    MAX_LEN,
+    parse,
+)
 from metaopt.plotting import read_metrics
-from metaopt.recipes import Recipe, register
+from metaopt.recipes import Recipe
 
 OP_SETS = {"cheap": CHEAP_OPS, "full": ALL_OPS}
 
@@ -503,16 +503,14 @@ def _validate_proxy(argv: list[str]) -> int:
     return validate.main(argv)
 
 
-RECIPE = register(
-    Recipe(
-        name="program-search",
-        description="Lion-style symbolic search for optimizers (proxy tasks, funnel, held-out)",
-        config_cls=Config,
-        run=run,
-        presets=PRESETS,
-        evaluate=evaluate,
-        extendable=("rounds",),
-        build=build,
-        commands={"validate-proxy": _validate_proxy},
-    )
+RECIPE = Recipe(
+    name="program-search",
+    description="Lion-style symbolic search for optimizers (proxy tasks, funnel, held-out)",
+    config_cls=Config,
+    run=run,
+    presets=PRESETS,
+    evaluate=evaluate,
+    extendable=("rounds",),
+    build=build,
+    commands={"validate-proxy": _validate_proxy},
 )

@@ -47,29 +47,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metaopt.algorithms.program_search.evaluate import (
-    adamw_rule,
-    best_over_grid,
-    grid_losses,
-    interior,
-    program_inner_loop,
-    train_grid,
-)
 from metaopt.algorithms.program_search.mutate import (
     Proposer,
     RandomMutator,
     SearchSpace,
     propose,
 )
-from metaopt.algorithms.program_search.program import (
-    BUILTINS,
-    MAX_LEN,
-    length,
-    ops_used,
-    parse,
-    stack_programs,
-    to_source,
-    trim,
+from metaopt.algorithms.program_search.scoring import (
+    adamw_rule,
+    best_over_grid,
+    grid_losses,
+    interior,
+    program_inner_loop,
+    train_grid,
 )
 from metaopt.algorithms.program_search.simplify import (
     FitnessCache,
@@ -81,6 +71,16 @@ from metaopt.algorithms.program_search.simplify import (
     structural_hash,
 )
 from metaopt.config import ConfigError
+from metaopt.optimizers.program import (
+    BUILTINS,
+    MAX_LEN,
+    length,
+    ops_used,
+    parse,
+    stack_programs,
+    to_source,
+    trim,
+)
 from metaopt.sharding import split_over_devices
 
 #: the wide learning-rate grid (half-decades). It reaches 3 because tuned AdamW's best

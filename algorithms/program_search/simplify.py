@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metaopt.algorithms.program_search.program import (
+from metaopt.optimizers.program import (
     ARITY,
     COMMUTATIVE,
     CONST,

@@ -38,7 +38,6 @@ estimators is one argument:
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from metaopt.inner import InnerLoop, InnerLoopError
@@ -50,17 +49,61 @@ from metaopt.outer.pes import PES, PESState
 ESTIMATORS: dict[str, type] = {"es": ES, "pes": PES, "metagrad": MetaGradient}
 
 
-def _keywords(cls: type) -> frozenset[str]:
-    params = list(inspect.signature(cls).parameters.values())[1:]  # after ``inner``
-    return frozenset(p.name for p in params)
-
+#: the keywords each estimator's constructor takes after ``inner`` (a test checks this
+#: table against the constructors, so adding a keyword means adding it here).
+KEYWORDS: dict[str, frozenset[str]] = {
+    "es": frozenset(
+        {
+            "population_size",
+            "learning_rate",
+            "optimizer",
+            "mesh",
+            "strategy",
+            "num_seeds",
+            "sigma",
+            "sigma_decay",
+            "sigma_min",
+            "fitness_shaping",
+            "num_steps",
+            "eval_mean",
+            "learning_rate_decay",
+            "task_sampling",
+            "pair_fitness",
+            "strategy_kwargs",
+        }
+    ),
+    "pes": frozenset(
+        {
+            "population_size",
+            "learning_rate",
+            "optimizer",
+            "clip_norm",
+            "truncation_length",
+            "mesh",
+            "sigma",
+            "persistent",
+            "stagger",
+        }
+    ),
+    "metagrad": frozenset(
+        {
+            "population_size",
+            "learning_rate",
+            "optimizer",
+            "clip_norm",
+            "truncation_length",
+            "mesh",
+            "remat",
+            "stagger",
+        }
+    ),
+}
 
 #: every keyword :func:`make` accepts, and the estimators that use each.
-VOCABULARY: dict[str, tuple[str, ...]] = {}
-for _name, _cls in ESTIMATORS.items():
-    for _kw in sorted(_keywords(_cls)):
-        VOCABULARY[_kw] = (*VOCABULARY.get(_kw, ()), _name)
-del _name, _cls, _kw
+VOCABULARY: dict[str, tuple[str, ...]] = {
+    kw: tuple(name for name in ESTIMATORS if kw in KEYWORDS[name])
+    for kw in sorted(set().union(*KEYWORDS.values()))
+}
 
 
 def make(name: str, inner: InnerLoop, **kwargs: Any) -> OuterEstimator:
@@ -81,9 +124,8 @@ def make(name: str, inner: InnerLoop, **kwargs: Any) -> OuterEstimator:
             f"unknown outer-estimator argument{'s' if len(unknown) > 1 else ''} "
             f"{', '.join(map(repr, unknown))}; known: {', '.join(sorted(VOCABULARY))}"
         )
-    cls = ESTIMATORS[name]
-    takes = _keywords(cls)
-    return cls(inner, **{k: v for k, v in kwargs.items() if k in takes})
+    takes = KEYWORDS[name]
+    return ESTIMATORS[name](inner, **{k: v for k, v in kwargs.items() if k in takes})
 
 
 #: recipe config field -> estimator keyword, as :func:`from_config` reads them.
@@ -128,6 +170,7 @@ __all__ = [
     "ESState",
     "Estimate",
     "InnerLoopError",
+    "KEYWORDS",
     "MetaGradState",
     "MetaGradient",
     "OuterEstimator",

@@ -4,7 +4,7 @@ This module is self-contained: at run time it needs only ``jax``, ``numpy`` and
 ``optax`` (no metaopt training code), so a meta-trained optimizer can be used
 by someone who never imports the rest of the toolkit::
 
-    from metaopt.algorithms.learned_optimizers.lopt import as_optax
+    from metaopt.optimizers.lopt import as_optax
     opt = as_optax("runs/lopt")            # reads runs/lopt/learned_optimizer.npz
     state = opt.init(params)
     updates, state = opt.update(grads, state, params)   # params are required

@@ -5,7 +5,7 @@ One inner step is one PPO update: a rollout of ``num_steps`` steps in
 ``update_epochs`` epochs of ``num_minibatches`` minibatch Adam steps (nested
 ``lax.scan``). The policy term of the loss is
 ``objective(meta_params, ratio, advantage, progress)`` (see
-:mod:`metaopt.algorithms.lpo.objectives`), where ``progress = n / N`` is the
+:mod:`metaopt.rl.objectives`), where ``progress = n / N`` is the
 update index over the run's number of updates; the value loss (clipped, as in
 common PPO implementations) and the entropy bonus are fixed. The meta-loss is
 minus the final mean episode return: the return of the last completed episode
@@ -44,10 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metaopt.algorithms.lpo import objectives as obj_lib
 from metaopt.config import ConfigError, check
 from metaopt.envs import rl
 from metaopt.inner import InnerLoop, log_uniform_horizon
+from metaopt.rl import objectives as obj_lib
 
 
 @dataclasses.dataclass(frozen=True)

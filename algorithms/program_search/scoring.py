@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from metaopt.algorithms.program_search.program import Program, run
 from metaopt.inner import (
     InnerLoop,
     ParametrizedOptimizer,
@@ -37,6 +36,7 @@ from metaopt.inner import (
     population_losses,
     training_inner_loop,
 )
+from metaopt.optimizers.program import Program, run
 from metaopt.sharding import usable_cores
 
 
