@@ -6,8 +6,9 @@ the tree of ``--before`` (a git revision) into a temporary folder, runs
 separate processes (same machine, same device count), and compares every
 artifact of the two run directories: arrays in ``.npz`` files bit for bit, JSON
 and JSON-lines records with their timing fields dropped, other text files byte
-for byte. Plots (``.png``), checkpoints (orbax writes timestamps) and ``config.json`` (whose layout a
-refactor may change) are left out. Exit status 0 when every recipe matches.
+for byte. Plots (``.png``), checkpoints (orbax writes timestamps) and
+``config.json`` (whose layout a refactor may change) are left out. Exit status 0
+when every recipe matches.
 
     python benchmarks/artifacts_identical.py --before 16e16bb
     python benchmarks/artifacts_identical.py --before main~3 --recipes lr-schedule,maml
@@ -21,6 +22,7 @@ installed package-dir mapping does.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -106,8 +108,12 @@ def _artifacts(run: Path) -> dict[str, Path]:
     return found
 
 
-def compare_file(a: Path, b: Path) -> str | None:
-    """None when ``a`` and ``b`` hold the same results, else a one-line difference."""
+def compare_file(a: Path, b: Path, root_a: Path, root_b: Path) -> str | None:
+    """None when ``a`` and ``b`` hold the same results, else a one-line difference.
+
+    Text is compared with each run's directory path replaced by ``RUN`` (summaries
+    record where their artifacts are).
+    """
     if a.suffix == ".npz":
         with np.load(a, allow_pickle=False) as za, np.load(b, allow_pickle=False) as zb:
             if sorted(za.files) != sorted(zb.files):
@@ -118,18 +124,21 @@ def compare_file(a: Path, b: Path) -> str | None:
                     return f"array {k!r} differs"
         return None
     if a.suffix in (".json", ".jsonl"):
-        lines_a, lines_b = a.read_text().splitlines(), b.read_text().splitlines()
+        text_a = a.read_text().replace(str(root_a), "RUN")
+        text_b = b.read_text().replace(str(root_b), "RUN")
+        lines_a, lines_b = text_a.splitlines(), text_b.splitlines()
         if a.suffix == ".json":
-            lines_a, lines_b = [a.read_text()], [b.read_text()]
+            lines_a, lines_b = [text_a], [text_b]
         if len(lines_a) != len(lines_b):
             return f"{len(lines_a)} vs {len(lines_b)} records"
         for i, (x, y) in enumerate(zip(lines_a, lines_b, strict=True)):
             if _strip(json.loads(x)) != _strip(json.loads(y)):
                 return f"record {i} differs"
         return None
-    if a.suffix == ".md":  # summaries print the run directory
-        strip = lambda p: p.read_text().replace(str(p.parent), "RUN")  # noqa: E731
-        return None if strip(a) == strip(b) else "text differs"
+    if a.suffix in (".md", ".txt"):
+        text_a = a.read_text().replace(str(root_a), "RUN")
+        same = text_a == b.read_text().replace(str(root_b), "RUN")
+        return None if same else "text differs"
     return None if a.read_bytes() == b.read_bytes() else "bytes differ"
 
 
@@ -139,7 +148,7 @@ def compare_runs(before: Path, after: Path) -> list[str]:
     problems = [f"{name}: only in before" for name in sorted(set(fa) - set(fb))]
     problems += [f"{name}: only in after" for name in sorted(set(fb) - set(fa))]
     for name in sorted(set(fa) & set(fb)):
-        diff = compare_file(fa[name], fb[name])
+        diff = compare_file(fa[name], fb[name], before, after)
         if diff:
             problems.append(f"{name}: {diff}")
     return problems
@@ -149,11 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", required=True, help="git revision to compare against")
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated names")
+    parser.add_argument("--keep", default=None, help="keep the run directories here")
     args = parser.parse_args(argv)
     recipes = [r for r in args.recipes.split(",") if r]
     print(f"load average {os.getloadavg()[0]:.2f}; before = {args.before}, after = working tree")
     failed = 0
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = args.keep or stack.enter_context(tempfile.TemporaryDirectory())
         before_tree = export_tree(args.before, Path(tmp) / "before")
         for recipe in recipes:
             runs = Path(tmp) / recipe

@@ -1,7 +1,9 @@
-"""Lion-style symbolic discovery of optimizers: programs, interpreter, optax export.
+"""The ``program-search`` recipe: Lion-style symbolic discovery of optimizers.
 
-Built so far: the program representation, the vmappable interpreter, the text
-round trip and the built-in programs (AdamW, Lion, SGD-momentum, signSGD).
+The search (``search``, ``mutate``, ``simplify``), its candidate scoring
+(``scoring``), the proxy validation (``validate``) and the held-out verdict
+(``heldout``). The program representation, interpreter and ``as_optax`` it
+searches over live in :mod:`metaopt.optimizers.program` and are re-exported here.
 """
 
 from metaopt.optimizers.program import (
