@@ -61,23 +61,26 @@ def load(
     return data
 
 
-#: a training-split standard deviation at or below this is a constant column.
-CONSTANT_SD = 1e-6
+#: a column whose training-split standard deviation is at most this fraction of its
+#: largest |x| (or exactly 0) is constant: float32 round-off on a constant column is
+#: relative to its value (~1e-7 x |x|, more over many rows), not absolute.
+CONSTANT_SD = 1e-5
 
 
 def feature_scale(x_train: np.ndarray) -> np.ndarray:
     """The per-column divisor that standardises features: ``sd + 1e-6``, or 1 when
-    the column is constant (``sd <= CONSTANT_SD``) in ``x_train``.
+    the column is constant in ``x_train`` (``sd <= CONSTANT_SD * max|x|``).
 
     Example:
       >>> feature_scale(np.array([[0.0, 1.0], [0.0, 3.0]], np.float32))
       array([1.      , 1.000001], dtype=float32)
     """
     sd = x_train.std(0)
-    return np.where(sd > CONSTANT_SD, sd + np.float32(1e-6), np.float32(1.0)).astype(x_train.dtype)
+    constant = sd <= CONSTANT_SD * np.max(np.abs(x_train), axis=0, initial=0.0)
+    return np.where(constant, np.float32(1.0), sd + np.float32(1e-6)).astype(x_train.dtype)
 
 
-def check_splits(data: Dataset, name: str = "dataset", max_ratio: float = 10.0) -> None:
+def check_splits(data: Dataset, name: str = "dataset", max_ratio: float = 20.0) -> None:
     """Fails loudly when a split's features are not on the training split's scale.
 
     Every split must be finite, and the largest ``|x|`` of the validation and of

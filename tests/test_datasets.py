@@ -26,7 +26,7 @@ def test_the_held_out_digits_split_is_on_the_training_scale():
     d = datasets.load("digits", 0, 0.4, 0.3)
     top_train = np.abs(d.x_train).max()
     assert np.abs(d.x_valid).max() < 100 and np.abs(d.x_test).max() < 100
-    assert np.abs(d.x_valid).max() < 10 * top_train
+    assert np.abs(d.x_valid).max() < 20 * top_train
 
 
 def test_the_check_fails_on_the_old_standardisation(monkeypatch):
@@ -61,7 +61,7 @@ def test_every_family_split_is_finite_and_on_the_training_scale(name):
         bound = max(1.0, float(np.abs(leaves["x_train"]).max()))
         for split, x in leaves.items():
             assert np.all(np.isfinite(x)), (name, split)
-            assert float(np.abs(x).max()) <= 10 * bound, (name, split)
+            assert float(np.abs(x).max()) <= 20 * bound, (name, split)
     params = family.init_params(jax.random.key(2), task)
     for loss in (family.valid_loss(params, task), family.test_loss(params, task)):
         assert np.isfinite(float(loss)) and float(loss) < 1e3, name
