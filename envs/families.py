@@ -37,7 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metaopt.config import ConfigError
 from metaopt.envs import datasets
+from metaopt.envs.model_family import ModelFamily, from_model  # noqa: F401  (re-export)
 from metaopt.envs.tasks import (
     convnet_apply,
     convnet_init,
@@ -495,87 +497,236 @@ class Spec:
     #: (``digits-mlp<w>``: same data, initialisation scheme and batch size; only the
     #: width differs), else None. See :func:`width`.
     width: int | None = None
+    #: the module that registered the family (recorded in a run's ``config.json`` so
+    #: ``--resume`` and ``metaopt eval`` in a fresh process can import it again)
+    module: str = __name__
+
+    @property
+    def bundled(self) -> bool:
+        """True for the families that ship with metaopt."""
+        return self.module.startswith("metaopt.")
 
 
-FAMILIES: dict[str, Spec] = {
-    "digits-mlp8": Spec(lambda: DatasetMLP("digits", (8,), 64), 200, "digits, MLP 64-8-10", 8),
-    "digits-mlp16": Spec(lambda: DatasetMLP("digits", (16,), 64), 300, "digits, MLP 64-16-10", 16),
-    "digits-mlp32": Spec(lambda: DatasetMLP("digits", (32,), 64), 300, "digits, MLP 64-32-10", 32),
-    "digits-mlp64": Spec(lambda: DatasetMLP("digits", (64,), 64), 300, "digits, MLP 64-64-10", 64),
-    "digits-mlp128": Spec(
-        lambda: DatasetMLP("digits", (128,), 64), 300, "digits, MLP 64-128-10", 128
-    ),
-    "digits-mlp16x16": Spec(
-        lambda: DatasetMLP("digits", (16, 16), 64), 400, "digits, MLP 64-16-16-10"
-    ),
-    "digits-mlp32x32": Spec(
-        lambda: DatasetMLP("digits", (32, 32), 64), 300, "digits, MLP 64-32-32-10"
-    ),
-    "wine-mlp16": Spec(lambda: DatasetMLP("wine", (16,), 32), 300, "wine, MLP 13-16-3"),
-    "breast_cancer-mlp16": Spec(
-        lambda: DatasetMLP("breast_cancer", (16,), 32), 300, "breast cancer, MLP 30-16-2"
-    ),
-    "teacher-student-small": Spec(
-        lambda: TeacherStudent(8, (16,), (32,)), 200, "8-d inputs, tanh teacher 16, student 32"
-    ),
-    "teacher-student-large": Spec(
-        lambda: TeacherStudent(16, (32, 32), (64, 64), n_train=1024),
-        400,
-        "16-d inputs, tanh teacher 32x32, student 64x64",
-    ),
-    "logistic-cond10": Spec(lambda: LogisticRegression(16, 10.0), 200, "16-d, condition 10"),
-    "logistic-cond100": Spec(lambda: LogisticRegression(16, 100.0), 200, "16-d, condition 100"),
-    "logistic-cond1000": Spec(
-        lambda: LogisticRegression(32, 1000.0, n_train=1024), 400, "32-d, condition 1000"
-    ),
-    "quadratic-10d": Spec(lambda: NoisyQuadratic(10, 10.0), 100, "10-d, condition 10"),
-    "quadratic-100d": Spec(lambda: NoisyQuadratic(100, 1000.0), 300, "100-d, condition 1000"),
-    "digits-ae16": Spec(
-        lambda: DatasetAutoencoder("digits", (16,), 32),
-        300,
-        "digits autoencoder, MLP 64-16-64, squared reconstruction error",
-    ),
-    "digits-mlp16x16-v40": Spec(
-        lambda: DatasetMLP("digits", (16, 16), 32, valid_fraction=0.4, test_fraction=0.3),
-        300,
-        "digits, MLP 64-16-16-10, 40% validation / 30% test split",
-    ),
-    "breast_cancer-mlp16-v40": Spec(
-        lambda: DatasetMLP("breast_cancer", (16,), 32, valid_fraction=0.4, test_fraction=0.3),
-        200,
-        "breast cancer, MLP 30-16-2, 40% validation / 30% test split",
-    ),
-    "teacher-student-deep": Spec(
-        lambda: TeacherStudent(8, (16, 16), (16, 16)),
-        300,
-        "8-d inputs, tanh teacher 16x16, student 16x16",
-    ),
-    "digits-conv": Spec(
-        lambda: DatasetConvNet("digits", (8, 16), (1, 2), 64),
-        200,
-        "digits 8x8 images, convnet conv3x3-8, conv3x3-16 stride 2, dense 10",
-    ),
-    "digits-mlp32x4": Spec(
-        lambda: DatasetMLP("digits", (32, 32, 32, 32), 64), 400, "digits, MLP 64-32-32-32-32-10"
-    ),
-    "digits-mlp256": Spec(
-        lambda: DatasetMLP("digits", (256,), 64), 300, "digits, MLP 64-256-10", 256
-    ),
-    "copy-rnn": Spec(
-        lambda: CopyRNN(8, 8, 32, 32),
-        400,
-        "copy task: 8 symbols of 8 recalled after a delimiter, tanh RNN 32",
-    ),
-}
+#: The registry: name -> :class:`Spec`. Read it, add to it with :func:`register`.
+FAMILIES: dict[str, Spec] = {}
+
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.@/")
+
+
+def check_name(name: Any, what: str = "task family") -> str:
+    """``name`` if it can name a registered problem (non-empty; letters, digits and
+    ``-_.@/``: no commas, spaces or ``=``, which the command line splits on);
+    else a one-line ConfigError."""
+    if not isinstance(name, str) or not name or not set(name) <= _NAME_CHARS:
+        raise ConfigError(
+            f"invalid {what} name {name!r}: use letters, digits and -_.@/ (no spaces, "
+            "commas or '=')"
+        )
+    return name
+
+
+def register(
+    name: str,
+    factory: Callable[[], TaskFamily] | None = None,
+    *,
+    steps: int,
+    description: str,
+    width: int | None = None,
+    overwrite: bool = False,
+):
+    """Registers a task family under ``name``; every recipe then accepts the name.
+
+    The bundled families are registered by this same call. ``factory()`` builds the
+    family (an object with the :class:`TaskFamily` methods, e.g. one made by
+    :func:`from_model`); it is called when a recipe asks for the family, not here.
+    Without ``factory`` this returns a decorator (of a function or a class whose
+    no-argument call builds the family).
+
+    A run records the module that registered each of its families (``factory``'s
+    module) and a hash of their data: to resume or evaluate it in a fresh process, the
+    module must be importable (``metaopt --import MODULE``, ``METAOPT_IMPORTS`` or a
+    ``metaopt.plugins`` entry point; see :mod:`metaopt.plugins`).
+
+    Args:
+      name: the registry name (letters, digits, ``-_.@/``).
+      factory: a no-argument callable returning the family.
+      steps: the family's suggested horizon (inner training steps, >= 1).
+      description: one line for listings (``metaopt families``).
+      width: the hidden width if the family belongs to a width series (:func:`width`).
+      overwrite: replace an existing registration of ``name`` (else a ConfigError).
+
+    Returns:
+      ``factory`` (so the decorator form leaves the decorated object usable).
+
+    Example:
+      >>> import numpy as np
+      >>> from metaopt.envs import families
+      >>> x = np.random.default_rng(0).normal(size=(300, 5)).astype("float32")
+      >>> y = (x[:, 0] > 0).astype("int32")
+      >>> @families.register("my-task", steps=200, description="5-d threshold, MLP 5-16-2")
+      ... def my_task():
+      ...     return families.from_model((16,), (x, y), loss="cross_entropy", batch_size=32)
+      >>> families.make("my-task").loss  # doctest: +ELLIPSIS
+      <bound method ...>
+    """
+    if factory is None:
+        return lambda f: register(
+            name, f, steps=steps, description=description, width=width, overwrite=overwrite
+        )
+    check_name(name)
+    if not callable(factory):
+        raise ConfigError(f"register({name!r}): factory must be callable, got {factory!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"register({name!r}): steps must be an int >= 1, got {steps!r}")
+    if not isinstance(description, str):
+        raise ConfigError(f"register({name!r}): description must be a string")
+    if width is not None and (not isinstance(width, int) or width < 1):
+        raise ConfigError(f"register({name!r}): width must be None or an int >= 1")
+    if name in FAMILIES and not overwrite:
+        raise ConfigError(
+            f"task family '{name}' is already registered (by {FAMILIES[name].module}); pass "
+            "overwrite=True to replace it"
+        )
+    module = getattr(factory, "__module__", None) or "__main__"
+    FAMILIES[name] = Spec(factory, steps, description, width, module)
+    return factory
+
+
+def unregister(name: str) -> None:
+    """Removes the family ``name`` from the registry (a no-op if it is not registered)."""
+    FAMILIES.pop(name, None)
+
+
+def check(name: str) -> str:
+    """``name`` if it is a registered family, else a one-line ConfigError that says how
+    to register one (used by every recipe's config)."""
+    if isinstance(name, str) and name in FAMILIES:
+        return name
+    close = difflib.get_close_matches(str(name), list(FAMILIES), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ConfigError(
+        f"unknown task family '{name}'{hint}; register your own with "
+        "metaopt.envs.families.register and load its module with --import MODULE "
+        "(or run 'metaopt families' to list them)"
+    )
+
+
+# the width series: same data, initialisation and batch size; only the width differs
+for _w in (8, 16, 32, 64, 128, 256):
+    register(
+        f"digits-mlp{_w}",
+        lambda w=_w: DatasetMLP("digits", (w,), 64),
+        steps=200 if _w == 8 else 300,
+        description=f"digits, MLP 64-{_w}-10",
+        width=_w,
+    )
+register(
+    "digits-mlp16x16",
+    lambda: DatasetMLP("digits", (16, 16), 64),
+    steps=400,
+    description="digits, MLP 64-16-16-10",
+)
+register(
+    "digits-mlp32x32",
+    lambda: DatasetMLP("digits", (32, 32), 64),
+    steps=300,
+    description="digits, MLP 64-32-32-10",
+)
+register(
+    "wine-mlp16", lambda: DatasetMLP("wine", (16,), 32), steps=300, description="wine, MLP 13-16-3"
+)
+register(
+    "breast_cancer-mlp16",
+    lambda: DatasetMLP("breast_cancer", (16,), 32),
+    steps=300,
+    description="breast cancer, MLP 30-16-2",
+)
+register(
+    "teacher-student-small",
+    lambda: TeacherStudent(8, (16,), (32,)),
+    steps=200,
+    description="8-d inputs, tanh teacher 16, student 32",
+)
+register(
+    "teacher-student-large",
+    lambda: TeacherStudent(16, (32, 32), (64, 64), n_train=1024),
+    steps=400,
+    description="16-d inputs, tanh teacher 32x32, student 64x64",
+)
+register(
+    "logistic-cond10",
+    lambda: LogisticRegression(16, 10.0),
+    steps=200,
+    description="16-d, condition 10",
+)
+register(
+    "logistic-cond100",
+    lambda: LogisticRegression(16, 100.0),
+    steps=200,
+    description="16-d, condition 100",
+)
+register(
+    "logistic-cond1000",
+    lambda: LogisticRegression(32, 1000.0, n_train=1024),
+    steps=400,
+    description="32-d, condition 1000",
+)
+register(
+    "quadratic-10d", lambda: NoisyQuadratic(10, 10.0), steps=100, description="10-d, condition 10"
+)
+register(
+    "quadratic-100d",
+    lambda: NoisyQuadratic(100, 1000.0),
+    steps=300,
+    description="100-d, condition 1000",
+)
+register(
+    "digits-ae16",
+    lambda: DatasetAutoencoder("digits", (16,), 32),
+    steps=300,
+    description="digits autoencoder, MLP 64-16-64, squared reconstruction error",
+)
+register(
+    "digits-mlp16x16-v40",
+    lambda: DatasetMLP("digits", (16, 16), 32, valid_fraction=0.4, test_fraction=0.3),
+    steps=300,
+    description="digits, MLP 64-16-16-10, 40% validation / 30% test split",
+)
+register(
+    "breast_cancer-mlp16-v40",
+    lambda: DatasetMLP("breast_cancer", (16,), 32, valid_fraction=0.4, test_fraction=0.3),
+    steps=200,
+    description="breast cancer, MLP 30-16-2, 40% validation / 30% test split",
+)
+register(
+    "teacher-student-deep",
+    lambda: TeacherStudent(8, (16, 16), (16, 16)),
+    steps=300,
+    description="8-d inputs, tanh teacher 16x16, student 16x16",
+)
+register(
+    "digits-conv",
+    lambda: DatasetConvNet("digits", (8, 16), (1, 2), 64),
+    steps=200,
+    description="digits 8x8 images, convnet conv3x3-8, conv3x3-16 stride 2, dense 10",
+)
+register(
+    "digits-mlp32x4",
+    lambda: DatasetMLP("digits", (32, 32, 32, 32), 64),
+    steps=400,
+    description="digits, MLP 64-32-32-32-32-10",
+)
+register(
+    "copy-rnn",
+    lambda: CopyRNN(8, 8, 32, 32),
+    steps=400,
+    description="copy task: 8 symbols of 8 recalled after a delimiter, tanh RNN 32",
+)
 
 
 def make(name: str) -> TaskFamily:
-    """The registered family ``name`` (see :data:`FAMILIES`)."""
-    if name not in FAMILIES:
-        close = difflib.get_close_matches(name, list(FAMILIES), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ValueError(f"unknown task family '{name}'{hint}; choose from {sorted(FAMILIES)}")
-    return FAMILIES[name].build()
+    """The registered family ``name`` (see :data:`FAMILIES`; a ConfigError if unknown)."""
+    return FAMILIES[check(name)].build()
 
 
 def steps(name: str) -> int:

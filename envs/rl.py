@@ -31,16 +31,21 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from metaopt.config import ConfigError
 
-#: supported environments (gymnax ids) and short aliases accepted by :func:`make`.
+#: the environments tested here (gymnax ids; any other gymnax id is accepted too) and short
+#: aliases accepted by :func:`make`.
 ENVIRONMENTS: tuple[str, ...] = (
     "CartPole-v1",
     "Acrobot-v1",
@@ -202,27 +207,142 @@ class RLEnv:
         return self._flat(obs), new, reward, terminated, truncated, info
 
 
+@dataclasses.dataclass(frozen=True)
+class EnvSpec:
+    """A registered environment: ``make_fn() -> (gymnax Environment, EnvParams)``."""
+
+    make_fn: Callable[[], tuple[Any, Any]]
+    description: str = ""
+    module: str = __name__
+
+    @property
+    def bundled(self) -> bool:
+        """True for the environments that ship with metaopt (or come from gymnax)."""
+        return self.module.startswith("metaopt.")
+
+
+#: environments registered by :func:`register` (a user's; gymnax ids need no entry)
+REGISTERED: dict[str, EnvSpec] = {}
+
+
+def register(
+    name: str,
+    make_fn: Callable[[], tuple[Any, Any]] | None = None,
+    *,
+    description: str = "",
+    overwrite: bool = False,
+):
+    """Registers an environment under ``name``; PPO, TA-LPO and TA-LPG then accept it.
+
+    ``make_fn()`` returns ``(env, env_params)``: a gymnax 1.0
+    ``gymnax.environments.environment.Environment`` (a user's own subclass, or
+    ``gymnax.make(id)`` of any gymnax id, with changed parameters) and its params.
+    It is called when a recipe asks for the environment; :func:`make` then checks it
+    (:func:`check_env`: a discrete action space, a fixed-shape numeric observation, a
+    reset and a step that trace). Without ``make_fn`` this returns a decorator. Any
+    gymnax id (``gymnax.registered_envs``) is accepted without registering.
+
+    Example:
+      >>> import gymnax
+      >>> from metaopt.envs import rl
+      >>> @rl.register("short-cartpole", description="CartPole, 100-step episodes")
+      ... def short_cartpole():
+      ...     env, params = gymnax.make("CartPole-v1")
+      ...     return env, params.replace(max_steps_in_episode=100)
+      >>> env, params = rl.make("short-cartpole")
+      >>> env.num_actions(params)
+      2
+
+    Raises:
+      ConfigError: a bad name, a non-callable ``make_fn``, or ``name`` already
+        registered (or a gymnax id / bundled name) without ``overwrite``.
+    """
+    if make_fn is None:
+        return lambda f: register(name, f, description=description, overwrite=overwrite)
+    from metaopt.envs import families
+
+    families.check_name(name, "environment")
+    if not callable(make_fn):
+        raise ConfigError(f"rl.register({name!r}): make_fn must be callable, got {make_fn!r}")
+    taken = name in REGISTERED or name in ENVIRONMENTS or name in ALIASES
+    if taken and not overwrite:
+        raise ConfigError(
+            f"environment '{name}' is already registered; pass overwrite=True to replace it"
+        )
+    module = getattr(make_fn, "__module__", None) or "__main__"
+    REGISTERED[name] = EnvSpec(make_fn, description, module)
+    return make_fn
+
+
+def _gymnax_ids() -> tuple[str, ...]:
+    import gymnax
+
+    return tuple(gymnax.registered_envs)
+
+
 def canonical_name(name: str) -> str:
-    """The gymnax id of ``name`` (an id or a short alias); a ConfigError if unsupported.
+    """The id of ``name`` (a registered name, a gymnax id or a short alias); a
+    ConfigError if unknown.
 
     ``LifetimeBandit`` and ``LifetimeBandit-K<k>`` are metaopt's own lifetime-fixed bandit
     (:mod:`metaopt.envs.bandit`; a ConfigError for ``k < 2``).
     """
     from metaopt.envs import bandit
 
-    if name in ENVIRONMENTS or bandit.parse_arms(name) is not None:
+    if name in REGISTERED or name in ENVIRONMENTS or bandit.parse_arms(name) is not None:
         return name
     if name in ALIASES:
         return ALIASES[name]
-    raise ConfigError(f"unknown environment '{name}'; choose from {list(ENVIRONMENTS)}")
+    if isinstance(name, str) and name in _gymnax_ids():
+        return name
+    close = difflib.get_close_matches(str(name), [*ENVIRONMENTS, *REGISTERED], n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ConfigError(
+        f"unknown environment '{name}'{hint}; use a gymnax id ({list(ENVIRONMENTS)} are "
+        "tested here) or register your own with metaopt.envs.rl.register and --import MODULE"
+    )
+
+
+def check_env(name: str, env: Any, params: Any) -> None:
+    """The checks PPO, TA-LPO and TA-LPG need, traced abstractly (nothing is stepped):
+    a discrete action space with ``n >= 2``, a fixed-shape numeric observation, and a
+    ``reset`` / ``step`` that trace and return gymnax 1.0's 6-tuple.
+
+    Raises:
+      ConfigError: one line naming the environment and what is wrong.
+    """
+    try:
+        space = env.action_space(params)
+    except Exception as e:  # noqa: BLE001 (a user's environment)
+        raise ConfigError(f"environment '{name}': action_space fails: {e}") from None
+    n = getattr(space, "n", None)
+    if not isinstance(n, (int, np.integer)) or n < 2:
+        raise ConfigError(
+            f"environment '{name}' needs a discrete action space (gymnax spaces.Discrete, "
+            f"n >= 2); got {type(space).__name__}"
+        )
+    key = jax.random.key(0)
+    try:
+        obs, state = jax.eval_shape(env.reset, key, params)
+        out = jax.eval_shape(lambda s: env.step(key, s, jnp.int32(0), params), state)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"environment '{name}': reset/step do not trace: {e}") from None
+    if not hasattr(obs, "shape") or not jnp.issubdtype(obs.dtype, jnp.number) and obs.dtype != bool:
+        raise ConfigError(f"environment '{name}': observations must be one numeric array")
+    if not isinstance(out, tuple) or len(out) != 6:
+        raise ConfigError(
+            f"environment '{name}': step must return gymnax 1.0's (obs, state, reward, "
+            f"terminated, truncated, info), got {type(out).__name__} of {len(out)}"
+        )
 
 
 def make(name: str, **param_overrides: Any) -> tuple[RLEnv, Any]:
     """The environment ``name`` wrapped for PPO, and its (default) parameters.
 
     Args:
-      name: a gymnax id from :data:`ENVIRONMENTS` (``"CartPole-v1"``,
-        ``"Breakout-MinAtar"``, ...) or a short alias (``"Breakout"``).
+      name: a registered environment (:func:`register`), a gymnax id (``"CartPole-v1"``,
+        ``"Breakout-MinAtar"``, ...; :data:`ENVIRONMENTS` are the tested ones) or a
+        short alias (``"Breakout"``).
       **param_overrides: fields of the gymnax ``EnvParams`` to change (e.g.
         ``max_steps_in_episode=200``).
 
@@ -230,7 +350,8 @@ def make(name: str, **param_overrides: Any) -> tuple[RLEnv, Any]:
       ``(env, env_params)``.
 
     Raises:
-      ConfigError: unknown environment or parameter.
+      ConfigError: unknown environment or parameter, or a registered environment that
+        fails :func:`check_env`.
     """
     import gymnax
 
@@ -238,11 +359,15 @@ def make(name: str, **param_overrides: Any) -> tuple[RLEnv, Any]:
 
     gid = canonical_name(name)
     arms = bandit.parse_arms(gid)
-    if arms is not None:
+    if gid in REGISTERED:
+        env, params = REGISTERED[gid].make_fn()
+    elif arms is not None:
         env = bandit.LifetimeBandit(arms)
         params = env.default_params
     else:
         env, params = gymnax.make(gid)
+    if gid not in ENVIRONMENTS and arms is None:  # a user's, or an untested gymnax id
+        check_env(gid, env, params)
     if param_overrides:
         unknown = sorted(set(param_overrides) - set(params.__dataclass_fields__))
         if unknown:

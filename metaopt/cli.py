@@ -1,11 +1,17 @@
 """The ``metaopt`` command.
 
     metaopt list
-    metaopt <recipe> [--preset NAME] [--out DIR] [--resume] [--print-config] [key=value ...]
+    metaopt families                 (the registered task families)
+    metaopt [--import MODULE ...] <recipe> [--preset NAME] [--out DIR] [--resume]
+                                  [--print-config] [key=value ...]
     metaopt <recipe> --help          (config keys with types and defaults, presets)
     metaopt <recipe> <command> ...   (a recipe's sub-commands, e.g. program-search validate-proxy)
-    metaopt eval RUN_DIR
+    metaopt eval RUN_DIR [--heldout NAME,NAME] [eval_key=value ...]
     metaopt --version
+
+``--import MODULE`` (repeatable, anywhere on the line), ``$METAOPT_IMPORTS`` and the
+``metaopt.plugins`` entry points import a user's modules first, so the task families
+and environments they register are accepted by every recipe (:mod:`metaopt.plugins`).
 
 Bad input (an unknown recipe, key or preset; an ill-typed value; a missing
 checkpoint) prints one ``metaopt: error: ...`` line and exits with status 2,
@@ -37,19 +43,38 @@ def _cmd_list() -> int:
     return 0
 
 
-def _cmd_eval(argv: list[str]) -> int:
-    from metaopt import api
+def _cmd_families() -> int:
+    from metaopt.envs import families
+
+    for name, spec in sorted(families.FAMILIES.items()):
+        where = "" if spec.bundled else f"  [{spec.module}]"
+        print(f"{name:28s} {spec.steps:5d} steps  {spec.description}{where}")
+    return 0
+
+
+def _cmd_eval(argv: list[str], modules: list[str]) -> int:
+    from metaopt import api, plugins
     from metaopt import config as cfg_lib
 
     p = _Parser(
         prog="metaopt eval",
-        description="Evaluate a finished run; eval_key=value overrides evaluation settings.",
+        description="Evaluate a finished run; eval_key=value overrides evaluation settings "
+        "(which keys a recipe has: metaopt <recipe> --help, the eval_* keys).",
     )
     p.add_argument("run_dir")
-    p.add_argument("overrides", nargs="*", help="eval_*=value (e.g. eval_seeds=10)")
+    p.add_argument("overrides", nargs="*", help="eval_*=value (e.g. eval_seeds=4)")
+    p.add_argument(
+        "--heldout",
+        default=None,
+        help="comma-separated task families to score on instead of the recipe's held-out "
+        "list (same as eval_heldout=...; e.g. --heldout my-task-a,my-task-b)",
+    )
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
+    plugins.load(modules)
     overrides = cfg_lib.parse_overrides(args.overrides)
+    if args.heldout is not None:
+        overrides["eval_heldout"] = args.heldout
     api.eval_config(args.run_dir, overrides)  # validates before anything is printed
     _startup_line("eval", args.run_dir)
     summary = api.evaluate(args.run_dir, progress=not args.no_progress, overrides=overrides)
@@ -74,10 +99,11 @@ def _startup_line(what: str, out) -> None:
     )
 
 
-def _cmd_recipe(name: str, argv: list[str]) -> int:
-    from metaopt import sharding
+def _cmd_recipe(name: str, argv: list[str], modules: list[str]) -> int:
+    from metaopt import plugins, sharding
 
     sharding.initialize_from_argv(argv)  # multi-process: before anything starts JAX's backend
+    plugins.load(modules)  # a user's task families / environments, before the config
     from metaopt import api, recipes
     from metaopt.driver import Interrupted
 
@@ -103,7 +129,7 @@ def _cmd_recipe(name: str, argv: list[str]) -> int:
     if has_outer:
         p.add_argument("--outer", default=None, help="outer estimator (same as outer=...)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     overrides = cfg_lib.parse_overrides(args.overrides)
     if has_outer and args.outer is not None:
         if "outer" in overrides and overrides["outer"] != args.outer:
@@ -156,6 +182,16 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"metaopt {__version__}")
         return 0
+    from metaopt import plugins
+
+    try:
+        modules, argv = plugins.split_argv(argv)
+    except ConfigError as e:
+        print(f"metaopt: error: {e}", file=sys.stderr)
+        return 2
+    if not argv:
+        print(__doc__.strip())
+        return 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "program-search":
         # before JAX starts: one CPU device per core, over which the search's Scorer
@@ -165,10 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         one_cpu_device_per_core()
     try:
         if cmd == "list":
+            plugins.load(modules)
             return _cmd_list()
+        if cmd == "families":
+            plugins.load(modules)
+            return _cmd_families()
         if cmd == "eval":
-            return _cmd_eval(rest)
-        return _cmd_recipe(cmd, rest)
+            return _cmd_eval(rest, modules)
+        return _cmd_recipe(cmd, rest, modules)
     except (ConfigError, MissingCheckpointError, CheckpointMismatchError) as e:
         print(f"metaopt: error: {e}", file=sys.stderr)
         return 2

@@ -114,9 +114,16 @@ def all_recipes() -> dict[str, Recipe]:
 
 
 def run_dir_config(run_dir: str | Path) -> tuple[Recipe, Any, dict]:
-    """Reads ``run_dir/config.json``: the recipe, its config and the raw record."""
+    """Reads ``run_dir/config.json``: the recipe, its config and the raw record.
+
+    The run's plugin modules are imported again and its problems checked first
+    (:func:`metaopt.plugins.restore`), so a run on a user's task resumes and evaluates
+    in a fresh process, and refuses when the task's module or data changed."""
+    from metaopt import plugins
+
     record = RunDir(run_dir).record()
     recipe = get(record["recipe"])
+    plugins.restore(record.get("plugins"), str(Path(run_dir) / "config.json"))
     try:
         cfg = cfg_lib.from_dict(recipe.config_cls, record["config"], context="saved config")
     except ConfigError as e:

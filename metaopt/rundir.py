@@ -94,23 +94,29 @@ class RunDir:
         return record
 
     def write_config(self, recipe: str, preset: str, config: Any) -> None:
-        """Writes ``config.json`` atomically (only on process 0 of a multi-host run)."""
+        """Writes ``config.json`` atomically (only on process 0 of a multi-host run).
+
+        A config that names a user's registered problems also records, under
+        ``"plugins"``, the modules that registered them and their data hashes
+        (:func:`metaopt.plugins.record`), checked again on resume and eval."""
         from metaopt import config as cfg_lib
 
         if jax.process_index() != 0:
             return
+        from metaopt import plugins
+
+        values = cfg_lib.to_dict(config) if dataclasses.is_dataclass(config) else dict(config)
+        record = {
+            "schema_version": SCHEMA_VERSION,
+            "recipe": recipe,
+            "preset": preset,
+            "config": values,
+        }
+        provenance = plugins.record(values)  # a user's problems: modules and data hashes
+        if provenance is not None:
+            record["plugins"] = provenance
         self.path.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(
-            self.config_path,
-            {
-                "schema_version": SCHEMA_VERSION,
-                "recipe": recipe,
-                "preset": preset,
-                "config": cfg_lib.to_dict(config)
-                if dataclasses.is_dataclass(config)
-                else dict(config),
-            },
-        )
+        write_json_atomic(self.config_path, record)
 
     def write_summary(self, title: str, summary: Mapping[str, Any], **kwargs: Any) -> None:
         """:func:`write_summary` into this directory."""

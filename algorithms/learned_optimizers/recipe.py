@@ -132,10 +132,7 @@ class Config:
 
     def __post_init__(self):
         for name in (self.family, *self.families, *self.eval_families, *self.eval_widths):
-            check(
-                name in families.FAMILIES,
-                f"unknown task family '{name}'; choose from {sorted(families.FAMILIES)}",
-            )
+            families.check(name)
         check(
             len(set(self.families)) == len(self.families),
             f"families lists a family twice: {','.join(self.families)}",

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metaopt import evaluation
+from metaopt.config import ConfigError
 from metaopt.envs import families
 from metaopt.inner import ParametrizedOptimizer, training_inner_loop
 from metaopt.optimizers.program import as_optax, parse
@@ -95,6 +96,32 @@ class Workload:
         return out
 
 
+def parse_task(text: str) -> Workload:
+    """``family[@steps | @min-max][/bBATCH]`` -> :class:`Workload` (``ConfigError`` if bad)."""
+    batch = None
+    spec = text.strip()
+    if "/b" in spec:
+        spec, b = spec.rsplit("/b", 1)
+        if not b.isdigit() or int(b) < 1:
+            raise ConfigError(f"bad batch size in task {text!r} (expected /bN, N >= 1)")
+        batch = int(b)
+    name, _, steps = spec.partition("@")
+    families.check(name)
+    lo = None
+    if not steps:
+        hi = families.steps(name)
+    else:
+        parts = steps.split("-")
+        if len(parts) > 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ConfigError(f"bad steps in task {text!r} (expected @N or @MIN-MAX)")
+        hi = int(parts[-1])
+        if len(parts) == 2:
+            lo = int(parts[0])
+            if lo > hi:
+                raise ConfigError(f"task {text!r}: min steps {lo} > max steps {hi}")
+    return Workload(name, hi, "", lo, batch)
+
+
 #: The held-out list, fixed before any proxy result was looked at. Rule for a
 #: workload: its validation split must be able to select a learning rate -- at
 #: least ~200 validation targets (examples x outputs), or an exact loss, and tuned
@@ -117,6 +144,36 @@ WORKLOADS: dict[str, Workload] = {
     # the noisy quadratic model (Zhang et al. 2019): validation = the exact noiseless loss
     "quadratic": Workload("quadratic-100d", 300, "noisy quadratic, exact validation loss"),
 }
+
+
+def workloads(specs: Sequence[str] = ()) -> dict[str, Workload]:
+    """Held-out workloads by name: a key of :data:`WORKLOADS` or a task spec
+    ``family[@steps | @min-max][/bBATCH]`` (:func:`parse_task`) of any registered family,
+    a user's included; an empty ``specs`` is the bundled list.
+
+    Example:
+      >>> list(workloads(["logistic", "digits-mlp8@100"]))
+      ['logistic', 'digits-mlp8@100']
+
+    Raises:
+      ConfigError: an entry that is neither (one line, with the choices).
+    """
+    if not specs:
+        return dict(WORKLOADS)
+    out = {}
+    for spec in specs:
+        spec = spec.strip()
+        if spec in WORKLOADS:
+            out[spec] = WORKLOADS[spec]
+        else:
+            try:
+                out[spec] = parse_task(spec)
+            except ConfigError as e:
+                raise ConfigError(
+                    f"held-out workload {spec!r}: {e} (or one of the bundled {sorted(WORKLOADS)})"
+                ) from None
+    return out
+
 
 #: learning rates of the first tuning round: 10^(k/2) for k in LR_RANGE (1e-4 .. 1)
 LR_RANGE = (-8, 0)

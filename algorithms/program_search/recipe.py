@@ -42,10 +42,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
+from metaopt.algorithms.program_search.heldout import workloads as heldout_workloads
 from metaopt.algorithms.program_search.mutate import SearchSpace
 from metaopt.algorithms.program_search.scoring import default_chunk
 from metaopt.algorithms.program_search.search import (
@@ -143,13 +145,15 @@ class Config:
     heldout_task: str = "breast_cancer-mlp16"
     heldout_every: int = 5
     seed: int = 0
+    # `metaopt eval`: the held-out workloads (bundled names or family[@steps][/bN] of any
+    # registered family; empty = the bundled list heldout.WORKLOADS), seeds, programs scored
+    eval_heldout: tuple[str, ...] = ()
+    eval_seeds: int = 8
+    eval_top: int = 3
 
     def __post_init__(self):
         for name in (*self.tasks, *self.funnel_tasks, self.heldout_task):
-            check(
-                name in families.FAMILIES,
-                f"unknown task family '{name}'; choose from {sorted(families.FAMILIES)}",
-            )
+            families.check(name)
         check(len(self.tasks) >= 1, "tasks must name at least one task family")
         check(self.inner_steps >= 1, "inner_steps must be >= 1")
         for field in ("lr_grid", "ref_lr_grid"):
@@ -199,6 +203,9 @@ class Config:
         )
         check(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
         check(self.heldout_every >= 1, "heldout_every must be >= 1")
+        heldout_workloads(self.eval_heldout)  # validates the names
+        check(self.eval_seeds >= 2, "eval_seeds must be >= 2 (paired standard errors)")
+        check(self.eval_top >= 1, "eval_top must be >= 1")
         check(self.funnel_top >= 0, "funnel_top must be >= 0 (0 turns the funnel off)")
 
     @property
@@ -396,11 +403,30 @@ SEARCH_LEGEND = (
 )
 
 
+def _warn_bundled_checks(cfg: Config) -> None:
+    """Says loudly when the proxy is a user's but the funnel / held-out check are not."""
+    own = [n for n in cfg.tasks if not families.FAMILIES[n].bundled]
+    left = [
+        k
+        for k, names in (("funnel_tasks", cfg.funnel_tasks), ("heldout_task", (cfg.heldout_task,)))
+        if all(families.FAMILIES[n].bundled for n in names)
+    ]
+    if own and left:
+        warnings.warn(
+            f"program-search: tasks are your own ({','.join(own)}) but {' and '.join(left)} "
+            "still name bundled families; the funnel and per-round held-out check will "
+            "score on those (set funnel_tasks=... heldout_task=... to use yours)",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
 def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> dict:
     """The search on the core driver's host-step mode (checkpoints, keep-N, log, progress,
     SIGINT/SIGTERM and exact resume as every recipe), then the funnel and the artifacts."""
     from metaopt import driver
 
+    _warn_bundled_checks(cfg)
     search = build(cfg)
     check_heldout = heldout_scorer(cfg)
 
@@ -454,13 +480,16 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     }
 
 
-def evaluate(run_dir: Path, cfg: Config, progress: bool = True, top: int = 3) -> dict:
-    """Held-out verdict: the top ``top`` discovered programs against the panel's baselines.
+def evaluate(run_dir: Path, cfg: Config, progress: bool = True, top: int = 0) -> dict:
+    """Held-out verdict: the top ``top`` (0: ``cfg.eval_top``) discovered programs against
+    the panel's baselines.
 
     Every optimizer gets its own (lr, wd) tuned on the wide lattice by the median
     validation loss (:func:`~metaopt.algorithms.program_search.heldout.tune`) on each of
-    the held-out workloads (:data:`~metaopt.algorithms.program_search.heldout.WORKLOADS`)
-    over 8 shared seeds; writes ``eval.json`` / ``eval.md`` / ``eval.png`` (paired
+    the held-out workloads (``cfg.eval_heldout``, e.g. a user's own tasks with
+    ``metaopt eval RUN --heldout my-task``; by default
+    :data:`~metaopt.algorithms.program_search.heldout.WORKLOADS`) over ``cfg.eval_seeds``
+    shared seeds; writes ``eval.json`` / ``eval.md`` / ``eval.png`` (paired
     differences with tuned AdamW and their SE, workloads won / tied / lost, ranks,
     performance profile).
     """
@@ -471,13 +500,17 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True, top: int = 3) ->
     path = Path(run_dir) / "leaderboard.json"
     if not path.exists():
         raise MissingCheckpointError(f"{path} is missing: the search has not finished")
-    entries = {
-        f"discovered-{i + 1}": m["source"] for i, m in enumerate(json.loads(path.read_text())[:top])
-    }
+    leaders = json.loads(path.read_text())[: top or cfg.eval_top]
+    entries = {f"discovered-{i + 1}": m["source"] for i, m in enumerate(leaders)}
     entries.update({n: PANEL[n].source for n in heldout.BASELINES})
     no_decay = [n for n in heldout.BASELINES if not PANEL[n].decay]
     result = heldout.evaluate(
-        entries, seeds=8, seed=cfg.seed + 1234, no_decay=no_decay, progress=progress
+        entries,
+        seeds=cfg.eval_seeds,
+        seed=cfg.seed + 1234,
+        no_decay=no_decay,
+        progress=progress,
+        workloads=heldout.workloads(cfg.eval_heldout),
     )
     evaluation.write_eval(
         run_dir,

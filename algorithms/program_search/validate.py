@@ -39,10 +39,9 @@ import numpy as np
 
 from metaopt import evaluation
 from metaopt.algorithms.program_search import heldout
-from metaopt.algorithms.program_search.heldout import Workload
+from metaopt.algorithms.program_search.heldout import Workload, parse_task
 from metaopt.algorithms.program_search.panel import PANEL
 from metaopt.config import ConfigError
-from metaopt.envs import families
 
 __all__ = [
     "RECOMMENDED_PROXY",
@@ -103,33 +102,6 @@ def _tau(x, y) -> float:
     except ImportError:  # pragma: no cover - scipy ships with scikit-learn
         return kendall_tau(x, y)
     return float(kendalltau(x, y).statistic)
-
-
-def parse_task(text: str) -> Workload:
-    """``family[@steps | @min-max][/bBATCH]`` -> :class:`Workload` (``ConfigError`` if bad)."""
-    batch = None
-    spec = text.strip()
-    if "/b" in spec:
-        spec, b = spec.rsplit("/b", 1)
-        if not b.isdigit() or int(b) < 1:
-            raise ConfigError(f"bad batch size in task {text!r} (expected /bN, N >= 1)")
-        batch = int(b)
-    name, _, steps = spec.partition("@")
-    if name not in families.FAMILIES:
-        raise ConfigError(f"unknown task family '{name}'; choose from {sorted(families.FAMILIES)}")
-    lo = None
-    if not steps:
-        hi = families.steps(name)
-    else:
-        parts = steps.split("-")
-        if len(parts) > 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ConfigError(f"bad steps in task {text!r} (expected @N or @MIN-MAX)")
-        hi = int(parts[-1])
-        if len(parts) == 2:
-            lo = int(parts[0])
-            if lo > hi:
-                raise ConfigError(f"task {text!r}: min steps {lo} > max steps {hi}")
-    return Workload(name, hi, "", lo, batch)
 
 
 def config_proxy() -> dict[str, Workload]:
@@ -536,7 +508,12 @@ def _parser() -> argparse.ArgumentParser:
         help="'config' (the search's default tasks), 'recommended' (RECOMMENDED_PROXY) or a "
         "comma list of family[@steps|@min-max][/bBATCH]",
     )
-    p.add_argument("--heldout", default=None, help="comma list of held-out workload names")
+    p.add_argument(
+        "--heldout",
+        default=None,
+        help="comma list of held-out workloads: bundled names or family[@steps][/bN] of any "
+        "registered family (your own target task, e.g. --heldout my-task@400)",
+    )
     p.add_argument("--optimizers", default=None, help="comma list of panel entries")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -568,10 +545,9 @@ def main(argv: list[str]) -> int:
     held = dict(heldout.WORKLOADS)
     if args.heldout is not None:
         want = [w.strip() for w in args.heldout.split(",") if w.strip()]
-        unknown = [w for w in want if w not in held]
-        if unknown or not want:
-            raise ConfigError(f"unknown held-out workloads {unknown}; choose from {sorted(held)}")
-        held = {w: held[w] for w in want}
+        if not want:
+            raise ConfigError("--heldout names no workload")
+        held = heldout.workloads(want)
     entries = {n: e.source for n, e in PANEL.items()}
     if args.optimizers is not None:
         want = [w.strip() for w in args.optimizers.split(",") if w.strip()]
