@@ -486,6 +486,24 @@ class CopyRNN:
         return jnp.sum(hit * b["mask"]) / jnp.sum(b["mask"])
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class OnTestSplit:
+    """``family`` with its test loss as the validation loss: what an inner loop's
+    meta-loss (the validation loss) reports when a caller evaluates on the test split.
+
+    Example:
+      >>> inner = training_inner_loop(OnTestSplit(make("digits-mlp8")), optimizer, 200)
+    """
+
+    family: Any
+
+    def __getattr__(self, name: str) -> Any:  # sample, init_params, loss, ...
+        return getattr(self.family, name)
+
+    def valid_loss(self, params: PyTree, task: PyTree) -> jax.Array:
+        return self.family.test_loss(params, task)
+
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
     """A registered family with its suggested horizon (inner steps)."""
@@ -533,6 +551,7 @@ def register(
     description: str,
     width: int | None = None,
     overwrite: bool = False,
+    module: str | None = None,
 ):
     """Registers a task family under ``name``; every recipe then accepts the name.
 
@@ -554,6 +573,9 @@ def register(
       description: one line for listings (``metaopt families``).
       width: the hidden width if the family belongs to a width series (:func:`width`).
       overwrite: replace an existing registration of ``name`` (else a ConfigError).
+      module: the module a run records as the family's origin (default: ``factory``'s
+        ``__module__``; ``"__main__"`` for a family defined in a notebook or script,
+        which a fresh process cannot import).
 
     Returns:
       ``factory`` (so the decorator form leaves the decorated object usable).
@@ -571,7 +593,13 @@ def register(
     """
     if factory is None:
         return lambda f: register(
-            name, f, steps=steps, description=description, width=width, overwrite=overwrite
+            name,
+            f,
+            steps=steps,
+            description=description,
+            width=width,
+            overwrite=overwrite,
+            module=module,
         )
     check_name(name)
     if not callable(factory):
@@ -587,7 +615,7 @@ def register(
             f"task family '{name}' is already registered (by {FAMILIES[name].module}); pass "
             "overwrite=True to replace it"
         )
-    module = getattr(factory, "__module__", None) or "__main__"
+    module = module or getattr(factory, "__module__", None) or "__main__"
     FAMILIES[name] = Spec(factory, steps, description, width, module)
     return factory
 

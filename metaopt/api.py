@@ -61,7 +61,7 @@ def resolve(
     from metaopt import recipes
 
     r = recipes.get(recipe)
-    overrides = dict(overrides or {})
+    overrides = {k: _family_names(v) for k, v in (overrides or {}).items()}
     rd = RunDir(out_dir)
     rd.check_usable()
     started = rd.started()
@@ -101,6 +101,35 @@ def resolve(
     return r, cfg, preset, resume and started
 
 
+def _family_names(value: Any) -> Any:
+    """A config value with every task-family *object* in it (e.g. one from
+    :func:`metaopt.envs.families.from_model`) registered and replaced by its name."""
+    from metaopt.envs import families
+    from metaopt.inner import is_task_family
+
+    if isinstance(value, (list, tuple)):
+        return type(value)(_family_names(v) for v in value)
+    if isinstance(value, str) or not is_task_family(value):
+        return value
+    for name, spec in families.FAMILIES.items():
+        if getattr(spec.build, "family", None) is value:
+            return name  # registered by an earlier call
+    from metaopt import plugins
+
+    name = f"{type(value).__name__.lower()}-{plugins.family_fingerprint(value)[:10]}"
+    build = lambda: value  # noqa: E731
+    build.family = value
+    families.register(
+        name,
+        build,
+        steps=int(getattr(value, "steps", 200)),
+        description=f"a {type(value).__name__} passed to metaopt.run",
+        overwrite=True,
+        module="__main__",
+    )
+    return name
+
+
 def dry_build(recipe, cfg) -> None:
     """Builds the recipe's objects without running them; a failure is a ConfigError."""
     if recipe.build is None:
@@ -131,7 +160,13 @@ def run(
       resume: continue the run in ``out_dir`` (only the recipe's extendable keys,
         e.g. ``generations``, may be overridden).
       progress: show progress bars.
-      **overrides: config keys and values (typed values or strings).
+      **overrides: config keys and values (typed values or strings). Wherever a key
+        takes task-family names, a family object works too (``tasks=[fam]``,
+        ``family=fam`` with ``fam = families.from_model(...)``): it is registered under
+        ``<class>-<data hash>`` for this process (its horizon: ``fam.steps`` if it has
+        one, else 200). A fresh process cannot import such a family, so ``--resume`` and
+        ``metaopt eval`` of the run need it registered again (or, better, registered by
+        name in a module: :func:`metaopt.envs.families.register`).
 
     Returns:
       A :class:`RunResult`.

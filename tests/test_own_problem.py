@@ -414,3 +414,99 @@ def test_eval_heldout_names_are_checked_before_anything_runs(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "unknown task family 'no-such-task'" in err[0]
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["config.json"]
+
+
+# -- every recipe that takes a problem runs on a registered one -------------------------
+
+
+@pytest.fixture
+def own_family(registry):
+    from sklearn.datasets import load_diabetes
+
+    x, y = load_diabetes(return_X_y=True)
+    y = (y - y.mean()) / y.std()
+    families.register(
+        "own-diabetes-inproc",
+        lambda: families.from_model(FlaxMLP(hidden=8, classes=1), (x, y), loss="mse"),
+        steps=50,
+        description="diabetes, flax MLP 10-8-1",
+    )
+    return "own-diabetes-inproc"
+
+
+@pytest.fixture
+def own_env(registry):
+    import gymnax
+
+    def make():
+        env, params = gymnax.make("CartPole-v1")
+        return env, params.replace(max_steps_in_episode=100)
+
+    rl.register("own-cartpole-inproc", make, description="CartPole, 100-step episodes")
+    return "own-cartpole-inproc"
+
+
+def _provenance(run, name):
+    record = json.loads((run / "config.json").read_text())
+    return record["plugins"]["problems"][name]
+
+
+def test_lr_schedule_runs_on_a_registered_family(tmp_path, own_family):
+    import metaopt
+
+    out = tmp_path / "lrs"
+    r = metaopt.run(
+        "lr-schedule", out, preset="quick", progress=False, family=own_family, generations=3
+    )
+    assert np.isfinite(float(r.summary["valid_loss_discovered"].split()[0]))
+    assert _provenance(out, own_family)["module"] == __name__
+    metaopt.evaluate(out, progress=False)  # in this process: the family is registered
+
+
+def test_learned_optimizer_runs_on_a_family_object(tmp_path, own_family):
+    """metaopt.run takes a family object where a config takes family names: it is
+    registered under <class>-<data hash> and recorded like a named one."""
+    import metaopt
+
+    fam = families.make(own_family)
+    out = tmp_path / "lopt"
+    r = metaopt.run(
+        "learned-optimizer",
+        out,
+        preset="quick",
+        progress=False,
+        family=fam,
+        generations=2,
+        inner_steps=40,
+        truncation=20,
+        steps_per_call=2,
+        checkpoint_every=2,
+    )
+    assert r.config.family == f"modelfamily-{fam.fingerprint()[:10]}"
+    assert families.make(r.config.family) is fam
+    assert np.isfinite(float(r.summary["valid_loss_meta_trained"].split()[0]))
+    assert _provenance(out, r.config.family) == {
+        "kind": "task family",
+        "module": "__main__",
+        "sha256": fam.fingerprint(),
+    }
+
+
+@pytest.mark.slow
+def test_ta_lpo_runs_on_a_registered_environment(tmp_path, own_env):
+    import metaopt
+
+    out = tmp_path / "lpo"
+    r = metaopt.run("ta-lpo", out, preset="quick", progress=False, env=own_env, generations=2)
+    assert np.isfinite(float(str(r.summary["ta_lpo_best_candidate_return"]).split()[0]))
+    assert _provenance(out, own_env) == {"kind": "environment", "module": __name__}
+
+
+@pytest.mark.slow
+def test_ta_lpg_runs_on_a_registered_environment(tmp_path, own_env):
+    import metaopt
+
+    out = tmp_path / "lpg"
+    r = metaopt.run("ta-lpg", out, preset="quick", progress=False, env=own_env, generations=2)
+    assert np.isfinite(float(r.summary["ta_lpg_metagrad_return_last_2"]))
+    assert _provenance(out, own_env)["kind"] == "environment"

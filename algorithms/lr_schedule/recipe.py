@@ -32,7 +32,7 @@ from metaopt import driver
 from metaopt import outer as outer_lib
 from metaopt.checkpoint import write_json_atomic
 from metaopt.config import check
-from metaopt.envs import MLPClassification
+from metaopt.envs import MLPClassification, families
 from metaopt.inner import (
     InnerLoop,
     ParametrizedOptimizer,
@@ -49,6 +49,9 @@ class Config:
     """Settings of the ``lr-schedule`` recipe (defaults = the ``default`` preset)."""
 
     dataset: Literal["digits", "wine", "breast_cancer"] = "digits"
+    # a registered task family (a user's own, metaopt.envs.families.register) to train
+    # instead of the MLP on `dataset`; then dataset, hidden and batch_size are unused
+    family: str = ""
     hidden: tuple[int, ...] = (64, 32)
     batch_size: int = 128
     inner_steps: int = 200
@@ -70,6 +73,8 @@ class Config:
 
     def __post_init__(self):
         outer_lib.check_strategy(self.strategy)
+        if self.family:
+            families.check(self.family)
         check(self.inner_steps >= 1, "inner_steps must be >= 1")
         check(self.knots >= 2, "knots must be >= 2")
         check(self.population >= 2 and self.population % 2 == 0, "population must be even, >= 2")
@@ -118,7 +123,11 @@ def schedule_optimizer(base: str = "sgdm", momentum: float = 0.9) -> Parametrize
 
 
 def build_inner(cfg: Config, eval_split: str = "valid") -> InnerLoop:
-    task = MLPClassification(cfg.dataset, cfg.hidden, cfg.batch_size, eval_split)
+    if cfg.family:
+        task = families.make(cfg.family)
+        task = families.OnTestSplit(task) if eval_split == "test" else task
+    else:
+        task = MLPClassification(cfg.dataset, cfg.hidden, cfg.batch_size, eval_split)
     return training_inner_loop(task, schedule_optimizer(cfg.base), cfg.inner_steps, "lr-schedule")
 
 

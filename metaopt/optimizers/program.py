@@ -343,6 +343,19 @@ def as_optax(
     The returned transformation needs nothing from metaopt's search code at run
     time beyond this module; ``update`` requires ``params`` (programs read ``w``).
 
+    Using a discovered program on your own model -- how it was searched and scored:
+
+    * **schedule**: every candidate and baseline trained with ``lr(t) = lr *
+      0.5 (1 + cos(pi t / T))`` (cosine to 0 over the horizon ``T``); pass the same,
+      e.g. ``optax.cosine_decay_schedule(lr, T)``, as ``learning_rate``.
+    * **weight decay stacks**: a program's own ``... + c w`` term is part of
+      ``update``; ``weight_decay`` here is the *extra* decoupled decay the held-out
+      verdict tunes on top of it (its lattice includes 0), both multiplied by ``lr``.
+    * **lr scale**: a program's update RMS differs from AdamW's (about 1 per
+      coordinate for Adam-like ratios, ``|m|^0.5`` for ``m / sqrt(|m|)``...), so its
+      best lr does not transfer from AdamW's: sweep it (``metaopt eval`` reports the
+      tuned (lr, wd) per held-out workload in ``eval.md``).
+
     Example:
       >>> opt = as_optax(LION, learning_rate=3e-4, weight_decay=1.0)
       >>> state = opt.init(params)
