@@ -58,7 +58,7 @@ from metaopt.algorithms.program_search.search import (
     Scorer,
     SearchState,
 )
-from metaopt.algorithms.program_search.simplify import remove_dead_code
+from metaopt.algorithms.program_search.simplify import fold_constants, remove_dead_code
 from metaopt.checkpoint import MissingCheckpointError, write_json_atomic, write_text_atomic
 from metaopt.config import check
 from metaopt.driver import ProgressBar
@@ -69,6 +69,7 @@ from metaopt.optimizers.program import (
     CHEAP_OPS,
     MAX_LEN,
     parse,
+    to_source,
 )
 from metaopt.plotting import read_metrics
 from metaopt.recipes import Recipe
@@ -458,7 +459,9 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     board = funnel(cfg, leaderboard(state, cfg.leaderboard), progress)
     write_json_atomic(out / "leaderboard.json", board)
     winner = board[0] if board else state.best
-    write_text_atomic(out / "best_program.txt", winner["source"])
+    # shown folded (r1 = sqrt(-0.8); div(m, r1) -> div(m, 0.894427)): the same update
+    best_source = to_source(fold_constants(parse(winner["source"])))
+    write_text_atomic(out / "best_program.txt", best_source)
     if rows:
         plot_search(rows, out / "search.png")
     t = state.totals
@@ -476,7 +479,7 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
         "evaluations_skipped": f"{skipped} ({skipped / max(t['children'], 1):.0%}: "
         f"structural {t['structural']}, functional {t['functional']}, invalid {t['invalid']}, "
         f"nonstationary {t['nonstationary']}, failed proposals {t['failed']})",
-        "best_program": "\n" + winner["source"],
+        "best_program": "\n" + best_source,
     }
 
 

@@ -34,6 +34,7 @@ from metaopt.optimizers.program import (
     CONST,
     INPUTS,
     OPCODE,
+    OPS,
     OUTPUT,
     REG,
     Program,
@@ -87,6 +88,51 @@ def remove_dead_code(program: Program) -> Program:
         [r[3] if CONST in r[2] else 0.0 for r in keep],
         max_len,
     )
+
+
+def fold_constants(program: Program) -> Program:
+    """``program`` with every statement whose arguments are all constants evaluated once.
+
+    A scratch register starts each step at 0, so ``r1 = sqrt(-0.8)`` is the constant
+    0.894427 and ``update = div(m, r1)`` is ``div(m, 0.894427)``: a statement whose
+    arguments are all known becomes ``copy(value)``, a known register read by a statement
+    that holds no constant yet becomes that constant, and the statements left unread
+    are removed (:func:`remove_dead_code`). Values are computed by the interpreter's own
+    operations in float32, so the program computes the same update (exactly for the
+    correctly rounded operations; within an ulp for the transcendental ones).
+
+    Example:
+      >>> to_source(fold_constants(parse("r1 = sqrt(-0.64)\nupdate = div(g, r1)")))
+      'def program(g, w, m, v, t):\n  update = div(g, 0.8)\n  return update, m, v\n'
+    """
+    rows = list(_rows(program))
+    names = list(OPS)
+    known = {r: np.float32(0.0) for r in range(len(INPUTS), CONST)}  # scratch starts at 0
+    out = []
+    for op, dst, args, c in rows:
+        vals = [np.float32(c) if a == CONST else known.get(a) for a in args]
+        if all(v is not None for v in vals):
+            value = np.float32(np.asarray(OPS[names[op]][1](*[np.asarray(v) for v in vals])))
+            known[dst] = value
+            out.append((OPCODE["copy"], dst, [CONST], float(value)))
+            continue
+        if CONST not in args:
+            for i, v in enumerate(vals):
+                if v is not None:  # one constant per statement: the first known register
+                    args = [*args[:i], CONST, *args[i + 1 :]]
+                    c = float(v)
+                    break
+        known.pop(dst, None)
+        out.append((op, dst, args, c))
+    max_len = int(np.shape(program.op)[-1])
+    folded = encode(
+        [r[0] for r in out],
+        [r[1] for r in out],
+        [r[2] + [0] * (3 - len(r[2])) for r in out],
+        [r[3] if CONST in r[2] else 0.0 for r in out],
+        max_len,
+    )
+    return remove_dead_code(folded)
 
 
 def structural_hash(program: Program, const_digits: int = 6) -> str:
