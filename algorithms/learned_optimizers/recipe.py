@@ -72,7 +72,7 @@ class Config:
     # what is meta-trained, on what
     optimizer: Literal["mlp", "adam"] = "mlp"
     family: str = "teacher-student-small"
-    # a mixture of families (empty: meta-train on ``family`` alone, as before) and the
+    # a mixture of families (empty: meta-train on ``family`` alone) and the
     # range of its tasks' horizons, as fractions of inner_steps (log-uniform)
     families: tuple[str, ...] = ()
     horizon_range: tuple[float, ...] = (1.0, 1.0)
@@ -221,7 +221,7 @@ class Config:
         )
 
 
-#: The transfer split (issue 14), fixed here: the mixture's meta-training families and the
+#: The transfer split: the mixture's meta-training families and the
 #: held-out families its evaluation reports. Held out are other sizes and depths of the
 #: trained kinds (a 17x larger teacher-student, deeper digits MLPs, a worse-conditioned
 #: logistic regression) and kinds never trained on (a convnet, an RNN, an autoencoder).

@@ -52,6 +52,17 @@ def _rows(program: Program):
             yield int(op), int(dst), [int(a) for a in args[: ARITY[op]]], float(c)
 
 
+def _encode_rows(rows, max_len: int) -> Program:
+    """``(op, dst, args, const)`` rows (as :func:`_rows` yields them) back into a Program."""
+    return encode(
+        [r[0] for r in rows],
+        [r[1] for r in rows],
+        [r[2] + [0] * (3 - len(r[2])) for r in rows],
+        [r[3] if CONST in r[2] else 0.0 for r in rows],
+        max_len,
+    )
+
+
 def _live_rows(rows, live_out: set[int]) -> tuple[list, set[int]]:
     """Backward liveness: the rows that reach ``live_out`` and the registers live at entry."""
     live, keep = set(live_out), []
@@ -80,14 +91,7 @@ def remove_dead_code(program: Program) -> Program:
         if grown == live_out:
             break
         live_out = grown
-    max_len = int(np.shape(program.op)[-1])
-    return encode(
-        [r[0] for r in keep],
-        [r[1] for r in keep],
-        [r[2] + [0] * (3 - len(r[2])) for r in keep],
-        [r[3] if CONST in r[2] else 0.0 for r in keep],
-        max_len,
-    )
+    return _encode_rows(keep, int(np.shape(program.op)[-1]))
 
 
 def fold_constants(program: Program) -> Program:
@@ -124,15 +128,7 @@ def fold_constants(program: Program) -> Program:
                     break
         known.pop(dst, None)
         out.append((op, dst, args, c))
-    max_len = int(np.shape(program.op)[-1])
-    folded = encode(
-        [r[0] for r in out],
-        [r[1] for r in out],
-        [r[2] + [0] * (3 - len(r[2])) for r in out],
-        [r[3] if CONST in r[2] else 0.0 for r in out],
-        max_len,
-    )
-    return remove_dead_code(folded)
+    return remove_dead_code(_encode_rows(out, int(np.shape(program.op)[-1])))
 
 
 def structural_hash(program: Program, const_digits: int = 6) -> str:

@@ -52,7 +52,7 @@ the normalised rule: Adam's direction rescaled per tensor to RMS ``base_lr``).
 
 Weights are saved as ``.npz`` (plain arrays and a JSON string; loading never
 unpickles). Files of the normalised rule are marked ``"mlp-normalised"`` on disk
-(``"mlp"`` for the Adam-nominal rule, as before), so that readers which only know
+(``"mlp"`` for the Adam-nominal rule), so that readers which only know
 the Adam-nominal rule (such as older versions of ``metaopt.torch_export``) refuse
 them instead of computing a different update.
 
