@@ -151,7 +151,8 @@ class NonlinearRegression(LinearRegression):
         return jax.random.normal(key, (self.features,)) / jnp.sqrt(self.features)
 
 
-#: datasets a GPICL family can be built on (scikit-learn's bundled data).
+#: the bundled datasets a GPICL family can be built on (scikit-learn's); any dataset
+#: registered with :func:`metaopt.envs.datasets.register` works too.
 GPICL_DATASETS = datasets.DATASETS
 
 
@@ -166,7 +167,8 @@ class GPICLTasks:
     predicts each label before seeing it).
 
     Attributes:
-      dataset: one of :data:`GPICL_DATASETS`.
+      dataset: one of :data:`GPICL_DATASETS` or a name registered with
+        :func:`metaopt.envs.datasets.register` (a user's classification data).
       length: examples per episode.
       input_dim: projected input size (shared by every dataset, so a learner
         trained on one can read another).
@@ -185,8 +187,7 @@ class GPICLTasks:
     split: str = "train"
 
     def __post_init__(self):
-        if self.dataset not in GPICL_DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; choose from {GPICL_DATASETS}")
+        datasets.check(self.dataset)
         if self.split not in ("train", "valid", "test"):
             raise ValueError(f"split must be train, valid or test, got {self.split!r}")
         if self.length < 1 or self.input_dim < 1:

@@ -46,7 +46,7 @@ from metaopt.envs import datasets
 from metaopt.envs.tasks import cross_entropy, mlp_apply, mlp_init
 
 PyTree = Any
-SPLITS = ("x_train", "y_train", "x_valid", "y_valid", "x_test", "y_test")
+SPLITS = datasets.SPLITS
 
 
 def mse(pred: jax.Array, y: jax.Array) -> jax.Array:
@@ -140,92 +140,6 @@ class ModelClassifier(ModelFamily):
         return jnp.mean(pred == task["y_test"])
 
 
-def _split(
-    x: np.ndarray, y: np.ndarray, valid_fraction: float, test_fraction: float, seed: int
-) -> dict[str, np.ndarray]:
-    for name, f in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
-        if not 0 < f < 1:
-            raise ConfigError(f"from_model: {name} must be in (0, 1), got {f}")
-    order = np.random.default_rng(seed).permutation(len(x))
-    x, y = x[order], y[order]
-    n_test = int(round(test_fraction * len(x)))
-    n_valid = int(round(valid_fraction * len(x)))
-    n_train = len(x) - n_test - n_valid
-    if min(n_train, n_valid, n_test) < 1:
-        raise ConfigError(
-            f"from_model: {len(x)} examples leave an empty split at valid_fraction "
-            f"{valid_fraction} and test_fraction {test_fraction}"
-        )
-    s1, s2 = n_train, n_train + n_valid
-    return dict(zip(SPLITS, (x[:s1], y[:s1], x[s1:s2], y[s1:s2], x[s2:], y[s2:]), strict=True))
-
-
-def _arrays(data: Sequence[Any], loss_name: str) -> dict[str, np.ndarray]:
-    """Validates the user's arrays once: count, rows, dtypes, finiteness, labels."""
-    if len(data) not in (2, 6):
-        raise ConfigError(
-            "from_model: data must be (x, y) or (x_train, y_train, x_valid, y_valid, x_test, "
-            f"y_test), got a sequence of {len(data)}"
-        )
-    names = ("x", "y") if len(data) == 2 else SPLITS
-    out = {}
-    for name, a in zip(names, data, strict=True):
-        try:
-            a = np.asarray(a)
-        except Exception as e:  # noqa: BLE001 (any conversion failure is bad input)
-            raise ConfigError(f"from_model: data {name} is not an array: {e}") from None
-        if a.ndim < 1 or a.shape[0] < 1:
-            raise ConfigError(f"from_model: data {name} has shape {a.shape}; need [N, ...]")
-        if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
-            raise ConfigError(f"from_model: data {name} has dtype {a.dtype}; need numbers")
-        if not np.all(np.isfinite(a)):
-            bad = int(np.size(a) - np.sum(np.isfinite(a)))
-            raise ConfigError(f"from_model: data {name} holds {bad} NaN/inf value(s)")
-        if name.startswith("x"):
-            a = a.astype(np.float32)
-        elif loss_name == "cross_entropy":
-            if not np.issubdtype(a.dtype, np.integer) and not np.all(a == np.round(a)):
-                raise ConfigError(
-                    f"from_model: loss 'cross_entropy' needs integer class labels in data "
-                    f"{name}, got {a.dtype} values such as {a.flat[0]!r}"
-                )
-            if a.ndim != 1:
-                raise ConfigError(f"from_model: labels {name} must be [N], got {a.shape}")
-            a = a.astype(np.int32)
-        else:
-            a = a.astype(np.float32)
-        out[name] = a
-    pairs = (
-        [("x", "y")]
-        if len(data) == 2
-        else [(f"x_{s}", f"y_{s}") for s in ("train", "valid", "test")]
-    )
-    for xn, yn in pairs:
-        if out[xn].shape[0] != out[yn].shape[0]:
-            raise ConfigError(
-                f"from_model: data {xn} has {out[xn].shape[0]} rows but {yn} has {out[yn].shape[0]}"
-            )
-    if len(data) == 6:
-        for s in ("valid", "test"):
-            if out[f"x_{s}"].shape[1:] != out["x_train"].shape[1:]:
-                raise ConfigError(
-                    f"from_model: x_{s} examples have shape {out[f'x_{s}'].shape[1:]}, "
-                    f"x_train's {out['x_train'].shape[1:]}"
-                )
-    return out
-
-
-def _standardise(splits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    x = splits["x_train"]
-    flat = x.reshape(len(x), -1)
-    mean, scale = flat.mean(0), datasets.feature_scale(flat)
-    out = dict(splits)
-    for s in ("train", "valid", "test"):
-        v = splits[f"x_{s}"]
-        out[f"x_{s}"] = ((v.reshape(len(v), -1) - mean) / scale).reshape(v.shape)
-    return out
-
-
 def _model_fns(model: Any) -> tuple[Callable, Callable]:
     """``(init(key, x), apply(params, x))`` from a flax module, a pair, or hidden sizes."""
     if isinstance(model, tuple) and all(isinstance(h, int) for h in model):
@@ -300,11 +214,13 @@ def from_model(
         if not isinstance(shapes, dict) or set(shapes) != set(SPLITS):
             raise ConfigError(f"from_model: a data sampler must return a dict of {SPLITS}")
     else:
-        arrays = _arrays(data, loss_name)
+        arrays = datasets.validate_arrays(data, loss_name == "cross_entropy", "from_model")
         if len(arrays) == 2:
-            arrays = _split(arrays["x"], arrays["y"], valid_fraction, test_fraction, split_seed)
+            arrays = datasets.split(
+                arrays["x"], arrays["y"], valid_fraction, test_fraction, split_seed, "from_model"
+            )
         if standardize:
-            arrays = _standardise(arrays)
+            arrays = datasets.standardise(arrays)
             datasets.check_splits(
                 datasets.Dataset(*(arrays[k] for k in SPLITS), 0), name="from_model data"
             )

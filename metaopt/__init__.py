@@ -11,7 +11,7 @@ checkpoints and exact resume.
 # jax.distributed.initialize() (metaopt.sharding.initialize_distributed) before
 # anything creates an array, and evosax creates some when it is imported.
 _EXPORTS = {
-    "metaopt.api": ("RunResult", "evaluate", "run"),
+    "metaopt.api": ("RunResult", "evaluate", "export", "load", "run"),
     "metaopt.checkpoint": ("Checkpointer", "CheckpointMismatchError", "MissingCheckpointError"),
     "metaopt.config": ("ConfigError",),
     "metaopt.driver": (
@@ -79,6 +79,8 @@ __all__ = [
     "Validation",
     "evaluate",
     "evaluation",
+    "export",
+    "load",
     "load_artifact",
     "outer",
     "population_losses",

@@ -1,4 +1,4 @@
-"""Python entry points for recipes: :func:`run` and :func:`evaluate`.
+"""Python entry points for recipes: :func:`run`, :func:`evaluate`, :func:`export`, :func:`load`.
 
 They do exactly what the ``metaopt`` command does (the command is a thin layer
 over them), so a run started from a notebook or a script is an ordinary run
@@ -8,6 +8,8 @@ directory: ``metaopt eval`` and ``metaopt <recipe> --resume`` work on it.
 >>> result = metaopt.run("lr-schedule", "runs/lrs", preset="quick", generations=4)
 >>> result.summary["valid_loss_discovered"]
 >>> metaopt.evaluate("runs/lrs")
+>>> metaopt.export("runs/lrs", "exports/lrs")   # the discovery's files + export.json
+>>> schedule = metaopt.load("exports/lrs")       # in standard form
 """
 
 from __future__ import annotations
@@ -217,6 +219,116 @@ def evaluate(
     return r.evaluate(Path(run_dir), cfg, progress=progress)
 
 
+EXPORT_FILE = "export.json"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Copies a finished run's discovery into ``out`` (``metaopt export RUN_DIR``).
+
+    ``out`` (default ``RUN_DIR/export``) gets the files the recipe's discovery lives in
+    (:class:`metaopt.recipes.Export`), the run's ``config.json`` and ``export.json``
+    (recipe, what :func:`load` returns, a SHA-256 per file, the run's plugin record).
+    The run's plugin modules are imported again first, as for ``--resume``, and the
+    copy is loaded once before it is published; ``out`` appears complete or not at all.
+
+    Example:
+      >>> import metaopt
+      >>> metaopt.run("lr-schedule", "runs/lrs", preset="quick", generations=4)
+      >>> metaopt.export("runs/lrs", "exports/lrs")
+      PosixPath('exports/lrs')
+
+    Raises:
+      ConfigError: the recipe has no export, or ``out`` exists and is not empty.
+      MissingCheckpointError: the run has not written its discovery yet.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    from metaopt import recipes
+    from metaopt.checkpoint import MissingCheckpointError, write_json_atomic
+
+    run_dir = Path(run_dir)
+    r, cfg, record = recipes.run_dir_config(run_dir)
+    if r.export is None:
+        raise ConfigError(f"recipe '{r.name}' has no discovery to export")
+    patterns = r.export.files(cfg) if callable(r.export.files) else r.export.files
+    out = Path(out) if out is not None else run_dir / "export"
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} exists and is not empty; choose another --out")
+    files: dict[str, Path] = {}
+    for pattern in patterns:
+        found = sorted(p for p in run_dir.glob(pattern) if p.is_file())
+        if not found:
+            raise MissingCheckpointError(f"{run_dir} has no {pattern} yet: is the run finished?")
+        files.update((p.name, p) for p in found)
+    for pattern in r.export.optional:
+        files.update((p.name, p) for p in sorted(run_dir.glob(pattern)) if p.is_file())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        shutil.copy2(run_dir / "config.json", tmp / "config.json")
+        for name, path in files.items():
+            shutil.copy2(path, tmp / name)
+        r.export.load(tmp)  # the copy is enough on its own
+        write_json_atomic(
+            tmp / EXPORT_FILE,
+            {
+                "recipe": r.name,
+                "form": r.export.form,
+                "source": str(run_dir.resolve()),
+                "files": {n: _sha256(tmp / n) for n in ["config.json", *files]},
+                "plugins": record.get("plugins"),
+            },
+        )
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load(path: str | Path) -> Any:
+    """The discovery of an export (:func:`export`) or a finished run, in standard form.
+
+    What it returns depends on the recipe (its ``Export.form``; ``metaopt export``
+    prints it): e.g. program search's ``as_optax(learning_rate, weight_decay=0.0) ->
+    optax.GradientTransformation``, a learned optimizer's ``optax.GradientTransformation``,
+    TA-LPO's pure loss. The run's plugin modules are imported as for ``--resume``; in an
+    export, every file's SHA-256 is checked against ``export.json``.
+
+    Example:
+      >>> import metaopt
+      >>> make_optimizer = metaopt.load("exports/search")   # a program-search export
+      >>> opt = make_optimizer(learning_rate=1e-3)
+
+    Raises:
+      ConfigError: a file of the export changed, or the recipe has no export.
+    """
+    import json
+
+    from metaopt import recipes
+
+    path = Path(path)
+    r, _, _ = recipes.run_dir_config(path)
+    if r.export is None:
+        raise ConfigError(f"recipe '{r.name}' has no discovery to load")
+    manifest = path / EXPORT_FILE
+    if manifest.exists():
+        for name, digest in json.loads(manifest.read_text())["files"].items():
+            if not (path / name).is_file() or _sha256(path / name) != digest:
+                raise ConfigError(f"{path / name} is missing or changed since it was exported")
+    return r.export.load(path)
+
+
 def _type_name(typ: Any) -> str:
     import typing
 
@@ -251,4 +363,7 @@ def describe_config(recipe_name: str) -> str:
         lines.append("commands:")
         for name in r.commands:
             lines.append(f"  metaopt {r.name} {name} --help")
+    lines.append("examples:")
+    for name in r.presets:
+        lines.append(f"  metaopt {r.name} --preset {name} --print-config")
     return "\n".join(lines)

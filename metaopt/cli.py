@@ -7,7 +7,15 @@
     metaopt <recipe> --help          (config keys with types and defaults, presets)
     metaopt <recipe> <command> ...   (a recipe's sub-commands, e.g. program-search validate-proxy)
     metaopt eval RUN_DIR [--heldout NAME,NAME] [eval_key=value ...]
+    metaopt export RUN_DIR [--out DIR]   (the discovery's files; load with metaopt.load(DIR))
     metaopt --version
+
+Examples (each runs as written, from an empty directory, in this order):
+    metaopt lr-schedule --preset quick generations=4 --out runs/lrs --no-progress
+    metaopt eval runs/lrs eval_seeds=2 --no-progress
+    metaopt export runs/lrs --out exports/lrs
+    metaopt program-search --preset quick --print-config
+    metaopt families
 
 ``--import MODULE`` (repeatable, anywhere on the line), ``$METAOPT_IMPORTS`` and the
 ``metaopt.plugins`` entry points import a user's modules first, so the task families
@@ -27,11 +35,22 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from metaopt import config as cfg_lib
 from metaopt.config import ArgumentParser, ConfigError
 
 _Parser = ArgumentParser  # errors are one-line ConfigErrors
+
+
+def examples(*commands: str) -> dict[str, Any]:
+    """``--help`` epilog keywords listing example command lines (``examples:``). Every
+    line so listed runs as written (tests/test_help_examples.py), after the examples of
+    ``metaopt --help`` made ``runs/lrs``."""
+    return {
+        "epilog": "examples:\n" + "\n".join(f"  {c}" for c in commands),
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
 
 
 def _cmd_list() -> int:
@@ -60,14 +79,16 @@ def _cmd_eval(argv: list[str], modules: list[str]) -> int:
         prog="metaopt eval",
         description="Evaluate a finished run; eval_key=value overrides evaluation settings "
         "(which keys a recipe has: metaopt <recipe> --help, the eval_* keys).",
+        **examples("metaopt eval runs/lrs eval_seeds=2 --no-progress"),
     )
     p.add_argument("run_dir")
-    p.add_argument("overrides", nargs="*", help="eval_*=value (e.g. eval_seeds=4)")
+    p.add_argument("overrides", nargs="*", help="eval_*=value")
     p.add_argument(
         "--heldout",
         default=None,
-        help="comma-separated task families to score on instead of the recipe's held-out "
-        "list (same as eval_heldout=...; e.g. --heldout my-task-a,my-task-b)",
+        help="program-search runs: comma-separated task families (any registered, as "
+        "family[@steps][/bN]) to score on instead of the recipe's held-out list (same as "
+        "eval_heldout=...)",
     )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_intermixed_args(argv)
@@ -79,6 +100,25 @@ def _cmd_eval(argv: list[str], modules: list[str]) -> int:
     _startup_line("eval", args.run_dir)
     summary = api.evaluate(args.run_dir, progress=not args.no_progress, overrides=overrides)
     _print_summary(summary)
+    return 0
+
+
+def _cmd_export(argv: list[str], modules: list[str]) -> int:
+    from metaopt import api, plugins, recipes
+
+    p = _Parser(
+        prog="metaopt export",
+        description="Copy a finished run's discovery (its files, config.json and a manifest "
+        "export.json) into a directory that metaopt.load(DIR) reads in standard form.",
+        **examples("metaopt export runs/lrs --out exports/lrs-2"),
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="the export directory (default RUN_DIR/export)")
+    args = p.parse_args(argv)
+    plugins.load(modules)
+    out = api.export(args.run_dir, args.out)
+    r = recipes.get(recipes.RunDir(out).record()["recipe"])
+    print(f"exported {r.name} to {out}: metaopt.load('{out}') returns {r.export.form}")
     return 0
 
 
@@ -208,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_families()
         if cmd == "eval":
             return _cmd_eval(rest, modules)
+        if cmd == "export":
+            return _cmd_export(rest, modules)
         return _cmd_recipe(cmd, rest, modules)
     except (ConfigError, MissingCheckpointError, CheckpointMismatchError) as e:
         print(f"metaopt: error: {e}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Plugins: a user's problems, registered in their own module, across process boundaries.
 
-A user registers a task family (:func:`metaopt.envs.families.register`) or an RL
-environment (:func:`metaopt.envs.rl.register`) in a module of their own. Three ways
+A user registers a task family (:func:`metaopt.envs.families.register`), a dataset
+(:func:`metaopt.envs.datasets.register`) or an RL environment
+(:func:`metaopt.envs.rl.register`) in a module of their own. Three ways
 load such modules before a command parses its config:
 
 * ``metaopt --import my_tasks program-search tasks=my-task`` (repeatable; the current
@@ -135,10 +136,17 @@ def family_fingerprint(family: Any) -> str:
 
 def _user_problems(config: Mapping[str, Any]) -> dict[str, dict[str, str]]:
     """The non-bundled registered problems a config names: name -> provenance."""
-    from metaopt.envs import families, rl
+    from metaopt.envs import datasets, families, rl
 
     out = {}
     for name in _names(dict(config)):
+        data = datasets.user(name)
+        if data is not None and name not in out:
+            out[name] = {
+                "kind": "dataset",
+                "module": data.module,
+                "sha256": datasets.fingerprint(name),
+            }
         spec = families.FAMILIES.get(name)
         if spec is not None and not spec.bundled and name not in out:
             fam = families.make(name)
@@ -179,13 +187,16 @@ def restore(saved: Mapping[str, Any] | None, where: str) -> None:
     """
     if not saved:
         return
-    from metaopt.envs import families, rl
+    from metaopt.envs import datasets, families, rl
 
     for module in saved.get("modules", []):
         if module not in sys.modules:
             import_module(module, f"{where} (recorded plugin; the run needs it)")
     for name, p in saved.get("problems", {}).items():
-        registry = families.FAMILIES if p.get("kind") == "task family" else rl.REGISTERED
+        kind = p.get("kind")
+        registry = {"task family": families.FAMILIES, "dataset": datasets.names()}.get(
+            kind, rl.REGISTERED
+        )
         if name not in registry:
             by = p.get("module", "?")
             how = (
@@ -195,10 +206,14 @@ def restore(saved: Mapping[str, Any] | None, where: str) -> None:
             )
             raise ConfigError(f"{where}: {p.get('kind')} '{name}' is not registered ({how})")
         if "sha256" in p:
-            now = family_fingerprint(families.make(name))
+            now = (
+                datasets.fingerprint(name)
+                if kind == "dataset"
+                else family_fingerprint(families.make(name))
+            )
             if now != p["sha256"]:
                 raise ConfigError(
-                    f"{where}: the data of task family '{name}' changed since the run was "
+                    f"{where}: the data of {kind} '{name}' changed since the run was "
                     f"written (sha256 {p['sha256'][:12]} -> {now[:12]}); refusing to go on "
                     "with other data (start a new run)"
                 )

@@ -27,6 +27,27 @@ from metaopt.rundir import RunDir, write_summary  # noqa: F401  (write_summary: 
 
 
 @dataclasses.dataclass(frozen=True)
+class Export:
+    """What ``metaopt export`` takes out of a finished run: the files that hold the
+    discovery and how to load it in standard form.
+
+    Attributes:
+      files: glob patterns of run-directory files, each of which must match at least one
+        file; or ``files(config) -> patterns`` when they depend on the run's settings.
+      load: ``load(directory) -> discovery`` in standard form (an
+        ``optax.GradientTransformation``, a pure loss, a pure predictor, arrays) from a
+        directory holding ``files`` and the run's ``config.json``.
+      form: one line saying what ``load`` returns.
+      optional: patterns copied when present (e.g. the run's evaluation).
+    """
+
+    files: tuple[str, ...] | Callable[[Any], tuple[str, ...]]
+    load: Callable[[Path], Any]
+    form: str
+    optional: tuple[str, ...] = ("eval.json", "eval.md", "summary.json")
+
+
+@dataclasses.dataclass(frozen=True)
 class Recipe:
     """A runnable discovery job.
 
@@ -44,6 +65,8 @@ class Recipe:
         invalid combination of settings fails before a directory exists.
       commands: sub-commands, ``metaopt <name> <command> [args]`` calls ``commands[command](args)``
         (an exit status; bad input raises ``ConfigError``).
+      export: what ``metaopt export RUN_DIR`` copies out and how it is loaded
+        (:class:`Export`; None: the recipe has no discovery to export).
     """
 
     name: str
@@ -55,6 +78,7 @@ class Recipe:
     extendable: tuple[str, ...] = ("generations",)
     build: Callable[[Any], Any] | None = None
     commands: Mapping[str, Callable[[list[str]], int]] = dataclasses.field(default_factory=dict)
+    export: Export | None = None
 
     def config(self, preset: str = "default", overrides: Mapping[str, Any] | None = None):
         """The config of ``preset`` with ``overrides`` applied."""

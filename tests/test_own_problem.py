@@ -19,13 +19,17 @@ from metaopt import cli, plugins
 from metaopt.config import ConfigError
 from metaopt.envs import datasets, families, rl
 from metaopt.envs.families import DatasetMLP
+from metaopt.optimizers import lopt
 
 
 @pytest.fixture
 def registry():
     """Families / environments a test registers are removed afterwards."""
     before_f, before_e = dict(families.FAMILIES), dict(rl.REGISTERED)
+    before_d = set(datasets.names())
     yield
+    for name in set(datasets.names()) - before_d:
+        datasets.unregister(name)
     families.FAMILIES.clear()
     families.FAMILIES.update(before_f)
     rl.REGISTERED.clear()
@@ -404,6 +408,19 @@ def test_own_task_sigterm_resume_in_a_fresh_process_is_bit_identical(tmp_path):
     assert list(result["workloads"]) == ["own-diabetes@40"]
     assert "discovered-1" in out
 
+    # export re-imports the module like resume: refused without it, complete with it
+    (tmp_path / "own_tasks_mod.py").rename(tmp_path / "moved.py")
+    code, _, err = _done(_metaopt(tmp_path, "export", "run", "--out", "exp"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "cannot import module 'own_tasks_mod'" in err and not (tmp_path / "exp").exists()
+    (tmp_path / "moved.py").rename(tmp_path / "own_tasks_mod.py")
+    code, out, err = _done(_metaopt(tmp_path, "export", "run", "--out", "exp"))
+    assert code == 0 and "make(learning_rate" in out, err
+    manifest = json.loads((tmp_path / "exp" / "export.json").read_text())
+    assert manifest["plugins"]["modules"] == ["own_tasks_mod"]
+    exported = (tmp_path / "exp" / "best_program.txt").read_text()
+    assert exported == (tmp_path / "run" / "best_program.txt").read_text()
+
 
 def test_eval_heldout_names_are_checked_before_anything_runs(capsys, tmp_path):
     from metaopt.algorithms.program_search.recipe import Config
@@ -490,6 +507,14 @@ def test_learned_optimizer_runs_on_a_family_object(tmp_path, own_family):
         "module": "__main__",
         "sha256": fam.fingerprint(),
     }
+    # the export is the optimizer on its own: same updates as the run's optimizer
+    opt = metaopt.load(metaopt.export(out, tmp_path / "exp"))
+    ref = lopt.as_optax(out)
+    params = fam.init_params(jax.random.key(0), fam.sample(jax.random.key(1)))
+    grads = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
+    u1, _ = opt.update(grads, opt.init(params), params)
+    u2, _ = ref.update(grads, ref.init(params), params)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), u1, u2))
 
 
 @pytest.mark.slow
@@ -510,3 +535,112 @@ def test_ta_lpg_runs_on_a_registered_environment(tmp_path, own_env):
     r = metaopt.run("ta-lpg", out, preset="quick", progress=False, env=own_env, generations=2)
     assert np.isfinite(float(r.summary["ta_lpg_metagrad_return_last_2"]))
     assert _provenance(out, own_env)["kind"] == "environment"
+
+
+# -- a user's dataset: in-context (GPICL) and hypergradient ---------------------------
+
+
+@pytest.fixture
+def own_iris(registry):
+    """scikit-learn's iris (not bundled): 3 classes, and a binary version of it."""
+    from sklearn.datasets import load_iris
+
+    x, y = load_iris(return_X_y=True)
+    datasets.register("own-iris", (x, y), description="iris, 3 classes")
+    datasets.register("own-iris-binary", lambda: (x, (y == 2).astype(int)))
+    return x, y
+
+
+@pytest.mark.parametrize(
+    "name, data, message",
+    [
+        ("digits", (X, Y), "ships with metaopt"),
+        ("own-d", (X, Y - 1), "labels y must be >= 0"),
+        ("own-d", (X, Y + 0.5), "needs integer class labels"),
+        ("own-d", (np.where(X > 2, np.nan, X), Y), "NaN/inf"),
+        ("own-d", (X, Y[:5]), "x has 120 rows but y has 5"),
+        ("own d", (X, Y), "invalid dataset name"),
+    ],
+)
+def test_dataset_register_bad_input_is_one_line(registry, name, data, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        datasets.register(name, data)
+    assert "\n" not in str(e.value) and name not in datasets.names()[3:]
+
+
+def test_registered_dataset_loads_like_a_bundled_one(own_iris):
+    x, y = own_iris
+    d = datasets.load("own-iris", seed=3)
+    want = datasets.standardise(
+        datasets.split(x.astype(np.float32), y.astype(np.int32), 0.2, 0.2, 3)
+    )
+    for k, a in zip(datasets.SPLITS, d[:6], strict=True):
+        np.testing.assert_array_equal(a, want[k])
+    assert d.num_classes == 3 and abs(float(d.x_train.mean())) < 1e-6
+    assert datasets.load("own-iris-binary").num_classes == 2
+    with pytest.raises(ConfigError, match="already registered"):
+        datasets.register("own-iris", (x, y))
+    with pytest.raises(ConfigError, match="unknown dataset 'own-irs' \\(did you mean 'own-iris'"):
+        datasets.check("own-irs")
+
+
+def test_gpicl_tasks_on_a_registered_dataset_project_its_examples(own_iris):
+    from metaopt.envs.in_context import GPICLTasks
+
+    fam = GPICLTasks("own-iris", length=12, input_dim=8, num_classes=3, split="test")
+    ep = fam.sample(jax.random.key(4))
+    a, perm = fam.transform(fam.task_key(jax.random.split(jax.random.key(4))[0]))
+    d = datasets.load("own-iris")
+    # every context example is a test example of iris under the task's projection
+    projected = np.asarray(d.x_test @ np.asarray(a))
+    for xs, ys in zip(np.asarray(ep.context_x), np.asarray(ep.context_y), strict=True):
+        i = int(np.argmin(np.abs(projected - xs).sum(1)))
+        np.testing.assert_allclose(projected[i], xs, rtol=1e-5, atol=1e-5)
+        assert ys == int(np.asarray(perm)[d.y_test[i]])
+
+
+def test_in_context_gpicl_runs_on_a_registered_dataset(tmp_path, own_iris):
+    import metaopt
+
+    out = tmp_path / "gpicl"
+    r = metaopt.run(
+        "in-context", out, preset="gpicl", progress=False, dataset="own-iris",
+        transfer_dataset="own-iris-binary", task_counts_log2=(1,), generations=20,
+        steps_per_call=10, model_dim=16, heads=2, depth=1, length=12, max_len=12,
+        eval_tasks=32, meta_batch=8, input_dim=8,
+    )  # fmt: skip
+    assert r.config.num_classes == 3
+    assert _provenance(out, "own-iris") == {
+        "kind": "dataset",
+        "module": __name__,
+        "sha256": datasets.fingerprint("own-iris"),
+    }
+    assert _provenance(out, "own-iris-binary")["kind"] == "dataset"
+    predict = metaopt.load(metaopt.export(out, tmp_path / "exp"))
+    from metaopt.algorithms.in_context import recipe as ic
+
+    tasks = ic.gpicl_tasks(r.config, 2, dataset="own-iris-binary", split="test")
+    ep = tasks.sample(jax.random.key(0))
+    assert predict(ep.context_x[:-1], ep.context_y[:-1], ep.context_x[-1]).shape == (3,)
+
+
+def test_hypergradient_runs_on_a_registered_binary_dataset(tmp_path, own_iris):
+    import metaopt
+
+    with pytest.raises(ConfigError, match="'own-iris' has 3 classes; .* needs a binary one"):
+        metaopt.run("hypergradient", tmp_path / "no", preset="quick", dataset="own-iris")
+    assert not (tmp_path / "no").exists()
+    out = tmp_path / "hg"
+    r = metaopt.run(
+        "hypergradient", out, preset="quick", progress=False, dataset="own-iris-binary",
+        outer_steps=4, checks=False, regularisers=("scalar",),
+    )  # fmt: skip
+    assert r.config.dataset == "own-iris-binary"
+    assert _provenance(out, "own-iris-binary")["module"] == __name__
+    record = json.loads((out / "config.json").read_text())
+    # the plugin guard: the same data passes, changed data is refused with one line
+    plugins.restore(record["plugins"], "config.json")
+    x, y = own_iris
+    datasets.register("own-iris-binary", (x[::-1], (y[::-1] == 2).astype(int)), overwrite=True)
+    with pytest.raises(ConfigError, match="the data of dataset 'own-iris-binary' changed"):
+        plugins.restore(record["plugins"], "config.json")

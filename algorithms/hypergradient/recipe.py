@@ -31,7 +31,7 @@ import dataclasses
 import functools
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,9 +51,10 @@ from metaopt.algorithms.hypergradient.problems import (
 )
 from metaopt.checkpoint import MissingCheckpointError, write_json_atomic
 from metaopt.config import check
+from metaopt.envs import datasets
 from metaopt.inner import InnerLoop
 from metaopt.outer import MetaGradient
-from metaopt.recipes import Recipe, write_summary
+from metaopt.recipes import Export, Recipe, write_summary
 from metaopt.rundir import run_phase
 
 PyTree = Any
@@ -73,7 +74,9 @@ class Config:
     ridge_test: int = 2000
     ridge_noise: float = 1.0
     ridge_lam0: float = 1e-2
-    dataset: Literal["breast_cancer"] = "breast_cancer"
+    # any binary classification dataset: bundled (breast_cancer) or registered with
+    # metaopt.envs.datasets.register
+    dataset: str = "breast_cancer"
     logistic_lam0: float = 1e-4
     unroll_steps: int = 300
     newton_steps: int = 30
@@ -106,6 +109,13 @@ class Config:
         check(
             len(self.regularisers) >= 1 and set(self.regularisers) <= set(REGULARISERS),
             f"regularisers must be a non-empty subset of {list(REGULARISERS)}",
+        )
+        datasets.check(self.dataset)
+        classes = datasets.load(self.dataset, self.seed).num_classes
+        check(
+            classes == 2,
+            f"dataset '{self.dataset}' has {classes} classes; the logistic problem needs a "
+            "binary one",
         )
 
 
@@ -416,7 +426,6 @@ def _sklearn_reference(cfg: Config) -> dict:
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
 
-    from metaopt.envs import datasets
     from metaopt.evaluation import tune_grid
 
     d = datasets.load(cfg.dataset, cfg.seed)
@@ -461,8 +470,7 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
     path = run_dir / "hparams.npz"
     if not path.exists():
         raise MissingCheckpointError(f"{path} is missing: the run has not finished")
-    with np.load(path, allow_pickle=False) as f:
-        learned = {k: jnp.asarray(f[k]) for k in f.files}
+    learned = {k: jnp.asarray(v) for k, v in load_hparams(run_dir).items()}
     probs = _problems(cfg)
     rows: dict[str, dict] = {}
     tuning: dict[str, ev.GridChoice] = {}
@@ -534,6 +542,12 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
     return {name: f"test {r['test_loss']:.4f}" for name, r in rows.items()}
 
 
+def load_hparams(run_dir: str | Path) -> dict[str, np.ndarray]:
+    """The learned regularisation strengths of a finished run, by sub-run."""
+    with np.load(Path(run_dir) / "hparams.npz", allow_pickle=False) as f:
+        return {k: np.asarray(f[k]) for k in f.files}
+
+
 RECIPE = Recipe(
     name="hypergradient",
     description="learn L2 strengths by unrolled vs implicit (custom_root + CG) hypergradients",
@@ -542,4 +556,10 @@ RECIPE = Recipe(
     presets=PRESETS,
     evaluate=evaluate,
     extendable=("outer_steps",),
+    export=Export(
+        files=("hparams.npz",),
+        load=lambda d: load_hparams(d),
+        form="{'problem/regulariser/method': learned regularisation strengths} (arrays)",
+        optional=("results.json", "checks.json", "eval.json", "eval.md", "summary.json"),
+    ),
 )

@@ -54,13 +54,12 @@ from metaopt.algorithms.in_context import gpicl, lsa
 from metaopt.config import check
 from metaopt.envs import datasets
 from metaopt.envs.in_context import (
-    GPICL_DATASETS,
     GPICLTasks,
     LinearRegression,
     NonlinearRegression,
 )
 from metaopt.outer import MetaGradient
-from metaopt.recipes import Recipe, write_summary
+from metaopt.recipes import Export, Recipe, write_summary
 from metaopt.rundir import load_artifact, run_phase, save_artifact
 
 #: the largest number of LSA layers the recipe builds.
@@ -70,7 +69,7 @@ MAX_LOG2_TASKS = 24
 
 
 def _test_size(name: str) -> int:
-    return len(datasets.load(name).y_test) if name in GPICL_DATASETS else 0
+    return len(datasets.load(name).y_test) if name in datasets.names() else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,9 +161,11 @@ class Config:
             f"meta_batch={self.meta_batch} must be a multiple of particles={self.particles}",
         )
         for name in ("dataset", "transfer_dataset"):
+            value = getattr(self, name)
             check(
-                getattr(self, name) in GPICL_DATASETS,
-                f"{name} must be one of {', '.join(GPICL_DATASETS)}",
+                value in datasets.names(),
+                f"{name}: unknown dataset '{value}'; choose from {', '.join(datasets.names())}"
+                " or register your own with metaopt.envs.datasets.register (--import MODULE)",
             )
         if self.mode == "gpicl":  # loads the datasets (scikit-learn): only where they are used
             smallest = min(_test_size(self.dataset), _test_size(self.transfer_dataset))
@@ -554,4 +555,11 @@ RECIPE = Recipe(
     presets=PRESETS,
     evaluate=evaluate,
     build=_build,
+    export=Export(
+        files=lambda cfg: {"gpicl": ("gpicl_k*.npz",), "lsa-mlp": ("embed_lsa.npz", "lsa.npz")}.get(
+            cfg.mode, ("lsa.npz",)
+        ),
+        load=lambda d: load_predictor(d),
+        form="predict(context_x, context_y, query_x) -> predictions (gpicl: logits)",
+    ),
 )

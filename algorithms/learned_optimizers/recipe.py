@@ -54,7 +54,7 @@ from metaopt.config import check
 from metaopt.envs import families
 from metaopt.inner import InnerLoop, ParametrizedOptimizer, training_inner_loop, unroll
 from metaopt.optimizers import lopt
-from metaopt.recipes import Recipe, write_summary
+from metaopt.recipes import Export, Recipe, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -765,4 +765,9 @@ RECIPE = Recipe(
     evaluate=evaluate,
     build=_dry_build,
     commands={"width-sweep": _width_sweep_cmd, "pool": _pool_cmd},
+    export=Export(
+        files=(lopt.WEIGHTS_FILE,),
+        load=lambda d: lopt.as_optax(d),
+        form="optax.GradientTransformation (update needs params; horizon: the run's inner_steps)",
+    ),
 )

@@ -42,7 +42,7 @@ from metaopt.algorithms.lpg.evaluate import evaluate_run
 from metaopt.config import check
 from metaopt.envs import rl
 from metaopt.plotting import read_metrics
-from metaopt.recipes import Recipe, write_summary
+from metaopt.recipes import Export, Recipe, write_summary
 from metaopt.rundir import load_artifact, run_phase, save_phase_result, validation_line
 
 #: every objective a run can meta-train, in order: name -> (outer, temporal).
@@ -382,4 +382,10 @@ RECIPE = Recipe(
     presets=PRESETS,
     evaluate=evaluate_run,
     extendable=("generations", "metagrad_steps"),
+    export=Export(
+        files=("ta_lpg_es.npz",),
+        load=lambda d: load_objective(d),
+        form="targets(rewards, dones, pi_a, y, y_next, progress, lifetime) -> (pi_hat, y_hat, "
+        "delta)",
+    ),
 )

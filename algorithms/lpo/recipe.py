@@ -58,7 +58,7 @@ from metaopt.config import check
 from metaopt.envs import rl
 from metaopt.inner import InnerLoop
 from metaopt.plotting import read_metrics
-from metaopt.recipes import Recipe, write_summary
+from metaopt.recipes import Export, Recipe, write_summary
 from metaopt.rl import objectives as obj_lib
 from metaopt.rl import ppo
 from metaopt.rundir import load_artifact, run_phase, save_phase_result, validation_line
@@ -520,4 +520,10 @@ RECIPE = Recipe(
     presets=PRESETS,
     evaluate=evaluate_run,
     build=lambda cfg: [build_outer(cfg, build_inner(cfg, n)) for n in cfg.phases],
+    export=Export(
+        files=("ta_lpo.npz",),
+        load=lambda d: load_objective(d),
+        form="loss(ratio, advantage, progress) -> scalar (a drop-in for PPO's clipped surrogate)",
+        optional=("lpo.npz", TUNED_FILE, "eval.json", "eval.md", "summary.json"),
+    ),
 )

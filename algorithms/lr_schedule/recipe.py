@@ -40,7 +40,7 @@ from metaopt.inner import (
     seed_losses,
     training_inner_loop,
 )
-from metaopt.recipes import Recipe, write_summary
+from metaopt.recipes import Export, Recipe, write_summary
 from metaopt.rundir import load_artifact, save_artifact
 
 
@@ -307,6 +307,16 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
     return {k: f"{v['mean']:.4f} +- {v['std']:.4f}" for k, v in rows.items()}
 
 
+def export_schedule(run_dir: str | Path):
+    """The discovered schedule as a pure function of training progress ``t / T``.
+
+    Example:
+      >>> schedule = export_schedule("runs/lrs")     # or metaopt.load("runs/lrs")
+      >>> opt = optax.sgd(lambda t: schedule(t / 1000), momentum=0.9)
+    """
+    return functools.partial(learning_rate, load_schedule(run_dir))
+
+
 RECIPE = Recipe(
     name="lr-schedule",
     description="ES/PES/meta-gradient discovery of a learning-rate schedule (MLP on digits)",
@@ -315,4 +325,9 @@ RECIPE = Recipe(
     presets=PRESETS,
     evaluate=evaluate,
     build=lambda cfg: build_outer(cfg, build_inner(cfg)),
+    export=Export(
+        files=("meta_params.npz",),
+        load=lambda d: export_schedule(d),
+        form="schedule(progress in [0, 1]) -> learning rate (for the run's base optimizer)",
+    ),
 )

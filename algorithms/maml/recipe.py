@@ -41,7 +41,7 @@ from metaopt.algorithms.maml.maml import (
 )
 from metaopt.config import check
 from metaopt.outer import MetaGradient
-from metaopt.recipes import Recipe, write_summary
+from metaopt.recipes import Export, Recipe, write_summary
 from metaopt.rundir import load_artifact, run_phase, save_artifact
 
 
@@ -417,4 +417,10 @@ RECIPE = Recipe(
     presets=PRESETS,
     evaluate=evaluate,
     build=lambda cfg: (build_outer(cfg), build_outer(cfg, pretrained=True)),
+    export=Export(
+        files=("maml_params.npz",),
+        load=lambda d: load_params(Path(d) / "maml_params.npz"),
+        form="the meta-learned initial weights: a list of {'w', 'b'} layers (predict(params, x))",
+        optional=("pretrained_params.npz", "eval.json", "eval.md", "summary.json"),
+    ),
 )

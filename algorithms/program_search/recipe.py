@@ -40,6 +40,7 @@ SGD with momentum unless ``warm_start`` says otherwise.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 import warnings
@@ -68,11 +69,12 @@ from metaopt.optimizers.program import (
     BUILTINS,
     CHEAP_OPS,
     MAX_LEN,
+    as_optax,
     parse,
     to_source,
 )
 from metaopt.plotting import read_metrics
-from metaopt.recipes import Recipe
+from metaopt.recipes import Export, Recipe
 
 OP_SETS = {"cheap": CHEAP_OPS, "full": ALL_OPS}
 
@@ -539,6 +541,19 @@ def _validate_proxy(argv: list[str]) -> int:
     return validate.main(argv)
 
 
+def load_optimizer(run_dir: str | Path):
+    """The search's winner as ``make(learning_rate, weight_decay=0.0) ->
+    optax.GradientTransformation`` (:func:`metaopt.optimizers.program.as_optax`; its
+    docstring says how the program was scored: cosine schedule, stacked weight decay).
+
+    Example:
+      >>> make = load_optimizer("runs/search")   # or metaopt.load("runs/search")
+      >>> opt = make(optax.cosine_decay_schedule(1e-3, 1000))
+    """
+    source = (Path(run_dir) / "best_program.txt").read_text()
+    return functools.partial(as_optax, parse(source))
+
+
 RECIPE = Recipe(
     name="program-search",
     description="Lion-style symbolic search for optimizers (proxy tasks, funnel, held-out)",
@@ -549,4 +564,10 @@ RECIPE = Recipe(
     extendable=("rounds",),
     build=build,
     commands={"validate-proxy": _validate_proxy},
+    export=Export(
+        files=("best_program.txt",),
+        load=lambda d: load_optimizer(d),
+        form="make(learning_rate, weight_decay=0.0) -> optax.GradientTransformation",
+        optional=("eval.json", "eval.md", "eval.png", "leaderboard.json", "summary.json"),
+    ),
 )

@@ -491,12 +491,17 @@ def _json_safe(x):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from metaopt.cli import _Parser
+    from metaopt.cli import _Parser, examples
 
     p = _Parser(
         prog="metaopt program-search validate-proxy",
         description="Rank a panel of hand-written optimizers on the proxy and on held-out "
         "workloads; report Kendall's tau between the rankings.",
+        **examples(
+            "metaopt program-search validate-proxy --quick --proxy digits-mlp16@40 "
+            "--heldout digits-mlp32@60 --optimizers adamw,lion,sgd_momentum --seeds 2 "
+            "--proxy-seeds 2 --out runs/pv --no-progress"
+        ),
     )
     p.add_argument("--out", default=None, help="output folder (default runs/proxy-validation-…)")
     p.add_argument("--seeds", type=int, default=None, help="held-out seeds (default 8; quick 2)")
@@ -512,7 +517,7 @@ def _parser() -> argparse.ArgumentParser:
         "--heldout",
         default=None,
         help="comma list of held-out workloads: bundled names or family[@steps][/bN] of any "
-        "registered family (your own target task, e.g. --heldout my-task@400)",
+        "registered family (your own target task)",
     )
     p.add_argument("--optimizers", default=None, help="comma list of panel entries")
     p.add_argument("--seed", type=int, default=0)
