@@ -122,12 +122,14 @@ def test_prompt_is_generated_from_the_interpreter_and_carries_scores():
     assert "tanh" not in text and "  t:" not in text  # outside the default space
     full = lm.grammar(SearchSpace(slots=1, allow_t=True, ops=ALL_OPS, max_len=16))
     assert "tanh(a)" in full and "  t:" in full and "  v:" not in full and "16 statements" in full
+    tournament = [(WARM, 0.987654), ("update = sign(g)", 1.5), ("update = abs(g)", 1.7)]
     msgs = LMProposer(LMConfig(inspirations=1)).ask(
-        SPACE, [(WARM, 0.987654), ("update = sign(g)", 1.5)], [(WARM, 0.98), ("update = neg(g)", 2)]
+        SPACE, tournament, [(WARM, 0.98), ("update = neg(g)", 2)]
     )
     assert msgs[0]["content"] == text
     user = msgs[1]["content"]
     assert "Parent 1 (fitness 0.9877)" in user and "Parent 2 (fitness 1.5)" in user
+    assert "abs(g)" not in user  # the two fittest of the tournament only (lm_parents=2)
     assert "update = div(m, r1)" in user and "def " not in user
     # the warm start is a parent already: the one inspiration shown is the other program
     assert "Program 1 (fitness 2)" in user and "update = neg(g)" in user

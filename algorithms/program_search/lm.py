@@ -84,6 +84,7 @@ class LMConfig:
       timeout: seconds a request may take (connect and read).
       retries: retries of a request after HTTP 429 / 5xx or a timeout.
       backoff: seconds before the first retry; doubled for each further one.
+      parents: the tournament's fittest members shown as parents.
       inspirations: best programs of the population shown besides the parents.
 
     Example::
@@ -100,6 +101,7 @@ class LMConfig:
     timeout: float = 60.0
     retries: int = 3
     backoff: float = 1.0
+    parents: int = 2
     inspirations: int = 3
 
     def __post_init__(self):
@@ -113,6 +115,7 @@ class LMConfig:
         check(self.timeout > 0, f"lm_timeout must be > 0 seconds, got {self.timeout}")
         check(self.retries >= 0, f"lm_retries must be >= 0, got {self.retries}")
         check(self.backoff >= 0, f"lm_backoff must be >= 0 seconds, got {self.backoff}")
+        check(self.parents >= 1, "lm_parents must be >= 1")
         check(self.inspirations >= 0, "lm_inspirations must be >= 0")
         check(
             not self.api_key_env or self.api_key_env in os.environ,
@@ -493,7 +496,9 @@ class LMProposer:
         inspirations: Sequence[tuple[str, float]],
         previous: tuple[str, str] | None = None,
     ) -> list[dict]:
-        """The messages for one child (parents and up to ``cfg.inspirations`` others)."""
+        """The messages for one child: the ``cfg.parents`` fittest parents and up to
+        ``cfg.inspirations`` other programs."""
+        parents = list(parents)[: self.cfg.parents]
         seen = {body_of(t) for t, _ in parents}
         others = [(t, f) for t, f in inspirations if body_of(t) not in seen]
         return messages(space, parents, others[: self.cfg.inspirations], previous)

@@ -169,6 +169,7 @@ class Config:
     lm_max_requests: int = 0  # per run, over all lm proposers (0: no limit)
     lm_max_tokens: int = 0  # per run, from the replies' usage (0: no limit)
     lm_reply_tokens: int = 512  # max_tokens of each request
+    lm_parents: int = 2  # the tournament's fittest members shown as parents
     lm_inspirations: int = 3  # best programs shown besides the parents
     # `metaopt eval`: the held-out workloads (bundled names or family[@steps][/bN] of any
     # registered family; empty = the bundled list heldout.WORKLOADS), seeds, programs scored
@@ -279,6 +280,7 @@ class Config:
                 timeout=self.lm_timeout,
                 retries=self.lm_retries,
                 backoff=self.lm_backoff,
+                parents=self.lm_parents,
                 inspirations=self.lm_inspirations,
             )
         return out
