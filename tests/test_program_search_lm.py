@@ -166,7 +166,7 @@ def test_replies_are_read_as_fences_plain_text_or_diffs_and_never_run():
 )
 def test_stub_replies_are_handled_and_counted(fresh, model, counted, tries):
     sleeps = []
-    bandit = lm_bandit(fresh, model, sleeps, timeout=0.25)
+    bandit = lm_bandit(fresh, model, sleeps, timeout=0.25 if model == "slow" else 5.0)
     made, _ = one_round(bandit, n=3)
     m = made.metrics
     assert m["lm_chosen"] == 3

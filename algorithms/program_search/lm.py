@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -61,6 +62,7 @@ _MEANING = {
     "pow": "|a| ** b",
     "exp": "exp(a), a clipped to [-50, 50]",
 }
+_MAX_RESPONSE = 4 << 20  # bytes read of a response (a longer one fails as bad JSON)
 _INPUT_MEANING = {
     "g": "the gradient",
     "w": "the parameter",
@@ -191,7 +193,7 @@ class ChatClient:
             headers["Authorization"] = f"Bearer {os.environ.get(self.cfg.api_key_env, '')}"
         req = urllib.request.Request(self.cfg.endpoint, data=data, headers=headers)
         with urllib.request.urlopen(req, timeout=self.cfg.timeout) as resp:
-            payload = json.loads(resp.read().decode("utf-8"))
+            payload = json.loads(resp.read(_MAX_RESPONSE).decode("utf-8"))
         try:
             text = payload["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
@@ -222,7 +224,7 @@ class ChatClient:
                 if not isinstance(e.reason, TimeoutError):
                     return Reply(None, f"unreachable: {e.reason}", tries=i + 1)
                 error = "timeout"
-            except (ValueError, OSError) as e:  # malformed JSON, a reset connection
+            except (ValueError, OSError, http.client.HTTPException) as e:  # bad JSON, a reset
                 return Reply(None, f"bad response: {type(e).__name__}", tries=i + 1)
         return Reply(None, error, tries=self.cfg.retries + 1)
 
