@@ -226,13 +226,36 @@ def propose(
     """
     parent = structural_hash(parse(parents[0]))
     for _ in range(tries):
-        text = proposer(list(parents), rng)
-        if not isinstance(text, str):
-            continue
-        try:
-            child = parse(text)
-        except ProgramError:
-            continue
-        if space.violation(child) is None and structural_hash(child) != parent:
+        child, _ = read_child(proposer(list(parents), rng), space, parent)
+        if child is not None:
             return child
     return None
+
+
+def read_child(text, space: SearchSpace, parent_hash: str) -> tuple[Program | None, str]:
+    """``text`` read by the safe parser: ``(child, "")`` or ``(None, why it is unusable)``.
+
+    A child is usable when ``text`` is a string the parser accepts, inside ``space``
+    and structurally different from the parent (``parent_hash``). Nothing is evaluated.
+
+    Example::
+
+        >>> space = SearchSpace()
+        >>> parent = structural_hash(parse("update = sign(g)"))
+        >>> read_child("import os", space, parent)[1]
+        "line 1 ('import os'): expected 'name = op(arg, ...)'"
+        >>> read_child("update = neg(g)", space, parent)[0] is not None
+        True
+    """
+    if not isinstance(text, str):
+        return None, f"not text ({type(text).__name__})"
+    try:
+        child = parse(text)
+    except ProgramError as e:
+        return None, str(e)
+    why = space.violation(child)
+    if why is not None:
+        return None, f"outside the search space: {why}"
+    if structural_hash(child) == parent_hash:
+        return None, "the same program as the first parent"
+    return child, ""

@@ -42,14 +42,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from metaopt.algorithms.program_search.bandit import ProposerBandit
 from metaopt.algorithms.program_search.heldout import workloads as heldout_workloads
-from metaopt.algorithms.program_search.mutate import SearchSpace
+from metaopt.algorithms.program_search.lm import LMConfig, LMProposer
+from metaopt.algorithms.program_search.mutate import RandomMutator, SearchSpace
 from metaopt.algorithms.program_search.scoring import default_chunk
 from metaopt.algorithms.program_search.search import (
     NARROW_LR_GRID,
@@ -77,6 +80,7 @@ from metaopt.plotting import read_metrics
 from metaopt.recipes import Export, Recipe
 
 OP_SETS = {"cheap": CHEAP_OPS, "full": ALL_OPS}
+_LM_ARM = re.compile(r"^lm(?::([^@\s]+))?(?:@(\d+(?:\.\d*)?|\.\d+))?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +152,27 @@ class Config:
     heldout_task: str = "breast_cancer-mlp16"
     heldout_every: int = 5
     seed: int = 0
+    # who proposes children (docs/program_search_lm.md): "random" (the mutator), "lm" (the
+    # language model below), "lm@T" (at temperature T), "lm:MODEL" or "lm:MODEL@T"; with
+    # more than one, a Thompson-sampling bandit picks one per child by how often its
+    # children beat their parent (bandit.py)
+    proposers: tuple[str, ...] = ("random",)
+    # the language model: an OpenAI-compatible chat-completions server (llama.cpp's
+    # llama-server, vLLM); lm_api_key_env is the NAME of the variable holding the key
+    lm_base_url: str = "http://127.0.0.1:8080/v1"
+    lm_model: str = "local"
+    lm_api_key_env: str = ""
+    lm_temperature: float = 0.8
+    lm_timeout: float = 60.0  # seconds per request
+    lm_retries: int = 3  # after HTTP 429 / 5xx or a timeout, waiting lm_backoff * 2**i s
+    lm_backoff: float = 1.0
+    lm_attempts: int = 2  # requests per child (a re-ask after an unusable reply)
+    lm_concurrency: int = 4  # requests in flight
+    lm_max_requests: int = 0  # per run, over all lm proposers (0: no limit)
+    lm_max_tokens: int = 0  # per run, from the replies' usage (0: no limit)
+    lm_reply_tokens: int = 512  # max_tokens of each request
+    lm_parents: int = 2  # the tournament's fittest members shown as parents
+    lm_inspirations: int = 3  # best programs shown besides the parents
     # `metaopt eval`: the held-out workloads (bundled names or family[@steps][/bN] of any
     # registered family; empty = the bundled list heldout.WORKLOADS), seeds, programs scored
     eval_heldout: tuple[str, ...] = ()
@@ -210,6 +235,15 @@ class Config:
         check(self.eval_seeds >= 2, "eval_seeds must be >= 2 (paired standard errors)")
         check(self.eval_top >= 1, "eval_top must be >= 1")
         check(self.funnel_top >= 0, "funnel_top must be >= 0 (0 turns the funnel off)")
+        check(len(self.proposers) >= 1, "proposers must name at least one proposer")
+        check(
+            len(set(self.proposers)) == len(self.proposers),
+            f"proposers are named twice: {self.proposers}",
+        )
+        check(self.lm_attempts >= 1, "lm_attempts must be >= 1")
+        check(self.lm_concurrency >= 1, "lm_concurrency must be >= 1")
+        check(self.lm_max_requests >= 0 and self.lm_max_tokens >= 0, "lm budgets must be >= 0")
+        self.lm_arms  # noqa: B018 (parses and validates the proposers)
 
     @property
     def start(self) -> str:
@@ -225,6 +259,33 @@ class Config:
     @property
     def space(self) -> SearchSpace:
         return SearchSpace(self.slots, self.allow_t, OP_SETS[self.ops], self.max_len)
+
+    @property
+    def lm_arms(self) -> dict[str, LMConfig]:
+        """The language-model proposers named in ``proposers``, each with its config."""
+        out = {}
+        for name in self.proposers:
+            m = _LM_ARM.match(name)
+            check(
+                name == "random" or m is not None,
+                f"unknown proposer '{name}': use random, lm, lm@TEMPERATURE, lm:MODEL@TEMPERATURE",
+            )
+            if m is None:
+                continue
+            model, temp = m.group(1) or self.lm_model, m.group(2)
+            out[name] = LMConfig(
+                base_url=self.lm_base_url,
+                model=model,
+                api_key_env=self.lm_api_key_env,
+                temperature=float(temp) if temp else self.lm_temperature,
+                reply_tokens=self.lm_reply_tokens,
+                timeout=self.lm_timeout,
+                retries=self.lm_retries,
+                backoff=self.lm_backoff,
+                parents=self.lm_parents,
+                inspirations=self.lm_inspirations,
+            )
+        return out
 
 
 PRESETS = {
@@ -243,12 +304,25 @@ PRESETS = {
     "full-ops": {"ops": "full"},  # exp, log, pow and tanh too (about 2x slower)
     # about an hour here: 153,600 children
     "long": {"rounds": 1200, "population": 2000, "tournament": 50, "restart_every": 400},
+    # random mutations and a local language model, mixed by the bandit: 20 rounds x 32
+    # children x 2 attempts = at most 1,280 requests (docs/program_search_lm.md)
+    "lm": {
+        "proposers": ("random", "lm"),
+        "rounds": 20,
+        "children": 32,
+        "population": 256,
+        "tournament": 16,
+        "batch": 64,
+    },
 }
 
 
 def build(cfg: Config, proposer=None) -> RegularizedEvolution:
-    """The search ``cfg`` describes; ``proposer`` replaces the random mutator (see
-    :class:`~metaopt.algorithms.program_search.mutate.Proposer`)."""
+    """The search ``cfg`` describes; ``proposer`` replaces ``cfg.proposers`` (see
+    :class:`~metaopt.algorithms.program_search.mutate.Proposer`; a
+    :class:`~metaopt.algorithms.program_search.bandit.ProposerBandit` mixes several)."""
+    if proposer is None and cfg.proposers != ("random",):
+        proposer = proposer_bandit(cfg)
     tasks = [(families.make(name), cfg.inner_steps) for name in cfg.tasks]
     scorer = Scorer(
         tasks,
@@ -281,6 +355,22 @@ def build(cfg: Config, proposer=None) -> RegularizedEvolution:
         best_min_evals=cfg.best_min_evals,
         follow_lr=cfg.follow_lr,
         proposer=proposer,
+    )
+
+
+def proposer_bandit(cfg: Config, sleep=time.sleep) -> ProposerBandit:
+    """The bandit over ``cfg.proposers`` (the random mutator and language models)."""
+    lms = cfg.lm_arms
+    arms = {
+        name: LMProposer(lms[name], sleep) if name in lms else RandomMutator(cfg.space)
+        for name in cfg.proposers
+    }
+    return ProposerBandit(
+        arms,
+        attempts=cfg.lm_attempts,
+        max_requests=cfg.lm_max_requests,
+        max_tokens=cfg.lm_max_tokens,
+        concurrency=cfg.lm_concurrency,
     )
 
 
@@ -431,6 +521,8 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
 
     _warn_bundled_checks(cfg)
     search = build(cfg)
+    if isinstance(search.proposer, ProposerBandit):  # replayed on resume
+        search.proposer.record_to(out / "proposals.jsonl", resume)
     check_heldout = heldout_scorer(cfg)
 
     def step(state: SearchState):
@@ -474,6 +566,11 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     }
     if "fitness_funnel" in winner:
         summary["funnel_fitness (larger tasks)"] = f"{winner['fitness_funnel']:.4f}"
+    if state.proposer:
+        arms = state.proposer["arms"]
+        summary["proposers (children that beat their parent / chosen)"] = ", ".join(
+            f"{a} {s['improved']}/{s['chosen']}" for a, s in arms.items()
+        ) + (f"; {state.proposer['requests']} requests" if cfg.lm_arms else "")
     return summary | {
         "children": t["children"],
         "evaluated": f"{t['evaluated']} (screened out after {cfg.screen_steps} steps: "

@@ -3,7 +3,9 @@
 Each round draws ``children`` tournaments (size ``tournament``) from the
 population, asks the *proposer* for a child of each (by default a random
 mutation of the tournament's winner; any callable ``parents' texts -> child
-text`` plugs in, see :mod:`~metaopt.algorithms.program_search.mutate`), scores
+text`` plugs in, see :mod:`~metaopt.algorithms.program_search.mutate`; one with a
+``propose_round`` method, the :mod:`~metaopt.algorithms.program_search.bandit`, gets the
+round's tournaments at once and their fates back through ``feedback``), scores
 the children in large compiled batches and retires the oldest members (Real et
 al. 2019's regularized evolution, batched for accelerators). The population is
 warm-started from AdamW without bias correction, with its weight decay written
@@ -360,6 +362,9 @@ class SearchState:
       stats: functional hash -> ``{"source", "sum", "n", "lr", "screen", "born"}``:
         the running mean of every evaluation (``sum / n``) and the last screen score.
       totals: cumulative per-round counters.
+      proposer: the state of a proposer that keeps one (the
+        :class:`~metaopt.algorithms.program_search.bandit.ProposerBandit`'s choices,
+        rewards and requests spent); ``{}`` otherwise.
     """
 
     round: int
@@ -370,6 +375,7 @@ class SearchState:
     cache: FitnessCache
     stats: dict[str, dict]
     totals: dict[str, int]
+    proposer: dict = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self) | {"cache": self.cache.state()}
@@ -551,6 +557,14 @@ class RegularizedEvolution:
     def member_fitness(self, state: SearchState, member: dict) -> float:
         return state.fitness(member["func"])
 
+    def _top(self, state: SearchState, fits: list[float], k: int = 4) -> list[tuple[str, float]]:
+        """The ``k`` fittest distinct programs of the population: ``(source, fitness)``."""
+        best: dict[str, tuple[float, str]] = {}
+        for m, f in zip(state.population, fits, strict=True):
+            if np.isfinite(f):
+                best.setdefault(m["func"], (f, m["source"]))
+        return [(src, f) for f, src in sorted(best.values())[:k]]
+
     # -- the API ---------------------------------------------------------------------------
 
     def init(self, warm_start: str = BUILTINS["adamw_nobc"]) -> SearchState:
@@ -602,20 +616,36 @@ class RegularizedEvolution:
             ]
             counts["restarts"] = 1
 
-        # 1. proposals
-        kids, parents = [], []
+        # 1. proposals (a proposer with ``propose_round``, the bandit, gets the whole
+        #    round's tournaments at once, so its requests can be in flight together)
+        kids, parents, kid_child, drawn = [], [], [], []
         fits = [self.member_fitness(state, m) for m in state.population]
+        batched = getattr(self.proposer, "propose_round", None)
         for _ in range(self.children):
             picks = rng.choice(len(state.population), size=self.tournament, replace=False)
             ranked = sorted(picks, key=lambda i: (fits[i], int(i)))
             texts = [state.population[i]["source"] for i in ranked]
-            child = propose(self.proposer, texts, rng, self.space)
+            child = None if batched else propose(self.proposer, texts, rng, self.space)
+            drawn.append((ranked, child))
+        if batched:
+            made = batched(
+                state.proposer,
+                r,
+                [[(state.population[i]["source"], fits[i]) for i in ranked] for ranked, _ in drawn],
+                self._top(state, fits),
+                rng,
+                self.space,
+            )
+            drawn = [(ranked, c) for (ranked, _), c in zip(drawn, made.children, strict=True)]
+        outcome = ["failed"] * len(drawn)
+        for c, (ranked, child) in enumerate(drawn):
             counts["children"] += 1
             if child is None:
                 counts["failed"] += 1
                 continue
             kids.append(remove_dead_code(child))
             parents.append(state.population[ranked[0]]["func"])
+            kid_child.append(c)
 
         # 2. structural and functional identity, validity, stationarity
         shashes = [structural_hash(k) for k in kids]
@@ -630,11 +660,14 @@ class RegularizedEvolution:
             f = state.struct_to_func[s]
             if f in ("nonfinite", "zero"):
                 counts["invalid"] += 1
+                outcome[kid_child[i]] = "invalid"
                 continue
             if f == "nonstationary":
                 counts["nonstationary"] += 1
+                outcome[kid_child[i]] = "nonstationary"
                 continue
             skip = "structural" if known[i] else "functional"
+            outcome[kid_child[i]] = skip
             if f in todo:
                 todo[f].append(i)  # an equivalent sibling is evaluated this round
                 counts[skip] += 1
@@ -644,6 +677,7 @@ class RegularizedEvolution:
                     members.append((i, f))
             else:
                 todo[f] = [i]
+                outcome[kid_child[i]] = "evaluated"
         counts["evaluated"] = len(todo)
 
         # 3. the cheap screen: new children far worse than their parent stop here
@@ -675,6 +709,7 @@ class RegularizedEvolution:
                 state.stats[f] = entry
                 if parent is not None and not value <= self.screen_factor * parent:
                     counts["screened_out"] += 1
+                    outcome[kid_child[todo[f][0]]] = "screened_out"
                     state.cache.put(f, 0)
                     del todo[f]
 
@@ -695,7 +730,10 @@ class RegularizedEvolution:
         counts["rescored"] = len(rescore)
         children_best = float("inf")
         edges = []
+        improved = [False] * len(drawn)  # a new child's first score beat its parent's mean
         for j, (f, idx) in enumerate(todo.items()):
+            c = kid_child[idx[0]]
+            improved[c] = bool(fit[j] < fits[drawn[c][0][0]])
             if np.isfinite(fit[j]):
                 edges += list(edge[j])
             self._merge(state, f, to_source(kids[idx[0]]), float(fit[j]), lrs[j].tolist(), r)
@@ -713,6 +751,9 @@ class RegularizedEvolution:
         state.round, state.rng = r, rng.bit_generator.state
         for k, v in counts.items():
             state.totals[k] += v
+        proposed = {}
+        if batched:
+            state.proposer, proposed = self.proposer.feedback(made, outcome, improved)
         pop_fit = [state.fitness(m["func"]) for m in state.population]
         finite = [x for x in pop_fit if np.isfinite(x)]
         ref = self.scorer.reference_log
@@ -731,5 +772,6 @@ class RegularizedEvolution:
             },
             **{f"adamw_lr_task{i}": float(x) for i, x in enumerate(ref.get("lr", []))},
             **{f"adamw_wd_task{i}": float(x) for i, x in enumerate(ref.get("wd", []))},
+            **proposed,
         }
         return state, metrics
