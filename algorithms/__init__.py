@@ -8,12 +8,12 @@ recipe module registers nothing.
 
 from metaopt.algorithms.hypergradient import recipe as _hypergradient
 from metaopt.algorithms.in_context import recipe as _in_context
-from metaopt.algorithms.learned_optimizers import recipe as _learned_optimizers
-from metaopt.algorithms.lpg import recipe as _lpg
-from metaopt.algorithms.lpo import recipe as _lpo
+from metaopt.algorithms.learned_optimizer import recipe as _learned_optimizer
 from metaopt.algorithms.lr_schedule import recipe as _lr_schedule
 from metaopt.algorithms.maml import recipe as _maml
 from metaopt.algorithms.program_search import recipe as _program_search
+from metaopt.algorithms.ta_lpg import recipe as _ta_lpg
+from metaopt.algorithms.ta_lpo import recipe as _ta_lpo
 
 #: the built-in recipes, by the name ``metaopt <name>`` runs them under.
 RECIPES = {
@@ -21,12 +21,12 @@ RECIPES = {
     for r in (
         _hypergradient.RECIPE,
         _in_context.RECIPE,
-        _learned_optimizers.RECIPE,
+        _learned_optimizer.RECIPE,
         _lr_schedule.RECIPE,
         _maml.RECIPE,
         _program_search.RECIPE,
-        _lpg.RECIPE,
-        _lpo.RECIPE,
+        _ta_lpg.RECIPE,
+        _ta_lpo.RECIPE,
     )
 }
 

@@ -25,7 +25,7 @@ import optax
 from _common import compiled_versions, emit, header, median, parser, spread, time_interleaved
 
 from metaopt import driver
-from metaopt.algorithms.learned_optimizers import recipe
+from metaopt.algorithms.learned_optimizer import recipe
 from metaopt.envs import families
 from metaopt.envs.tasks import cross_entropy, mlp_apply, mlp_init
 from metaopt.optimizers import lopt

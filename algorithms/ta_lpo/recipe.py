@@ -23,7 +23,7 @@ paper does. Run directory::
     meta_training.png      centre return per generation, LPO and TA-LPO
     summary.md
 
-``metaopt eval RUN_DIR`` (:mod:`~metaopt.algorithms.lpo.evaluate`) compares the
+``metaopt eval RUN_DIR`` (:mod:`~metaopt.algorithms.ta_lpo.evaluate`) compares the
 discovered objectives with PPO and DPO at horizons N/4..2N and on other
 environments.
 
@@ -52,7 +52,7 @@ import numpy as np
 
 from metaopt import driver
 from metaopt import outer as outer_lib
-from metaopt.algorithms.lpo.evaluate import evaluate_run
+from metaopt.algorithms.ta_lpo.evaluate import evaluate_run
 from metaopt.checkpoint import write_json_atomic
 from metaopt.config import check
 from metaopt.envs import rl
@@ -467,7 +467,7 @@ def _phase_summary(out: Path, name: str) -> dict:
 
 
 def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> dict:
-    from metaopt.algorithms.lpo.plots import plot_drift
+    from metaopt.algorithms.ta_lpo.plots import plot_drift
 
     t0 = time.perf_counter()
     cfg = resolve_ppo(cfg, out, progress)
@@ -506,7 +506,7 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
         summary,
         "Returns are final mean episode returns of PPO runs on the meta-training seeds.\n"
         "Use the discovered objective: "
-        "`metaopt.algorithms.lpo.load_objective(RUN_DIR)(ratio, advantage, progress)`.\n"
+        "`metaopt.algorithms.ta_lpo.load_objective(RUN_DIR)(ratio, advantage, progress)`.\n"
         "\n![drift](drift.png)\n\n![meta-training](meta_training.png)\n",
     )
     return summary

@@ -7,7 +7,7 @@ meaning the LPG network defines). Each inner step (one agent update):
 1. roll the policy out for ``num_steps`` steps in ``num_envs`` environments
    (gymnax, auto-reset, :mod:`metaopt.envs.rl`);
 2. ask the objective for targets ``pi_hat [T, E]`` and ``y_hat [T, E, M]``
-   (:mod:`~metaopt.algorithms.lpg.network` for LPG / TA-LPG);
+   (:mod:`~metaopt.algorithms.ta_lpg.network` for LPG / TA-LPG);
 3. take an Adam step on ``mean(-pi_hat * log pi(a|s)) + y_coef * KL(y_hat || y(s))
    - ent_coef * H(pi)``; the targets are constants for this step, but the outer
    gradient sees how they depend on the meta-parameters (and on the agent
@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metaopt.algorithms.lpg import network
+from metaopt.algorithms.ta_lpg import network
 from metaopt.config import check
 from metaopt.envs import rl
 from metaopt.inner import InnerLoop

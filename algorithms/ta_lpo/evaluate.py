@@ -12,7 +12,7 @@ paired t tests over the shared seeds, Holm-corrected over every comparison
 TA-LPO reads progress ``n/N`` relative to each run's own horizon, which is what
 lets it transfer across horizons. Every objective trains at the run's tuned PPO
 learning rate, and PPO and the learned drifts use its tuned clip
-(:func:`~metaopt.algorithms.lpo.recipe.resolve_ppo`): the baseline is the tuned
+(:func:`~metaopt.algorithms.ta_lpo.recipe.resolve_ppo`): the baseline is the tuned
 PPO. A learned drift network is also evaluated as its symbolic distillation
 (:func:`~metaopt.rl.objectives.distill`, "TA-LPO (distilled)").
 
@@ -299,7 +299,7 @@ def plot(result: dict, path: str | Path) -> None:
 
 def evaluate_run(run_dir: Path, cfg, progress: bool = True) -> dict:
     """``metaopt eval`` for a ``ta-lpo`` run: writes eval.json / eval.md / eval.png."""
-    from metaopt.algorithms.lpo.recipe import load_meta_params, resolve_ppo
+    from metaopt.algorithms.ta_lpo.recipe import load_meta_params, resolve_ppo
 
     cfg = resolve_ppo(cfg, run_dir, progress)
     learned = {name: load_meta_params(run_dir, name) for name in cfg.phases}

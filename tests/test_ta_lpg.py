@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from metaopt import outer as outer_lib
-from metaopt.algorithms.lpg import agent as agent_lib
-from metaopt.algorithms.lpg import network
-from metaopt.algorithms.lpg import recipe as lpg_recipe
+from metaopt.algorithms.ta_lpg import agent as agent_lib
+from metaopt.algorithms.ta_lpg import network
+from metaopt.algorithms.ta_lpg import recipe as lpg_recipe
 from metaopt.cli import main
 from metaopt.config import ConfigError, parse_overrides
 from metaopt.inner import unroll

@@ -16,7 +16,7 @@ buffers, which is where the stored activations live; deterministic), so the rati
 ``metagrad / metagrad_remat`` needs no quiet machine. Also reported: agent updates per
 second through each side (a meta-gradient update costs a forward and a backward).
 
-Run: ``python benchmarks/lpg.py [--quick]``; the last line is a JSON object.
+Run: ``python benchmarks/ta_lpg.py [--quick]``; the last line is a JSON object.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import dataclasses
 import jax
 from _common import emit, header, median, parser, time_interleaved
 
-from metaopt.algorithms.lpg import agent as agent_lib
-from metaopt.algorithms.lpg import recipe
+from metaopt.algorithms.ta_lpg import agent as agent_lib
+from metaopt.algorithms.ta_lpg import recipe
 
 
 def _temp_bytes(jitted, *args) -> int | None:

@@ -42,8 +42,8 @@ import numpy as np
 
 from metaopt import driver
 from metaopt import outer as outer_lib
-from metaopt.algorithms.learned_optimizers import mixture
-from metaopt.algorithms.learned_optimizers.optimizers import (
+from metaopt.algorithms.learned_optimizer import mixture
+from metaopt.algorithms.learned_optimizer.optimizers import (
     adam_optimizer,
     initial_adam_hyperparams,
     mlp_optimizer,
@@ -677,7 +677,7 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
         summary,
         f"Final validation loss on {cfg.eval_seeds} unseen {cfg.family} tasks "
         f"(T={cfg.inner_steps}), mean +- std over tasks (above).\n\n"
-        "Use it: `metaopt.algorithms.learned_optimizers.as_optax(RUN_DIR)`.\n\n"
+        "Use it: `metaopt.algorithms.learned_optimizer.as_optax(RUN_DIR)`.\n\n"
         "![training](training.png)\n\n![curves](curves.png)\n",
     )
     return summary
@@ -718,21 +718,21 @@ def _summarise_mixture(cfg: Config, out: Path, init, learned, adam: dict) -> dic
         f"geometric mean over {cfg.eval_seeds} unseen tasks per family of the final "
         f"validation loss at T={cfg.inner_steps} divided by tuned Adam's mean final "
         f"validation loss (1 = tuned Adam; base_lr {cfg.base_lr:.3g}).\n\n"
-        "Use it: `metaopt.algorithms.learned_optimizers.as_optax(RUN_DIR)`.\n\n"
+        "Use it: `metaopt.algorithms.learned_optimizer.as_optax(RUN_DIR)`.\n\n"
         "![training](training.png)\n\n![curves](curves.png)\n",
     )
     return summary
 
 
 def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
-    from metaopt.algorithms.learned_optimizers import evaluate as evaluate_lib
+    from metaopt.algorithms.learned_optimizer import evaluate as evaluate_lib
 
     return evaluate_lib.evaluate_run(Path(run_dir), cfg, progress=progress)
 
 
 def _width_sweep_cmd(argv: list[str]) -> int:
     """``metaopt learned-optimizer width-sweep RUN_DIR [--no-progress]``."""
-    from metaopt.algorithms.learned_optimizers import evaluate as evaluate_lib
+    from metaopt.algorithms.learned_optimizer import evaluate as evaluate_lib
     from metaopt.config import ArgumentParser
 
     p = ArgumentParser(
@@ -751,7 +751,7 @@ def _width_sweep_cmd(argv: list[str]) -> int:
 
 def _pool_cmd(argv: list[str]) -> int:
     """``metaopt learned-optimizer pool RUN_DIR ...`` (:func:`.evaluate.pool_cmd`)."""
-    from metaopt.algorithms.learned_optimizers import evaluate as evaluate_lib
+    from metaopt.algorithms.learned_optimizer import evaluate as evaluate_lib
 
     return evaluate_lib.pool_cmd(argv)
 

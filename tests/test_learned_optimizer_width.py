@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from metaopt import cli
-from metaopt.algorithms.learned_optimizers import evaluate, recipe
+from metaopt.algorithms.learned_optimizer import evaluate, recipe
 from metaopt.config import ConfigError
 from metaopt.optimizers import lopt
 from metaopt.rundir import RunDir

@@ -22,9 +22,9 @@ Outputs in the run directory (:func:`metaopt.evaluation.write_eval`):
 ``eval.json`` (returns, mean learning and entropy curves, the comparison),
 ``eval.md`` (the tables), ``eval.png`` (return vs lifetime, curves) and
 ``progress.png`` (how the learned targets change with progress;
-:mod:`~metaopt.algorithms.lpg.plots`) and, on the lifetime bandit, ``exploration.png``
+:mod:`~metaopt.algorithms.ta_lpg.plots`) and, on the lifetime bandit, ``exploration.png``
 (policy entropy and expected reward against progress at a short and a long lifetime,
-:func:`~metaopt.algorithms.lpg.plots.plot_exploration`).
+:func:`~metaopt.algorithms.ta_lpg.plots.plot_exploration`).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from metaopt import evaluation as ev
-from metaopt.algorithms.lpg import agent as agent_lib
-from metaopt.algorithms.lpg import network
+from metaopt.algorithms.ta_lpg import agent as agent_lib
+from metaopt.algorithms.ta_lpg import network
 from metaopt.envs import rl
 from metaopt.inner import unroll
 
@@ -321,8 +321,8 @@ def plot(result: dict, path: str | Path) -> None:
 
 def evaluate_run(run_dir: Path, cfg, progress: bool = True) -> dict:
     """``metaopt eval`` for a ``ta-lpg`` run: eval.json / eval.md / eval.png / progress.png."""
-    from metaopt.algorithms.lpg import plots
-    from metaopt.algorithms.lpg.recipe import load_meta_params
+    from metaopt.algorithms.ta_lpg import plots
+    from metaopt.algorithms.ta_lpg.recipe import load_meta_params
 
     learned = {name: load_meta_params(run_dir, name) for name in cfg.phases}
     result = run_evaluation(cfg, learned, progress)

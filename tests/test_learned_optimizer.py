@@ -16,7 +16,7 @@ from jax.flatten_util import ravel_pytree
 
 import metaopt
 from metaopt import cli
-from metaopt.algorithms.learned_optimizers import evaluate, optimizers, recipe
+from metaopt.algorithms.learned_optimizer import evaluate, optimizers, recipe
 from metaopt.envs import families
 from metaopt.inner import training_inner_loop, unroll
 from metaopt.optimizers import lopt

@@ -18,7 +18,7 @@ import pytest
 
 import metaopt
 from metaopt import cli
-from metaopt.algorithms.lpo import evaluate, recipe
+from metaopt.algorithms.ta_lpo import evaluate, recipe
 from metaopt.config import ConfigError
 from metaopt.rl import objectives, ppo
 

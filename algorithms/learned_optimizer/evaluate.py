@@ -51,8 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from metaopt import evaluation as ev
-from metaopt.algorithms.learned_optimizers import recipe
-from metaopt.algorithms.learned_optimizers.optimizers import TUNED
+from metaopt.algorithms.learned_optimizer import recipe
+from metaopt.algorithms.learned_optimizer.optimizers import TUNED
 from metaopt.envs import families
 
 REFERENCE = "adam"

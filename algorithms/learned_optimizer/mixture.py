@@ -15,7 +15,7 @@ estimator (ES in particular) runs them unchanged:
   together in one ``scan``; the meta-loss is the mean over families of
   ``log(L_f / A_f)``, ``L_f`` the family's validation loss and ``A_f`` tuned
   Adam's final validation loss on that family
-  (:func:`metaopt.algorithms.learned_optimizers.recipe.tune_adam_families`).
+  (:func:`metaopt.algorithms.learned_optimizer.recipe.tune_adam_families`).
 
 Why the log of the ratio: the families' losses differ by orders of magnitude
 and so do tasks within a family, and ES ranks candidates by the mean over
@@ -31,7 +31,7 @@ otherwise reward driving it from 1e-3 to 1e-12 more than any real gain elsewhere
 
 The per-family key of family ``i`` is ``fold_in(key, i)`` for ``init`` and for
 every ``step`` (so one family's run is exactly the single-family loop's run on
-those keys; ``tests/test_lopt_mixture.py`` checks this).
+those keys; ``tests/test_learned_optimizer_mixture.py`` checks this).
 """
 
 from __future__ import annotations

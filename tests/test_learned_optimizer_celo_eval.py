@@ -16,7 +16,7 @@ import pytest
 from scipy import stats
 
 from metaopt import evaluation as ev
-from metaopt.algorithms.learned_optimizers import evaluate, optimizers, recipe
+from metaopt.algorithms.learned_optimizer import evaluate, optimizers, recipe
 from metaopt.envs import families
 from metaopt.inner import ParametrizedOptimizer, training_inner_loop
 from metaopt.optimizers import lopt

@@ -2,14 +2,14 @@
 hand-designed baseline with learnable hyperparameters, meta-trained on task families by
 ES, PES or truncated meta-gradients; exported as ``optax.GradientTransformation``."""
 
-from metaopt.algorithms.learned_optimizers.optimizers import (
+from metaopt.algorithms.learned_optimizer.optimizers import (
     TUNED,
     adam_optimizer,
     initial_adam_hyperparams,
     mlp_optimizer,
     tuned_optimizer,
 )
-from metaopt.algorithms.learned_optimizers.recipe import (
+from metaopt.algorithms.learned_optimizer.recipe import (
     Config,
     build_inner,
     build_optimizer,

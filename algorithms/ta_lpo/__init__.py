@@ -4,12 +4,12 @@
   losses ``objective(meta_params, ratio, advantage, progress)``;
 * :mod:`~metaopt.rl.ppo` -- a pure-JAX PPO learner with a pluggable
   objective, as a metaopt ``InnerLoop``;
-* :mod:`~metaopt.algorithms.lpo.recipe` -- the ``ta-lpo`` recipe (ES meta-training);
-* :mod:`~metaopt.algorithms.lpo.evaluate` -- the comparison across horizons and envs;
-* :mod:`~metaopt.algorithms.lpo.plots` -- drift heatmaps.
+* :mod:`~metaopt.algorithms.ta_lpo.recipe` -- the ``ta-lpo`` recipe (ES meta-training);
+* :mod:`~metaopt.algorithms.ta_lpo.evaluate` -- the comparison across horizons and envs;
+* :mod:`~metaopt.algorithms.ta_lpo.plots` -- drift heatmaps.
 """
 
-from metaopt.algorithms.lpo.recipe import Config, load_meta_params, load_objective
+from metaopt.algorithms.ta_lpo.recipe import Config, load_meta_params, load_objective
 from metaopt.rl import objectives, ppo
 from metaopt.rl.objectives import (
     OBJECTIVES,

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metaopt.algorithms.lpg import agent as agent_lib
-from metaopt.algorithms.lpg import network
-from metaopt.algorithms.lpg import recipe as lpg_recipe
+from metaopt.algorithms.ta_lpg import agent as agent_lib
+from metaopt.algorithms.ta_lpg import network
+from metaopt.algorithms.ta_lpg import recipe as lpg_recipe
 from metaopt.config import ConfigError
 from metaopt.envs import bandit, rl
 from metaopt.inner import unroll

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from metaopt import api, cli
-from metaopt.algorithms.learned_optimizers import evaluate, mixture, optimizers, recipe
+from metaopt.algorithms.learned_optimizer import evaluate, mixture, optimizers, recipe
 from metaopt.config import ConfigError
 from metaopt.envs import families
 from metaopt.inner import rollout_loss, seed_losses

@@ -1,7 +1,7 @@
 """Recipe ``ta-lpg``: LPG / TA-LPG meta-trained by ES and by truncated meta-gradients.
 
 One run meta-trains up to three objectives on the same agent inner loop
-(:func:`~metaopt.algorithms.lpg.agent.make_agent`, lifetimes drawn
+(:func:`~metaopt.algorithms.ta_lpg.agent.make_agent`, lifetimes drawn
 log-uniformly from ``[lifetime_min, lifetime_max]`` updates):
 
 * ``ta_lpg_es``: TA-LPG by the core ``ES`` (Open_ES, antithetic; every candidate
@@ -20,7 +20,7 @@ bandits, the exact expected reward as fitness and time inputs in [-1, 1]
 (docs/ta_lpg.md).
 ``metaopt eval RUN_DIR`` compares them with REINFORCE (the untrained LPG), A2C
 and PPO at lifetimes inside and outside the meta-training range
-(:mod:`~metaopt.algorithms.lpg.evaluate`).
+(:mod:`~metaopt.algorithms.ta_lpg.evaluate`).
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ import numpy as np
 
 from metaopt import driver
 from metaopt import outer as outer_lib
-from metaopt.algorithms.lpg import agent as agent_lib
-from metaopt.algorithms.lpg import network
-from metaopt.algorithms.lpg.evaluate import evaluate_run
+from metaopt.algorithms.ta_lpg import agent as agent_lib
+from metaopt.algorithms.ta_lpg import network
+from metaopt.algorithms.ta_lpg.evaluate import evaluate_run
 from metaopt.config import check
 from metaopt.envs import rl
 from metaopt.plotting import read_metrics
@@ -253,7 +253,7 @@ def load_objective(run_dir: str | Path, name: str = "ta_lpg_es"):
     """The discovered objective as a pure function of a rollout.
 
     Returns ``targets(rewards, dones, pi_a, y, y_next, progress, lifetime, gamma=0.99)
-    -> (pi_hat, y_hat, delta)`` (shapes of :func:`metaopt.algorithms.lpg.network.targets`);
+    -> (pi_hat, y_hat, delta)`` (shapes of :func:`metaopt.algorithms.ta_lpg.network.targets`);
     the agent's loss is ``mean(-pi_hat * log pi(a|s)) + KL(y_hat || y(s))``. The temporal
     inputs are scaled as the run scaled them (its ``time_inputs``).
     """
@@ -339,7 +339,7 @@ def _phase_summary(out: Path, name: str) -> dict:
 
 
 def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> dict:
-    from metaopt.algorithms.lpg import plots
+    from metaopt.algorithms.ta_lpg import plots
 
     t0 = time.perf_counter()
     learned = {}
@@ -368,7 +368,7 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
         "Returns: final mean episode return of agents on the meta-training seeds "
         "(ES: the distribution mean; meta-gradient: the particles at their truncation ends).\n"
         "Use a discovered objective: "
-        "`metaopt.algorithms.lpg.load_objective(RUN_DIR, 'ta_lpg_es')`.\n"
+        "`metaopt.algorithms.ta_lpg.load_objective(RUN_DIR, 'ta_lpg_es')`.\n"
         "\n![meta-training](meta_training.png)\n",
     )
     return summary

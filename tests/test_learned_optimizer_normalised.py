@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from metaopt.algorithms.learned_optimizers import optimizers, recipe
+from metaopt.algorithms.learned_optimizer import optimizers, recipe
 from metaopt.optimizers import lopt
 from metaopt.rundir import load_artifact
 

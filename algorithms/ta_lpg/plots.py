@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metaopt.algorithms.lpg import agent as agent_lib
-from metaopt.algorithms.lpg import network
+from metaopt.algorithms.ta_lpg import agent as agent_lib
+from metaopt.algorithms.ta_lpg import network
 from metaopt.inner import unroll
 from metaopt.plotting import figure, read_metrics
 
@@ -199,7 +199,7 @@ def plot_exploration(result: dict, path, json_path=None) -> dict:
     schedule.
 
     Args:
-      result: :func:`~metaopt.algorithms.lpg.evaluate.run_evaluation`'s output.
+      result: :func:`~metaopt.algorithms.ta_lpg.evaluate.run_evaluation`'s output.
       path: the PNG; json_path: also the plotted curves as JSON.
     """
     res, lts = result["results"], result["lifetimes"]
