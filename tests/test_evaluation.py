@@ -245,3 +245,19 @@ def test_progress_bar_on_stderr_and_disabled(capsys):
     for _ in ev.progress_bar(range(3), desc="quiet", progress=False):
         pass
     assert "quiet" not in capsys.readouterr().err
+
+
+def test_every_spread_is_the_sample_standard_deviation():
+    """One definition of spread: the learned-optimizer table, seed_stats and stderr all
+    use ddof=1 (the learned-optimizer table used ddof=0, so the two disagreed)."""
+    from metaopt.algorithms.learned_optimizer.evaluate import _stats
+    from metaopt.evaluation import nonfinite_as_inf, seed_stats, stderr
+
+    x = np.array([0.3, 0.5, 0.4, 0.9])
+    sd = float(np.sqrt(((x - x.mean()) ** 2).sum() / 3))  # closed form, n - 1
+    assert _stats(x)["final_test_loss_std"] == pytest.approx(sd)
+    assert seed_stats(x)["std"] == pytest.approx(sd)
+    assert stderr(x) == pytest.approx(sd / 2)
+    assert stderr(np.array([1.0, np.nan])) == float("inf")
+    assert np.isnan(stderr(np.array([1.0]))) and stderr(np.array([1.0]), single=0.0) == 0.0
+    np.testing.assert_array_equal(nonfinite_as_inf([1.0, np.nan, -np.inf]), [1.0, np.inf, np.inf])

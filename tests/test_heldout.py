@@ -10,7 +10,7 @@ import optax
 import pytest
 from scipy import stats
 
-from metaopt import profiles
+from metaopt.evaluation import profiles
 from metaopt.algorithms.program_search import heldout, panel
 from metaopt.envs import families
 from metaopt.optimizers.program import as_optax

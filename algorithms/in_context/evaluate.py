@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metaopt import evaluation as ev
 from metaopt.algorithms.in_context import lsa
 
 #: GD learning rates tried (a log grid; the optimum for d = N = 10 lies near 1).
@@ -78,7 +79,6 @@ def _compare(params, episodes, eta, gamma, steps: int):
 
 def tune_gd(family, key, tasks: int, steps: int, gammas=(0.0,), warn: bool = True):
     """The best ``(eta, gamma)`` of ``steps`` of GD(++) by validation query loss."""
-    from metaopt import evaluation as ev
 
     episodes = family.sample_batch(key, tasks)
     grid = {"eta": ETA_GRID, "gamma": tuple(gammas)} if len(gammas) > 1 else {"eta": ETA_GRID}
@@ -123,7 +123,6 @@ def _heatmap(ax, mat, title, vmax):
 
 def evaluate_lsa(run_dir: Path, cfg, params, progress: bool = True) -> dict:
     """Trained LSA vs tuned GD (and GD++) on held-out tasks; writes eval.json/md/png."""
-    from metaopt import evaluation as ev
     from metaopt.plotting import figure
 
     family = cfg.family
@@ -293,7 +292,6 @@ def logreg_baseline(cfg, warn: bool = True) -> dict:
     Returns:
       ``{"lr": tuned lr, "tuning": GridChoice JSON, set: {"mean", "by_position"}}``.
     """
-    from metaopt import evaluation as ev
     from metaopt.algorithms.in_context import recipe
 
     key = jax.random.key(cfg.seed + 40_000)
@@ -352,7 +350,6 @@ def gpicl_scores(cfg, params, k: int, key: jax.Array | None = None) -> dict:
 
 def evaluate_gpicl(run_dir: Path, cfg, progress: bool = True) -> dict:
     """The memorise / identify / generalise transition: accuracy against the number of tasks."""
-    from metaopt import evaluation as ev
     from metaopt.algorithms.in_context import recipe
     from metaopt.plotting import figure
 
@@ -379,7 +376,7 @@ def evaluate_gpicl(run_dir: Path, cfg, progress: bool = True) -> dict:
         "logistic_regression": logreg,
     }
     # seen vs unseen per pool size, paired over nothing shared: report standard errors
-    se = lambda a: float(np.std(a, ddof=1) / np.sqrt(len(a)))
+    se = ev.stderr
     md = (
         f"Accuracy (mean over {cfg.length} positions and {cfg.eval_tasks} episodes of test-split "
         f"examples, +- standard error over episodes) of a {recipe.gpicl_model_name(cfg)} "
@@ -496,7 +493,6 @@ def _ridge_losses(episodes, lams):
 
 def _tune_eta(episodes, steps: int, etas, what: str, warn: bool = True):
     """The best GD learning rate on (already featurised) validation episodes."""
-    from metaopt import evaluation as ev
 
     def scores(eta):
         eta = jnp.asarray(eta)
@@ -554,7 +550,6 @@ def evaluate_lsa_mlp(run_dir: Path, cfg, params, plain, progress: bool = True) -
     Writes eval.json/md/png. Every learning rate and ridge strength is tuned on
     validation tasks; all methods are scored on the same held-out test tasks.
     """
-    from metaopt import evaluation as ev
     from metaopt.plotting import figure
 
     family, k = cfg.family, cfg.layers

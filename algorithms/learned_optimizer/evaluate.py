@@ -18,7 +18,7 @@ choice at the grid's edge); everything reported is measured on the *test*
 split. Final test losses are compared with tuned Adam's by paired t tests over
 the shared seeds, Holm-corrected over every comparison
 (:func:`metaopt.evaluation.compare`). Scoring as in AlgoPerf
-(:mod:`metaopt.profiles`): steps until the median test-loss curve reaches tuned
+(:mod:`metaopt.evaluation.profiles`): steps until the median test-loss curve reaches tuned
 Adam's median final test loss, and a performance profile over all workloads.
 
 Held-out summary (``held_out_summary``, as Celo reports it): over the
@@ -54,6 +54,7 @@ from metaopt import evaluation as ev
 from metaopt.algorithms.learned_optimizer import recipe
 from metaopt.algorithms.learned_optimizer.optimizers import TUNED
 from metaopt.envs import families
+from metaopt.evaluation import nonfinite_as_inf, stderr
 
 REFERENCE = "adam"
 LR_TUNED = "meta-trained, lr tuned"
@@ -94,16 +95,17 @@ def workloads(cfg: recipe.Config) -> dict[str, tuple[str, int, str]]:
     return out
 
 
-def _finite(x: np.ndarray) -> np.ndarray:
-    return np.where(np.isfinite(x), x, np.inf)
-
-
 def _stats(finals: np.ndarray) -> dict[str, Any]:
-    finals = _finite(np.asarray(finals, np.float64))
+    finals = nonfinite_as_inf(finals)
     ok = np.isfinite(finals)
     return {
         "final_test_loss_mean": float(np.mean(finals)),
-        "final_test_loss_std": float(np.std(finals)) if ok.all() else float("inf"),
+        # sample standard deviation (ddof 1), as every other table of metaopt.evaluation
+        "final_test_loss_std": float(np.std(finals, ddof=1))
+        if ok.all() and ok.size > 1
+        else float("inf")
+        if not ok.all()
+        else float("nan"),
         "final_test_loss_median": float(np.median(finals)),
         "final_test_loss_per_seed": finals.tolist(),
         "diverged_seeds": int((~ok).sum()),
@@ -162,12 +164,12 @@ def evaluate(
             tuning[name] = choice.to_json()
             bar.update()
         eval_steps = np.arange(1, cfg.eval_points + 1) * (horizon // cfg.eval_points)
-        medians = {n: np.median(_finite(c), axis=0) for n, c in test_curves.items()}
+        medians = {n: np.median(nonfinite_as_inf(c), axis=0) for n, c in test_curves.items()}
         target = float(medians[REFERENCE][-1])
-        ref_finals = _finite(test_curves[REFERENCE][:, -1])
+        ref_finals = nonfinite_as_inf(test_curves[REFERENCE][:, -1])
         rows = {}
         for n in names:
-            finals = _finite(test_curves[n][:, -1])
+            finals = nonfinite_as_inf(test_curves[n][:, -1])
             t = ev.steps_to_target(medians[n], target, eval_steps)
             times[n].append(t)
             if group == "out-of-distribution":
@@ -227,9 +229,7 @@ def held_out_summary(
 
 def _se(x: np.ndarray) -> float:
     """Standard error of the mean (ddof 1; inf when a run diverged, 0 for one seed)."""
-    if not np.isfinite(x).all():
-        return float("inf")
-    return float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+    return stderr(x, single=0.0)
 
 
 def width_sweep(cfg: recipe.Config, meta_params, progress: bool = False) -> dict[str, Any]:
@@ -281,11 +281,11 @@ def width_sweep(cfg: recipe.Config, meta_params, progress: bool = False) -> dict
             retuned = tune(valid, f"{who} on {fam}")
             finals[f_name] = (test[fixed[who].flat_index], fixed[who])
             finals[r_name] = (test[retuned.flat_index], retuned)
-        ref = _finite(finals[ADAM_FIXED][0])
+        ref = nonfinite_as_inf(finals[ADAM_FIXED][0])
         opts = {}
         for name in WIDTH_NAMES:
             x, choice = finals[name]
-            x = _finite(x)
+            x = nonfinite_as_inf(x)
             with np.errstate(divide="ignore", invalid="ignore"):
                 log_ratio = np.log(x / ref)
             opts[name] = {

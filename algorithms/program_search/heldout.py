@@ -39,9 +39,18 @@ import numpy as np
 from metaopt import evaluation
 from metaopt.config import ConfigError
 from metaopt.envs import families
+from metaopt.evaluation import (
+    Tuned,
+    lattice_lr,
+    lattice_wd,
+    nonfinite_as_inf,
+    stderr,
+    tune_lattice,
+)
+from metaopt.evaluation.profiles import TAUS, performance_profile, plot_profile, steps_to_target
+from metaopt.evaluation.tuning import LR_RANGE, POINTS, WD_MAX
 from metaopt.inner import ParametrizedOptimizer, training_inner_loop
 from metaopt.optimizers.program import as_optax, parse
-from metaopt.profiles import TAUS, performance_profile, plot_profile, steps_to_target
 
 __all__ = [
     "BASELINES",
@@ -175,13 +184,6 @@ def workloads(specs: Sequence[str] = ()) -> dict[str, Workload]:
     return out
 
 
-#: learning rates of the first tuning round: 10^(k/2) for k in LR_RANGE (1e-4 .. 1)
-LR_RANGE = (-8, 0)
-#: largest weight decay of the lattice: 10^(WD_MAX - 5) = 10 (AdamW's best on a digits MLP
-#: reached 0.1-1, so the lattice reaches past 1)
-WD_MAX = 6
-#: (lr, wd) points per kernel call (= one tuning round)
-POINTS = 18
 #: the optimizer every other is compared with
 REFERENCE = "adamw"
 #: panel entries a discovered program is compared with in ``metaopt eval``
@@ -302,28 +304,6 @@ def grid_runs(
     return {"valid": np.asarray(valid), "test": np.asarray(test), "accuracy": np.asarray(acc)}
 
 
-@dataclasses.dataclass
-class Tuned:
-    """An optimizer's runs at its chosen (lr, wd) on one workload."""
-
-    lr: float
-    wd: float
-    edges: dict[str, str]  # axis -> "low" | "high": the optimum is not strictly inside
-    rounds: int  # kernel calls made
-    valid: np.ndarray  # [S]
-    test: np.ndarray  # [S, E]
-    accuracy: np.ndarray  # [S]
-    evaluated: dict[str, list[float]]  # every evaluated point: lr, wd, median valid
-
-
-def _lr(k: int) -> float:
-    return float(10.0 ** (k / 2))
-
-
-def _wd(j: int) -> float:
-    return 0.0 if j == 0 else float(10.0 ** (j - 5))
-
-
 def tune(
     family,
     steps: int,
@@ -338,113 +318,20 @@ def tune(
     lr_range: tuple[int, int] = LR_RANGE,
     wd_max: int = WD_MAX,
 ) -> Tuned:
-    """Chooses (lr, wd) by the median validation loss; checks the optimum is strictly inside.
+    """Chooses (lr, wd) for ``program`` on ``family`` by the median validation loss of
+    ``keys`` seeds (:func:`metaopt.evaluation.tune_lattice`: the (lr, wd) lattice, its
+    rounds and the strictly-inside check), one :func:`grid_runs` kernel call per round."""
 
-    The grid is a lattice: learning rates ``10^(k/2)`` (half-decades) and weight decays
-    ``0, 1e-4, 1e-3, ..., 10^(j-5)`` (decades). Round 1 runs every learning rate of
-    ``LR_RANGE`` (1e-4 .. 1) at ``wd`` = 0 and 0.1; round 2 every ``wd`` of the lattice up
-    to 1 at the best lr and its two half-decade neighbours. Then, while a lattice
-    neighbour of the best point (lr one half-decade either side; wd one decade
-    either side, ``wd = 0`` having no lower neighbour) is unevaluated, the nearest
-    unevaluated points around it are run. Every round is one kernel call of
-    ``points`` points (short rounds repeat their last point), so one compiled
-    kernel serves every round and every program. The choice is flagged ``edges``
-    (``"low"``/``"high"`` per axis) if after ``max_rounds`` rounds, or at the hard
-    lattice bounds (lr 1e-7 .. 1e2, wd up to ``10^(wd_max-5)``), a neighbour is
-    still missing. ``decay=False`` holds ``wd`` at 0 (one lr axis).
-    """
-    k_lo, k_hi = -14, 4  # hard bounds of the lr lattice: 1e-7 .. 1e2
-    j_hi = wd_max if decay else 0
-    table: dict[tuple[int, int], tuple] = {}
+    def run_points(lrs, wds):
+        return grid_runs(family, steps, program, lrs, wds, keys, num_evals, horizons)
 
-    def run(pts):
-        pts = [p for p in dict.fromkeys(pts) if p not in table][:points]
-        if not pts:
-            return
-        padded = pts + [pts[-1]] * (points - len(pts))
-        out = grid_runs(
-            family,
-            steps,
-            program,
-            [_lr(k) for k, _ in padded],
-            [_wd(j) for _, j in padded],
-            keys,
-            num_evals,
-            horizons,
-        )
-        for i, p in enumerate(pts):
-            table[p] = (out["valid"][i], out["test"][i], out["accuracy"][i])
-
-    def median(p):
-        m = float(np.median(_finite(table[p][0])))
-        return m if np.isfinite(m) else np.inf
-
-    first = [(k, 0) for k in range(lr_range[0], lr_range[1] + 1)]
-    if decay:
-        first += [(k, 4) for k in range(lr_range[0], lr_range[1] + 1)]
-    run(first)
-    rounds = 1
-    if decay:
-        kb = min(table, key=median)[0]
-        run([(k, j) for k in (kb, kb - 1, kb + 1) for j in range(0, min(6, j_hi) + 1)])
-        rounds += 1
-
-    def missing(best):
-        k, j = best
-        cand = [(k - 1, j), (k + 1, j)]
-        if decay:
-            cand += [(k, j - 1), (k, j + 1)]
-        return [
-            (a, b) for a, b in cand if k_lo <= a <= k_hi and 0 <= b <= j_hi and (a, b) not in table
-        ]
-
-    while True:
-        best = min(table, key=median)
-        todo = missing(best)
-        if not todo or rounds >= max_rounds or not np.isfinite(median(best)):
-            break
-        k, j = best
-        ring = sorted(
-            (
-                (a, b)
-                for a in range(k - 3, k + 4)
-                for b in (range(max(j - 2, 0), min(j + 2, j_hi) + 1) if decay else (0,))
-                if k_lo <= a <= k_hi and (a, b) not in table
-            ),
-            key=lambda p: (max(abs(p[0] - k), abs(p[1] - j)), abs(p[0] - k) + abs(p[1] - j)),
-        )
-        run(todo + ring)
-        rounds += 1
-    best = min(table, key=median)
-    k, j = best
-    edges = {}
-    if (k - 1, j) not in table or median((k - 1, j)) < median(best):
-        edges["lr"] = "low"
-    elif (k + 1, j) not in table or median((k + 1, j)) < median(best):
-        edges["lr"] = "high"
-    if decay and j < j_hi and (k, j + 1) not in table:
-        edges["wd"] = "high"
-    elif decay and j == j_hi:
-        edges["wd"] = "high"
-    if not np.isfinite(median(best)):
-        edges["diverged"] = "all"
-    v, t, a = table[best]
-    pts = sorted(table)
-    return Tuned(
-        lr=_lr(k),
-        wd=_wd(j),
-        edges=edges,
-        rounds=rounds,
-        valid=np.asarray(v),
-        test=np.asarray(t),
-        accuracy=np.asarray(a),
-        evaluated={
-            "lr": [_lr(p[0]) for p in pts],
-            "wd": [_wd(p[1]) for p in pts],
-            "valid_median": [median(p) for p in pts],
-            # reported, never used for the choice: how far selection is from the test optimum
-            "test_median": [float(np.median(_finite(table[p][1][:, -1]))) for p in pts],
-        },
+    return tune_lattice(
+        run_points,
+        decay=decay,
+        points=points,
+        max_rounds=max_rounds,
+        lr_range=lr_range,
+        wd_max=wd_max,
     )
 
 
@@ -453,7 +340,7 @@ def _regret(t: Tuned) -> float | None:
     if not tests:
         return None
     best = float(np.min(tests))
-    chosen = float(np.median(_finite(t.test[:, -1])))
+    chosen = float(np.median(nonfinite_as_inf(t.test[:, -1])))
     return chosen / best if best > 0 and np.isfinite(best) else None
 
 
@@ -482,16 +369,11 @@ def tuned_from_row(row: Mapping[str, Any]) -> Tuned:
     )
 
 
-def _finite(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    return np.where(np.isfinite(x), x, np.inf)
-
-
 def _ranks(values: np.ndarray) -> np.ndarray:
     """Ranks (1 = lowest), ties averaged; non-finite values rank last."""
     from scipy.stats import rankdata
 
-    return rankdata(_finite(values), method="average")
+    return rankdata(nonfinite_as_inf(values), method="average")
 
 
 def score(
@@ -545,16 +427,16 @@ def summarise(
     for w in workloads:
         r = runs[w]
         per_seed = {n: (r[n].test[:, -1] if split == "test" else r[n].valid) for n in names}
-        med = np.array([np.median(_finite(per_seed[n])) for n in names])
+        med = np.array([np.median(nonfinite_as_inf(per_seed[n])) for n in names])
         ranks = _ranks(med)
         ref_med = med[names.index(reference)] if reference in names else np.nan
         e = r[names[0]].test.shape[-1]
         eval_steps = np.arange(1, e + 1) * (steps[w] // e)
-        curves = {n: np.median(_finite(r[n].test), axis=0) for n in names}
+        curves = {n: np.median(nonfinite_as_inf(r[n].test), axis=0) for n in names}
         target = float(curves[reference][-1]) if reference in names else float("nan")
         rows = {}
         for i, n in enumerate(names):
-            x = _finite(per_seed[n])
+            x = nonfinite_as_inf(per_seed[n])
             finite = x[np.isfinite(x)]
             t = steps_to_target(curves[n], target, eval_steps)
             times[n].append(t)
@@ -567,9 +449,7 @@ def summarise(
                 "tuning_rounds": r[n].rounds,
                 "median": float(med[i]),
                 "mean": float(finite.mean()) if finite.size else float("inf"),
-                "stderr": float(finite.std(ddof=1) / math.sqrt(finite.size))
-                if finite.size > 1
-                else float("nan"),
+                "stderr": stderr(finite),
                 "diverged_seeds": int(x.size - finite.size),
                 "ratio_to_reference": float(med[i] / ref_med) if np.isfinite(ref_med) else None,
                 "rank": float(ranks[i]),
@@ -580,7 +460,7 @@ def summarise(
                 "selection_regret": _regret(r[n]),
                 "median_curve": [float(c) for c in curves[n]],
                 # kept for readers of the first held-out format
-                "final_test_loss_median": float(np.median(_finite(r[n].test[:, -1]))),
+                "final_test_loss_median": float(np.median(nonfinite_as_inf(r[n].test[:, -1]))),
                 # raw runs at the chosen point (NaN = diverged), for re-analysis
                 "per_seed": {
                     "valid": [float(x) for x in r[n].valid],
@@ -613,7 +493,7 @@ def summarise(
     result["profile"] = performance_profile(times)
     if reference in names:
         cmp = evaluation.compare(
-            {n: {w: _finite(finals[n][w]) for w in workloads} for n in names},
+            {n: {w: nonfinite_as_inf(finals[n][w]) for w in workloads} for n in names},
             reference,
             lower_is_better=True,
         )
@@ -704,8 +584,8 @@ def evaluate(
     result = summarise(runs, steps)
     result.update(
         {
-            "lr_first_round": [_lr(lr_range[0]), _lr(lr_range[1])],
-            "wd_lattice": [_wd(j) for j in range(WD_MAX + 1)],
+            "lr_first_round": [lattice_lr(lr_range[0]), lattice_lr(lr_range[1])],
+            "wd_lattice": [lattice_wd(j) for j in range(WD_MAX + 1)],
             "seeds": seeds,
             "split": "test",
         }

@@ -358,7 +358,7 @@ def validate(
         },
         "tuning": {
             "lr_lattice": "10^(k/2), first round 1e-4..1, extended to 1e-7..1e2 as needed",
-            "wd_lattice": [heldout._wd(j) for j in range(heldout.WD_MAX + 1)],
+            "wd_lattice": [heldout.lattice_wd(j) for j in range(heldout.WD_MAX + 1)],
             "selection": "median validation loss over seeds",
             "points_per_round": points,
             "max_rounds": max_rounds,

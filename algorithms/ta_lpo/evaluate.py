@@ -273,7 +273,7 @@ def plot(result: dict, path: str | Path) -> None:
                 for s in rows
             ]
             m = [d.mean() for d in diff]
-            e = [d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0 for d in diff]
+            e = [ev.stderr(d, single=0.0) for d in diff]
             ax.errorbar(x, m, yerr=e, marker="o", capsize=3, color=f"C{i}", label=labels[k])
         ax.axhline(0.0, color="k", lw=0.6)
         ax.set_xscale("log", base=2)
