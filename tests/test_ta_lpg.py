@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from metaopt import outer as outer_lib
+from metaopt import runner
 from metaopt.algorithms.ta_lpg import agent as agent_lib
 from metaopt.algorithms.ta_lpg import network
 from metaopt.algorithms.ta_lpg import recipe as lpg_recipe
@@ -373,7 +374,7 @@ def test_es_phase_validates_on_fixed_seeds_and_keeps_the_best(tmp_path):
     cfg = lpg_recipe.RECIPE.config("quick", {**parse_overrides(over), "outer": "es"})
     inner = agent_lib.make_agent(cfg.agent, "lpg", name="check")
     keys = jax.random.split(
-        jax.random.fold_in(jax.random.key(cfg.seed), lpg_recipe.VALID_SEED), cfg.valid_seeds
+        jax.random.fold_in(jax.random.key(cfg.seed), runner.VALID_SEED), cfg.valid_seeds
     )
     mp0 = lpg_recipe.initial_meta_params(cfg, "ta_lpg_es")
     expect = -float(jnp.mean(seed_losses(inner, mp0, keys)))

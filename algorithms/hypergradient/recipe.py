@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metaopt import driver
 from metaopt.algorithms.hypergradient.implicit import argmin, newton
 from metaopt.algorithms.hypergradient.problems import (
     Bilevel,
@@ -55,7 +54,7 @@ from metaopt.envs import datasets
 from metaopt.inner import InnerLoop
 from metaopt.outer import MetaGradient
 from metaopt.recipes import Export, Recipe, write_summary
-from metaopt.rundir import run_phase
+from metaopt.runner import Phase, check_train_settings, train_phase
 
 PyTree = Any
 PROBLEMS = ("ridge", "logistic")
@@ -103,9 +102,8 @@ class Config:
         check(self.unroll_steps >= 1, "unroll_steps must be >= 1")
         check(self.newton_steps >= 1, "newton_steps must be >= 1")
         check(self.cg_tol > 0, "cg_tol must be > 0")
-        check(self.outer_steps >= 0, "outer_steps must be >= 0")
+        check_train_settings(self, steps="outer_steps")
         check(self.meta_lr > 0, "meta_lr must be > 0")
-        check(self.steps_per_call >= 1, "steps_per_call must be >= 1")
         check(
             len(self.regularisers) >= 1 and set(self.regularisers) <= set(REGULARISERS),
             f"regularisers must be a non-empty subset of {list(REGULARISERS)}",
@@ -248,24 +246,18 @@ def hypergradient_checks(cfg: Config, x64: bool, progress: bool = False) -> dict
 
 def _train(outer, hp0, out: Path, cfg: Config, resume: bool, progress: bool, desc: str):
     """One sub-run (problem x regulariser x method) as a phase of the run directory."""
-    return run_phase(
-        out.parent,
-        out.name,
-        lambda phase_dir, resume_phase: driver.train(
-            outer,
-            hp0,
-            key=jax.random.key(cfg.seed),
-            num_steps=cfg.outer_steps,
-            out_dir=phase_dir,
-            resume=resume_phase,
-            steps_per_call=cfg.steps_per_call,
-            checkpoint_every=cfg.checkpoint_every,
-            progress=progress,
-            plot=False,
-            desc=desc,
-        ),
-        resume=resume,
+    phase = Phase(
+        outer,
+        hp0,
+        jax.random.key(cfg.seed),
+        steps=cfg.outer_steps,
+        steps_per_call=cfg.steps_per_call,
+        checkpoint_every=cfg.checkpoint_every,
+        desc=desc,
+        name=out.name,
+        plot=False,
     )
+    return train_phase(out.parent, phase, resume=resume, progress=progress)
 
 
 def solution(cfg: Config, pname: str, method: str, hparams):

@@ -49,7 +49,6 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from metaopt import driver
 from metaopt.algorithms.in_context import gpicl, lsa
 from metaopt.config import check
 from metaopt.envs import datasets
@@ -60,7 +59,8 @@ from metaopt.envs.in_context import (
 )
 from metaopt.outer import MetaGradient
 from metaopt.recipes import Export, Recipe, write_summary
-from metaopt.rundir import load_artifact, run_phase, save_artifact
+from metaopt.rundir import load_artifact, save_artifact
+from metaopt.runner import Phase, check_train_settings, train_phase
 
 #: the largest number of LSA layers the recipe builds.
 MAX_LAYERS = 8
@@ -129,9 +129,7 @@ class Config:
         check(self.meta_batch >= 1, "meta_batch must be >= 1")
         check(self.meta_lr > 0, "meta_lr must be > 0")
         check(self.clip_norm > 0, "clip_norm must be > 0")
-        check(self.generations >= 0, "generations must be >= 0")
-        check(self.steps_per_call >= 1, "steps_per_call must be >= 1")
-        check(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
+        check_train_settings(self)
         check(self.eval_tasks >= 2, "eval_tasks must be >= 2")
         for name in ("features", "embed_hidden", "embed_dim"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1")
@@ -425,23 +423,10 @@ def run_gpicl(cfg: Config, out: Path, resume: bool = False, progress: bool = Tru
 
 def _meta_train(cfg: Config, out: Path, name: str, outer, init, resume, progress, desc: str):
     """Phase ``name`` (``""``: the run directory itself) through the core driver."""
-    return run_phase(
-        out,
-        name,
-        lambda phase_dir, resume_phase: driver.train(
-            outer,
-            init,
-            key=jax.random.key(cfg.seed + 1),
-            num_steps=cfg.generations,
-            out_dir=phase_dir,
-            resume=resume_phase,
-            steps_per_call=cfg.steps_per_call,
-            checkpoint_every=cfg.checkpoint_every,
-            progress=progress,
-            desc=desc,
-        ),
-        resume=resume,
+    phase = Phase.from_settings(
+        cfg, outer, init, name=name, key=jax.random.key(cfg.seed + 1), desc=desc
     )
+    return train_phase(out, phase, resume=resume, progress=progress)
 
 
 def _train(cfg: Config, out: Path, resume: bool, progress: bool):

@@ -40,7 +40,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metaopt import driver
 from metaopt import outer as outer_lib
 from metaopt.algorithms.learned_optimizer import mixture
 from metaopt.algorithms.learned_optimizer.optimizers import (
@@ -55,10 +54,13 @@ from metaopt.envs import families
 from metaopt.inner import InnerLoop, ParametrizedOptimizer, training_inner_loop, unroll
 from metaopt.optimizers import lopt
 from metaopt.recipes import Export, Recipe, write_summary
+from metaopt.runner import Phase, check_train_settings, seed_validation, train_phase
 
 log = logging.getLogger(__name__)
 
-#: ``fold_in`` constant of the validation tasks' key (no training step draws from it).
+#: ``fold_in`` constant of the validation tasks' key (no training step draws from it): not
+#: the core's :data:`metaopt.runner.VALID_SEED`, because the measured mixture runs of
+#: docs/learned_optimizer.md selected their best checkpoint on these seeds.
 VALID_SEED = 50_000
 
 #: per-family tuned Adam (learning rate and final validation loss) of a mixture run.
@@ -170,11 +172,7 @@ class Config:
         check(self.sigma > 0, "sigma must be > 0")
         check(self.meta_lr > 0, "meta_lr must be > 0")
         check(self.clip_norm > 0, "clip_norm must be > 0")
-        check(self.generations >= 0, "generations must be >= 0")
-        check(self.steps_per_call >= 1, "steps_per_call must be >= 1")
-        check(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
-        check(self.valid_every >= 0, "valid_every must be >= 0 (0 turns validation off)")
-        check(self.valid_seeds >= 1, "valid_seeds must be >= 1")
+        check_train_settings(self)
         check(self.eval_seeds >= 1, "eval_seeds must be >= 1")
         check(self.eval_horizon_mult >= 1, "eval_horizon_mult must be >= 1")
         check(self.eval_longer_mult >= 0, "eval_longer_mult must be >= 0 (0: eval_horizon_mult)")
@@ -629,26 +627,14 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
         inner = build_inner(cfg)
     outer = build_outer(cfg, inner)
     init = initial_meta_params(cfg)
-    result = driver.train(
+    phase = Phase.from_settings(
+        cfg,
         outer,
         init,
-        key=jax.random.key(cfg.seed),
-        num_steps=cfg.generations,
-        out_dir=out,
-        resume=resume,
-        steps_per_call=cfg.steps_per_call,
-        checkpoint_every=cfg.checkpoint_every,
-        progress=progress,
         desc=f"learned-optimizer [{cfg.optimizer}, {cfg.outer}]",
-        validation=driver.seed_validation(
-            inner,
-            jax.random.fold_in(jax.random.key(cfg.seed), VALID_SEED),
-            cfg.valid_seeds,
-            cfg.valid_every,
-        )
-        if cfg.valid_every
-        else None,
+        validation=seed_validation(cfg, inner, valid_seed=VALID_SEED),
     )
+    result = train_phase(out, phase, resume=resume, progress=progress)
     learned = jax.tree.map(jnp.asarray, result.meta_params)
     save_optimizer(out, cfg, learned)
     if cfg.families:

@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metaopt import driver
 from metaopt import outer as outer_lib
 from metaopt.checkpoint import write_json_atomic
 from metaopt.config import check
@@ -42,6 +41,7 @@ from metaopt.inner import (
 )
 from metaopt.recipes import Export, Recipe, write_summary
 from metaopt.rundir import load_artifact, save_artifact
+from metaopt.runner import Phase, check_train_settings, train_phase
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +81,7 @@ class Config:
         check(self.seeds >= 1, "seeds must be >= 1")
         check(self.sigma > 0, "sigma must be > 0")
         check(self.init_lr > 0, "init_lr must be > 0")
-        check(self.generations >= 0, "generations must be >= 0")
-        check(self.steps_per_call >= 1, "steps_per_call must be >= 1")
+        check_train_settings(self)
         check(self.eval_seeds >= 2, "eval_seeds must be >= 2 (a standard error needs two)")
         check(self.truncation >= 1, "truncation must be >= 1")
         check(self.batch_size >= 1, "batch_size must be >= 1")
@@ -212,18 +211,8 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     inner = build_inner(cfg)
     outer = build_outer(cfg, inner)
     init = initial_meta_params(cfg)
-    result = driver.train(
-        outer,
-        init,
-        key=jax.random.key(cfg.seed),
-        num_steps=cfg.generations,
-        out_dir=out,
-        resume=resume,
-        steps_per_call=cfg.steps_per_call,
-        checkpoint_every=cfg.checkpoint_every,
-        progress=progress,
-        desc=f"lr-schedule [{cfg.outer}]",
-    )
+    phase = Phase.from_settings(cfg, outer, init, desc=f"lr-schedule [{cfg.outer}]")
+    result = train_phase(out, phase, resume=resume, progress=progress)
     learned = jax.tree.map(jnp.asarray, result.meta_params)
     save_schedule(out, learned, cfg)
     plot_schedule({"initial": init, "discovered": learned}, path=out / "schedule.png")

@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metaopt import driver
 from metaopt import outer as outer_lib
 from metaopt.algorithms.maml.maml import (
     X_RANGE,
@@ -42,7 +41,8 @@ from metaopt.algorithms.maml.maml import (
 from metaopt.config import check
 from metaopt.outer import MetaGradient
 from metaopt.recipes import Export, Recipe, write_summary
-from metaopt.rundir import load_artifact, run_phase, save_artifact
+from metaopt.rundir import load_artifact, save_artifact
+from metaopt.runner import Phase, check_train_settings, train_phase
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +78,7 @@ class Config:
         check(self.meta_batch >= 1, "meta_batch must be >= 1")
         check(self.meta_lr > 0, "meta_lr must be > 0")
         check(self.init_scale > 0, "init_scale must be > 0")
-        check(self.generations >= 0, "generations must be >= 0")
-        check(self.steps_per_call >= 1, "steps_per_call must be >= 1")
+        check_train_settings(self)
         check(self.eval_tasks >= 1, "eval_tasks must be >= 1")
         check(self.eval_steps >= 1, "eval_steps must be >= 1")
         check(self.eval_points >= 1, "eval_points must be >= 1")
@@ -126,23 +125,15 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, pretrained: boo
     """MAML in the run directory itself, the pretrained baseline as phase ``pretrained``."""
     outer = build_outer(cfg, pretrained)
     init = init_model(jax.random.key(cfg.seed), cfg.sizes, cfg.init_scale)
-    return run_phase(
-        out,
-        "pretrained" if pretrained else "",
-        lambda phase_dir, resume_phase: driver.train(
-            outer,
-            init,
-            key=jax.random.key(cfg.seed + 1),
-            num_steps=cfg.generations,
-            out_dir=phase_dir,
-            resume=resume_phase,
-            steps_per_call=cfg.steps_per_call,
-            checkpoint_every=cfg.checkpoint_every,
-            progress=progress,
-            desc="pretrained (alpha=0)" if pretrained else "maml",
-        ),
-        resume=resume,
+    phase = Phase.from_settings(
+        cfg,
+        outer,
+        init,
+        name="pretrained" if pretrained else "",
+        key=jax.random.key(cfg.seed + 1),
+        desc="pretrained (alpha=0)" if pretrained else "maml",
     )
+    return train_phase(out, phase, resume=resume, progress=progress)
 
 
 @functools.lru_cache(maxsize=4)

@@ -43,7 +43,8 @@ from metaopt.config import check
 from metaopt.envs import rl
 from metaopt.plotting import read_metrics
 from metaopt.recipes import Export, Recipe, write_summary
-from metaopt.rundir import load_artifact, run_phase, save_phase_result, validation_line
+from metaopt.rundir import load_artifact, save_phase_result, validation_line
+from metaopt.runner import Phase, check_train_settings, seed_validation, train_phase
 
 #: every objective a run can meta-train, in order: name -> (outer, temporal).
 PHASES: dict[str, tuple[str, bool]] = {
@@ -119,8 +120,8 @@ class Config:
         outer_lib.check_sampling(
             self.strategy, self.task_sampling, self.pair_fitness, self.meta_lr_decay
         )
-        check(self.valid_every >= 0, "valid_every must be >= 0 (0 turns validation off)")
-        check(self.valid_seeds >= 1, "valid_seeds must be >= 1")
+        check_train_settings(self)
+        check(self.metagrad_steps >= 0, "metagrad_steps must be >= 0")
         check(
             self.outer in ("es", "metagrad", "both"),
             f"outer must be es, metagrad or both, got '{self.outer}'",
@@ -130,12 +131,10 @@ class Config:
         check(self.seeds >= 1 and self.particles >= 1, "seeds and particles must be >= 1")
         check(self.sigma > 0 and self.es_lr > 0 and self.metagrad_lr > 0, "rates must be > 0")
         check(0 < self.sigma_decay <= 1, "sigma_decay must be in (0, 1]")
-        check(self.generations >= 0 and self.metagrad_steps >= 0, "step counts must be >= 0")
         check(
             self.truncation >= 1 and self.lifetime_max % self.truncation == 0,
             f"truncation ({self.truncation}) must divide lifetime_max ({self.lifetime_max})",
         )
-        check(self.steps_per_call >= 1 and self.checkpoint_every >= 1, "driver steps must be >= 1")
         check(self.eval_seeds >= 1, "eval_seeds must be >= 1")
         check(
             self.time_inputs in ("log1000", "rescaled"),
@@ -278,18 +277,11 @@ def _dry_build(cfg: Config) -> list:
     ]
 
 
-VALID_SEED = 7_777  # folded into cfg.seed: validation seeds no phase trains on
-
-
 def validation(cfg: Config, inner, es: bool = True) -> driver.Validation | None:
     """Whole lifetimes on ``valid_seeds`` fixed seeds, the same for every phase
-    (:func:`metaopt.driver.seed_validation`): ``valid_loss`` selects, ``valid_return``."""
-    if not cfg.valid_every:
-        return None
-    key = jax.random.fold_in(jax.random.key(cfg.seed), VALID_SEED)
-    return driver.seed_validation(
-        inner, key, cfg.valid_seeds, cfg.valid_every * (1 if es else 10), negated="return"
-    )
+    (:func:`metaopt.runner.seed_validation`): ``valid_loss`` selects, ``valid_return``."""
+    every = cfg.valid_every * (1 if es else 10)
+    return seed_validation(cfg, inner, every=every, negated="return")
 
 
 def meta_train(cfg: Config, name: str, out: Path, resume: bool, progress: bool) -> dict:
@@ -299,24 +291,18 @@ def meta_train(cfg: Config, name: str, out: Path, resume: bool, progress: bool) 
     outer = build_outer(cfg, name, inner)
     key = jax.random.fold_in(jax.random.key(cfg.seed), list(PHASES).index(name))
     es = PHASES[name][0] == "es"
-    result = run_phase(
-        out,
-        name,
-        lambda phase_dir, resume_phase: driver.train(
-            outer,
-            initial_meta_params(cfg, name),
-            key=key,
-            num_steps=cfg.generations if es else cfg.metagrad_steps,
-            out_dir=phase_dir,
-            resume=resume_phase,
-            steps_per_call=cfg.steps_per_call if es else max(cfg.steps_per_call, 10),
-            checkpoint_every=cfg.checkpoint_every * (1 if es else 10),
-            progress=progress,
-            desc=f"ta-lpg [{name}] {cfg.env}",
-            validation=validation(cfg, inner, es),
-        ),
-        resume=resume,
+    phase = Phase(
+        outer,
+        initial_meta_params(cfg, name),
+        key,
+        steps=cfg.generations if es else cfg.metagrad_steps,
+        steps_per_call=cfg.steps_per_call if es else max(cfg.steps_per_call, 10),
+        checkpoint_every=cfg.checkpoint_every * (1 if es else 10),
+        desc=f"ta-lpg [{name}] {cfg.env}",
+        name=name,
+        validation=validation(cfg, inner, es),
     )
+    result = train_phase(out, phase, resume=resume, progress=progress)
     return save_phase_result(out, name, result, f"lpg/{name}")
 
 

@@ -50,7 +50,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metaopt import driver
 from metaopt import outer as outer_lib
 from metaopt.algorithms.ta_lpo.evaluate import evaluate_run
 from metaopt.checkpoint import write_json_atomic
@@ -61,7 +60,8 @@ from metaopt.plotting import read_metrics
 from metaopt.recipes import Export, Recipe, write_summary
 from metaopt.rl import objectives as obj_lib
 from metaopt.rl import ppo
-from metaopt.rundir import load_artifact, run_phase, save_phase_result, validation_line
+from metaopt.rundir import load_artifact, save_phase_result, validation_line
+from metaopt.runner import Phase, check_train_settings, seed_validation, train_phase
 
 LEARNED = ("lpo", "ta_lpo")
 
@@ -148,11 +148,7 @@ class Config:
         check(self.sigma > 0, "sigma must be > 0")
         check(0 < self.sigma_decay <= 1, "sigma_decay must be in (0, 1]")
         check(self.meta_lr > 0, "meta_lr must be > 0")
-        check(self.generations >= 0, "generations must be >= 0")
-        check(self.steps_per_call >= 1, "steps_per_call must be >= 1")
-        check(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
-        check(self.valid_every >= 0, "valid_every must be >= 0 (0 turns validation off)")
-        check(self.valid_seeds >= 1, "valid_seeds must be >= 1")
+        check_train_settings(self)
         check(self.eval_seeds >= 1, "eval_seeds must be >= 1")
         check(all(h > 0 for h in self.eval_horizons), "eval_horizons must be > 0")
         self.learner  # noqa: B018  (validates timesteps against the PPO batch size)
@@ -365,9 +361,6 @@ def load_objective(run_dir: str | Path, name: str = "ta_lpo", distilled: bool = 
     return functools.partial(obj_lib.OBJECTIVES[name], params, clip_eps=clip)
 
 
-VALID_SEED = 7_777  # folded into cfg.seed: validation seeds no phase trains on
-
-
 def meta_train(cfg: Config, name: str, out: Path, resume: bool, progress: bool) -> dict:
     """Meta-trains the drift ``name`` with ES; writes ``out/name/``, ``out/name.npz`` (the
     final ES mean) and, with validation, ``out/name_best.npz`` (best on validation)."""
@@ -375,32 +368,16 @@ def meta_train(cfg: Config, name: str, out: Path, resume: bool, progress: bool) 
     outer = build_outer(cfg, inner)
     # Each phase gets its own key, so LPO and TA-LPO see independent noise and seeds.
     key = jax.random.fold_in(jax.random.key(cfg.seed), LEARNED.index(name))
-    result = run_phase(
-        out,
-        name,
-        lambda phase_dir, resume_phase: driver.train(
-            outer,
-            initial_meta_params(cfg, name),
-            key=key,
-            num_steps=cfg.generations,
-            out_dir=phase_dir,
-            resume=resume_phase,
-            steps_per_call=cfg.steps_per_call,
-            checkpoint_every=cfg.checkpoint_every,
-            progress=progress,
-            desc=f"ta-lpo [{name}] {cfg.env}",
-            validation=driver.seed_validation(
-                inner,
-                jax.random.fold_in(jax.random.key(cfg.seed), VALID_SEED),
-                cfg.valid_seeds,
-                cfg.valid_every,
-                negated="return",
-            )
-            if cfg.valid_every
-            else None,
-        ),
-        resume=resume,
+    phase = Phase.from_settings(
+        cfg,
+        outer,
+        initial_meta_params(cfg, name),
+        name=name,
+        key=key,
+        desc=f"ta-lpo [{name}] {cfg.env}",
+        validation=seed_validation(cfg, inner, negated="return"),
     )
+    result = train_phase(out, phase, resume=resume, progress=progress)
     return save_phase_result(out, name, result, f"lpo-drift/{name}")
 
 
