@@ -10,9 +10,9 @@ import optax
 import pytest
 from scipy import stats
 
-from metaopt.evaluation import profiles
 from metaopt.algorithms.program_search import heldout, panel
 from metaopt.envs import families
+from metaopt.evaluation import profiles
 from metaopt.optimizers.program import as_optax
 
 
