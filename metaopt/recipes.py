@@ -128,7 +128,10 @@ def get(name: str) -> Recipe:
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"unknown recipe '{name}'{hint}; run 'metaopt list' to see them")
+        raise ConfigError(
+            f"unknown recipe '{name}'{hint}; run 'metaopt list' to see them (a recipe of "
+            "your own module: metaopt --import MODULE ...)"
+        )
     return _REGISTRY[name]
 
 
@@ -141,13 +144,15 @@ def run_dir_config(run_dir: str | Path) -> tuple[Recipe, Any, dict]:
     """Reads ``run_dir/config.json``: the recipe, its config and the raw record.
 
     The run's plugin modules are imported again and its problems checked first
-    (:func:`metaopt.plugins.restore`), so a run on a user's task resumes and evaluates
-    in a fresh process, and refuses when the task's module or data changed."""
+    (:func:`metaopt.plugins.restore`), so a run on a user's task -- or of a user's
+    recipe -- resumes and evaluates in a fresh process, and refuses when the module or
+    the task's data changed."""
     from metaopt import plugins
 
     record = RunDir(run_dir).record()
-    recipe = get(record["recipe"])
+    # the plugins first: a recipe of a user's module is registered by that module
     plugins.restore(record.get("plugins"), str(Path(run_dir) / "config.json"))
+    recipe = get(record["recipe"])
     try:
         cfg = cfg_lib.from_dict(recipe.config_cls, record["config"], context="saved config")
     except ConfigError as e:
