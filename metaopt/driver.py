@@ -39,9 +39,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from metaopt import sharding
-from metaopt.checkpoint import Checkpointer, MissingCheckpointError, write_text_atomic
+from metaopt.checkpoint import (
+    Checkpointer,
+    MissingCheckpointError,
+    checkpoint_steps,
+    write_text_atomic,
+)
 from metaopt.config import ConfigError
 from metaopt.outer.base import OuterEstimator
+from metaopt.plotting import plot_metrics
 
 PyTree = Any
 Callback = Callable[[int, PyTree, list[dict]], None]
@@ -324,7 +330,6 @@ def _prepare_dir(out: Path | None, resume: bool, overwrite: bool, max_to_keep: i
         return None, None
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is not a directory")
-    from metaopt.checkpoint import checkpoint_steps
 
     log_path = out / "metrics.jsonl"
     if not resume and checkpoint_steps(out / "checkpoints"):
@@ -558,8 +563,6 @@ def train(
         ckpt=ckpt,
     )
     if plot and out is not None and log_path.exists() and jax.process_index() == 0:
-        from metaopt.plotting import plot_metrics
-
         plot_metrics(log_path, out / "curves.png", title=desc)
     carry = state["carry"]
     meta = outer.meta_params(carry.outer_state)

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 
+from metaopt import config as cfg_lib
 from metaopt.checkpoint import (
     MissingCheckpointError,
     checkpoint_steps,
@@ -99,7 +100,6 @@ class RunDir:
         A config that names a user's registered problems also records, under
         ``"plugins"``, the modules that registered them and their data hashes
         (:func:`metaopt.plugins.record`), checked again on resume and eval."""
-        from metaopt import config as cfg_lib
 
         if jax.process_index() != 0:
             return

@@ -22,6 +22,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from metaopt.config import ArgumentParser, ConfigError
+
 AXIS = "pop"
 
 
@@ -171,7 +173,6 @@ ENV_VARS = {
 
 
 def _env_settings(environ: Mapping[str, str]) -> dict[str, Any]:
-    from metaopt.config import ConfigError
 
     out: dict[str, Any] = {}
     for key, var in ENV_VARS.items():
@@ -210,7 +211,6 @@ def check_settings(settings: Mapping[str, Any], complete: bool = True) -> dict[s
     Raises:
       ConfigError: one line naming the inconsistency.
     """
-    from metaopt.config import ConfigError
 
     s = {k: v for k, v in settings.items() if v is not None}
     if complete and s and len(s) < 3:
@@ -246,7 +246,6 @@ def initialize_distributed(**kwargs: Any) -> None:
     Raises:
       ConfigError: inconsistent settings, or JAX's backend already started.
     """
-    from metaopt.config import ConfigError
 
     settings = _env_settings(os.environ)
     settings.update({k: v for k, v in kwargs.items() if v is not None})
@@ -350,7 +349,6 @@ def initialize_from_argv(argv: Sequence[str]) -> bool:
     The command calls it first, before a recipe is imported (evosax starts JAX's
     backend on import); other arguments are ignored here.
     """
-    from metaopt.config import ArgumentParser
 
     p = ArgumentParser(add_help=False)  # abbreviations as the command's own parser takes them
     add_distributed_arguments(p)

@@ -468,6 +468,7 @@ def _provenance(run, name):
     return record["plugins"]["problems"][name]
 
 
+@pytest.mark.slow
 def test_lr_schedule_runs_on_a_registered_family(tmp_path, own_family):
     import metaopt
 
@@ -480,6 +481,7 @@ def test_lr_schedule_runs_on_a_registered_family(tmp_path, own_family):
     metaopt.evaluate(out, progress=False)  # in this process: the family is registered
 
 
+@pytest.mark.slow
 def test_learned_optimizer_runs_on_a_family_object(tmp_path, own_family):
     """metaopt.run takes a family object where a config takes family names: it is
     registered under <class>-<data hash> and recorded like a named one."""
@@ -610,6 +612,7 @@ def test_gpicl_tasks_on_a_registered_dataset_project_its_examples(own_iris):
         assert ys == int(np.asarray(perm)[d.y_test[i]])
 
 
+@pytest.mark.slow
 def test_in_context_gpicl_runs_on_a_registered_dataset(tmp_path, own_iris):
     import metaopt
 
@@ -635,6 +638,7 @@ def test_in_context_gpicl_runs_on_a_registered_dataset(tmp_path, own_iris):
     assert predict(ep.context_x[:-1], ep.context_y[:-1], ep.context_x[-1]).shape == (3,)
 
 
+@pytest.mark.slow
 def test_hypergradient_runs_on_a_registered_binary_dataset(tmp_path, own_iris):
     import metaopt
 

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metaopt.algorithms.hypergradient.implicit import Solver, argmin
+from metaopt.envs import datasets
 from metaopt.inner import InnerLoop
 
 PyTree = Any
@@ -211,7 +212,6 @@ def logistic_bilevel(dataset: str = "breast_cancer", data_seed: int = 0) -> Bile
     Uses :func:`metaopt.envs.datasets.load` (standardised features, 60/20/20
     train/valid/test split); the outer loss is the validation cross-entropy.
     """
-    from metaopt.envs import datasets
 
     d = datasets.load(dataset, data_seed)
     if d.num_classes != 2:

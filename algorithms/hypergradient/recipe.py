@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metaopt import evaluation as ev
 from metaopt.algorithms.hypergradient.implicit import argmin, newton
 from metaopt.algorithms.hypergradient.problems import (
     Bilevel,
@@ -51,8 +52,10 @@ from metaopt.algorithms.hypergradient.problems import (
 from metaopt.checkpoint import MissingCheckpointError, write_json_atomic
 from metaopt.config import check
 from metaopt.envs import datasets
+from metaopt.evaluation import tune_grid
 from metaopt.inner import InnerLoop
 from metaopt.outer import MetaGradient
+from metaopt.plotting import figure, read_metrics
 from metaopt.recipes import Export, Recipe, write_summary
 from metaopt.runner import Phase, check_train_settings, train_phase
 
@@ -296,7 +299,6 @@ def grid_best(cfg: Config, pname: str) -> tuple[float, PyTree]:
 def grid_choice(cfg: Config, pname: str, warn: bool = False):
     """:func:`metaopt.evaluation.tune_grid` of :data:`LAM_GRID` by the exact solutions'
     validation loss: ``(GridChoice, best solution)``."""
-    from metaopt.evaluation import tune_grid
 
     sols, valid = _grid_fn(cfg, pname)(jnp.log(jnp.asarray(LAM_GRID, jnp.float32)))
     choice = tune_grid(np.asarray(valid), {"lambda": LAM_GRID}, what=f"{pname} lambda", warn=warn)
@@ -379,7 +381,6 @@ def plot_runs(
     minimiser (implicit). ``references[problem]`` draws a dashed line (the
     exact-solution validation loss of the best scalar strength of a grid).
     """
-    from metaopt.plotting import figure, read_metrics
 
     fig = None
     if ax_grid is None:
@@ -418,8 +419,6 @@ def _sklearn_reference(cfg: Config) -> dict:
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
 
-    from metaopt.evaluation import tune_grid
-
     d = datasets.load(cfg.dataset, cfg.seed)
     x_train, x_valid, x_test = (np.asarray(a, np.float64) for a in (d.x_train, d.x_valid, d.x_test))
 
@@ -455,8 +454,6 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
     ``eval.md`` and ``eval.png`` (validation loss over the lambda grid per problem, the
     learned scalar strengths marked).
     """
-    from metaopt import evaluation as ev
-    from metaopt.plotting import figure
 
     run_dir = Path(run_dir)
     path = run_dir / "hparams.npz"

@@ -26,6 +26,8 @@ import numpy as np
 
 from metaopt import evaluation as ev
 from metaopt.algorithms.in_context import lsa
+from metaopt.envs import datasets
+from metaopt.plotting import figure
 
 #: GD learning rates tried (a log grid; the optimum for d = N = 10 lies near 1).
 ETA_GRID = tuple(float(x) for x in np.geomspace(0.05, 20.0, 27))
@@ -123,7 +125,6 @@ def _heatmap(ax, mat, title, vmax):
 
 def evaluate_lsa(run_dir: Path, cfg, params, progress: bool = True) -> dict:
     """Trained LSA vs tuned GD (and GD++) on held-out tasks; writes eval.json/md/png."""
-    from metaopt.plotting import figure
 
     family = cfg.family
     k = cfg.layers
@@ -351,7 +352,6 @@ def gpicl_scores(cfg, params, k: int, key: jax.Array | None = None) -> dict:
 def evaluate_gpicl(run_dir: Path, cfg, progress: bool = True) -> dict:
     """The memorise / identify / generalise transition: accuracy against the number of tasks."""
     from metaopt.algorithms.in_context import recipe
-    from metaopt.plotting import figure
 
     ks = list(cfg.task_counts_log2)
     bar = ev.progress_bar(total=len(ks) + 2, desc="in-context eval", progress=progress)
@@ -441,13 +441,11 @@ def evaluate_gpicl(run_dir: Path, cfg, progress: bool = True) -> dict:
 
 
 def datasets_classes(cfg) -> int:
-    from metaopt.envs import datasets
 
     return datasets.load(cfg.dataset).num_classes
 
 
 def transfer_classes(cfg) -> int:
-    from metaopt.envs import datasets
 
     return datasets.load(cfg.transfer_dataset).num_classes
 
@@ -550,7 +548,6 @@ def evaluate_lsa_mlp(run_dir: Path, cfg, params, plain, progress: bool = True) -
     Writes eval.json/md/png. Every learning rate and ridge strength is tuned on
     validation tasks; all methods are scored on the same held-out test tasks.
     """
-    from metaopt.plotting import figure
 
     family, k = cfg.family, cfg.layers
     k_valid, k_test, k_show = jax.random.split(jax.random.key(cfg.seed + 20_000), 3)

@@ -49,6 +49,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from metaopt import recipes
 from metaopt.algorithms.in_context import gpicl, lsa
 from metaopt.config import check
 from metaopt.envs import datasets
@@ -297,7 +298,6 @@ def load_predictor(run_dir: str | Path, k: int | None = None):
       >>> predict = load_predictor("runs/lsa")
       >>> y_hat = predict(cx, cy, qx)
     """
-    from metaopt import recipes
 
     cfg = recipes.run_dir_config(run_dir)[1]
     if cfg.mode == "gpicl":
@@ -374,7 +374,6 @@ def load_gpicl_predictor(run_dir: str | Path, k: int):
       ``predict(context_x [N, d], context_y [N], query_x [d]) -> logits [C]`` (jitted):
       the logits for the query's label after reading the context.
     """
-    from metaopt import recipes
 
     cfg = recipes.run_dir_config(run_dir)[1]
     model, params = gpicl_model(cfg), load_gpicl(run_dir, k)

@@ -51,10 +51,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from metaopt import evaluation as ev
+from metaopt import recipes
 from metaopt.algorithms.learned_optimizer import recipe
 from metaopt.algorithms.learned_optimizer.optimizers import TUNED
+from metaopt.config import ArgumentParser, ConfigError, check
 from metaopt.envs import families
 from metaopt.evaluation import nonfinite_as_inf, stderr
+from metaopt.plotting import figure
+from metaopt.rundir import write_text_atomic
 
 REFERENCE = "adam"
 LR_TUNED = "meta-trained, lr tuned"
@@ -313,7 +317,6 @@ def width_sweep(cfg: recipe.Config, meta_params, progress: bool = False) -> dict
 
 def plot_width(sweep: dict[str, Any], path: Path) -> None:
     """Final test loss (mean +- standard error over seeds) vs width."""
-    from metaopt.plotting import figure
 
     fig, axes = figure((5.6, 4.0))
     ax = axes[0, 0]
@@ -391,7 +394,6 @@ def width_markdown(sweep: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """Performance profile (left) and median test-loss curves per workload."""
-    from metaopt.plotting import figure
 
     works = list(result["workloads"])
     n = 1 + len(works)
@@ -581,9 +583,6 @@ def width_sweep_run(run_dir: Path, progress: bool = True) -> dict[str, str]:
     alone when there is no evaluation yet); writes ``width.png``."""
     import json
 
-    from metaopt import recipes
-    from metaopt.config import check
-
     run_dir = Path(run_dir)
     _, cfg, _ = recipes.run_dir_config(run_dir)
     check(
@@ -744,7 +743,6 @@ def pool_markdown(pooled: dict[str, Any]) -> str:
 def pool_plot(pooled: dict[str, Any], path: Path, title: str = "") -> None:
     """Per workload, each optimizer's mean paired log(final / tuned Adam's) +- SE over the
     pooled tasks (left of 0 = better than tuned Adam), as a dot plot."""
-    from metaopt.plotting import figure
 
     works = list(pooled["workloads"])
     names = [n for n in pooled["overall"] if n != REFERENCE]
@@ -775,8 +773,6 @@ def pool_plot(pooled: dict[str, Any], path: Path, title: str = "") -> None:
 
 def pool_cmd(argv: list[str]) -> int:
     """``metaopt learned-optimizer pool RUN_DIR [RUN_DIR ...] [--out FILE.md]``."""
-    from metaopt.config import ArgumentParser, ConfigError
-    from metaopt.rundir import write_text_atomic
 
     p = ArgumentParser(
         prog="metaopt learned-optimizer pool",

@@ -48,11 +48,13 @@ from metaopt.algorithms.learned_optimizer.optimizers import (
     mlp_optimizer,
     tuned_optimizer,
 )
-from metaopt.checkpoint import write_json_atomic
-from metaopt.config import check
+from metaopt.checkpoint import MissingCheckpointError, write_json_atomic
+from metaopt.config import ArgumentParser, check
 from metaopt.envs import families
+from metaopt.evaluation import tune_grid
 from metaopt.inner import InnerLoop, ParametrizedOptimizer, training_inner_loop, unroll
 from metaopt.optimizers import lopt
+from metaopt.plotting import figure
 from metaopt.recipes import Export, Recipe, write_summary
 from metaopt.runner import Phase, check_train_settings, seed_validation, train_phase
 
@@ -294,7 +296,6 @@ def tune_adam_lr(cfg: Config) -> float:
     Mean final validation loss over ``eval_seeds`` runs on seeds that neither
     meta-training nor evaluation use (:func:`metaopt.evaluation.tune_grid`).
     """
-    from metaopt.evaluation import tune_grid
 
     keys = jax.random.split(jax.random.key(cfg.seed + 30_000), cfg.eval_seeds)
     log_lrs = jnp.log(jnp.asarray(cfg.lr_grid, jnp.float32))
@@ -319,7 +320,6 @@ def tune_adam_families(cfg: Config, out: Path | None = None, reuse: bool = True)
         stored = json.loads(path.read_text())["families"]
         if all(f in stored for f in cfg.train_families):
             return {f: stored[f] for f in cfg.train_families}
-    from metaopt.evaluation import tune_grid
 
     keys = jax.random.split(jax.random.key(cfg.seed + 30_000), cfg.eval_seeds)
     log_lrs = jnp.log(jnp.asarray(cfg.lr_grid, jnp.float32))
@@ -404,7 +404,6 @@ def tune_untrained_base_lr(cfg: Config, adam: dict) -> tuple[float, dict]:
     non-finite run counts as the worst). Returns the value and a JSON-able record
     (scores per grid value, whether it is at the grid's edge, which is logged as a
     warning)."""
-    from metaopt.evaluation import tune_grid
 
     scores = untrained_base_lr_scores(cfg, adam)
     choice = tune_grid(scores, {"lr": cfg.lr_grid}, warn=False)
@@ -548,7 +547,6 @@ def save_optimizer(out: Path, cfg: Config, meta_params) -> Path:
 
 def load_optimizer(run_dir: Path) -> dict:
     """The meta-parameters saved by :func:`save_optimizer` (clear error if unfinished)."""
-    from metaopt.checkpoint import MissingCheckpointError
 
     try:
         return lopt.load(run_dir).weights
@@ -591,7 +589,6 @@ def curve_fn(cfg: Config, family: str, horizon: int, points: int):
 
 def plot_training(curves: dict[str, np.ndarray], steps: np.ndarray, path: Path, title: str):
     """Median (line) and min-max band over seeds of validation-loss curves."""
-    from metaopt.plotting import figure
 
     fig, axes = figure()
     ax = axes[0, 0]
@@ -719,7 +716,6 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
 def _width_sweep_cmd(argv: list[str]) -> int:
     """``metaopt learned-optimizer width-sweep RUN_DIR [--no-progress]``."""
     from metaopt.algorithms.learned_optimizer import evaluate as evaluate_lib
-    from metaopt.config import ArgumentParser
 
     p = ArgumentParser(
         prog="metaopt learned-optimizer width-sweep",

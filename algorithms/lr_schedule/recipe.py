@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from metaopt import evaluation as ev
 from metaopt import outer as outer_lib
 from metaopt.checkpoint import write_json_atomic
 from metaopt.config import check
@@ -39,6 +40,7 @@ from metaopt.inner import (
     seed_losses,
     training_inner_loop,
 )
+from metaopt.plotting import figure
 from metaopt.recipes import Export, Recipe, write_summary
 from metaopt.rundir import load_artifact, save_artifact
 from metaopt.runner import Phase, check_train_settings, train_phase
@@ -172,7 +174,6 @@ def plot_schedule(schedules: dict[str, dict], ax=None, path: Path | None = None)
 
     Returns the axes; with ``path``, also saves the figure as PNG.
     """
-    from metaopt.plotting import figure
 
     fig = None
     if ax is None:
@@ -243,8 +244,6 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
     comparisons with the tuned constant lr as reference, :mod:`metaopt.evaluation`).
     Writes ``eval.json``, ``eval.md`` and ``eval.png`` (lr tuning, test losses).
     """
-    from metaopt import evaluation as ev
-    from metaopt.plotting import figure
 
     learned = load_schedule(run_dir)
     key = jax.random.key(cfg.seed + 20_000)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metaopt import evaluation as ev
 from metaopt import outer as outer_lib
 from metaopt.algorithms.maml.maml import (
     X_RANGE,
@@ -40,6 +41,7 @@ from metaopt.algorithms.maml.maml import (
 )
 from metaopt.config import check
 from metaopt.outer import MetaGradient
+from metaopt.plotting import figure
 from metaopt.recipes import Export, Recipe, write_summary
 from metaopt.rundir import load_artifact, save_artifact
 from metaopt.runner import Phase, check_train_settings, train_phase
@@ -275,7 +277,6 @@ def plot_fits(
     Returns:
       The matplotlib figure.
     """
-    from metaopt.plotting import figure
 
     fig, axes = figure((4.0 * num_tasks, 3.0 * len(models)), len(models), num_tasks)
     for i, (label, (params, lr)) in enumerate(models.items()):
@@ -308,8 +309,6 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
     Writes ``eval.json``, ``eval.md``, ``eval.png`` (the tuning and MSE vs steps),
     ``steps.png`` and ``fits.png``.
     """
-    from metaopt import evaluation as ev
-    from metaopt.plotting import figure
 
     run_dir = Path(run_dir)
     maml = load_params(run_dir / "maml_params.npz")

@@ -51,6 +51,7 @@ from metaopt.evaluation.profiles import TAUS, performance_profile, plot_profile,
 from metaopt.evaluation.tuning import LR_RANGE, POINTS, WD_MAX
 from metaopt.inner import ParametrizedOptimizer, training_inner_loop
 from metaopt.optimizers.program import as_optax, parse
+from metaopt.plotting import figure
 
 __all__ = [
     "BASELINES",
@@ -654,7 +655,6 @@ def verdict_markdown(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path) -> None:
     """Performance profiles (left) and median test-loss curves per workload (right)."""
-    from metaopt.plotting import figure
 
     workloads = list(result["workloads"])
     fig, axes = figure((4.2 * (1 + len(workloads)), 3.4), 1, 1 + len(workloads))

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
+from metaopt import driver, evaluation
 from metaopt.algorithms.program_search.bandit import ProposerBandit
 from metaopt.algorithms.program_search.heldout import workloads as heldout_workloads
 from metaopt.algorithms.program_search.lm import LMConfig, LMProposer
@@ -76,7 +77,7 @@ from metaopt.optimizers.program import (
     parse,
     to_source,
 )
-from metaopt.plotting import read_metrics
+from metaopt.plotting import figure, read_metrics
 from metaopt.recipes import Export, Recipe
 
 OP_SETS = {"cheap": CHEAP_OPS, "full": ALL_OPS}
@@ -456,7 +457,6 @@ def funnel(cfg: Config, board: list[dict], progress: bool = True) -> list[dict]:
 
 
 def plot_search(rows: list[dict], path: Path) -> None:
-    from metaopt.plotting import figure
 
     fig, axes = figure((10, 3.4), 1, 2)
     rounds = [r["step"] for r in rows]
@@ -517,7 +517,6 @@ def _warn_bundled_checks(cfg: Config) -> None:
 def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> dict:
     """The search on the core driver's host-step mode (checkpoints, keep-N, log, progress,
     SIGINT/SIGTERM and exact resume as every recipe), then the funnel and the artifacts."""
-    from metaopt import driver
 
     _warn_bundled_checks(cfg)
     search = build(cfg)
@@ -595,7 +594,6 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True, top: int = 0) ->
     differences with tuned AdamW and their SE, workloads won / tied / lost, ranks,
     performance profile).
     """
-    from metaopt import evaluation
     from metaopt.algorithms.program_search import heldout
     from metaopt.algorithms.program_search.panel import PANEL
 

@@ -41,6 +41,7 @@ from metaopt import evaluation
 from metaopt.algorithms.program_search import heldout
 from metaopt.algorithms.program_search.heldout import Workload, parse_task
 from metaopt.algorithms.program_search.panel import PANEL
+from metaopt.cli import _Parser, examples
 from metaopt.config import ConfigError
 
 __all__ = [
@@ -491,7 +492,6 @@ def _json_safe(x):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from metaopt.cli import _Parser, examples
 
     p = _Parser(
         prog="metaopt program-search validate-proxy",

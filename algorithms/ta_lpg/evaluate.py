@@ -40,6 +40,8 @@ from metaopt.algorithms.ta_lpg import agent as agent_lib
 from metaopt.algorithms.ta_lpg import network
 from metaopt.envs import rl
 from metaopt.inner import unroll
+from metaopt.plotting import figure
+from metaopt.rl import ppo
 
 LABELS = {
     "ta_lpg_es": "TA-LPG (ES)",
@@ -86,7 +88,6 @@ def agent_runs(cfg, population, lifetimes, keys):
 
 def ppo_runs(cfg, lifetimes, keys) -> tuple[np.ndarray, list[np.ndarray]]:
     """PPO (clipped) with the agent's environment steps per update, one lifetime at a time."""
-    from metaopt.rl import ppo
 
     a = cfg.agent
     finals, curves = [], []
@@ -280,7 +281,6 @@ def markdown(result: dict) -> str:
 
 def plot(result: dict, path: str | Path) -> None:
     """Final return vs lifetime; learning and entropy curves at the longest in-range lifetime."""
-    from metaopt.plotting import figure
 
     lo, hi = result["train_range"]
     lts = result["lifetimes"]

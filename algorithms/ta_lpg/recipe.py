@@ -42,7 +42,7 @@ from metaopt.algorithms.ta_lpg.evaluate import evaluate_run
 from metaopt.config import check
 from metaopt.envs import rl
 from metaopt.plotting import read_metrics
-from metaopt.recipes import Export, Recipe, write_summary
+from metaopt.recipes import Export, Recipe, run_dir_config, write_summary
 from metaopt.rundir import load_artifact, save_phase_result, validation_line
 from metaopt.runner import Phase, check_train_settings, seed_validation, train_phase
 
@@ -256,7 +256,6 @@ def load_objective(run_dir: str | Path, name: str = "ta_lpg_es"):
     the agent's loss is ``mean(-pi_hat * log pi(a|s)) + KL(y_hat || y(s))``. The temporal
     inputs are scaled as the run scaled them (its ``time_inputs``).
     """
-    from metaopt.recipes import run_dir_config
 
     params = load_meta_params(run_dir, name)
     time_range = run_dir_config(run_dir)[1].agent.time_range

@@ -39,6 +39,7 @@ import numpy as np
 
 from metaopt import evaluation as ev
 from metaopt.inner import unroll
+from metaopt.plotting import figure
 from metaopt.rl import objectives as obj_lib
 from metaopt.rl import ppo
 
@@ -252,7 +253,6 @@ def markdown(result: dict) -> str:
 def plot(result: dict, path: str | Path) -> None:
     """Per environment, each objective's paired difference from PPO (± SE) against the
     horizon fraction; then learning curves at N on the meta-training environment."""
-    from metaopt.plotting import figure
 
     labels = dict(OBJECTIVES)
     sets = result["settings"]

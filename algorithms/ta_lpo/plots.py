@@ -14,6 +14,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from metaopt.plotting import figure
 from metaopt.rl import objectives as obj_lib
 
 R_RANGE = (0.5, 1.5)
@@ -64,7 +65,6 @@ def plot_drift(
     Returns:
       The matplotlib figure.
     """
-    from metaopt.plotting import figure
 
     refs = [(f"PPO (clip {clip_eps:g})", "ppo", None), ("DPO", "dpo", None)]
     if "lpo" in learned:

@@ -50,13 +50,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metaopt import evaluation as ev
 from metaopt import outer as outer_lib
 from metaopt.algorithms.ta_lpo.evaluate import evaluate_run
 from metaopt.checkpoint import write_json_atomic
 from metaopt.config import check
 from metaopt.envs import rl
-from metaopt.inner import InnerLoop
-from metaopt.plotting import read_metrics
+from metaopt.inner import InnerLoop, rollout_loss
+from metaopt.plotting import figure, read_metrics
 from metaopt.recipes import Export, Recipe, write_summary
 from metaopt.rl import objectives as obj_lib
 from metaopt.rl import ppo
@@ -238,8 +239,6 @@ def tune_ppo(cfg: Config, progress: bool = True) -> dict:
     the grid's means and standard errors, the number of runs, and ``at_edge`` (the grid
     axes whose best value is an end point: the optimum may lie outside).
     """
-    from metaopt import evaluation as ev
-    from metaopt.inner import rollout_loss
 
     keys = jax.random.split(jax.random.fold_in(jax.random.key(cfg.seed), TUNE_SEED), cfg.tune_seeds)
     clips = jnp.asarray(cfg.tune_clips, jnp.float32)
@@ -300,7 +299,6 @@ def resolve_ppo(cfg: Config, out: str | Path | None = None, progress: bool = Tru
 
 def plot_tuning(tuned: dict, path: Path) -> None:
     """PPO's final return over the lr x clip grid (mean over the tuning seeds)."""
-    from metaopt.plotting import figure
 
     fig, axes = figure((4.6, 3.4))
     ax = axes[0, 0]
@@ -384,7 +382,6 @@ def meta_train(cfg: Config, name: str, out: Path, resume: bool, progress: bool) 
 def plot_meta_training(out: Path, names: tuple[str, ...], path: Path) -> None:
     """Centre (mean) return and population mean return per generation for each phase, and
     the return on the fixed validation seeds where the run validated."""
-    from metaopt.plotting import figure
 
     fig, axes = figure((5.5, 3.4))
     ax = axes[0, 0]
