@@ -290,6 +290,44 @@ def is_task_family(task: Any) -> bool:
     return hasattr(task, "sample") and hasattr(task, "test_loss")
 
 
+@dataclasses.dataclass(frozen=True)
+class FixedTask:
+    """A fixed :class:`Task` as a task family whose ``sample`` returns an empty instance:
+    the one protocol (:class:`metaopt.envs.families.TaskFamily`) every consumer reads.
+
+    Example:
+      >>> fam = as_family(task)          # task.init_params(key) -> fam.init_params(key, ())
+      >>> fam.sample(jax.random.key(0))
+      ()
+    """
+
+    task: Any
+
+    def sample(self, key: jax.Array) -> tuple:
+        del key
+        return ()
+
+    def init_params(self, key: jax.Array, instance: Any = ()) -> PyTree:
+        return self.task.init_params(key)
+
+    def sample_batch(self, key: jax.Array, instance: Any = ()) -> PyTree:
+        return self.task.sample_batch(key)
+
+    def loss(self, params: PyTree, batch: PyTree) -> jax.Array:
+        return self.task.loss(params, batch)
+
+    def valid_loss(self, params: PyTree, instance: Any = ()) -> jax.Array:
+        return self.task.valid_loss(params)
+
+    def test_loss(self, params: PyTree, instance: Any = ()) -> jax.Array:
+        return getattr(self.task, "test_loss", self.task.valid_loss)(params)
+
+
+def as_family(task: Any) -> Any:
+    """``task`` if it is a task family, else the :class:`FixedTask` family around it."""
+    return task if is_task_family(task) else FixedTask(task)
+
+
 class ParametrizedOptimizer(NamedTuple):
     """An optimizer whose update rule reads meta-parameters and training progress.
 
@@ -337,14 +375,11 @@ def training_inner_loop(
       >>> loss = rollout_loss(inner, meta_params, jax.random.key(0))
     """
 
-    family = is_task_family(task)
+    task = as_family(task)
 
     def init(meta_params, key):
-        if family:
-            instance = task.sample(jax.random.fold_in(key, 1))
-            params = task.init_params(key, instance)
-        else:
-            instance, params = (), task.init_params(key)
+        instance = task.sample(jax.random.fold_in(key, 1))
+        params = task.init_params(key, instance)
         return TrainState(
             params=params,
             opt_state=optimizer.init(meta_params, params),
@@ -354,7 +389,7 @@ def training_inner_loop(
         )
 
     def step(meta_params, state, key):
-        batch = task.sample_batch(key, state.task) if family else task.sample_batch(key)
+        batch = task.sample_batch(key, state.task)
         loss, grads = jax.value_and_grad(task.loss)(state.params, batch)
         extra = {"obj_fn": lambda p: task.loss(p, batch)} if optimizer.needs_obj_fn else {}
         updates, opt_state = optimizer.update(
@@ -366,8 +401,6 @@ def training_inner_loop(
 
     def meta_loss(meta_params, state, key):
         del meta_params, key
-        if family:
-            return task.valid_loss(state.params, state.task)
-        return task.valid_loss(state.params)
+        return task.valid_loss(state.params, state.task)
 
     return InnerLoop(init=init, step=step, meta_loss=meta_loss, horizon=horizon, name=name)

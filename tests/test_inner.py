@@ -199,3 +199,35 @@ def test_untyped_keys_are_refused_clearly(key, message):
         _loop().validate(MP, key)
     with pytest.raises(TypeError, match=re.escape(message)):
         check_key(key, "here")
+
+
+def test_a_fixed_task_is_a_family_with_an_empty_instance():
+    """One task protocol: a fixed Task reads as a family whose instances are ``()``."""
+    from metaopt.envs import families
+    from metaopt.inner import FixedTask, as_family
+
+    fam = families.make("digits-mlp8")
+    assert as_family(fam) is fam
+
+    class Quadratic:
+        def init_params(self, key):
+            return {"x": jax.random.normal(key, (3,))}
+
+        def loss(self, params, batch):
+            return jnp.sum((params["x"] - batch) ** 2)
+
+        def sample_batch(self, key):
+            return jax.random.normal(key, (3,))
+
+        def valid_loss(self, params):
+            return jnp.sum(params["x"] ** 2)
+
+    task = Quadratic()
+    wrapped = as_family(task)
+    assert isinstance(wrapped, FixedTask) and wrapped.sample(jax.random.key(0)) == ()
+    key = jax.random.key(1)
+    p = wrapped.init_params(key, ())
+    np.testing.assert_array_equal(p["x"], task.init_params(key)["x"])
+    np.testing.assert_array_equal(wrapped.sample_batch(key, ()), task.sample_batch(key))
+    assert float(wrapped.valid_loss(p, ())) == float(task.valid_loss(p))
+    assert float(wrapped.test_loss(p, ())) == float(task.valid_loss(p))  # no test split

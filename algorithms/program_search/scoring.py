@@ -32,7 +32,7 @@ from jax.flatten_util import ravel_pytree
 from metaopt.inner import (
     InnerLoop,
     ParametrizedOptimizer,
-    is_task_family,
+    as_family,
     population_losses,
     training_inner_loop,
 )
@@ -155,16 +155,12 @@ def train_grid(
     Args:
       normalize: divide each training's update by its RMS at step 1 (frozen).
     """
-    family = is_task_family(task)
+    task = as_family(task)
     num_c, num_s = log_lrs.shape[0], keys.shape[0]
     split = jax.vmap(lambda k: jax.random.split(k, 3))(keys)
     k_init, k_run = split[:, 0], split[:, 1]
-    if family:
-        inst = jax.vmap(lambda k: task.sample(jax.random.fold_in(k, 1)))(k_init)
-        params = jax.vmap(task.init_params)(k_init, inst)
-    else:
-        inst = None
-        params = jax.vmap(task.init_params)(k_init)
+    inst = jax.vmap(lambda k: task.sample(jax.random.fold_in(k, 1)))(k_init)
+    params = jax.vmap(task.init_params)(k_init, inst)
     flat0 = jax.vmap(lambda p: ravel_pytree(p)[0])(params)  # [S, N]
     _, unravel = ravel_pytree(jax.tree.map(lambda x: x[0], params))
     n = flat0.shape[-1]
@@ -179,10 +175,7 @@ def train_grid(
     def body(carry, xs):
         w, state, scale = carry
         ks, t = xs
-        if family:
-            batch = jax.vmap(task.sample_batch)(ks, inst)
-        else:
-            batch = jax.vmap(task.sample_batch)(ks)
+        batch = jax.vmap(task.sample_batch)(ks, inst)
         g = jax.vmap(lambda wc: jax.vmap(grad_one)(wc, batch))(w)  # [C, S, N]
         count = (t + 1).astype(w.dtype)
         u, state = rule.update(g.reshape(-1), w.reshape(-1), state, count)
@@ -203,12 +196,9 @@ def train_grid(
     (w, _, _), _ = jax.lax.scan(body, carry, (step_keys, jnp.arange(horizon)))
 
     def valid(ws, instance):
-        p = unravel(ws)
-        return task.valid_loss(p, instance) if family else task.valid_loss(p)
+        return task.valid_loss(unravel(ws), instance)
 
-    if family:
-        return jax.vmap(lambda wc: jax.vmap(valid)(wc, inst))(w)
-    return jax.vmap(lambda wc: jax.vmap(lambda ws: valid(ws, None))(wc))(w)
+    return jax.vmap(lambda wc: jax.vmap(valid)(wc, inst))(w)
 
 
 def grid_losses(
