@@ -43,7 +43,8 @@ class MLPClassification:
     evaluation) is evaluated in full.
 
     Args:
-      dataset: ``"digits"``, ``"wine"`` or ``"breast_cancer"``.
+      dataset: ``"digits"``, ``"wine"``, ``"breast_cancer"`` or a name registered with
+        :func:`metaopt.envs.datasets.register`.
       hidden: hidden layer widths.
       batch_size: training minibatch size.
       eval_split: ``"valid"`` or ``"test"``: what :meth:`valid_loss` measures.

@@ -349,12 +349,31 @@ def describe_config(recipe_name: str) -> str:
     r = recipes.get(recipe_name)
     types = cfg_lib.field_types(r.config_cls)
     default = r.config_cls()
-    lines = ["config keys (key=value):"]
+    from metaopt.outer import CONFIG_FIELDS
+
+    core = ("generations", "steps_per_call", "checkpoint_every", "seed", "valid_every")
+    core += ("valid_seeds",)
+
+    def group(name: str) -> str:
+        if name in core:
+            return "meta-training (the core's keys, the same in every recipe)"
+        if name in CONFIG_FIELDS or name in ("outer", "strategy"):
+            return "outer loop (metaopt.outer.CONFIG_FIELDS)"
+        if name.startswith("eval_"):
+            return "evaluation (metaopt eval may override these)"
+        return f"{r.name} keys"
+
+    groups: dict[str, list[str]] = {}
     for f in dataclasses.fields(r.config_cls):
         typ = _type_name(types[f.name])
         value = getattr(default, f.name)
         mark = " (may change on --resume)" if f.name in r.extendable else ""
-        lines.append(f"  {f.name:<20s} {typ:<28s} default {value!r}{mark}")
+        groups.setdefault(group(f.name), []).append(
+            f"    {f.name:<18s} {typ:<28s} default {value!r}{mark}"
+        )
+    lines = ["config keys (key=value):"]
+    for title, rows in groups.items():
+        lines += [f"  {title}:", *rows]
     lines.append("presets:")
     lines.append("  default              the defaults above")
     for name, over in r.presets.items():

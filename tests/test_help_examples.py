@@ -63,3 +63,15 @@ def test_every_help_example_runs(tmp_path, monkeypatch, capsys):
         assert argv[0] == "metaopt", command
         code = cli.main(argv[1:])
         assert code == 0, f"{command}: {capsys.readouterr().err}"
+
+
+def test_help_groups_the_core_keys_the_same_way_in_every_recipe():
+    for name, r in recipes.all_recipes().items():
+        text = _help([name])
+        fields = {f for f in r.config_cls.__dataclass_fields__}
+        if "steps_per_call" in fields:
+            after = text.split("meta-training (the core's keys")[1]
+            block = re.split(r"\n  \S", after)[0]
+            assert "steps_per_call" in block and "seed " in block, name
+        if "population" in fields:
+            assert "outer loop (metaopt.outer.CONFIG_FIELDS):" in text, name

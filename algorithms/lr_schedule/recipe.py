@@ -32,7 +32,7 @@ from metaopt import evaluation as ev
 from metaopt import outer as outer_lib
 from metaopt.checkpoint import write_json_atomic
 from metaopt.config import check
-from metaopt.envs import MLPClassification, families
+from metaopt.envs import MLPClassification, datasets, families
 from metaopt.inner import (
     InnerLoop,
     ParametrizedOptimizer,
@@ -50,7 +50,8 @@ from metaopt.runner import Phase, check_train_settings, train_phase
 class Config:
     """Settings of the ``lr-schedule`` recipe (defaults = the ``default`` preset)."""
 
-    dataset: Literal["digits", "wine", "breast_cancer"] = "digits"
+    # a bundled dataset or one registered with metaopt.envs.datasets.register
+    dataset: str = "digits"
     # a registered task family (a user's own, metaopt.envs.families.register) to train
     # instead of the MLP on `dataset`; then dataset, hidden and batch_size are unused
     family: str = ""
@@ -77,6 +78,8 @@ class Config:
         outer_lib.check_strategy(self.strategy)
         if self.family:
             families.check(self.family)
+        else:
+            datasets.check(self.dataset)
         check(self.inner_steps >= 1, "inner_steps must be >= 1")
         check(self.knots >= 2, "knots must be >= 2")
         check(self.population >= 2 and self.population % 2 == 0, "population must be even, >= 2")
