@@ -660,7 +660,7 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
         summary,
         f"Final validation loss on {cfg.eval_seeds} unseen {cfg.family} tasks "
         f"(T={cfg.inner_steps}), mean +- std over tasks (above).\n\n"
-        "Use it: `metaopt.algorithms.learned_optimizer.as_optax(RUN_DIR)`.\n\n"
+        "Use it: `metaopt.load(RUN_DIR)` (an optax.GradientTransformation; `metaopt export`).\n\n"
         "![training](training.png)\n\n![curves](curves.png)\n",
     )
     return summary
@@ -701,7 +701,7 @@ def _summarise_mixture(cfg: Config, out: Path, init, learned, adam: dict) -> dic
         f"geometric mean over {cfg.eval_seeds} unseen tasks per family of the final "
         f"validation loss at T={cfg.inner_steps} divided by tuned Adam's mean final "
         f"validation loss (1 = tuned Adam; base_lr {cfg.base_lr:.3g}).\n\n"
-        "Use it: `metaopt.algorithms.learned_optimizer.as_optax(RUN_DIR)`.\n\n"
+        "Use it: `metaopt.load(RUN_DIR)` (an optax.GradientTransformation; `metaopt export`).\n\n"
         "![training](training.png)\n\n![curves](curves.png)\n",
     )
     return summary
