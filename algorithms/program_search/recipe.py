@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
+from metaopt.algorithms.program_search import overfitting
 from metaopt.algorithms.program_search.bandit import ProposerBandit
 from metaopt.algorithms.program_search.heldout import workloads as heldout_workloads
 from metaopt.algorithms.program_search.lm import LMConfig, LMProposer
@@ -151,6 +152,14 @@ class Config:
     funnel_seeds: int = 4
     heldout_task: str = "breast_cancer-mlp16"
     heldout_every: int = 5
+    # the meta-overfitting picture (overfitting.py; off by default): the best program per
+    # round on fixed validation problems disjoint from the proxy and the held-out list
+    # (validation_score), and every heldout_probe_every rounds on the held-out workloads
+    # (heldout_score, heldout_probe_seeds seeds); feeds nothing back, adds overfitting.png
+    validation_tasks: tuple[str, ...] = ()
+    validation_seeds: int = 2
+    heldout_probe_every: int = 0
+    heldout_probe_seeds: int = 2
     seed: int = 0
     # who proposes children (docs/program_search_lm.md): "random" (the mutator), "lm" (the
     # language model below), "lm@T" (at temperature T), "lm:MODEL" or "lm:MODEL@T"; with
@@ -231,7 +240,17 @@ class Config:
         )
         check(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
         check(self.heldout_every >= 1, "heldout_every must be >= 1")
-        heldout_workloads(self.eval_heldout)  # validates the names
+        loads = heldout_workloads(self.eval_heldout)  # validates the names
+        for name in self.validation_tasks:
+            families.check(name)
+            check(
+                name not in self.tasks and name not in {w.family for w in loads.values()},
+                f"validation task '{name}' is a proxy task or a held-out workload: the "
+                "validation problems must be disjoint from both",
+            )
+        check(self.validation_seeds >= 1, "validation_seeds must be >= 1")
+        check(self.heldout_probe_every >= 0, "heldout_probe_every must be >= 0 (0: off)")
+        check(self.heldout_probe_seeds >= 1, "heldout_probe_seeds must be >= 1")
         check(self.eval_seeds >= 2, "eval_seeds must be >= 2 (paired standard errors)")
         check(self.eval_top >= 1, "eval_top must be >= 1")
         check(self.funnel_top >= 0, "funnel_top must be >= 0 (0 turns the funnel off)")
@@ -524,6 +543,7 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     if isinstance(search.proposer, ProposerBandit):  # replayed on resume
         search.proposer.record_to(out / "proposals.jsonl", resume)
     check_heldout = heldout_scorer(cfg)
+    validation, heldout_probe = overfitting.validation_probe(cfg), overfitting.heldout_probe(cfg)
 
     def step(state: SearchState):
         state, metrics = search.round(state)
@@ -531,6 +551,13 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
         if state.round % cfg.heldout_every == 0:  # absolute rounds: resume-exact logs
             fit, _ = check_heldout([parse(state.best["source"])], state.round)
             metrics["heldout_best_fitness"] = float(fit[0])
+        if validation or heldout_probe:  # the meta-overfitting picture (off by default)
+            metrics["proxy_score"] = metrics["best_fitness"]
+            if validation:
+                metrics["validation_score"] = validation(state.best["source"])
+            if heldout_probe:
+                due = state.round % cfg.heldout_probe_every == 0
+                metrics["heldout_score"] = heldout_probe(state.best["source"]) if due else None
         return state, metrics
 
     result = driver.train_host(
@@ -558,6 +585,8 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     write_text_atomic(out / "best_program.txt", best_source)
     if rows:
         plot_search(rows, out / "search.png")
+        if validation or heldout_probe:
+            overfitting.plot_overfitting(rows, out / "overfitting.png")
     t = state.totals
     skipped = sum(t[k] for k in ("failed", "invalid", "nonstationary", "structural", "functional"))
     summary = {
