@@ -51,6 +51,7 @@ import numpy as np
 
 from metaopt.algorithms.program_search import overfitting
 from metaopt.algorithms.program_search.bandit import ProposerBandit
+from metaopt.algorithms.program_search.distribution import DistributionScorer
 from metaopt.algorithms.program_search.heldout import workloads as heldout_workloads
 from metaopt.algorithms.program_search.lm import LMConfig, LMProposer
 from metaopt.algorithms.program_search.mutate import RandomMutator, SearchSpace
@@ -67,7 +68,7 @@ from metaopt.algorithms.program_search.simplify import fold_constants, remove_de
 from metaopt.checkpoint import MissingCheckpointError, write_json_atomic, write_text_atomic
 from metaopt.config import check
 from metaopt.driver import ProgressBar
-from metaopt.envs import families
+from metaopt.envs import distributions, families
 from metaopt.optimizers.program import (
     ALL_OPS,
     BUILTINS,
@@ -95,6 +96,10 @@ class Config:
     # logistic-cond100 was dropped, every panel optimizer is within 3% of AdamW on it
     tasks: tuple[str, ...] = ("digits-mlp8", "teacher-student-small")
     inner_steps: int = 200
+    # a task distribution (metaopt.envs.distributions) scored instead of tasks and
+    # inner_steps: one drawn problem per component and round, augmented per seed, the
+    # AdamW reference on the same draws ("" = off: the fixed task list)
+    proxy_distribution: str = ""
     # learning rates every candidate is tried at (its best counts, per task), on its update
     # normalised to unit RMS at step 1 (issue 12's fast option: 3 points instead of the 10
     # of WIDE_LR_GRID; on the panel of 12 hand-written optimizers this scoring ranks like
@@ -192,6 +197,8 @@ class Config:
         for name in (*self.tasks, *self.funnel_tasks, self.heldout_task):
             families.check(name)
         check(len(self.tasks) >= 1, "tasks must name at least one task family")
+        if self.proxy_distribution:
+            distributions.check(self.proxy_distribution)
         check(self.inner_steps >= 1, "inner_steps must be >= 1")
         for field in ("lr_grid", "ref_lr_grid"):
             grid = getattr(self, field)
@@ -342,21 +349,22 @@ def build(cfg: Config, proposer=None) -> RegularizedEvolution:
     :class:`~metaopt.algorithms.program_search.bandit.ProposerBandit` mixes several)."""
     if proposer is None and cfg.proposers != ("random",):
         proposer = proposer_bandit(cfg)
-    tasks = [(families.make(name), cfg.inner_steps) for name in cfg.tasks]
-    scorer = Scorer(
-        tasks,
-        cfg.lr_grid,
-        cfg.seeds,
-        cfg.batch,
-        cfg.seed,
+    common = dict(
         ref_lr_grid=cfg.ref_lr_grid,
         wd_grid=cfg.wd_grid,
         ops=OP_SETS[cfg.ops],
         normalize=cfg.normalize,
         chunk=cfg.program_chunk,
         check_reference=cfg.check_reference,
-        names=list(cfg.tasks),
     )
+    if cfg.proxy_distribution:
+        dist = distributions.make(cfg.proxy_distribution, seed=cfg.seed)
+        scorer = DistributionScorer(dist, cfg.lr_grid, cfg.seeds, cfg.batch, cfg.seed, **common)
+    else:
+        tasks = [(families.make(name), cfg.inner_steps) for name in cfg.tasks]
+        scorer = Scorer(
+            tasks, cfg.lr_grid, cfg.seeds, cfg.batch, cfg.seed, names=list(cfg.tasks), **common
+        )
     return RegularizedEvolution(
         scorer,
         cfg.population,
@@ -551,6 +559,9 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
         if state.round % cfg.heldout_every == 0:  # absolute rounds: resume-exact logs
             fit, _ = check_heldout([parse(state.best["source"])], state.round)
             metrics["heldout_best_fitness"] = float(fit[0])
+        if cfg.proxy_distribution:  # which pool shape each component drew this round
+            draw = search.scorer.distribution.draw(state.round)
+            metrics |= {f"proxy_shape_task{c}": i for c, i in enumerate(draw)}
         if validation or heldout_probe:  # the meta-overfitting picture (off by default)
             metrics["proxy_score"] = metrics["best_fitness"]
             if validation:
