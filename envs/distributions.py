@@ -289,8 +289,19 @@ class TaskDistribution:
         """The ``pool`` shapes (``(hidden, T)``) component ``component`` draws from."""
         grid = self.components[component].shapes()
         rng = np.random.default_rng([self.seed, component])
-        pick = rng.choice(len(grid), size=min(self.pool, len(grid)), replace=False)
-        return [grid[i] for i in sorted(pick)]
+        order = [grid[i] for i in rng.permutation(len(grid))]
+        # spread the pool: first entries whose hidden shape and horizon are both new, then
+        # a new hidden shape, then any (a plain draw of 3 of 12 can repeat one width)
+        pick: list = []
+        for new in (
+            lambda e: all(e[0] != p[0] and e[1] != p[1] for p in pick),
+            lambda e: all(e[0] != p[0] for p in pick),
+            lambda e: True,
+        ):
+            for e in order:
+                if len(pick) < self.pool and e not in pick and new(e):
+                    pick.append(e)
+        return sorted(pick)
 
     def draw(self, round_: int) -> tuple[int, ...]:
         """Per component, the index into :meth:`pool_shapes` used in round ``round_``."""
