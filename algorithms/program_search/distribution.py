@@ -25,16 +25,20 @@ class DistributionScorer:
 
     Args:
       distribution: the :class:`~metaopt.envs.distributions.TaskDistribution`.
-      lr_grid, seeds, batch, seed, ref_lr_grid, wd_grid, ops, normalize, chunk,
-        check_reference: as for :class:`~metaopt.algorithms.program_search.search.Scorer`
-        (component ``c`` uses base seed ``seed + 31 * (c + 1)``; ``check_reference``
-        checks AdamW's optimum on round 0's problems).
+      lr_grid, seeds, batch, seed: as for
+        :class:`~metaopt.algorithms.program_search.search.Scorer` (component ``c`` uses
+        base seed ``seed + 31 * (c + 1)``).
+      scorer_options: the Scorer's keyword options (``ref_lr_grid``, ``wd_grid``,
+        ``ops``, ``normalize``, ``chunk``, ``check_reference``: AdamW's optimum is
+        checked on round 0's problems), the same for every problem.
 
     Example:
       >>> from metaopt.envs import distributions
-      >>> from metaopt.optimizers.program import BUILTINS, parse
       >>> scorer = DistributionScorer(distributions.make("proxy-aug"), (0.01, 0.1), 1, 8)
-      >>> fit, lrs = scorer([parse(BUILTINS["signsgd"])], 0)  # doctest: +SKIP
+      >>> [s.names[0] for s in scorer.round_scorers(1)]  # doctest: +ELLIPSIS
+      ['digits-mlp...', 'teacher-student-...']
+
+    ``scorer(programs, round_)`` then returns their fitness and best learning rates.
     """
 
     def __init__(
@@ -44,29 +48,13 @@ class DistributionScorer:
         seeds: int,
         batch: int,
         seed: int = 0,
-        *,
-        ref_lr_grid=None,
-        wd_grid=(0.0,),
-        ops: tuple[str, ...] | None = None,
-        normalize: bool = False,
-        chunk: int | None = None,
-        check_reference: bool = False,
+        **scorer_options,
     ):
         self.distribution = distribution
-        self.ops = ops
+        self.ops = scorer_options.get("ops")
         self.lr_grid = tuple(lr_grid)
         self.tasks = list(distribution.components)  # one lr per component (follow_lr)
-        self._args = dict(
-            lr_grid=lr_grid,
-            seeds=seeds,
-            batch=batch,
-            ref_lr_grid=ref_lr_grid,
-            wd_grid=wd_grid,
-            ops=ops,
-            normalize=normalize,
-            chunk=chunk,
-            check_reference=check_reference,
-        )
+        self._args = dict(lr_grid=lr_grid, seeds=seeds, batch=batch, **scorer_options)
         self.seed = seed
         self._scorers: dict[tuple[int, int], Scorer] = {}
         self.reference_log: dict = {}
