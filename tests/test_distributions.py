@@ -199,3 +199,27 @@ def test_search_over_a_distribution_resumes_exactly(tmp_path, monkeypatch):
     draws = [(r["proxy_shape_task0"],) for r in rows]
     assert draws == [one_component(cfg.seed).draw(r) for r in range(1, 4)]
     assert len(set(draws)) > 1
+
+
+def test_power_mean_lets_no_big_win_buy_a_loss():
+    """task_power > 1: a program that wins big on one task and loses on the other ranks
+    behind one that ties everywhere (the plain mean calls them equal)."""
+    from metaopt.algorithms.program_search import recipe as ps
+    from metaopt.algorithms.program_search.search import power_mean
+
+    lopsided, even = np.array([[0.5, 1.5]]), np.array([[1.0, 1.0]])
+    assert power_mean(lopsided, 1.0)[0] == pytest.approx(power_mean(even, 1.0)[0])
+    for p in (2.0, 4.0):
+        assert power_mean(lopsided, p)[0] > power_mean(even, p)[0] == pytest.approx(1.0)
+        # closed form: ((0.5**p + 1.5**p) / 2) ** (1 / p)
+        assert power_mean(lopsided, p)[0] == pytest.approx(((0.5**p + 1.5**p) / 2) ** (1 / p))
+    assert power_mean(np.array([[np.inf, 1.0]]), 3.0)[0] == np.inf
+    assert ps.build(dataclasses.replace(_small_cfg(), task_power=3.0)).scorer.power == 3.0
+    with pytest.raises(ConfigError, match="task_power must be >= 1"):
+        ps.Config(task_power=0.5)
+
+
+def _small_cfg():
+    from metaopt.algorithms.program_search import recipe as ps
+
+    return ps.Config(tasks=("quadratic-10d",), inner_steps=10, funnel_top=0)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from metaopt.algorithms.program_search.search import Scorer
+from metaopt.algorithms.program_search.search import Scorer, power_mean
 from metaopt.envs.distributions import TaskDistribution
 
 
@@ -30,7 +30,8 @@ class DistributionScorer:
         base seed ``seed + 31 * (c + 1)``).
       scorer_options: the Scorer's keyword options (``ref_lr_grid``, ``wd_grid``,
         ``ops``, ``normalize``, ``chunk``, ``check_reference``: AdamW's optimum is
-        checked on round 0's problems), the same for every problem.
+        checked on round 0's problems), the same for every problem; ``power``
+        combines the problems' ratios (:func:`~.search.power_mean`).
 
     Example:
       >>> from metaopt.envs import distributions
@@ -54,6 +55,8 @@ class DistributionScorer:
         self.ops = scorer_options.get("ops")
         self.lr_grid = tuple(lr_grid)
         self.tasks = list(distribution.components)  # one lr per component (follow_lr)
+        # the problems combine here; each single-problem Scorer keeps its own ratio
+        self.power = float(scorer_options.pop("power", 1.0))
         self._args = dict(lr_grid=lr_grid, seeds=seeds, batch=batch, **scorer_options)
         self.seed = seed
         self._scorers: dict[tuple[int, int], Scorer] = {}
@@ -100,7 +103,8 @@ class DistributionScorer:
             self.reference_log = {k: [x for log in logs for x in log[k]] for k in logs[0]}
         if not programs:
             return np.zeros(0), np.zeros((0, len(self.tasks)))
-        return np.mean(np.stack(fits, axis=1), axis=1), np.stack(lrs, axis=1)
+        fit = power_mean(np.stack(fits, axis=1), self.power)
+        return fit, np.stack(lrs, axis=1)
 
 
 __all__ = ["DistributionScorer"]

@@ -100,6 +100,10 @@ class Config:
     # inner_steps: one drawn problem per component and round, augmented per seed, the
     # AdamW reference on the same draws ("" = off: the fixed task list)
     proxy_distribution: str = ""
+    # how the proxy's per-task ratios combine: the power mean mean(r**p)**(1/p); 1 = the
+    # mean (default), larger = closer to the worst task, so a big win on one task cannot
+    # buy a loss on another (search.power_mean)
+    task_power: float = 1.0
     # learning rates every candidate is tried at (its best counts, per task), on its update
     # normalised to unit RMS at step 1 (issue 12's fast option: 3 points instead of the 10
     # of WIDE_LR_GRID; on the panel of 12 hand-written optimizers this scoring ranks like
@@ -199,6 +203,7 @@ class Config:
         check(len(self.tasks) >= 1, "tasks must name at least one task family")
         if self.proxy_distribution:
             distributions.check(self.proxy_distribution)
+        check(self.task_power >= 1.0, f"task_power must be >= 1, got {self.task_power}")
         check(self.inner_steps >= 1, "inner_steps must be >= 1")
         for field in ("lr_grid", "ref_lr_grid"):
             grid = getattr(self, field)
@@ -357,6 +362,8 @@ def build(cfg: Config, proposer=None) -> RegularizedEvolution:
         chunk=cfg.program_chunk,
         check_reference=cfg.check_reference,
     )
+    if cfg.task_power != 1.0:  # only then, so default runs build the same Scorer
+        common["power"] = cfg.task_power
     if cfg.proxy_distribution:
         dist = distributions.make(cfg.proxy_distribution, seed=cfg.seed)
         scorer = DistributionScorer(dist, cfg.lr_grid, cfg.seeds, cfg.batch, cfg.seed, **common)
