@@ -50,7 +50,9 @@ from pathlib import Path
 import numpy as np
 
 from metaopt import driver, evaluation
+from metaopt.algorithms.program_search import overfitting
 from metaopt.algorithms.program_search.bandit import ProposerBandit
+from metaopt.algorithms.program_search.distribution import DistributionScorer
 from metaopt.algorithms.program_search.heldout import workloads as heldout_workloads
 from metaopt.algorithms.program_search.lm import LMConfig, LMProposer
 from metaopt.algorithms.program_search.mutate import RandomMutator, SearchSpace
@@ -67,7 +69,7 @@ from metaopt.algorithms.program_search.simplify import fold_constants, remove_de
 from metaopt.checkpoint import MissingCheckpointError, write_json_atomic, write_text_atomic
 from metaopt.config import check
 from metaopt.driver import ProgressBar
-from metaopt.envs import families
+from metaopt.envs import distributions, families
 from metaopt.optimizers.program import (
     ALL_OPS,
     BUILTINS,
@@ -95,6 +97,14 @@ class Config:
     # logistic-cond100 was dropped, every panel optimizer is within 3% of AdamW on it
     tasks: tuple[str, ...] = ("digits-mlp8", "teacher-student-small")
     inner_steps: int = 200
+    # a task distribution (metaopt.envs.distributions) scored instead of tasks and
+    # inner_steps: one drawn problem per component and round, augmented per seed, the
+    # AdamW reference on the same draws ("" = off: the fixed task list)
+    proxy_distribution: str = ""
+    # how the proxy's per-task ratios combine: the power mean mean(r**p)**(1/p); 1 = the
+    # mean (default), larger = closer to the worst task, so a big win on one task cannot
+    # buy a loss on another (search.power_mean)
+    task_power: float = 1.0
     # learning rates every candidate is tried at (its best counts, per task), on its update
     # normalised to unit RMS at step 1 (issue 12's fast option: 3 points instead of the 10
     # of WIDE_LR_GRID; on the panel of 12 hand-written optimizers this scoring ranks like
@@ -152,6 +162,14 @@ class Config:
     funnel_seeds: int = 4
     heldout_task: str = "breast_cancer-mlp16"
     heldout_every: int = 5
+    # the meta-overfitting picture (overfitting.py; off by default): the best program per
+    # round on fixed validation problems disjoint from the proxy and the held-out list
+    # (validation_score), and every heldout_probe_every rounds on the held-out workloads
+    # (heldout_score, heldout_probe_seeds seeds); feeds nothing back, adds overfitting.png
+    validation_tasks: tuple[str, ...] = ()
+    validation_seeds: int = 2
+    heldout_probe_every: int = 0
+    heldout_probe_seeds: int = 2
     seed: int = 0
     # who proposes children (docs/program_search_lm.md): "random" (the mutator), "lm" (the
     # language model below), "lm@T" (at temperature T), "lm:MODEL" or "lm:MODEL@T"; with
@@ -184,6 +202,9 @@ class Config:
         for name in (*self.tasks, *self.funnel_tasks, self.heldout_task):
             families.check(name)
         check(len(self.tasks) >= 1, "tasks must name at least one task family")
+        if self.proxy_distribution:
+            distributions.check(self.proxy_distribution)
+        check(self.task_power >= 1.0, f"task_power must be >= 1, got {self.task_power}")
         check(self.inner_steps >= 1, "inner_steps must be >= 1")
         for field in ("lr_grid", "ref_lr_grid"):
             grid = getattr(self, field)
@@ -232,7 +253,17 @@ class Config:
         )
         check(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
         check(self.heldout_every >= 1, "heldout_every must be >= 1")
-        heldout_workloads(self.eval_heldout)  # validates the names
+        loads = heldout_workloads(self.eval_heldout)  # validates the names
+        for name in self.validation_tasks:
+            families.check(name)
+            check(
+                name not in self.tasks and name not in {w.family for w in loads.values()},
+                f"validation task '{name}' is a proxy task or a held-out workload: the "
+                "validation problems must be disjoint from both",
+            )
+        check(self.validation_seeds >= 1, "validation_seeds must be >= 1")
+        check(self.heldout_probe_every >= 0, "heldout_probe_every must be >= 0 (0: off)")
+        check(self.heldout_probe_seeds >= 1, "heldout_probe_seeds must be >= 1")
         check(self.eval_seeds >= 2, "eval_seeds must be >= 2 (paired standard errors)")
         check(self.eval_top >= 1, "eval_top must be >= 1")
         check(self.funnel_top >= 0, "funnel_top must be >= 0 (0 turns the funnel off)")
@@ -324,21 +355,24 @@ def build(cfg: Config, proposer=None) -> RegularizedEvolution:
     :class:`~metaopt.algorithms.program_search.bandit.ProposerBandit` mixes several)."""
     if proposer is None and cfg.proposers != ("random",):
         proposer = proposer_bandit(cfg)
-    tasks = [(families.make(name), cfg.inner_steps) for name in cfg.tasks]
-    scorer = Scorer(
-        tasks,
-        cfg.lr_grid,
-        cfg.seeds,
-        cfg.batch,
-        cfg.seed,
+    common = dict(
         ref_lr_grid=cfg.ref_lr_grid,
         wd_grid=cfg.wd_grid,
         ops=OP_SETS[cfg.ops],
         normalize=cfg.normalize,
         chunk=cfg.program_chunk,
         check_reference=cfg.check_reference,
-        names=list(cfg.tasks),
     )
+    if cfg.task_power != 1.0:  # only then, so default runs build the same Scorer
+        common["power"] = cfg.task_power
+    if cfg.proxy_distribution:
+        dist = distributions.make(cfg.proxy_distribution, seed=cfg.seed)
+        scorer = DistributionScorer(dist, cfg.lr_grid, cfg.seeds, cfg.batch, cfg.seed, **common)
+    else:
+        tasks = [(families.make(name), cfg.inner_steps) for name in cfg.tasks]
+        scorer = Scorer(
+            tasks, cfg.lr_grid, cfg.seeds, cfg.batch, cfg.seed, names=list(cfg.tasks), **common
+        )
     return RegularizedEvolution(
         scorer,
         cfg.population,
@@ -523,6 +557,7 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     if isinstance(search.proposer, ProposerBandit):  # replayed on resume
         search.proposer.record_to(out / "proposals.jsonl", resume)
     check_heldout = heldout_scorer(cfg)
+    validation, heldout_probe = overfitting.validation_probe(cfg), overfitting.heldout_probe(cfg)
 
     def step(state: SearchState):
         state, metrics = search.round(state)
@@ -530,6 +565,16 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
         if state.round % cfg.heldout_every == 0:  # absolute rounds: resume-exact logs
             fit, _ = check_heldout([parse(state.best["source"])], state.round)
             metrics["heldout_best_fitness"] = float(fit[0])
+        if cfg.proxy_distribution:  # which pool shape each component drew this round
+            draw = search.scorer.distribution.draw(state.round)
+            metrics |= {f"proxy_shape_task{c}": i for c, i in enumerate(draw)}
+        if validation or heldout_probe:  # the meta-overfitting picture (off by default)
+            metrics["proxy_score"] = metrics["best_fitness"]
+            if validation:
+                metrics["validation_score"] = validation(state.best["source"])
+            if heldout_probe:
+                due = state.round % cfg.heldout_probe_every == 0
+                metrics["heldout_score"] = heldout_probe(state.best["source"]) if due else None
         return state, metrics
 
     result = driver.train_host(
@@ -557,6 +602,8 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     write_text_atomic(out / "best_program.txt", best_source)
     if rows:
         plot_search(rows, out / "search.png")
+        if validation or heldout_probe:
+            overfitting.plot_overfitting(rows, out / "overfitting.png")
     t = state.totals
     skipped = sum(t[k] for k in ("failed", "invalid", "nonstationary", "structural", "functional"))
     summary = {

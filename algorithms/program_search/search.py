@@ -118,6 +118,24 @@ def chunk_spans(n: int, batch: int, smallest: int = 8) -> list[tuple[int, int, i
     return spans
 
 
+def power_mean(ratios: np.ndarray, power: float = 1.0) -> np.ndarray:
+    """Per row, ``mean(ratios ** power) ** (1 / power)`` over the last axis (tasks).
+
+    ``power`` 1 is the plain mean; larger powers move towards the worst task (a soft
+    maximum of the loss ratios), so a program that wins big on one task and loses on
+    another no longer beats one that ties everywhere. Non-finite rows stay ``inf``.
+
+    Example:
+      >>> float(power_mean(np.array([[0.5, 1.5]]), 1.0)[0])
+      1.0
+      >>> bool(power_mean(np.array([[0.5, 1.5]]), 4.0)[0] > 1.0)
+      True
+    """
+    if power == 1.0:
+        return np.mean(ratios, axis=-1)
+    return np.mean(np.asarray(ratios, np.float64) ** power, axis=-1) ** (1.0 / power)
+
+
 class Scorer:
     """Scores programs relative to a tuned AdamW on one or more tasks, in compiled kernels.
 
@@ -145,6 +163,7 @@ class Scorer:
         learning rate is not strictly inside ``ref_lr_grid`` or its best weight
         decay is the top of ``wd_grid`` (checked by :meth:`check_reference`).
       names: task names for messages.
+      power: tasks are aggregated by :func:`power_mean` with this exponent (1: the mean).
     """
 
     def __init__(
@@ -162,6 +181,7 @@ class Scorer:
         chunk: int | None = None,
         check_reference: bool = False,
         names: list[str] | None = None,
+        power: float = 1.0,
     ):
         if not tasks:
             raise ValueError("a Scorer needs at least one task")
@@ -174,6 +194,7 @@ class Scorer:
         self.seeds, self.batch, self.base = seeds, batch, jax.random.key(seed)
         self.ops, self.normalize, self.checking = ops, normalize, check_reference
         self.chunk = chunk
+        self.power = float(power)
         self.names = list(names) if names else [f"task {i}" for i in range(len(tasks))]
         lr_c, wd_c = np.meshgrid(np.log(self.ref_lr_grid), self.wd_grid, indexing="ij")
         self._ref_configs = (jnp.asarray(lr_c.ravel(), jnp.float32), jnp.asarray(wd_c.ravel()))
@@ -343,7 +364,7 @@ class Scorer:
         ref = self.reference(round_, stage, screen_steps)
         rel = loss / ref[None, :]
         rel = np.where(np.isfinite(rel), rel, np.inf)
-        return np.mean(rel, axis=1), lrs
+        return power_mean(rel, self.power), lrs
 
 
 @dataclasses.dataclass

@@ -1,0 +1,117 @@
+"""The meta-overfitting picture: the best program on problems the search never trains on.
+
+Per round the search logs the best program's proxy fitness (``proxy_score``); a
+:class:`Probe` adds its fitness on a fixed set of *validation* problems
+(``validation_score``: disjoint from the proxy and from the held-out list, every
+round) and on the held-out workloads (``heldout_score``: every
+``heldout_probe_every`` rounds, few seeds). Neither feeds anything back into the
+search. Both are the same statistic as the proxy's fitness (best-over-the-wide-lr-grid
+validation loss relative to AdamW tuned over ``ref_lr_grid x wd_grid`` on the same
+seeds, mean over problems), on *fixed* seeds, so a curve moves only when the best
+program changes, and a score is computed once per program (cached by source; a
+resumed run recomputes the same numbers). The held-out score is a cheap stand-in for
+``metaopt eval`` (validation loss, 2 seeds by default, no test split, no paired
+tests): it shows a trend, the verdict stays with ``metaopt eval``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from metaopt.algorithms.program_search.search import Scorer
+from metaopt.envs import families
+from metaopt.optimizers.program import parse
+
+
+class Probe:
+    """Scores one program on fixed problems and seeds, relative to tuned AdamW (cached).
+
+    Args:
+      tasks: ``(family, steps)`` pairs.
+      seeds: training seeds per problem (the same every call).
+      seed: base seed of those trainings.
+      lr_grid, wd_grid: the wide grids (programs at every lr of ``lr_grid``, AdamW at
+        every point of ``lr_grid x wd_grid``).
+      ops: the interpreter's op set.
+      names: problem names (for messages).
+
+    Example:
+      >>> from metaopt.envs import families
+      >>> probe = Probe([(families.make("quadratic-10d"), 20)], 1, 0, (1e-2, 1e-1), (0.0,))
+      >>> 0 < probe("update = copy(g)") < 10
+      True
+    """
+
+    def __init__(self, tasks, seeds, seed, lr_grid, wd_grid, ops=None, names=None):
+        self.scorer = Scorer(tasks, lr_grid, seeds, 1, seed, wd_grid=wd_grid, ops=ops, names=names)
+        self._memo: dict[str, float] = {}
+
+    def __call__(self, source: str) -> float:
+        """Fitness of the program ``source`` (1.0 = tuned AdamW, lower is better)."""
+        if source not in self._memo:
+            fit, _ = self.scorer([parse(source)], 0)  # round 0: the same seeds every call
+            self._memo[source] = float(fit[0])
+        return self._memo[source]
+
+
+def validation_probe(cfg) -> Probe | None:
+    """The probe of ``cfg.validation_tasks`` (``None`` when the list is empty)."""
+    if not cfg.validation_tasks:
+        return None
+    tasks = [(families.make(n), families.steps(n)) for n in cfg.validation_tasks]
+    return Probe(
+        tasks,
+        cfg.validation_seeds,
+        cfg.seed + 555,
+        cfg.ref_lr_grid,
+        cfg.wd_grid,
+        cfg.space.ops,
+        list(cfg.validation_tasks),
+    )
+
+
+def heldout_probe(cfg) -> Probe | None:
+    """The probe of the held-out workloads (``cfg.eval_heldout`` or the bundled list) at
+    their steps and batch sizes, ``cfg.heldout_probe_seeds`` seeds (``None`` when
+    ``cfg.heldout_probe_every`` is 0)."""
+    from metaopt.algorithms.program_search.heldout import workloads
+
+    if not cfg.heldout_probe_every:
+        return None
+    loads = workloads(cfg.eval_heldout)
+    tasks = [(w.build(), w.steps) for w in loads.values()]
+    return Probe(
+        tasks,
+        cfg.heldout_probe_seeds,
+        cfg.seed + 1234,
+        cfg.ref_lr_grid,
+        cfg.wd_grid,
+        cfg.space.ops,
+        list(loads),
+    )
+
+
+def plot_overfitting(rows: list[dict], path: Path) -> None:
+    """``overfitting.png``: proxy, validation and held-out scores of the best program."""
+    from metaopt.plotting import figure
+
+    fig, axes = figure((6.5, 3.6))
+    ax = axes[0, 0]
+    for key, label, style in (
+        ("proxy_score", "proxy (running mean, the search's fitness)", "-"),
+        ("validation_score", "validation problems (fixed seeds)", "-"),
+        ("heldout_score", "held-out workloads (cheap probe)", "o-"),
+    ):
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), style, label=label)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--", label="AdamW (tuned lr, wd)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("validation loss / tuned AdamW's")
+    ax.set_title("the best program, per round")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+__all__ = ["Probe", "heldout_probe", "plot_overfitting", "validation_probe"]
