@@ -17,7 +17,7 @@ import difflib
 import functools
 import hashlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -311,14 +311,26 @@ def check(name: Any) -> str:
     )
 
 
-def fingerprint(name: str) -> str:
-    """A SHA-256 of a user's dataset (every array's bytes, shape and dtype)."""
-    h = hashlib.sha256(b"dataset")
-    for k, a in _USER[name].arrays().items():
+def hash_arrays(prefix: bytes, items: Iterable[tuple[str, Any]]) -> str:
+    """The SHA-256 every provenance record uses: ``prefix``, then per named array
+    ``|name(shape)dtype|`` and its bytes (C order). Runs store it; ``--resume`` and
+    ``metaopt eval`` compare it (:mod:`metaopt.plugins`).
+
+    Example:
+      >>> len(hash_arrays(b"x", [("a", np.zeros(3))]))
+      64
+    """
+    h = hashlib.sha256(prefix)
+    for name, a in items:
         a = np.ascontiguousarray(a)
-        h.update(f"|{k}{a.shape}{a.dtype}|".encode())
+        h.update(f"|{name}{a.shape}{a.dtype}|".encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def fingerprint(name: str) -> str:
+    """A SHA-256 of a user's dataset (every array's bytes, shape and dtype)."""
+    return hash_arrays(b"dataset", _USER[name].arrays().items())
 
 
 #: a column whose training-split standard deviation is at most this fraction of its

@@ -33,7 +33,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -116,17 +115,13 @@ class ModelFamily:
         that define the problem (loss, batch size): a run records it, and ``--resume``
         or ``metaopt eval`` refuse when it changed. A sampler's fingerprint hashes the
         data set it draws from key 0."""
-        h = hashlib.sha256(f"{self.loss_name}|{self.batch_size}".encode())
         task = (
             self.arrays
             if self.arrays is not None
             else jax.device_get(self.sample(jax.random.key(0)))
         )
-        for k in SPLITS:
-            a = np.ascontiguousarray(task[k])
-            h.update(f"|{k}{a.shape}{a.dtype}|".encode())
-            h.update(a.tobytes())
-        return h.hexdigest()
+        prefix = f"{self.loss_name}|{self.batch_size}".encode()
+        return datasets.hash_arrays(prefix, ((k, task[k]) for k in SPLITS))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

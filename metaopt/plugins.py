@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 import sys
@@ -123,15 +122,13 @@ def family_fingerprint(family: Any) -> str:
     if callable(getattr(family, "fingerprint", None)):
         return family.fingerprint()
     import jax
-    import numpy as np
+
+    from metaopt.envs.datasets import hash_arrays
 
     task = jax.device_get(family.sample(jax.random.key(0)))
-    h = hashlib.sha256(type(family).__qualname__.encode())
-    for path, leaf in jax.tree_util.tree_leaves_with_path(task):
-        a = np.ascontiguousarray(leaf)
-        h.update(f"|{jax.tree_util.keystr(path)}{a.shape}{a.dtype}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
+    leaves = jax.tree_util.tree_leaves_with_path(task)
+    named = ((jax.tree_util.keystr(path), leaf) for path, leaf in leaves)
+    return hash_arrays(type(family).__qualname__.encode(), named)
 
 
 def _user_problems(config: Mapping[str, Any]) -> dict[str, dict[str, str]]:
