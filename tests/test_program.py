@@ -52,7 +52,9 @@ def test_interpreted_lion_matches_optax(wd):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12)
 
 
-def test_sgd_momentum_and_signsgd_match_references():
+def test_sgd_sgd_momentum_and_signsgd_match_references():
+    for a, b in updates_side_by_side(as_optax(BUILTINS["sgd"], 0.01), optax.sgd(0.01), steps=5):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12)
     for a, b in updates_side_by_side(
         as_optax(BUILTINS["sgd_momentum"], 0.01), optax.sgd(0.01, momentum=0.9), steps=50
     ):

@@ -432,12 +432,19 @@ SIGNSGD = """
 update = sign(g)
 """
 
+SGD = """
+update = copy(g)
+"""
+
 #: hand-written programs. ``adamw_nobc`` is the search's warm start (Lion's paper): AdamW
 #: without bias correction (no step counter) with weight decay 0.1 written inside the program.
+#: ``sgd`` (no state at all) is the warm start of the rediscovery run: does the search find
+#: momentum or per-coordinate normalisation from nothing?
 BUILTINS = {
     "adamw": ADAMW,
     "lion": LION,
     "sgd_momentum": SGD_MOMENTUM,
     "signsgd": SIGNSGD,
     "adamw_nobc": ADAMW_NOBC,
+    "sgd": SGD,
 }
