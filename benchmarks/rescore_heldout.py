@@ -94,15 +94,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from metaopt import evaluation
     from metaopt.algorithms.program_search import heldout
-    from metaopt.algorithms.program_search.panel import PANEL
     from metaopt.optimizers.program import parse
 
     source = Path(args.program).read_text()
     parse(source)  # fails here, not after the baselines' runs, if the file is not a program
     # as recipe.evaluate: discovered programs first, then the panel's baselines
     entries = {"discovered-1": source}
-    entries.update({n: PANEL[n].source for n in heldout.BASELINES})
-    no_decay = [n for n in heldout.BASELINES if not PANEL[n].decay]
+    baselines, no_decay = heldout.baseline_entries()
+    entries.update(baselines)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

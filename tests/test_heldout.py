@@ -153,3 +153,40 @@ def test_recipe_eval_writes_the_verdict(tmp_path, monkeypatch):
     assert "won/tied/lost" in summary["discovered-1"]
     assert (tmp_path / "eval.md").read_text().count("| discovered-1 |") == 2
     assert (tmp_path / "eval.png").stat().st_size > 1000
+
+
+def test_decoupled_sophia_is_optax_sophia_with_a_cosine_schedule():
+    """The panel's Sophia (an optax entry) steps as ``optax.contrib.sophia`` with the
+    cosine schedule and ``weight_decay=wd``, across two Hessian refreshes (every 10 steps)."""
+    lr, wd, T = 3e-2, 0.1, 25
+    a = jnp.array([[3.0, 0.5], [0.5, 1.0]])
+    params = {"w": jnp.array([1.0, -2.0]), "b": jnp.array(0.5)}
+    loss = lambda p: 0.5 * p["w"] @ a @ p["w"] + jnp.sum(jnp.sin(p["w"])) * p["b"] ** 2
+    ours = heldout.decoupled_optax("sophia")
+    mp = {"log_lr": jnp.log(lr), "wd": jnp.float32(wd)}
+    sched = lambda count: lr * 0.5 * (1.0 + jnp.cos(jnp.pi * count / T))
+    ref = optax.contrib.sophia(sched, weight_decay=wd)
+    step1 = jax.jit(lambda p, s, t: ours.update(mp, jax.grad(loss)(p), s, p, t, obj_fn=loss))
+    step2 = jax.jit(lambda p, s: ref.update(jax.grad(loss)(p), s, p, obj_fn=loss))
+    p1, p2, s1, s2 = params, params, ours.init(mp, params), ref.init(params)
+    for t in range(T - 1):
+        u1, s1 = step1(p1, s1, jnp.float32(t / T))
+        u2, s2 = step2(p2, s2)
+        for x, y in zip(jax.tree.leaves(u1), jax.tree.leaves(u2), strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-8)
+        p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+    assert float(loss(p1)) < float(loss(params))
+    assert ours.needs_obj_fn
+
+
+def test_sophia_entry_trains_in_the_heldout_kernel():
+    """An :class:`OptaxEntry` runs in :func:`grid_runs` like a program: lr 0 never moves,
+    a tuned-sized lr lowers the loss; an unknown name is one ConfigError line."""
+    fam = families.make("logistic-cond10")
+    keys = jax.random.split(jax.random.key(3), 2)
+    out = heldout.grid_runs(fam, 20, heldout.OptaxEntry("sophia"), (1e-9, 0.1), (0.0, 0.0), keys, 2)
+    assert np.all(out["valid"][1] < out["valid"][0])
+    entries, no_decay = heldout.baseline_entries()
+    assert set(entries) == set(heldout.BASELINES) and no_decay == ["adam"]
+    with pytest.raises(heldout.ConfigError, match="unknown optax entry 'adagrad'"):
+        heldout.OptaxEntry("adagrad")

@@ -35,8 +35,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from metaopt import evaluation
+from metaopt.algorithms.program_search.panel import PANEL
 from metaopt.config import ConfigError
 from metaopt.envs import families
 from metaopt.evaluation import (
@@ -55,6 +57,8 @@ from metaopt.plotting import figure
 
 __all__ = [
     "BASELINES",
+    "OPTAX_DIRECTIONS",
+    "OptaxEntry",
     "LR_RANGE",
     "POINTS",
     "REFERENCE",
@@ -62,6 +66,8 @@ __all__ = [
     "WD_MAX",
     "WORKLOADS",
     "Workload",
+    "baseline_entries",
+    "decoupled_optax",
     "evaluate",
     "grid_runs",
     "plot",
@@ -187,8 +193,50 @@ def workloads(specs: Sequence[str] = ()) -> dict[str, Workload]:
 
 #: the optimizer every other is compared with
 REFERENCE = "adamw"
-#: panel entries a discovered program is compared with in ``metaopt eval``
-BASELINES = ("adamw", "adam", "adam_nobc", "lion", "sgd_momentum", "signsgd")
+#: the baselines a discovered program is compared with in ``metaopt eval``: the panel's
+#: programs, and Sophia (:data:`OPTAX_DIRECTIONS`: not expressible as a program)
+BASELINES = ("adamw", "adam", "adam_nobc", "lion", "sgd_momentum", "signsgd", "sophia")
+
+#: baselines outside the program language: an optax transformation at learning rate 1 and
+#: no weight decay, i.e. minus its update direction; lr, schedule and decoupled decay are
+#: applied as for a program (:func:`decoupled_optax`). ``sophia``: ``optax.contrib.sophia``
+#: at its defaults otherwise (b1 0.965, b2 0.99, gamma 0.01, clip 1, Hutchinson's Hessian
+#: diagonal every 10 steps from the fixed key in its state), as in the learned-optimizer panel.
+OPTAX_DIRECTIONS: dict[str, Callable[[], optax.GradientTransformationExtraArgs]] = {
+    "sophia": lambda: optax.contrib.sophia(1.0, weight_decay=0.0),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptaxEntry:
+    """A held-out entry that is an optax optimizer (a key of :data:`OPTAX_DIRECTIONS`),
+    accepted wherever an entry's program text is (:func:`grid_runs`, :func:`evaluate`).
+
+    Example:
+      >>> entries = {"discovered": "update = sign(g)", "sophia": OptaxEntry("sophia")}
+    """
+
+    name: str
+
+    def __post_init__(self):
+        if self.name not in OPTAX_DIRECTIONS:
+            raise ConfigError(
+                f"unknown optax entry {self.name!r}; choose from {sorted(OPTAX_DIRECTIONS)}"
+            )
+
+
+def baseline_entries() -> tuple[dict[str, str | OptaxEntry], list[str]]:
+    """The :data:`BASELINES` as held-out entries (name -> program text or
+    :class:`OptaxEntry`) and the names whose weight decay is held at 0 (the panel's
+    ``adam``).
+
+    Example:
+      >>> entries, no_decay = baseline_entries()
+      >>> isinstance(entries["sophia"], OptaxEntry), no_decay
+      (True, ['adam'])
+    """
+    entries = {n: OptaxEntry(n) if n in OPTAX_DIRECTIONS else PANEL[n].source for n in BASELINES}
+    return entries, [n for n in BASELINES if n in PANEL and not PANEL[n].decay]
 
 
 def _cosine(progress: jax.Array) -> jax.Array:
@@ -213,13 +261,44 @@ def decoupled_optimizer(program) -> ParametrizedOptimizer:
     return ParametrizedOptimizer(init, update)
 
 
+def decoupled_optax(name: str) -> ParametrizedOptimizer:
+    """The optax baseline ``name`` (:data:`OPTAX_DIRECTIONS`) with meta-parameters
+    ``{"log_lr", "wd"}``: ``-lr cos(t/T) (direction + wd w)``, the step of
+    :func:`decoupled_optimizer`. For Sophia this equals ``optax.contrib.sophia`` with
+    that cosine schedule and ``weight_decay=wd`` (tests/test_heldout.py).
+
+    Example:
+      >>> opt = decoupled_optax("sophia")
+      >>> mp = {"log_lr": jnp.log(1e-3), "wd": jnp.float32(0.0)}
+      >>> state = opt.init(mp, params)
+      >>> updates, state = opt.update(mp, grads, state, params, 0.0, obj_fn=loss_of_params)
+    """
+    base = OPTAX_DIRECTIONS[OptaxEntry(name).name]()
+
+    def init(meta_params, params):
+        del meta_params
+        return base.init(params)
+
+    def update(meta_params, grads, state, params, progress, **extra):
+        neg_direction, state = base.update(grads, state, params, **extra)
+        lr = jnp.exp(meta_params["log_lr"]) * _cosine(progress)
+        updates = jax.tree.map(lambda u, w: lr * (u - meta_params["wd"] * w), neg_direction, params)
+        return updates, state
+
+    return ParametrizedOptimizer(init, update, needs_obj_fn=True)
+
+
 @functools.lru_cache(maxsize=32)
-def _kernel(family, steps: int, num_evals: int, randomised: bool) -> Callable:
-    """One compiled function per (family, steps, evals): any program, any (lr, wd) points."""
+def _kernel(
+    family, steps: int, num_evals: int, randomised: bool, optax_name: str | None = None
+) -> Callable:
+    """One compiled function per (family, steps, evals): any program, any (lr, wd) points
+    (or, with ``optax_name``, that optax baseline; the program argument is then unused)."""
     has_acc = hasattr(family, "test_accuracy")
 
     def one(program, log_lr, wd, key, horizon):
-        inner = training_inner_loop(family, decoupled_optimizer(program), steps)
+        opt = decoupled_optax(optax_name) if optax_name else decoupled_optimizer(program)
+        inner = training_inner_loop(family, opt, steps)
         mp = {"log_lr": log_lr, "wd": wd}
         k_init, k_run, _ = jax.random.split(key, 3)  # as metaopt.inner.rollout_loss
         state = inner.init(mp, k_init)
@@ -276,7 +355,7 @@ def grid_runs(
     Args:
       family: a task family.
       steps: training steps (and the schedule's horizon).
-      program: program text or an encoded program.
+      program: program text, an encoded program or an :class:`OptaxEntry`.
       lrs, wds: the points (equal lengths; an outer product is the caller's choice).
       keys: one key per seed (seed ``i`` is the same task instance, initialisation
         and minibatches for every program and point).
@@ -292,12 +371,16 @@ def grid_runs(
         raise ValueError(f"num_evals ({num_evals}) must divide steps ({steps})")
     if len(lrs) != len(wds):
         raise ValueError(f"{len(lrs)} learning rates but {len(wds)} weight decays")
-    if isinstance(program, str):
-        program = parse(program)
-    program = jax.tree.map(jnp.asarray, _bucket(program))
+    optax_name = None
+    if isinstance(program, OptaxEntry):
+        optax_name, program = program.name, jnp.zeros((), jnp.int32)
+    else:
+        if isinstance(program, str):
+            program = parse(program)
+        program = jax.tree.map(jnp.asarray, _bucket(program))
     randomised = horizons is not None
     h = np.full(len(keys), steps) if horizons is None else np.asarray(horizons)
-    fn = _kernel(family, steps, num_evals, randomised)
+    fn = _kernel(family, steps, num_evals, randomised, optax_name)
     log_lrs = jnp.log(jnp.asarray(lrs, jnp.float32))
     valid, test, acc = fn(
         program, log_lrs, jnp.asarray(wds, jnp.float32), keys, jnp.asarray(h, jnp.int32)
@@ -535,8 +618,8 @@ def evaluate(
     """Trains every entry (name -> program source) on every held-out workload.
 
     Args:
-      entries: optimizers as program text; AdamW (the panel's, tuned wd) is added if
-        missing, as the reference.
+      entries: optimizers as program text (or :class:`OptaxEntry`); AdamW (the panel's,
+        tuned wd) is added if missing, as the reference.
       lr_grid: the first round's learning rates, as their smallest and largest values on
         the half-decade lattice (default 1e-4 .. 1); later rounds go past them (:func:`tune`).
       seeds: seeds per workload, shared by all optimizers (paired comparisons).
@@ -550,8 +633,6 @@ def evaluate(
     Returns:
       A JSON-ready dict (see :func:`summarise`) plus the grids and seed count.
     """
-    from metaopt.algorithms.program_search.panel import PANEL
-
     if REFERENCE not in entries:
         entries = {REFERENCE: PANEL[REFERENCE].source, **entries}
     workloads = dict(WORKLOADS if workloads is None else workloads)

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 
-# the panel's Adam, Lion, SGD-momentum and signSGD are the interpreter's built-ins
+# the panel's Adam, Lion, SGD, SGD-momentum and signSGD are the interpreter's built-ins
 from metaopt.optimizers.program import ADAMW as ADAM
-from metaopt.optimizers.program import LION, SGD_MOMENTUM, SIGNSGD
+from metaopt.optimizers.program import LION, SGD, SGD_MOMENTUM, SIGNSGD
 
 __all__ = ["DECAY_FREE", "OPTAX_EQUIVALENT", "PANEL", "Entry"]
 
@@ -44,11 +44,6 @@ class Entry:
     source: str
     decay: bool = True
     structure: tuple[str, ...] = ()
-
-
-SGD = """
-update = copy(g)
-"""
 
 
 NESTEROV = """

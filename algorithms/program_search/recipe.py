@@ -642,15 +642,14 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True, top: int = 0) ->
     performance profile).
     """
     from metaopt.algorithms.program_search import heldout
-    from metaopt.algorithms.program_search.panel import PANEL
 
     path = Path(run_dir) / "leaderboard.json"
     if not path.exists():
         raise MissingCheckpointError(f"{path} is missing: the search has not finished")
     leaders = json.loads(path.read_text())[: top or cfg.eval_top]
     entries = {f"discovered-{i + 1}": m["source"] for i, m in enumerate(leaders)}
-    entries.update({n: PANEL[n].source for n in heldout.BASELINES})
-    no_decay = [n for n in heldout.BASELINES if not PANEL[n].decay]
+    baselines, no_decay = heldout.baseline_entries()
+    entries.update(baselines)
     result = heldout.evaluate(
         entries,
         seeds=cfg.eval_seeds,
