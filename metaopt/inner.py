@@ -250,6 +250,33 @@ def rollout_loss(
     return inner.meta_loss(meta_params, state, k_loss)
 
 
+def rollout_curve(
+    inner: InnerLoop, meta_params: MetaParams, key: jax.Array, num_evals: int
+) -> jax.Array:
+    """The meta-loss along one lifetime: after every ``horizon / num_evals`` steps, ``[E]``.
+
+    The same lifetime as :func:`rollout_loss` (same keys for the init, every step and the
+    meta-loss), so the last entry is its value; a learning curve for time-to-target
+    (:func:`metaopt.evaluation.steps_to_target`) or for a prediction from its start.
+
+    Example:
+      >>> curve = rollout_curve(inner, meta_params, jax.random.key(0), num_evals=10)
+      >>> curve.shape
+      (10,)
+    """
+    if inner.horizon % num_evals:
+        raise ValueError(f"num_evals ({num_evals}) must divide the horizon ({inner.horizon})")
+    k_init, k_run, k_loss = jax.random.split(key, 3)
+    state = inner.init(meta_params, k_init)
+    step_keys = jax.random.split(k_run, inner.horizon).reshape(num_evals, -1)
+
+    def chunk(s, ks):
+        s, _ = jax.lax.scan(lambda c, k: (inner.step(meta_params, c, k)[0], None), s, ks)
+        return s, inner.meta_loss(meta_params, s, k_loss)
+
+    return jax.lax.scan(chunk, state, step_keys)[1]
+
+
 def seed_losses(
     inner: InnerLoop, meta_params: MetaParams, keys: jax.Array, num_steps: int | None = None
 ) -> jax.Array:

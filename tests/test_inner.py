@@ -16,6 +16,7 @@ from metaopt.inner import (
     ParametrizedOptimizer,
     check_key,
     population_losses,
+    rollout_curve,
     rollout_loss,
     seed_losses,
     training_inner_loop,
@@ -34,6 +35,29 @@ def test_unroll_matches_python_loop(key):
         x = 0.8 * x + 0.3
     np.testing.assert_allclose(state, x, rtol=1e-6)
     np.testing.assert_allclose(metrics["x"], xs, rtol=1e-6)
+
+
+def test_rollout_curve_is_the_closed_form_and_ends_at_rollout_loss(key):
+    """x_t = b (1 - a^t) / (1 - a) (x_0 = 0): the curve after every 4 of 12 steps is
+    (x_t - c)^2 at t = 4, 8, 12; its last entry is rollout_loss; 5 evals is an error."""
+    a, b, c = 0.8, 0.3, 1.0
+    inner = linear_quadratic(a=a, c=c, horizon=12)
+    mp = {"b": jnp.array(b)}
+    curve = rollout_curve(inner, mp, key, num_evals=3)
+    x = b * (1 - a ** np.array([4, 8, 12])) / (1 - a)
+    np.testing.assert_allclose(curve, (x - c) ** 2, rtol=1e-5)
+    # a stochastic learner: the same keys as rollout_loss, step by step
+    sgd = ParametrizedOptimizer(
+        init=lambda mp, p: (),
+        update=lambda mp, g, s, p, progress: (jax.tree.map(lambda x: -mp * x, g), s),
+    )
+    mlp = training_inner_loop(MLPClassification("wine", (8,), 16), sgd, horizon=20)
+    lr, key2 = jnp.asarray(0.1), jax.random.key(3)
+    curve = rollout_curve(mlp, lr, key2, 4)
+    np.testing.assert_allclose(curve[-1], rollout_loss(mlp, lr, key2), rtol=1e-6)
+    assert curve[-1] < curve[0]
+    with pytest.raises(ValueError, match=r"num_evals \(5\) must divide the horizon \(12\)"):
+        rollout_curve(inner, mp, key, 5)
 
 
 def test_population_losses_equal_per_candidate_loop(key):

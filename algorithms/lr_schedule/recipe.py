@@ -37,6 +37,7 @@ from metaopt.inner import (
     InnerLoop,
     ParametrizedOptimizer,
     population_losses,
+    rollout_curve,
     seed_losses,
     training_inner_loop,
 )
@@ -205,6 +206,25 @@ def _evaluator(cfg: Config, split: str):
     return jax.jit(lambda mp, keys: seed_losses(inner, mp, keys))
 
 
+#: points of the test-loss curves of ``metaopt eval`` (steps to target); divides inner_steps
+EVAL_POINTS = 10
+
+
+@functools.lru_cache(maxsize=8)
+def _curve_evaluator(cfg: Config, num_evals: int):
+    inner = build_inner(cfg, "test")
+    return jax.jit(jax.vmap(lambda mp, k: rollout_curve(inner, mp, k, num_evals), (None, 0)))
+
+
+def curves_on_test(cfg: Config, meta_params: dict, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Test-loss curves of the ``cfg.eval_seeds`` runs of :func:`heldout_losses` ``(cfg,
+    meta_params, "test", key)``: ``([seeds, E], eval_steps [E])``."""
+    e = int(np.gcd(cfg.inner_steps, EVAL_POINTS))
+    keys = jax.random.split(key, cfg.eval_seeds)
+    curves = np.asarray(_curve_evaluator(cfg, e)(meta_params, keys))
+    return curves, np.arange(1, e + 1) * (cfg.inner_steps // e)
+
+
 def heldout_losses(cfg: Config, meta_params: dict, split: str, key: jax.Array) -> np.ndarray:
     """Final ``split`` losses of ``cfg.eval_seeds`` fresh training runs: ``[seeds]``."""
     keys = jax.random.split(key, cfg.eval_seeds)
@@ -245,7 +265,9 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
     The constant lr is the best of :data:`LR_GRID` by mean final validation loss;
     every schedule then trains ``eval_seeds`` networks on the same seeds (paired
     comparisons with the tuned constant lr as reference, :mod:`metaopt.evaluation`).
-    Writes ``eval.json``, ``eval.md`` and ``eval.png`` (lr tuning, test losses).
+    Writes ``eval.json``, ``eval.md`` and ``eval.png`` (lr tuning, test losses, median
+    test-loss curves) with each schedule's steps to the tuned constant lr's median final
+    test loss (:func:`metaopt.evaluation.steps_to_target`).
     """
 
     learned = load_schedule(run_dir)
@@ -266,25 +288,51 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
         "initial": initial_meta_params(cfg),
         tuned_name: {"log_lr": jnp.log(jnp.float32(choice.value)) * jnp.ones((cfg.knots,))},
     }
-    losses = {}
+    losses, medians = {}, {}
     for name, mp in schedules.items():
-        losses[name] = heldout_losses(cfg, mp, "test", key)
+        curves, eval_steps = curves_on_test(cfg, mp, key)
+        losses[name] = curves[:, -1]
+        medians[name] = np.median(ev.nonfinite_as_inf(curves), axis=0)
         bar.update()
     bar.close()
-    rows = {k: {**ev.seed_stats(v, "losses"), "seeds": len(v)} for k, v in losses.items()}
+    # AlgoPerf time-to-result: steps to reach the tuned constant lr's median final test loss
+    target = float(medians[tuned_name][-1])
+    steps = {k: ev.steps_to_target(c, target, eval_steps) for k, c in medians.items()}
+    rows = {
+        k: {**ev.seed_stats(v, "losses"), "seeds": len(v), "steps_to_target": steps[k]}
+        for k, v in losses.items()
+    }
     comparison = ev.compare(
         {k: {"test": v} for k, v in losses.items()}, tuned_name, lower_is_better=True
     )
-    result = {"rows": rows, "lr_tuning": choice.to_json(), "comparison": comparison}
+    result = {
+        "rows": rows,
+        "lr_tuning": choice.to_json(),
+        "comparison": comparison,
+        "target": target,
+        "eval_steps": eval_steps.tolist(),
+        "median_curves": {k: c.tolist() for k, c in medians.items()},
+    }
+    reached = ", ".join(f"{k.split(' lr=')[0]} {steps[k]:g}" for k in steps)
     md = (
         f"Final test loss of {cfg.eval_seeds} fresh training runs per schedule. The constant "
         f"lr is the best of {len(LR_GRID)} values in [{LR_GRID[0]:g}, {LR_GRID[-1]:g}] by mean "
         f"final validation loss{' (at the grid edge)' if choice.at_edge else ''}.\n\n"
         + ev.comparison_table(comparison, task_labels={"test": "test loss"}, digits=4)
+        + f"\nSteps to the tuned constant lr's median final test loss ({target:.4g}; median "
+        f"curves, evaluated every {eval_steps[0]} steps; inf = never): {reached}.\n"
     )
 
-    fig, axes = figure((9.0, 3.3), 1, 2)
+    fig, axes = figure((13.5, 3.3), 1, 3)
     ev.plot_grid(axes[0, 0], choice, "mean final validation loss")
+    ax = axes[0, 2]
+    for name, c in medians.items():
+        ax.plot(eval_steps, c, label=name.split(" lr=")[0])
+    ax.axhline(target, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("step")
+    ax.set_ylabel("median test loss")
+    ax.set_title("test loss along training (target dashed)")
+    ax.legend(fontsize=8)
     ax = axes[0, 1]
     for i, (name, v) in enumerate(losses.items()):
         ax.plot(np.full(len(v), i), v, "o", alpha=0.4, color=f"C{i}")
