@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from metaopt.algorithms.program_search.heldout import parse_task, workloads
 from metaopt.algorithms.program_search.search import Scorer
-from metaopt.envs import families
 from metaopt.optimizers.program import parse
 
 
@@ -55,10 +55,11 @@ class Probe:
 
 
 def validation_probe(cfg) -> Probe | None:
-    """The probe of ``cfg.validation_tasks`` (``None`` when the list is empty)."""
+    """The probe of ``cfg.validation_tasks`` (``None`` when the list is empty): each entry a
+    family at its suggested steps, or ``family@steps[/bBATCH]``."""
     if not cfg.validation_tasks:
         return None
-    tasks = [(families.make(n), families.steps(n)) for n in cfg.validation_tasks]
+    tasks = [(w.build(), w.steps) for w in map(parse_task, cfg.validation_tasks)]
     return Probe(
         tasks,
         cfg.validation_seeds,
@@ -74,8 +75,6 @@ def heldout_probe(cfg) -> Probe | None:
     """The probe of the held-out workloads (``cfg.eval_heldout`` or the bundled list) at
     their steps and batch sizes, ``cfg.heldout_probe_seeds`` seeds (``None`` when
     ``cfg.heldout_probe_every`` is 0)."""
-    from metaopt.algorithms.program_search.heldout import workloads
-
     if not cfg.heldout_probe_every:
         return None
     loads = workloads(cfg.eval_heldout)
