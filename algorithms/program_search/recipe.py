@@ -709,7 +709,10 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True, top: int = 0) ->
     :data:`~metaopt.algorithms.program_search.heldout.WORKLOADS`) over ``cfg.eval_seeds``
     shared seeds; writes ``eval.json`` / ``eval.md`` / ``eval.png`` (paired
     differences with tuned AdamW and their SE, workloads won / tied / lost, ranks,
-    performance profile).
+    performance profile) and ``heldout_verdict.json``: the reported program's (the
+    leaderboard's first) ``wins`` / ``ties`` / ``losses`` against tuned AdamW with a row
+    per workload (:func:`~metaopt.algorithms.program_search.heldout.verdict_record`),
+    and the same for every other discovered program under ``others``.
     """
     from metaopt.algorithms.program_search import heldout
     from metaopt.algorithms.program_search.panel import PANEL
@@ -736,6 +739,11 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True, top: int = 0) ->
         lambda p: heldout.plot(result, p),
         recipe="program-search",
     )
+    found = [n for n in entries if n.startswith("discovered")]
+    verdicts = [heldout.verdict_record(result, n, entries[n]) for n in found]
+    if verdicts:
+        record = verdicts[0] | {"others": verdicts[1:]}
+        write_json_atomic(Path(run_dir) / "heldout_verdict.json", evaluation.strict_json(record))
     agg, paired = result["aggregate"], result["paired"]["per_method"]
     return {
         n: f"vs tuned AdamW won/tied/lost {paired[n]['won']}/{paired[n]['tied']}/"

@@ -49,6 +49,7 @@ from metaopt.evaluation.reports import (
     plot_curves,
     progress_bar,
     read_eval,
+    strict_json,
     table,
     write_eval,
 )
@@ -111,6 +112,7 @@ __all__ = [
     "speedups",
     "stderr",
     "steps_to_target",
+    "strict_json",
     "table",
     "Thresholdout",
     "ThresholdoutState",
