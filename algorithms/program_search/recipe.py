@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from metaopt import driver, evaluation
-from metaopt.algorithms.program_search import overfitting
+from metaopt.algorithms.program_search import overfitting, top_programs
 from metaopt.algorithms.program_search.bandit import ProposerBandit
 from metaopt.algorithms.program_search.distribution import DistributionScorer
 from metaopt.algorithms.program_search.heldout import parse_task
@@ -783,7 +783,7 @@ RECIPE = Recipe(
     evaluate=evaluate,
     extendable=("rounds",),
     build=build,
-    commands={"validate-proxy": _validate_proxy},
+    commands={"validate-proxy": _validate_proxy, "top-programs": top_programs.main},
     export=Export(
         files=("best_program.txt",),
         load=lambda d: load_optimizer(d),
