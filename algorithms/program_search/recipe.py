@@ -29,9 +29,15 @@ search state, every ``checkpoint_every`` rounds, by the core driver's host-step
 mode: SIGINT/SIGTERM save and stop, ``--resume`` continues exactly) and
 ``state.json`` (the final search state, for inspection).
 
+With ``select_on_validation=True`` the programs that reach the funnel and the one
+reported are ranked instead by fixed validation problems, asked through Thresholdout
+(:mod:`~metaopt.algorithms.program_search.selection`).
+
 ``metaopt eval RUN_DIR`` trains the top programs of the leaderboard and the
 baselines on held-out workloads
-(:mod:`~metaopt.algorithms.program_search.heldout`).
+(:mod:`~metaopt.algorithms.program_search.heldout`) and writes ``heldout_verdict.json``;
+``metaopt program-search top-programs RUN_DIR`` ranks the run's top programs on the
+proxy and held out (:mod:`~metaopt.algorithms.program_search.top_programs`).
 
 ``slots=1`` searches the one-state-slot space (no ``v``), warm-started from
 SGD with momentum unless ``warm_start`` says otherwise.
@@ -176,8 +182,10 @@ class Config:
     # validation score, read through Thresholdout (metaopt.evaluation.holdout) with the
     # proxy score as its training value, ranks which programs reach the funnel and which
     # one is reported; the budget is the number of answers the validation set may give
+    # (proxy and validation problems differ, so most programs asked spend one; the run's
+    # summary counts the queries refused past it: docs/program_search/selection.md)
     select_on_validation: bool = False
-    thresholdout_budget: int = 32
+    thresholdout_budget: int = 50
     thresholdout_threshold: float = 0.05  # in units of the score (ratio to tuned AdamW)
     thresholdout_sigma: float = 0.01
     heldout_probe_every: int = 0
