@@ -193,8 +193,17 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     x = np.array([r[xkey] for r in rows], float)
     y = np.array([r["heldout_geomean"] for r in rows], float)
     ok = np.isfinite(x) & np.isfinite(y)
-    pts = ax.scatter(x[ok], y[ok], c=np.arange(len(rows))[ok] + 1, cmap="viridis", s=18)
+    rank = np.arange(len(rows)) + 1
+    pts = ax.scatter(x[ok], y[ok], c=rank[ok], cmap="viridis", s=18, vmin=1, vmax=len(rows))
     fig.colorbar(pts, ax=ax, label="rank by the search's fitness")
+    if not ok.all():  # diverged somewhere: drawn at twice the largest finite value
+        top = [np.max(v[np.isfinite(v)], initial=1.0) * 2 for v in (x, y)]
+        xs, ys = (np.where(np.isfinite(v), v, t)[~ok] for v, t in zip((x, y), top, strict=True))
+        ax.scatter(xs, ys, c=rank[~ok], cmap="viridis", s=30, marker="^", vmin=1, vmax=len(rows))
+        ax.scatter(
+            [], [], c="grey", marker="^", label=f"{int((~ok).sum())} diverged (drawn at 2x max)"
+        )
+        ax.legend(fontsize=7, loc="lower right")
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.axvline(1.0, color="k", lw=0.8, ls="--")
     ax.set_xscale("log")
