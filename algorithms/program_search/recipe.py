@@ -796,6 +796,13 @@ RECIPE = Recipe(
         files=("best_program.txt",),
         load=lambda d: load_optimizer(d),
         form="make(learning_rate, weight_decay=0.0) -> optax.GradientTransformation",
-        optional=("eval.json", "eval.md", "eval.png", "leaderboard.json", "summary.json"),
+        optional=(
+            "eval.json",
+            "eval.md",
+            "eval.png",
+            "heldout_verdict.json",
+            "leaderboard.json",
+            "summary.json",
+        ),
     ),
 )
