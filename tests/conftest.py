@@ -27,6 +27,25 @@ from metaopt.inner import InnerLoop  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: a program search small enough for a test: one 10-step quadratic proxy, 2-point grids
+#: (so AdamW's optimum is always on an edge: not checked), no screen, 3 rounds
+TINY_SEARCH = dict(
+    tasks=("quadratic-10d",),
+    inner_steps=10,
+    lr_grid=(1e-2, 1e-1),
+    normalize=False,
+    follow_lr=False,
+    ref_lr_grid=(1e-2, 1e-1),
+    wd_grid=(0.0, 0.1),
+    check_reference=False,
+    seeds=1,
+    batch=8,
+    rounds=3,
+    screen_steps=0,
+    checkpoint_every=1,
+    funnel_top=0,
+)
+
 # One persistent XLA compilation cache per test session, shared with the
 # subprocesses and notebook kernels the tests start (they inherit the variable):
 # many tests compile the same programs again (a run, then its resumed copy; the

@@ -12,7 +12,7 @@ from scipy import stats
 
 from metaopt.algorithms.program_search import heldout, panel
 from metaopt.envs import families
-from metaopt.evaluation import profiles
+from metaopt.evaluation import Tuned, profiles
 from metaopt.optimizers.program import as_optax
 
 
@@ -137,6 +137,46 @@ def test_heldout_verdict_end_to_end(tmp_path):
     assert (tmp_path / "h.png").stat().st_size > 1000
 
 
+def _tuned(final: np.ndarray) -> Tuned:
+    """An optimizer's runs whose final test losses per seed are ``final``."""
+    test = np.stack([final + 1.0, final], axis=1)  # two evaluations along training
+    nan = np.full(final.shape, np.nan)
+    return Tuned(0.01, 0.0, {}, 1, final.copy(), test, nan, {})
+
+
+def test_heldout_verdict_record_counts_agree_with_its_rows_and_scipy():
+    """Synthetic finals on 8 shared seeds: clearly better on one workload, noise on
+    another, clearly worse on a third. The record's counts equal its rows' outcomes, and
+    each row's p_holm equals scipy's paired t test Holm-corrected by hand over the four
+    tests compare() makes (three workloads and the overall normalised difference)."""
+    rng = np.random.default_rng(0)
+    ref = {w: 1.0 + 0.1 * rng.standard_normal(8) for w in ("a", "b", "c")}
+    shift = {"a": -0.3 + 0.02 * rng.standard_normal(8), "b": 0.03 * rng.standard_normal(8)}
+    shift["c"] = 0.4 + 0.02 * rng.standard_normal(8)
+    runs = {w: {"adamw": _tuned(ref[w]), "found": _tuned(ref[w] + shift[w])} for w in ref}
+    result = heldout.summarise(runs, dict.fromkeys(ref, 10))
+    v = heldout.verdict_record(result, "found", "update = sign(g)")
+    outcomes = [r["outcome"] for r in v["workloads"]]
+    assert (v["wins"], v["ties"], v["losses"]) == tuple(
+        outcomes.count(o) for o in ("win", "tie", "loss")
+    )
+    assert outcomes == ["win", "tie", "loss"] and v["wins"] + v["ties"] + v["losses"] == 3
+    # the family compare() corrects over, recomputed with scipy
+    ps = [stats.ttest_rel(ref[w] + shift[w], ref[w]).pvalue for w in ("a", "b", "c")]
+    overall = np.mean([shift[w] / abs(ref[w].mean()) for w in ("a", "b", "c")], axis=0)
+    ps.append(stats.ttest_1samp(overall, 0.0).pvalue)
+    order = np.argsort(ps)
+    holm, running = np.empty(4), 0.0
+    for i, j in enumerate(order):  # Holm 1979: step-down, monotone
+        running = max(running, min(1.0, (4 - i) * ps[j]))
+        holm[j] = running
+    for row, p in zip(v["workloads"], holm[:3], strict=True):
+        assert row["p_holm"] == pytest.approx(p, rel=1e-6)
+        assert row["ratio_to_reference"] == pytest.approx(row["median"] / row["reference_median"])
+    with pytest.raises(ValueError, match="no paired comparison for 'adamw'"):
+        heldout.verdict_record(result, "adamw")
+
+
 @pytest.mark.slow
 def test_recipe_eval_writes_the_verdict(tmp_path, monkeypatch):
     from metaopt.algorithms.program_search import recipe
@@ -153,6 +193,13 @@ def test_recipe_eval_writes_the_verdict(tmp_path, monkeypatch):
     assert "won/tied/lost" in summary["discovered-1"]
     assert (tmp_path / "eval.md").read_text().count("| discovered-1 |") == 2
     assert (tmp_path / "eval.png").stat().st_size > 1000
+    verdict = json.loads((tmp_path / "heldout_verdict.json").read_text())
+    row = record["paired"]["per_method"]["discovered-1"]
+    assert [verdict[k] for k in ("wins", "ties", "losses")] == [
+        row[k] for k in ("won", "tied", "lost")
+    ]
+    assert verdict["source"] == board[0]["source"] and verdict["others"] == []
+    assert [r["outcome"] for r in verdict["workloads"]] == [row["tasks"]["quad"]["outcome"]]
 
 
 def test_decoupled_sophia_is_optax_sophia_with_a_cosine_schedule():

@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from conftest import TINY_SEARCH
 
 from metaopt.algorithms.program_search import BUILTINS, lm, parse, to_source
 from metaopt.algorithms.program_search import bandit as bandit_mod
@@ -349,27 +350,14 @@ def test_public_examples_run():
 
 
 LM_RUN = dict(
-    tasks=("quadratic-10d",),
-    inner_steps=10,
-    lr_grid=(1e-2, 1e-1),
-    normalize=False,
-    follow_lr=False,
-    ref_lr_grid=(1e-2, 1e-1),
-    wd_grid=(0.0, 0.1),
-    check_reference=False,
-    seeds=1,
+    TINY_SEARCH,
     population=6,
     tournament=2,
     children=6,
-    batch=8,
-    rounds=3,
     rescore_top=1,
-    screen_steps=0,
     stationarity_steps=(50, 500),
-    checkpoint_every=1,
     heldout_every=100,
     heldout_task="quadratic-10d",
-    funnel_top=0,
     proposers=("random", "lm"),
     lm_model="valid",
     lm_retries=0,

@@ -74,6 +74,7 @@ __all__ = [
     "score",
     "tune",
     "verdict_markdown",
+    "verdict_record",
 ]
 
 
@@ -673,6 +674,55 @@ def evaluate(
         }
     )
     return result
+
+
+def verdict_record(
+    result: Mapping[str, Any], name: str, source: str | None = None
+) -> dict[str, Any]:
+    """One optimizer's verdict against the reference, as ``heldout_verdict.json`` holds it.
+
+    Top level: ``wins``, ``ties``, ``losses`` (the Holm-corrected paired outcomes
+    :func:`summarise` decided, one per workload), the test rule, seeds and the
+    program; ``workloads``: one row per workload with its ``outcome``, the median test
+    losses of the optimizer and the reference, their ratio, the mean paired difference
+    with its standard error, ``p`` and ``p_holm``.
+
+    Example:
+      >>> v = verdict_record(result, "discovered-1")   # result = evaluate(...)
+      >>> v["wins"] == sum(r["outcome"] == "win" for r in v["workloads"])
+      True
+    """
+    ref = result["reference"]
+    paired = result["paired"]["per_method"].get(name)
+    if paired is None:
+        raise ValueError(f"no paired comparison for {name!r} (the reference is {ref!r})")
+    rows = []
+    for w, t in paired["tasks"].items():
+        opt = result["workloads"][w]["optimizers"]
+        rows.append(
+            {
+                "workload": w,
+                "outcome": t["outcome"],
+                "median": opt[name]["median"],
+                "reference_median": opt[ref]["median"],
+                "ratio_to_reference": opt[name]["ratio_to_reference"],
+                "accuracy_median": opt[name]["accuracy_median"],
+                "lr": opt[name]["lr"],
+                "wd": opt[name]["wd"],
+                **{k: t[k] for k in ("diff_mean", "diff_stderr", "p", "p_holm")},
+            }
+        )
+    return {
+        "program": name,
+        "source": source,
+        "reference": ref,
+        "wins": paired["won"],
+        "ties": paired["tied"],
+        "losses": paired["lost"],
+        "seeds": result.get("seeds"),
+        "rule": result["paired"]["rule"],
+        "workloads": rows,
+    }
 
 
 def _g(x: float | None, digits: int = 3) -> str:

@@ -16,10 +16,13 @@ tests): it shows a trend, the verdict stays with ``metaopt eval``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
+
+from metaopt.algorithms.program_search.heldout import Workload, parse_task, workloads
 from metaopt.algorithms.program_search.search import Scorer
-from metaopt.envs import families
 from metaopt.optimizers.program import parse
 
 
@@ -34,6 +37,7 @@ class Probe:
         every point of ``lr_grid x wd_grid``).
       ops: the interpreter's op set.
       names: problem names (for messages).
+      batch: programs per kernel call of :meth:`ratios`.
 
     Example:
       >>> from metaopt.envs import families
@@ -42,8 +46,10 @@ class Probe:
       True
     """
 
-    def __init__(self, tasks, seeds, seed, lr_grid, wd_grid, ops=None, names=None):
-        self.scorer = Scorer(tasks, lr_grid, seeds, 1, seed, wd_grid=wd_grid, ops=ops, names=names)
+    def __init__(self, tasks, seeds, seed, lr_grid, wd_grid, ops=None, names=None, batch=1):
+        self.scorer = Scorer(
+            tasks, lr_grid, seeds, batch, seed, wd_grid=wd_grid, ops=ops, names=names
+        )
         self._memo: dict[str, float] = {}
 
     def __call__(self, source: str) -> float:
@@ -53,41 +59,40 @@ class Probe:
             self._memo[source] = float(fit[0])
         return self._memo[source]
 
+    def ratios(self, sources: list[str]) -> np.ndarray:
+        """Per program and problem, the best-lr validation loss / tuned AdamW's ``[n, tasks]``
+        (their mean over problems is :meth:`__call__`'s score); ``inf`` where it diverged."""
+        loss, _, _ = self.scorer.raw([parse(s) for s in sources], 0)
+        rel = loss / self.scorer.reference(0)[None, :]
+        return np.where(np.isfinite(rel), rel, np.inf)
+
+
+def workload_probe(cfg, loads: Mapping[str, Workload], seeds: int, seed: int, batch: int = 1):
+    """A :class:`Probe` of ``loads`` (name -> workload, at its steps and batch size) with
+    ``cfg``'s wide grids (``ref_lr_grid``, ``wd_grid``) and op set."""
+    tasks = [(w.build(), w.steps) for w in loads.values()]
+    return Probe(
+        tasks, seeds, seed, cfg.ref_lr_grid, cfg.wd_grid, cfg.space.ops, list(loads), batch
+    )
+
 
 def validation_probe(cfg) -> Probe | None:
-    """The probe of ``cfg.validation_tasks`` (``None`` when the list is empty)."""
+    """The probe of ``cfg.validation_tasks`` (``None`` when the list is empty): each entry a
+    family at its suggested steps, or ``family@steps[/bBATCH]``."""
     if not cfg.validation_tasks:
         return None
-    tasks = [(families.make(n), families.steps(n)) for n in cfg.validation_tasks]
-    return Probe(
-        tasks,
-        cfg.validation_seeds,
-        cfg.seed + 555,
-        cfg.ref_lr_grid,
-        cfg.wd_grid,
-        cfg.space.ops,
-        list(cfg.validation_tasks),
-    )
+    loads = {n: parse_task(n) for n in cfg.validation_tasks}
+    return workload_probe(cfg, loads, cfg.validation_seeds, cfg.seed + 555)
 
 
 def heldout_probe(cfg) -> Probe | None:
     """The probe of the held-out workloads (``cfg.eval_heldout`` or the bundled list) at
     their steps and batch sizes, ``cfg.heldout_probe_seeds`` seeds (``None`` when
     ``cfg.heldout_probe_every`` is 0)."""
-    from metaopt.algorithms.program_search.heldout import workloads
-
     if not cfg.heldout_probe_every:
         return None
-    loads = workloads(cfg.eval_heldout)
-    tasks = [(w.build(), w.steps) for w in loads.values()]
-    return Probe(
-        tasks,
-        cfg.heldout_probe_seeds,
-        cfg.seed + 1234,
-        cfg.ref_lr_grid,
-        cfg.wd_grid,
-        cfg.space.ops,
-        list(loads),
+    return workload_probe(
+        cfg, workloads(cfg.eval_heldout), cfg.heldout_probe_seeds, cfg.seed + 1234
     )
 
 
@@ -114,4 +119,4 @@ def plot_overfitting(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-__all__ = ["Probe", "heldout_probe", "plot_overfitting", "validation_probe"]
+__all__ = ["Probe", "heldout_probe", "plot_overfitting", "validation_probe", "workload_probe"]

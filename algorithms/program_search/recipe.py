@@ -29,9 +29,15 @@ search state, every ``checkpoint_every`` rounds, by the core driver's host-step
 mode: SIGINT/SIGTERM save and stop, ``--resume`` continues exactly) and
 ``state.json`` (the final search state, for inspection).
 
+With ``select_on_validation=True`` the programs that reach the funnel and the one
+reported are ranked instead by fixed validation problems, asked through Thresholdout
+(:mod:`~metaopt.algorithms.program_search.selection`).
+
 ``metaopt eval RUN_DIR`` trains the top programs of the leaderboard and the
 baselines on held-out workloads
-(:mod:`~metaopt.algorithms.program_search.heldout`).
+(:mod:`~metaopt.algorithms.program_search.heldout`) and writes ``heldout_verdict.json``;
+``metaopt program-search top-programs RUN_DIR`` ranks the run's top programs on the
+proxy and held out (:mod:`~metaopt.algorithms.program_search.top_programs`).
 
 ``slots=1`` searches the one-state-slot space (no ``v``), warm-started from
 SGD with momentum unless ``warm_start`` says otherwise.
@@ -50,9 +56,10 @@ from pathlib import Path
 import numpy as np
 
 from metaopt import driver, evaluation
-from metaopt.algorithms.program_search import overfitting
+from metaopt.algorithms.program_search import overfitting, top_programs
 from metaopt.algorithms.program_search.bandit import ProposerBandit
 from metaopt.algorithms.program_search.distribution import DistributionScorer
+from metaopt.algorithms.program_search.heldout import parse_task
 from metaopt.algorithms.program_search.heldout import workloads as heldout_workloads
 from metaopt.algorithms.program_search.lm import LMConfig, LMProposer
 from metaopt.algorithms.program_search.mutate import RandomMutator, SearchSpace
@@ -65,11 +72,13 @@ from metaopt.algorithms.program_search.search import (
     Scorer,
     SearchState,
 )
+from metaopt.algorithms.program_search.selection import ValidationSelection
 from metaopt.algorithms.program_search.simplify import fold_constants, remove_dead_code
 from metaopt.checkpoint import MissingCheckpointError, write_json_atomic, write_text_atomic
 from metaopt.config import check
 from metaopt.driver import ProgressBar
 from metaopt.envs import distributions, families
+from metaopt.evaluation import Thresholdout
 from metaopt.optimizers.program import (
     ALL_OPS,
     BUILTINS,
@@ -166,8 +175,19 @@ class Config:
     # round on fixed validation problems disjoint from the proxy and the held-out list
     # (validation_score), and every heldout_probe_every rounds on the held-out workloads
     # (heldout_score, heldout_probe_seeds seeds); feeds nothing back, adds overfitting.png
+    # (entries: a family name or family@steps[/bBATCH], heldout.parse_task)
     validation_tasks: tuple[str, ...] = ()
     validation_seeds: int = 2
+    # selection on the validation problems (selection.py; needs validation_tasks): the
+    # validation score, read through Thresholdout (metaopt.evaluation.holdout) with the
+    # proxy score as its training value, ranks which programs reach the funnel and which
+    # one is reported; the budget is the number of answers the validation set may give
+    # (proxy and validation problems differ, so most programs asked spend one; the run's
+    # summary counts the queries refused past it: docs/program_search/selection.md)
+    select_on_validation: bool = False
+    thresholdout_budget: int = 50
+    thresholdout_threshold: float = 0.05  # in units of the score (ratio to tuned AdamW)
+    thresholdout_sigma: float = 0.01
     heldout_probe_every: int = 0
     heldout_probe_seeds: int = 2
     seed: int = 0
@@ -255,13 +275,18 @@ class Config:
         check(self.heldout_every >= 1, "heldout_every must be >= 1")
         loads = heldout_workloads(self.eval_heldout)  # validates the names
         for name in self.validation_tasks:
-            families.check(name)
+            family = parse_task(name).family
             check(
-                name not in self.tasks and name not in {w.family for w in loads.values()},
+                family not in self.tasks and family not in {w.family for w in loads.values()},
                 f"validation task '{name}' is a proxy task or a held-out workload: the "
                 "validation problems must be disjoint from both",
             )
         check(self.validation_seeds >= 1, "validation_seeds must be >= 1")
+        check(
+            not self.select_on_validation or bool(self.validation_tasks),
+            "select_on_validation needs validation_tasks (the problems it selects on)",
+        )
+        self.thresholdout  # noqa: B018 (validates the Thresholdout settings)
         check(self.heldout_probe_every >= 0, "heldout_probe_every must be >= 0 (0: off)")
         check(self.heldout_probe_seeds >= 1, "heldout_probe_seeds must be >= 1")
         check(self.eval_seeds >= 2, "eval_seeds must be >= 2 (paired standard errors)")
@@ -287,6 +312,13 @@ class Config:
         if self.chunk < 0:
             return default_chunk()
         return self.chunk or None
+
+    @property
+    def thresholdout(self) -> Thresholdout:
+        """The guard of the selection on validation problems (``thresholdout_*``)."""
+        return Thresholdout(
+            self.thresholdout_threshold, self.thresholdout_sigma, self.thresholdout_budget
+        )
 
     @property
     def space(self) -> SearchSpace:
@@ -430,33 +462,41 @@ def leaderboard(state: SearchState, k: int) -> list[dict]:
     counts once, so the funnel and the held-out evaluation do not spend their
     budget on copies. Entries: ``{"source", "fitness", "evals", "lr", "born"}``.
     """
+    return [entry(state, f) for f in leader_funcs(state, k)]
+
+
+def leader_funcs(state: SearchState, k: int) -> list[str]:
+    """Functional hashes of :func:`leaderboard`'s entries, in its order."""
     funcs = dict.fromkeys([state.best.get("func"), *(m["func"] for m in state.population)])
     out = []
     for f in funcs:
         s = state.stats.get(f)
         if s is None or s.get("rejected") or not np.isfinite(state.fitness(f)):
             continue
-        out.append(
-            {
-                "source": s["source"],
-                "fitness": state.fitness(f),
-                "evals": s["n"],
-                "lr": s["lr"],
-                "born": s["born"],
-            }
-        )
-    out.sort(key=lambda m: (m["fitness"], m["source"]))
-    return out[:k]
+        out.append((state.fitness(f), s["source"], f))
+    return [f for _, _, f in sorted(out)[:k]]
 
 
-def funnel(cfg: Config, board: list[dict], progress: bool = True) -> list[dict]:
+def entry(state: SearchState, func: str) -> dict:
+    """A leaderboard entry of a program: ``{"source", "fitness", "evals", "lr", "born"}``."""
+    s = state.stats[func]
+    return {
+        "source": s["source"],
+        "fitness": state.fitness(func),
+        "evals": s["n"],
+        "lr": s["lr"],
+        "born": s["born"],
+    }
+
+
+def funnel(cfg: Config, board: list[dict], progress: bool = True, rank: bool = True) -> list[dict]:
     """Stage 1: re-scores the top ``funnel_top`` entries of ``board`` on ``funnel_tasks``.
 
     Every funnel task runs at its family's suggested horizon (longer than the proxy's)
     over ``funnel_seeds`` fresh seeds, against AdamW tuned over the same (lr, wd)
     grids. Returns the entries with ``fitness_funnel`` and ``lr_funnel`` added,
-    best first; entries past ``funnel_top`` keep no funnel score and follow in
-    proxy order.
+    best first (``rank=False``: in ``board``'s order, the funnel only scoring them);
+    entries past ``funnel_top`` keep no funnel score and follow in ``board``'s order.
     """
     top = [dict(m) for m in board[: cfg.funnel_top]]
     if not top:
@@ -486,7 +526,8 @@ def funnel(cfg: Config, board: list[dict], progress: bool = True) -> list[dict]:
     bar.close()
     for m, f, lr in zip(top, fit, lrs, strict=True):
         m["fitness_funnel"], m["lr_funnel"] = float(f), lr.tolist()
-    top.sort(key=lambda m: m["fitness_funnel"])
+    if rank:
+        top.sort(key=lambda m: m["fitness_funnel"])
     return top + [dict(m) for m in board[cfg.funnel_top :]]
 
 
@@ -558,6 +599,9 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
         search.proposer.record_to(out / "proposals.jsonl", resume)
     check_heldout = heldout_scorer(cfg)
     validation, heldout_probe = overfitting.validation_probe(cfg), overfitting.heldout_probe(cfg)
+    selector = None
+    if cfg.select_on_validation:
+        selector = ValidationSelection(cfg.thresholdout, validation, cfg.seed + 4321)
 
     def step(state: SearchState):
         state, metrics = search.round(state)
@@ -575,11 +619,24 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
             if heldout_probe:
                 due = state.round % cfg.heldout_probe_every == 0
                 metrics["heldout_score"] = heldout_probe(state.best["source"]) if due else None
+        if selector:  # the round's best is asked once (selection.py)
+            b = state.best
+            state.selection = selector.ask(
+                state.selection, b["func"], b["source"], b["fitness"], state.round
+            )
+            answer = state.selection["answers"].get(b["func"], {}).get("answer")
+            metrics["selection_answer"] = answer
+            metrics["selection_budget_left"] = selector.budget_left(state.selection)
         return state, metrics
 
+    start = None
+    if not resume:
+        start = search.init(BUILTINS[cfg.start])
+        if selector:
+            start.selection = selector.init()
     result = driver.train_host(
         step,
-        None if resume else search.init(BUILTINS[cfg.start]),
+        start,
         num_steps=cfg.rounds,
         out_dir=out,
         resume=resume,
@@ -592,9 +649,23 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
         from_json=lambda d: SearchState.from_json(d, cfg.max_hits),
     )
     state = result.state
+    board = []
+    if selector:  # the leaderboard's programs not asked yet, then the ranking by answers
+        for f in leader_funcs(state, cfg.leaderboard):
+            s = state.stats[f]
+            state.selection = selector.ask(
+                state.selection, f, s["source"], state.fitness(f), state.round
+            )
+        board = [
+            entry(state, f) | {"selection_answer": r["answer"]}
+            for f, r in selector.ranked(state.selection)
+        ][: cfg.leaderboard]
     write_json_atomic(out / "state.json", state.to_json())
     rows = read_metrics(out / "metrics.jsonl")
-    board = funnel(cfg, leaderboard(state, cfg.leaderboard), progress)
+    if board:
+        board = funnel(cfg, board, progress, rank=False)
+    else:  # the proxy's ranking (also when every validation query was refused)
+        board = funnel(cfg, leaderboard(state, cfg.leaderboard), progress)
     write_json_atomic(out / "leaderboard.json", board)
     winner = board[0] if board else state.best
     # shown folded (r1 = sqrt(-0.8); div(m, r1) -> div(m, 0.894427)): the same update
@@ -612,6 +683,13 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     }
     if "fitness_funnel" in winner:
         summary["funnel_fitness (larger tasks)"] = f"{winner['fitness_funnel']:.4f}"
+    if selector:
+        sel, guard = state.selection, state.selection["thresholdout"]
+        summary["selected_on_validation (Thresholdout)"] = (
+            f"answer {winner.get('selection_answer', float('nan')):.4f}; {guard['queries']} "
+            f"programs asked, {guard['holdout_answers']} answered from the validation set "
+            f"(budget {cfg.thresholdout_budget}), {sel['refused']} refused"
+        )
     if state.proposer:
         arms = state.proposer["arms"]
         summary["proposers (children that beat their parent / chosen)"] = ", ".join(
@@ -639,7 +717,10 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True, top: int = 0) ->
     :data:`~metaopt.algorithms.program_search.heldout.WORKLOADS`) over ``cfg.eval_seeds``
     shared seeds; writes ``eval.json`` / ``eval.md`` / ``eval.png`` (paired
     differences with tuned AdamW and their SE, workloads won / tied / lost, ranks,
-    performance profile).
+    performance profile) and ``heldout_verdict.json``: the reported program's (the
+    leaderboard's first) ``wins`` / ``ties`` / ``losses`` against tuned AdamW with a row
+    per workload (:func:`~metaopt.algorithms.program_search.heldout.verdict_record`),
+    and the same for every other discovered program under ``others``.
     """
     from metaopt.algorithms.program_search import heldout
 
@@ -665,6 +746,11 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True, top: int = 0) ->
         lambda p: heldout.plot(result, p),
         recipe="program-search",
     )
+    found = [n for n in entries if n.startswith("discovered")]
+    verdicts = [heldout.verdict_record(result, n, entries[n]) for n in found]
+    if verdicts:
+        record = verdicts[0] | {"others": verdicts[1:]}
+        write_json_atomic(Path(run_dir) / "heldout_verdict.json", evaluation.strict_json(record))
     agg, paired = result["aggregate"], result["paired"]["per_method"]
     return {
         n: f"vs tuned AdamW won/tied/lost {paired[n]['won']}/{paired[n]['tied']}/"
@@ -704,11 +790,18 @@ RECIPE = Recipe(
     evaluate=evaluate,
     extendable=("rounds",),
     build=build,
-    commands={"validate-proxy": _validate_proxy},
+    commands={"validate-proxy": _validate_proxy, "top-programs": top_programs.main},
     export=Export(
         files=("best_program.txt",),
         load=lambda d: load_optimizer(d),
         form="make(learning_rate, weight_decay=0.0) -> optax.GradientTransformation",
-        optional=("eval.json", "eval.md", "eval.png", "leaderboard.json", "summary.json"),
+        optional=(
+            "eval.json",
+            "eval.md",
+            "eval.png",
+            "heldout_verdict.json",
+            "leaderboard.json",
+            "summary.json",
+        ),
     ),
 )

@@ -386,6 +386,10 @@ class SearchState:
       proposer: the state of a proposer that keeps one (the
         :class:`~metaopt.algorithms.program_search.bandit.ProposerBandit`'s choices,
         rewards and requests spent); ``{}`` otherwise.
+      selection: the state of the selection on validation problems
+        (:mod:`~metaopt.algorithms.program_search.selection`: the Thresholdout state and
+        its answers); ``{}`` when that selection is off, and then left out of
+        :meth:`to_json`, so a run without it writes what it always wrote.
     """
 
     round: int
@@ -397,9 +401,13 @@ class SearchState:
     stats: dict[str, dict]
     totals: dict[str, int]
     proposer: dict = dataclasses.field(default_factory=dict)
+    selection: dict = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self) | {"cache": self.cache.state()}
+        out = dataclasses.asdict(self) | {"cache": self.cache.state()}
+        if not out["selection"]:
+            del out["selection"]
+        return out
 
     @classmethod
     def from_json(cls, d: dict, max_hits: int) -> SearchState:

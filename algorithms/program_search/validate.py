@@ -41,6 +41,7 @@ from metaopt import evaluation
 from metaopt.algorithms.program_search import heldout
 from metaopt.algorithms.program_search.heldout import Workload, parse_task
 from metaopt.algorithms.program_search.panel import PANEL
+from metaopt.checkpoint import write_json_atomic
 from metaopt.cli import _Parser, examples
 from metaopt.config import ConfigError
 
@@ -474,23 +475,6 @@ def markdown(report: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _json_safe(x):
-    """Strict JSON: NaN -> None, +-inf -> "inf" / "-inf"."""
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, float | np.floating):
-        x = float(x)
-        if math.isnan(x):
-            return None
-        if math.isinf(x):
-            return "inf" if x > 0 else "-inf"
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
 def _parser() -> argparse.ArgumentParser:
 
     p = _Parser(
@@ -584,7 +568,11 @@ def main(argv: list[str]) -> int:
     )
     command = "metaopt program-search validate-proxy " + shlex.join(argv)
     report = {"kendall_tau": report["kendall_tau"], "command": command, **report}
-    (out / "proxy_validation.json").write_text(json.dumps(_json_safe(report), indent=1) + "\n")
+    path = out / "proxy_validation.json"
+    # the top-programs tau (top_programs.py) comes from another command: kept
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    kept = {k: v for k, v in kept.items() if k.startswith("top_programs")}
+    write_json_atomic(path, evaluation.strict_json(report) | kept)
     text = markdown(report, command)
     (out / "proxy_validation.md").write_text(text)
     print(text)

@@ -23,11 +23,15 @@ meta-training -> :func:`compare` -> :func:`write_eval`.
 - **Performance profiles** (AlgoPerf, :mod:`metaopt.evaluation.profiles`).
 - **Loss curves** (:func:`curve_stats`, :func:`plot_curves`): mean and standard
   error band per method.
+- **Budgeted reuse of a holdout** (:class:`Thresholdout`, :mod:`.holdout`): a selection
+  that asks a validation set many times answers from the training value until the
+  two disagree, and refuses once its budget of holdout answers is spent.
 - **Output**: :func:`write_eval` writes ``eval.json`` (atomically, with a top-level
   ``schema_version``), ``eval.md`` and ``eval.png``; :func:`comparison_table` and
   :func:`table` render markdown; :func:`progress_bar` is the evaluation loops' bar.
 
 References: Holm 1979, "A simple sequentially rejective multiple test procedure";
+Dwork et al. 2015, "The reusable holdout" (Thresholdout);
 Agarwal et al. 2021, "Deep RL at the edge of the statistical precipice" (IQM);
 Dahl et al. 2023, "Benchmarking Neural Network Training Algorithms" (profiles);
 Moudgil et al. 2025, "Celo: Training Versatile Learned Optimizers on a Compute Diet"
@@ -37,6 +41,7 @@ Moudgil et al. 2025, "Celo: Training Versatile Learned Optimizers on a Compute D
 from __future__ import annotations
 
 from metaopt.evaluation import profiles
+from metaopt.evaluation.holdout import BudgetExhausted, Thresholdout, ThresholdoutState
 from metaopt.evaluation.profiles import TAUS, performance_profile, plot_profile, steps_to_target
 from metaopt.evaluation.reports import (
     SCHEMA_VERSION,
@@ -44,6 +49,7 @@ from metaopt.evaluation.reports import (
     plot_curves,
     progress_bar,
     read_eval,
+    strict_json,
     table,
     write_eval,
 )
@@ -78,6 +84,7 @@ __all__ = [
     "MAX_CURVE_POINTS",
     "SCHEMA_VERSION",
     "TAUS",
+    "BudgetExhausted",
     "GridChoice",
     "GridEdgeWarning",
     "Tuned",
@@ -105,7 +112,10 @@ __all__ = [
     "speedups",
     "stderr",
     "steps_to_target",
+    "strict_json",
     "table",
+    "Thresholdout",
+    "ThresholdoutState",
     "tune_grid",
     "tune_lattice",
     "write_eval",

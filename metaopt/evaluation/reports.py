@@ -4,6 +4,7 @@ writing and the evaluation loops' progress bar."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -143,6 +144,29 @@ def comparison_table(
         + "\n"
     )
     return table(header, rows) + note
+
+
+def strict_json(x: Any) -> Any:
+    """``x`` with every value strict JSON can hold: NaN -> None, +-inf -> ``"inf"`` /
+    ``"-inf"``, numpy scalars -> Python numbers, tuples -> lists (dicts and lists recursed).
+
+    Example:
+      >>> strict_json({"p": float("nan"), "ratio": [np.float32(2.0), float("inf")]})
+      {'p': None, 'ratio': [2.0, 'inf']}
+    """
+    if isinstance(x, dict):
+        return {k: strict_json(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [strict_json(v) for v in x]
+    if isinstance(x, float | np.floating):
+        x = float(x)
+        if math.isnan(x):
+            return None
+        if math.isinf(x):
+            return "inf" if x > 0 else "-inf"
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
 
 
 def _json_default(x):
