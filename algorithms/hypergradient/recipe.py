@@ -34,7 +34,7 @@ Outputs: ``checks.json`` (hypergradient errors), ``results.json`` and
 (validation loss vs outer step, unrolled vs implicit), one sub-directory per
 run with its ``metrics.jsonl`` and checkpoints, ``summary.md``.
 With line-search methods also ``maid.png`` (exact validation loss vs inner
-iterations) and ``maid.json`` (iterations to reach a target loss).
+iterations), ``maid.json`` and ``maid.md`` (iterations to reach a target loss).
 ``metaopt eval RUN_DIR`` reports test-split results against references (the
 best scalar strength of a grid tuned on validation; scikit-learn's
 ``LogisticRegression`` for the real dataset) in ``eval.json`` / ``eval.md``.
@@ -66,7 +66,12 @@ from metaopt.algorithms.hypergradient.problems import (
     synthetic_regression,
     unrolled_inner_loop,
 )
-from metaopt.checkpoint import MissingCheckpointError, checkpoint_steps, write_json_atomic
+from metaopt.checkpoint import (
+    MissingCheckpointError,
+    checkpoint_steps,
+    write_json_atomic,
+    write_text_atomic,
+)
 from metaopt.config import check
 from metaopt.envs import datasets
 from metaopt.evaluation import tune_grid
@@ -404,8 +409,33 @@ def line_search_runs(cfg: Config, out: Path, resume: bool, progress: bool) -> di
                         "lam": np.exp(np.asarray(log_lam, np.float64)).tolist(),
                     }
     write_json_atomic(out / "maid.json", results)
+    write_text_atomic(out / "maid.md", line_search_table(results))
     plot_line_search(out, cfg, out / "maid.png")
     return {"results": results, "learned": learned}
+
+
+def line_search_table(results: dict) -> str:
+    """``maid.json`` as a markdown table (one row per problem x regulariser x method)."""
+    rows = []
+    for name, r in results.items():
+        pname, reg, method = name.split("-", 2)
+        its = r["iterations_to_target"]
+        rows.append(
+            [
+                pname,
+                reg.replace("_", "-"),
+                method,
+                f"{r['start_valid_loss']:.4f}",
+                f"{r['valid_loss']:.4f}",
+                f"{r['test_loss']:.4f}",
+                f"{r['target']:.4f}",
+                "not reached" if its is None else f"{its:,}",
+                f"{r['total_iterations']:,}",
+            ]
+        )
+    header = ["problem", "strength", "method", "start valid", "final valid", "final test"]
+    header += ["target", "iterations to target", "total iterations"]
+    return ev.table(header, rows)
 
 
 def plot_line_search(run_dir: Path, cfg: Config, path: Path | None = None):
@@ -730,7 +760,7 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
     fig, axes = figure((4.2 * len(tuning), 3.2), 1, len(tuning))
     for ax, (pname, choice) in zip(axes[0], tuning.items(), strict=True):
         ev.plot_grid(ax, choice, "validation loss (exact solution)")
-        for i, method in enumerate(METHODS):
+        for i, method in enumerate(adam_methods(cfg) + line_search_methods(cfg)):
             if f"{pname}-scalar-{method}" in learned:
                 lam = float(np.exp(np.asarray(learned[f"{pname}-scalar-{method}"])).item())
                 ax.axvline(lam, color=f"C{i + 4}", ls="--", label=f"learned ({method})")
