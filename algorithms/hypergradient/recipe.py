@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -439,8 +440,15 @@ def line_search_table(results: dict) -> str:
 
 
 def plot_line_search(run_dir: Path, cfg: Config, path: Path | None = None):
-    """Exact validation loss vs total inner iterations, one panel per problem x regulariser."""
+    """Exact validation loss vs total inner iterations, one panel per problem x regulariser.
+
+    The y axis ends just above the start's loss (from ``maid.json``), so a method that
+    makes the exact loss rise (unrolling's truncation bias) leaves the panel.
+    """
     fig, axes = figure((5.0 * len(cfg.regularisers), 6.5), len(PROBLEMS), len(cfg.regularisers))
+    summary = Path(run_dir) / "maid.json"
+    results = json.loads(summary.read_text()) if summary.exists() else {}
+    starts = {k: r["start_valid_loss"] for k, r in results.items()}
     labels = {
         "maid": "MAID (adaptive tolerances)",
         "tight": f"implicit, fixed tolerance {cfg.tight_tol:g}",
@@ -456,6 +464,12 @@ def plot_line_search(run_dir: Path, cfg: Config, path: Path | None = None):
                     its = [r["total_iterations"] for r in rows]
                     ax.plot(its, [r["valid_loss_exact"] for r in rows], label=labels[method])
             ax.set_xscale("log")
+            first = [r for r in starts if r.startswith(f"{pname}-{reg}-")]
+            if first:  # the start's loss on top: a curve that rises past it leaves the panel
+                top = starts[first[0]]
+                ax.axhline(top, color="k", ls=":", lw=1, label="start")
+                lo = ax.get_ylim()[0]
+                ax.set_ylim(lo, top + 0.05 * (top - lo))
             ax.set_title(f"{pname}, {reg.replace('_', '-')} strength", fontsize=10)
             ax.set_xlabel("inner iterations (gradients + Hessian-vector products)")
             ax.set_ylabel("validation loss (exact solution)")
