@@ -426,8 +426,13 @@ def maid_step(oracle, settings: MAIDSettings, state: MAIDState) -> tuple[MAIDSta
     an unrolled one with zero bounds). Returns the new state and a row of metrics:
     ``loss`` (the inexact outer loss at the returned ``h``), ``loss_bound``, ``eps``,
     ``delta``, ``step_size``, ``grad_norm``, ``grad_bound``, ``accepted`` (0/1),
-    ``trials`` (inner solves of the line searches) and the cumulative
-    ``inner_iterations`` / ``cg_iterations``.
+    ``trials`` (inner solves of the line searches), the cumulative
+    ``inner_iterations`` / ``cg_iterations`` and ``stalled`` (0/1; once set, later
+    calls return the state unchanged at no cost).
+
+    Example:
+      >>> state = init_state(oracle, hp, MAIDSettings())
+      >>> state, row = maid_step(oracle, MAIDSettings(), state)
     """
     s = settings
     if state.stalled:

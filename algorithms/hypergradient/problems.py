@@ -19,7 +19,10 @@ core's :class:`~metaopt.outer.MetaGradient` computes the hypergradient:
   (``custom_root`` + conjugate gradient), so the meta-gradient is the implicit one.
 
 Hyperparameters are ``{"log_lam": array}`` with shape ``()`` (one strength) or
-``[d]`` (one per feature); the model bias, if any, is not penalised.
+``[d]`` (one per feature); the model bias, if any, is not penalised (unless
+``logistic_bilevel(bias_l2=...)``). Each problem also carries the curvature and
+Lipschitz constants (``Bilevel.constants``) that :mod:`.maid`'s error bounds use,
+computed from the data.
 """
 
 from __future__ import annotations
@@ -190,6 +193,17 @@ class Bilevel:
         return {"log_lam": jnp.full(shape, np.log(lam), jnp.float32)}
 
 
+def gram_extreme_eigenvalues(x) -> tuple[float, float]:
+    """``(min, max)`` eigenvalues of ``x^T x / n`` in float64 (curvature of a mean squared loss).
+
+    Example:
+      >>> gram_extreme_eigenvalues(np.eye(3) * np.sqrt(3))   # (1.0, 1.0)
+    """
+    x = np.asarray(x, np.float64)
+    e = np.linalg.eigvalsh(x.T @ x / x.shape[0])
+    return float(e.min()), float(e.max())
+
+
 def ridge_bilevel(data: RegressionData) -> Bilevel:
     """Ridge regression: train MSE/2 with an L2 penalty, validation MSE/2 as the outer loss."""
     x, y = data.x, data.y
@@ -226,17 +240,6 @@ def ridge_bilevel(data: RegressionData) -> Bilevel:
 def _bce(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean binary cross-entropy of ``sigmoid(logits)`` against 0/1 labels (stable form)."""
     return jnp.mean(jax.nn.softplus(logits) - labels * logits)
-
-
-def gram_extreme_eigenvalues(x) -> tuple[float, float]:
-    """``(min, max)`` eigenvalues of ``x^T x / n`` in float64 (curvature of a mean squared loss).
-
-    Example:
-      >>> gram_extreme_eigenvalues(np.eye(3) * np.sqrt(3))   # (1.0, 1.0)
-    """
-    x = np.asarray(x, np.float64)
-    e = np.linalg.eigvalsh(x.T @ x / x.shape[0])
-    return float(e.min()), float(e.max())
 
 
 #: ``max |sigmoid''|``, the Lipschitz constant of the logistic curvature ``sigmoid'``
