@@ -19,7 +19,10 @@ core's :class:`~metaopt.outer.MetaGradient` computes the hypergradient:
   (``custom_root`` + conjugate gradient), so the meta-gradient is the implicit one.
 
 Hyperparameters are ``{"log_lam": array}`` with shape ``()`` (one strength) or
-``[d]`` (one per feature); the model bias, if any, is not penalised.
+``[d]`` (one per feature); the model bias, if any, is not penalised (unless
+``logistic_bilevel(bias_l2=...)``). Each problem also carries the curvature and
+Lipschitz constants (``Bilevel.constants``) that :mod:`.maid`'s error bounds use,
+computed from the data.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metaopt.algorithms.hypergradient.implicit import Solver, argmin
+from metaopt.algorithms.hypergradient.maid import Constants
 from metaopt.envs import datasets
 from metaopt.inner import InnerLoop
 
@@ -148,6 +152,9 @@ class Bilevel:
       lipschitz: a bound on the curvature of ``train_loss`` (for gradient-descent steps).
       metrics: ``(params, split) -> dict`` of extra numbers (e.g. accuracy), split in
         ``"valid" | "test"``.
+      constants: ``hparams -> Constants`` (strong convexity and Lipschitz constants of
+        :mod:`.maid`'s error bounds), or None where the inner problem is not strongly
+        convex.
     """
 
     name: str
@@ -157,6 +164,7 @@ class Bilevel:
     init_params: PyTree
     lipschitz: float
     metrics: Callable[[PyTree, str], dict] = lambda params, split: {}
+    constants: Callable[[PyTree], Constants] | None = None
 
     @property
     def num_features(self) -> int:
@@ -185,12 +193,39 @@ class Bilevel:
         return {"log_lam": jnp.full(shape, np.log(lam), jnp.float32)}
 
 
+def gram_extreme_eigenvalues(x) -> tuple[float, float]:
+    """``(min, max)`` eigenvalues of ``x^T x / n`` in float64 (curvature of a mean squared loss).
+
+    Example:
+      >>> gram_extreme_eigenvalues(np.eye(3) * np.sqrt(3))   # (1.0, 1.0)
+    """
+    x = np.asarray(x, np.float64)
+    e = np.linalg.eigvalsh(x.T @ x / x.shape[0])
+    return float(e.min()), float(e.max())
+
+
 def ridge_bilevel(data: RegressionData) -> Bilevel:
     """Ridge regression: train MSE/2 with an L2 penalty, validation MSE/2 as the outer loss."""
     x, y = data.x, data.y
-    n = x.shape[0]
-    lipschitz = float(np.linalg.eigvalsh(np.asarray(x.T @ x, np.float64) / n).max())
+    curv_min, lipschitz = gram_extreme_eigenvalues(x)
+    outer_lipschitz = gram_extreme_eigenvalues(data.x_valid)[1]
     half_mse = lambda xs, ys: lambda p: 0.5 * jnp.mean((xs @ p["w"] - ys) ** 2)
+
+    def constants(hparams):
+        # H = X'X/n + diag(lam) is constant in w; J = diag(lam * w) w.r.t. log lam
+        lam = penalty_strength(hparams)
+        lam_vec = jnp.broadcast_to(lam, (x.shape[1],))
+        # (curv_min + lam_j) I-ish <= H <= diag(lipschitz + lam_j) = P^-1
+        return Constants(
+            mu=curv_min + jnp.min(lam),
+            smoothness=lipschitz + jnp.max(lam),
+            outer_lipschitz=jnp.asarray(outer_lipschitz),
+            hessian_lipschitz=jnp.asarray(0.0),
+            cross_lipschitz={"w": lam_vec},
+            preconditioner={"w": 1 / (lipschitz + lam_vec)},
+            preconditioned_mu=jnp.min((curv_min + lam_vec) / (lipschitz + lam_vec)),
+        )
+
     return Bilevel(
         name="ridge",
         train_loss=half_mse(x, y),
@@ -198,6 +233,7 @@ def ridge_bilevel(data: RegressionData) -> Bilevel:
         test_loss=half_mse(data.x_test, data.y_test),
         init_params={"w": jnp.zeros(x.shape[1], x.dtype)},
         lipschitz=lipschitz,
+        constants=constants,
     )
 
 
@@ -206,11 +242,24 @@ def _bce(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.mean(jax.nn.softplus(logits) - labels * logits)
 
 
-def logistic_bilevel(dataset: str = "breast_cancer", data_seed: int = 0) -> Bilevel:
+#: ``max |sigmoid''|``, the Lipschitz constant of the logistic curvature ``sigmoid'``
+SIGMOID_CURVATURE_LIPSCHITZ = 1 / (6 * np.sqrt(3))
+
+
+def logistic_bilevel(
+    dataset: str = "breast_cancer", data_seed: int = 0, bias_l2: float = 0.0
+) -> Bilevel:
     """Logistic regression (weights + bias) on a binary scikit-learn dataset.
 
     Uses :func:`metaopt.envs.datasets.load` (standardised features, 60/20/20
     train/valid/test split); the outer loss is the validation cross-entropy.
+    ``bias_l2 > 0`` adds a fixed ``0.5 * bias_l2 * b^2`` to the training loss, which
+    makes the inner problem strongly convex (``mu >= min(lam, bias_l2)``), as
+    :mod:`.maid`'s bounds need; then ``constants`` is set.
+
+    Example:
+      >>> prob = logistic_bilevel("breast_cancer", 0, bias_l2=1e-4)
+      >>> prob.constants(prob.hparams(1e-2, per_feature=True)).mu   # 1e-4
     """
 
     d = datasets.load(dataset, data_seed)
@@ -223,11 +272,35 @@ def logistic_bilevel(dataset: str = "breast_cancer", data_seed: int = 0) -> Bile
     n = x.shape[0]
     # the logistic loss has curvature <= 1/4; the bias adds a column of ones
     xb = np.concatenate([np.asarray(x, np.float64), np.ones((n, 1))], 1)
-    lipschitz = float(np.linalg.eigvalsh(xb.T @ xb / n).max() / 4)
+    gram_max = gram_extreme_eigenvalues(xb)[1]
+    lipschitz = gram_max / 4 + bias_l2
+    xvb = np.concatenate(
+        [np.asarray(arrays["x_valid"], np.float64), np.ones((len(arrays["x_valid"]), 1))], 1
+    )
+    # grad g = X'(sigmoid - y)/n is Lipschitz with X'X/(4n); the Hessian X' diag(sigmoid') X/n
+    # changes by <= max|sigmoid''| * max_i |x_i| * |X'X/n| per unit of |w - w'|
+    outer_lipschitz = gram_extreme_eigenvalues(xvb)[1] / 4
+    hessian_lipschitz = SIGMOID_CURVATURE_LIPSCHITZ * np.linalg.norm(xb, axis=1).max() * gram_max
 
     def loss(split):
         xs, ys = arrays[f"x_{split}"], arrays[f"y_{split}"]
         return lambda p: _bce(xs @ p["w"] + p["b"], ys)
+
+    def train_loss(p):
+        return loss("train")(p) + 0.5 * bias_l2 * p["b"] ** 2
+
+    def constants(hparams):
+        lam = jnp.broadcast_to(penalty_strength(hparams), (x.shape[1],))
+        curv = gram_max / 4  # H <= diag(curv + lam_j, curv + bias_l2) = P^-1
+        return Constants(
+            mu=jnp.minimum(jnp.min(lam), bias_l2),
+            smoothness=lipschitz + jnp.max(lam),
+            outer_lipschitz=jnp.asarray(outer_lipschitz),
+            hessian_lipschitz=jnp.asarray(hessian_lipschitz),
+            cross_lipschitz={"b": jnp.zeros(()), "w": lam},  # the bias is not penalised by h
+            preconditioner={"b": jnp.asarray(1 / (curv + bias_l2)), "w": 1 / (curv + lam)},
+            preconditioned_mu=jnp.minimum(jnp.min(lam / (curv + lam)), bias_l2 / (curv + bias_l2)),
+        )
 
     def metrics(p, split):
         xs, ys = arrays[f"x_{split}"], arrays[f"y_{split}"]
@@ -235,12 +308,13 @@ def logistic_bilevel(dataset: str = "breast_cancer", data_seed: int = 0) -> Bile
 
     return Bilevel(
         name=f"logistic-{dataset}",
-        train_loss=loss("train"),
+        train_loss=train_loss if bias_l2 > 0 else loss("train"),
         valid_loss=loss("valid"),
         test_loss=loss("test"),
         init_params={"w": jnp.zeros(x.shape[1], jnp.float32), "b": jnp.zeros((), jnp.float32)},
         lipschitz=lipschitz,
         metrics=metrics,
+        constants=constants if bias_l2 > 0 else None,
     )
 
 

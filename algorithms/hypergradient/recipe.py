@@ -1,14 +1,27 @@
-"""Recipe ``hypergradient``: learn L2 regularisation by unrolled and implicit hypergradients.
+"""Recipe ``hypergradient``: learn L2 regularisation by unrolled, implicit and MAID hypergradients.
 
 Two bilevel problems (see :mod:`.problems`), each with one shared strength
 (``scalar``) and one strength per feature (``per_feature``), learned in log
-space by Adam on the validation loss, with two hypergradients:
+space on the validation loss. ``methods`` picks the hypergradients; two are
+trained by Adam (the core's ``MetaGradient`` through :func:`metaopt.train`):
 
 * ``unrolled``: backprop through ``unroll_steps`` steps of preconditioned
   gradient descent (the core's ``MetaGradient`` over :func:`.unrolled_inner_loop`);
 * ``implicit``: the implicit function theorem, ``jax.lax.custom_root`` with a
   Newton solve and conjugate-gradient tangent solves (``MetaGradient`` over
-  :func:`.implicit_inner_loop`).
+  :func:`.implicit_inner_loop`);
+
+and three by MAID's backtracking line search (:mod:`.maid`, host steps through
+:func:`metaopt.driver.train_host`, float64), compared by outer loss against inner
+iterations (gradient evaluations + Hessian-vector products):
+
+* ``maid``: inexact inner and CG solves whose tolerances adapt (Salehi et al.);
+* ``tight``: the same hypergradient and line search at fixed tolerances
+  ``tight_tol`` (exact implicit differentiation, paid for in iterations);
+* ``unrolled_ls``: the unrolled hypergradient under the same line search.
+
+The line-search methods need a strongly convex inner problem: ``bias_l2 > 0``
+penalises the logistic bias. ``--preset maid`` runs the three of them.
 
 Problems: ridge regression on synthetic data where only a few features matter
 (closed-form hypergradient available), and logistic regression on scikit-learn's
@@ -20,6 +33,8 @@ Outputs: ``checks.json`` (hypergradient errors), ``results.json`` and
 ``hparams.npz`` (learned strengths, valid/test losses), ``hypergradient.png``
 (validation loss vs outer step, unrolled vs implicit), one sub-directory per
 run with its ``metrics.jsonl`` and checkpoints, ``summary.md``.
+With line-search methods also ``maid.png`` (exact validation loss vs inner
+iterations), ``maid.json`` and ``maid.md`` (iterations to reach a target loss).
 ``metaopt eval RUN_DIR`` reports test-split results against references (the
 best scalar strength of a grid tuned on validation; scikit-learn's
 ``LogisticRegression`` for the real dataset) in ``eval.json`` / ``eval.md``.
@@ -29,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,7 +53,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metaopt import driver
 from metaopt import evaluation as ev
+from metaopt.algorithms.hypergradient import maid
 from metaopt.algorithms.hypergradient.implicit import argmin, newton
 from metaopt.algorithms.hypergradient.problems import (
     Bilevel,
@@ -49,7 +67,12 @@ from metaopt.algorithms.hypergradient.problems import (
     synthetic_regression,
     unrolled_inner_loop,
 )
-from metaopt.checkpoint import MissingCheckpointError, write_json_atomic
+from metaopt.checkpoint import (
+    MissingCheckpointError,
+    checkpoint_steps,
+    write_json_atomic,
+    write_text_atomic,
+)
 from metaopt.config import check
 from metaopt.envs import datasets
 from metaopt.evaluation import tune_grid
@@ -63,6 +86,7 @@ PyTree = Any
 PROBLEMS = ("ridge", "logistic")
 REGULARISERS = ("scalar", "per_feature")
 METHODS = ("unrolled", "implicit")
+LINE_SEARCH_METHODS = ("maid", "tight", "unrolled_ls")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +112,14 @@ class Config:
     steps_per_call: int = 10
     checkpoint_every: int = 50
     regularisers: tuple[str, ...] = REGULARISERS
+    methods: tuple[str, ...] = METHODS
+    # line-search methods: outer iterations, MAID's initial tolerances, the fixed ones of
+    # `tight`, and the fixed L2 strength of the logistic bias (strong convexity)
+    maid_steps: int = 40
+    maid_eps: float = 0.1
+    maid_delta: float = 0.1
+    tight_tol: float = 1e-8
+    bias_l2: float = 0.0
     checks: bool = True
     seed: int = 0
 
@@ -111,6 +143,20 @@ class Config:
             len(self.regularisers) >= 1 and set(self.regularisers) <= set(REGULARISERS),
             f"regularisers must be a non-empty subset of {list(REGULARISERS)}",
         )
+        check(
+            len(self.methods) >= 1 and set(self.methods) <= set(METHODS + LINE_SEARCH_METHODS),
+            f"methods must be a non-empty subset of {list(METHODS + LINE_SEARCH_METHODS)}",
+        )
+        check(self.maid_steps >= 1, "maid_steps must be >= 1")
+        check(
+            self.maid_eps > 0 and self.maid_delta > 0 and self.tight_tol > 0,
+            "maid_eps, maid_delta and tight_tol must be > 0",
+        )
+        check(self.bias_l2 >= 0, "bias_l2 must be >= 0")
+        check(
+            self.bias_l2 > 0 or not set(self.methods) & {"maid", "tight"},
+            "methods maid and tight need bias_l2 > 0 (a strongly convex logistic problem)",
+        )
         datasets.check(self.dataset)
         classes = datasets.load(self.dataset, self.seed).num_classes
         check(
@@ -122,6 +168,13 @@ class Config:
 
 PRESETS = {
     "quick": {"outer_steps": 40, "unroll_steps": 100, "ridge_test": 500, "checkpoint_every": 20},
+    "maid": {
+        "methods": LINE_SEARCH_METHODS,
+        "bias_l2": 1e-4,
+        "logistic_lam0": 1e-2,
+        "checks": False,
+        "checkpoint_every": 10,
+    },
 }
 
 
@@ -143,7 +196,7 @@ def problems(cfg: Config) -> dict[str, Bilevel]:
     :func:`hypergradient_checks`, run the computation in float64)."""
     return {
         "ridge": ridge_bilevel(ridge_data(cfg)),
-        "logistic": logistic_bilevel(cfg.dataset, cfg.seed),
+        "logistic": logistic_bilevel(cfg.dataset, cfg.seed, cfg.bias_l2),
     }
 
 
@@ -247,6 +300,187 @@ def hypergradient_checks(cfg: Config, x64: bool, progress: bool = False) -> dict
     return out
 
 
+def adam_methods(cfg: Config) -> list[str]:
+    """The methods of ``cfg.methods`` trained by Adam through ``MetaGradient``."""
+    return [m for m in cfg.methods if m in METHODS]
+
+
+def line_search_methods(cfg: Config) -> list[str]:
+    """The methods of ``cfg.methods`` trained by MAID's line search."""
+    return [m for m in cfg.methods if m in LINE_SEARCH_METHODS]
+
+
+def line_search_oracle(cfg: Config, problem: Bilevel, method: str, hparams):
+    """The :func:`.maid.maid_step` oracle and settings of a line-search ``method``.
+
+    Call under ``jax.enable_x64(True)`` with float64 ``hparams``.
+    """
+    if method == "unrolled_ls":
+        f = hypergradient_fn(unrolled_inner_loop(problem, cfg.unroll_steps))
+        return maid.UnrolledOracle(f, hparams, cfg.unroll_steps), maid.MAIDSettings(adaptive=False)
+    oracle = maid.InexactOracle(
+        problem.objective, problem.valid_loss, problem.constants, problem.init_params, hparams
+    )
+    if method == "maid":
+        return oracle, maid.MAIDSettings(eps=cfg.maid_eps, delta=cfg.maid_delta)
+    tol = cfg.tight_tol
+    return oracle, maid.MAIDSettings(eps=tol, delta=tol, adaptive=False)
+
+
+def _exact_losses_fn(cfg: Config, problem: Bilevel):
+    """``flat log lam -> (valid, test)`` losses of the exact (Newton) inner solution."""
+
+    def f(hparams):
+        init = jax.tree.map(lambda a: jnp.asarray(a, hparams["log_lam"].dtype), problem.init_params)
+        sol = argmin(problem.objective, init, hparams, newton(cfg.newton_steps))
+        return problem.valid_loss(sol), problem.test_loss(sol)
+
+    return jax.jit(f)
+
+
+def _line_search_run(cfg, problem, pname, reg, method, out, resume, progress):
+    """One line-search sub-run in ``out`` (float64); returns its rows and final log lam."""
+    hp0 = problem.hparams(lam0(cfg, pname), reg == "per_feature")
+    hp0 = {"log_lam": jnp.asarray(hp0["log_lam"], jnp.float64)}
+    oracle, settings = line_search_oracle(cfg, problem, method, hp0)
+    exact = _exact_losses_fn(cfg, problem)
+    unravel = oracle.unravel_hparams
+
+    def step_fn(state):
+        state, row = maid.maid_step(oracle, settings, state)
+        valid, test = exact(unravel(jnp.asarray(state.hparams)))
+        row["valid_loss_exact"], row["test_loss_exact"] = float(valid), float(test)
+        row["total_iterations"] = row["inner_iterations"] + row["cg_iterations"]
+        return state, row
+
+    result = driver.train_host(
+        step_fn,
+        maid.init_state(oracle, hp0, settings),
+        num_steps=cfg.maid_steps,
+        out_dir=out,
+        resume=resume and bool(checkpoint_steps(out / "checkpoints")),
+        checkpoint_every=cfg.checkpoint_every,
+        progress=progress,
+        desc=out.name,
+        to_json=maid.state_to_json,
+        from_json=maid.state_from_json,
+    )
+    start = [float(v) for v in exact(hp0)]
+    rows = read_metrics(out / "metrics.jsonl")
+    return start, rows, np.asarray(unravel(jnp.asarray(result.state.hparams))["log_lam"])
+
+
+def iterations_to_target(rows: list[dict], target: float) -> int | None:
+    """Total inner iterations of the first row whose exact validation loss is <= ``target``."""
+    for r in rows:
+        if r["valid_loss_exact"] <= target:
+            return int(r["total_iterations"])
+    return None
+
+
+def line_search_runs(cfg: Config, out: Path, resume: bool, progress: bool) -> dict:
+    """Every line-search method on every problem x regulariser; writes ``maid.json``.
+
+    Per sub-run: exact validation loss at the start and end, total iterations, and
+    the iterations to reach the target ``best + 0.01 (start - best)`` (``best``:
+    the lowest final exact validation loss of the methods on that problem).
+    """
+    results, learned = {}, {}
+    with jax.enable_x64(True):
+        for pname, prob in _problems(cfg).items():
+            for reg in cfg.regularisers:
+                runs = {}
+                for method in line_search_methods(cfg):
+                    name = f"{pname}-{reg}-{method}"
+                    runs[method] = _line_search_run(
+                        cfg, prob, pname, reg, method, out / name, resume, progress
+                    )
+                    learned[name] = runs[method][2]
+                start = next(iter(runs.values()))[0][0]
+                best = min(r[1][-1]["valid_loss_exact"] for r in runs.values())
+                target = best + 0.01 * (start - best)
+                for method, (st, rows, log_lam) in runs.items():
+                    results[f"{pname}-{reg}-{method}"] = {
+                        "start_valid_loss": st[0],
+                        "valid_loss": rows[-1]["valid_loss_exact"],
+                        "test_loss": rows[-1]["test_loss_exact"],
+                        "total_iterations": rows[-1]["total_iterations"],
+                        "target": target,
+                        "iterations_to_target": iterations_to_target(rows, target),
+                        "lam": np.exp(np.asarray(log_lam, np.float64)).tolist(),
+                    }
+    write_json_atomic(out / "maid.json", results)
+    write_text_atomic(out / "maid.md", line_search_table(results))
+    plot_line_search(out, cfg, out / "maid.png")
+    return {"results": results, "learned": learned}
+
+
+def line_search_table(results: dict) -> str:
+    """``maid.json`` as a markdown table (one row per problem x regulariser x method)."""
+    rows = []
+    for name, r in results.items():
+        pname, reg, method = name.split("-", 2)
+        its = r["iterations_to_target"]
+        rows.append(
+            [
+                pname,
+                reg.replace("_", "-"),
+                method,
+                f"{r['start_valid_loss']:.4f}",
+                f"{r['valid_loss']:.4f}",
+                f"{r['test_loss']:.4f}",
+                f"{r['target']:.4f}",
+                "not reached" if its is None else f"{its:,}",
+                f"{r['total_iterations']:,}",
+            ]
+        )
+    header = ["problem", "strength", "method", "start valid", "final valid", "final test"]
+    header += ["target", "iterations to target", "total iterations"]
+    return ev.table(header, rows)
+
+
+def plot_line_search(run_dir: Path, cfg: Config, path: Path | None = None):
+    """Exact validation loss vs total inner iterations, one panel per problem x regulariser.
+
+    The y axis ends just above the start's loss (from ``maid.json``), so a method that
+    makes the exact loss rise (unrolling's truncation bias) leaves the panel.
+    """
+    fig, axes = figure((5.0 * len(cfg.regularisers), 6.5), len(PROBLEMS), len(cfg.regularisers))
+    summary = Path(run_dir) / "maid.json"
+    results = json.loads(summary.read_text()) if summary.exists() else {}
+    starts = {k: r["start_valid_loss"] for k, r in results.items()}
+    labels = {
+        "maid": "MAID (adaptive tolerances)",
+        "tight": f"implicit, fixed tolerance {cfg.tight_tol:g}",
+        "unrolled_ls": f"unrolled (K={cfg.unroll_steps})",
+    }
+    for i, pname in enumerate(PROBLEMS):
+        for j, reg in enumerate(cfg.regularisers):
+            ax = axes[i, j]
+            for method in line_search_methods(cfg):
+                log = Path(run_dir) / f"{pname}-{reg}-{method}" / "metrics.jsonl"
+                if log.exists():
+                    rows = read_metrics(log)
+                    its = [r["total_iterations"] for r in rows]
+                    ax.plot(its, [r["valid_loss_exact"] for r in rows], label=labels[method])
+            ax.set_xscale("log")
+            first = [r for r in starts if r.startswith(f"{pname}-{reg}-")]
+            if first:  # the start's loss on top: a curve that rises past it leaves the panel
+                top = starts[first[0]]
+                ax.axhline(top, color="k", ls=":", lw=1, label="start")
+                lo = ax.get_ylim()[0]
+                ax.set_ylim(lo, top + 0.05 * (top - lo))
+            ax.set_title(f"{pname}, {reg.replace('_', '-')} strength", fontsize=10)
+            ax.set_xlabel("inner iterations (gradients + Hessian-vector products)")
+            ax.set_ylabel("validation loss (exact solution)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return axes
+
+
 def _train(outer, hp0, out: Path, cfg: Config, resume: bool, progress: bool, desc: str):
     """One sub-run (problem x regulariser x method) as a phase of the run directory."""
     phase = Phase(
@@ -339,7 +573,7 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     for pname, prob in probs.items():
         for reg in cfg.regularisers:
             hp0 = prob.hparams(lam0(cfg, pname), reg == "per_feature")
-            for method in METHODS:
+            for method in adam_methods(cfg):
                 name = f"{pname}-{reg}-{method}"
                 inner = build_inner(cfg, prob, method)
                 outer = MetaGradient(inner, population_size=1, learning_rate=cfg.meta_lr, mesh=None)
@@ -351,19 +585,34 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
                     "start": _losses(prob, solution(cfg, pname, method, hp0)),
                     "learned": _losses(prob, solution(cfg, pname, method, hp)),
                 }
+    ls = {"results": {}, "learned": {}}
+    if line_search_methods(cfg):
+        ls = line_search_runs(cfg, out, resume, progress)
+        learned.update(ls["learned"])
     np.savez(out / "hparams.npz", **learned)
     write_json_atomic(out / "results.json", results)
     refs = {p: float(probs[p].valid_loss(grid_best(cfg, p)[1])) for p in PROBLEMS}
-    plot_runs(out, cfg, out / "hypergradient.png", refs)
+    figures = ""
+    if adam_methods(cfg):
+        plot_runs(out, cfg, out / "hypergradient.png", refs)
+        figures += "![hypergradient](hypergradient.png)\n"
+    if ls["results"]:
+        figures += "![maid](maid.png)\n"
     summary = {
         f"hypergradient rel. error vs exact, {k} (float64)": f"{v:.2e}" for k, v in checks.items()
     }
+    for name, r in ls["results"].items():
+        summary[name] = (
+            f"valid {r['start_valid_loss']:.4f} -> {r['valid_loss']:.4f} in "
+            f"{r['total_iterations']} inner iterations, target {r['target']:.4f} after "
+            f"{r['iterations_to_target']}"
+        )
     for name, r in results.items():
         summary[name] = (
             f"valid {r['start']['valid_loss']:.4f} -> {r['learned']['valid_loss']:.4f}, "
             f"test {r['start']['test_loss']:.4f} -> {r['learned']['test_loss']:.4f}"
         )
-    write_summary(out, "hypergradient run", summary, "![hypergradient](hypergradient.png)\n")
+    write_summary(out, "hypergradient run", summary, figures)
     return summary
 
 
@@ -478,9 +727,13 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
             f"({best_lam:.3g}, tuned on valid)"
         ] = _losses(prob, best_sol)
         for reg in cfg.regularisers:
-            for method in METHODS:
+            for method in adam_methods(cfg) + line_search_methods(cfg):
                 name = f"{pname}-{reg}-{method}"
                 hp = {"log_lam": learned[name]}
+                if method in LINE_SEARCH_METHODS:  # scored with the exact solution
+                    row = _losses(prob, solution(cfg, pname, "implicit", hp))
+                    rows[f"{pname}: learned {reg.replace('_', '-')}, {method}"] = row
+                    continue
                 row = _losses(prob, solution(cfg, pname, method, hp))
                 if method == "unrolled":
                     # the strength learned through K steps, used with the exact solution
@@ -488,7 +741,7 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
                         prob.test_loss(solution(cfg, pname, "implicit", hp))
                     )
                 rows[f"{pname}: learned {reg.replace('_', '-')}, {method}"] = row
-        if pname == "ridge" and "per_feature" in cfg.regularisers:
+        if pname == "ridge" and "ridge-per_feature-implicit" in learned:
             # does it find the structure? (only the first ridge_relevant features matter)
             lam = np.exp(np.asarray(learned["ridge-per_feature-implicit"], np.float64))
             row = rows["ridge: learned per-feature, implicit"]
@@ -521,7 +774,7 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
     fig, axes = figure((4.2 * len(tuning), 3.2), 1, len(tuning))
     for ax, (pname, choice) in zip(axes[0], tuning.items(), strict=True):
         ev.plot_grid(ax, choice, "validation loss (exact solution)")
-        for i, method in enumerate(METHODS):
+        for i, method in enumerate(adam_methods(cfg) + line_search_methods(cfg)):
             if f"{pname}-scalar-{method}" in learned:
                 lam = float(np.exp(np.asarray(learned[f"{pname}-scalar-{method}"])).item())
                 ax.axvline(lam, color=f"C{i + 4}", ls="--", label=f"learned ({method})")
@@ -544,7 +797,7 @@ RECIPE = Recipe(
     run=run,
     presets=PRESETS,
     evaluate=evaluate,
-    extendable=("outer_steps",),
+    extendable=("outer_steps", "maid_steps"),
     export=Export(
         files=("hparams.npz",),
         load=lambda d: load_hparams(d),
