@@ -88,13 +88,18 @@ def test_stn_run_resumes_exactly_and_eval_compares_with_searches(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 21))
     assert rows[-1]["hp_weight_decay"] != pytest.approx(1e-4, rel=1e-6)  # it moved
     assert (a / "schedule.png").stat().st_size > 1000
-    assert cli.main(["eval", str(a), "--no-progress", "eval_trials=3"]) == 0
+    assert cli.main(["eval", str(a), "--no-progress", "eval_trials=2", "eval_budgets=1,8"]) == 0
     result = json.loads((a / "eval.json").read_text())
-    assert result["trials"] == 3 and result["grid_points"] == 16  # 2 levels ** 4
-    for m in ("stn", "random search", "grid"):
-        assert len(result["methods"][m]["test_loss"]) == 2
-    grid = recipe.grid_points(tuple(result["hyperparameters"]), 3).tolist()
-    assert all(p in grid for p in result["chosen_by_search"]["grid"])
+    # x1: 2 trials, no full grid (2 levels ** 4 > 2); x8: 16 trials and the 16-point grid
+    assert result["budgets"] == {
+        "1": {"trials": 2, "grid_points": 0},
+        "8": {"trials": 16, "grid_points": 16},
+    }
+    assert sorted(result["methods"]) == ["grid x8", "random search x1", "random search x8", "stn"]
+    for m in result["methods"].values():
+        assert len(m["test_loss"]) == 2
+    grid = recipe.grid_points(tuple(result["hyperparameters"]), 16).tolist()
+    assert all(p in grid for p in result["chosen_by_search"]["grid x8"])
     for m in result["methods"].values():
         assert np.all(np.isfinite(m["valid_loss"]))
         assert all(0.0 <= a <= 1.0 for a in m["test_accuracy"])

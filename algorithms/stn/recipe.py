@@ -15,7 +15,8 @@ The run (through the core runner: resume, SIGTERM, progress) writes ``stn.npz`` 
 final hyperparameters and network), ``schedule.png`` (each hyperparameter over
 training, from ``metrics.jsonl``) and ``summary.md``. ``metaopt eval RUN`` re-runs
 STN on ``eval_seeds`` fresh seeds and compares it with random search and a grid over
-the same hyperparameters given the same wall-clock (measured in the same process),
+the same hyperparameters given 1, 4 and 16 times its wall-clock (measured in the same
+process),
 each selected by validation loss, on the test split (``eval.json``/``md``/``png``).
 """
 
@@ -77,9 +78,10 @@ class Config:
     generations: int = 400
     steps_per_call: int = 50
     checkpoint_every: int = 100
-    # `metaopt eval`: fresh seeds of the whole comparison, and the search budget (0: the
-    # number of plain trainings that take STN's measured wall-clock)
+    # `metaopt eval`: fresh seeds of the whole comparison; the searches' budgets in units of
+    # one STN run's measured wall-clock; eval_trials > 0 fixes the count of one unit
     eval_seeds: int = 4
+    eval_budgets: tuple[float, ...] = (1.0, 4.0, 16.0)
     eval_trials: int = 0
     seed: int = 0
 
@@ -101,6 +103,10 @@ class Config:
         check(self.entropy_weight >= 0, "entropy_weight must be >= 0")
         check(self.eval_seeds >= 2, "eval_seeds must be >= 2 (a standard error needs two)")
         check(self.eval_trials >= 0, "eval_trials must be >= 0 (0: STN's wall-clock)")
+        check(
+            len(self.eval_budgets) >= 1 and all(b > 0 for b in self.eval_budgets),
+            "eval_budgets must be one or more multiples > 0 of STN's wall-clock",
+        )
 
     @property
     def hp(self) -> Hyperparameters:
@@ -408,9 +414,12 @@ def random_points(names: tuple[str, ...], n: int, rng: np.random.Generator) -> n
     return np.stack(cols, axis=1).astype(np.float32)
 
 
-def grid_points(names: tuple[str, ...], n: int) -> np.ndarray:
-    """The full grid with ``floor(n ** (1/H))`` levels per hyperparameter (at least 2)."""
-    levels = max(2, int(math.floor(n ** (1.0 / len(names)) + 1e-9)))
+def grid_points(names: tuple[str, ...], n: int) -> np.ndarray | None:
+    """The largest full grid of at most ``n`` points with ``floor(n ** (1/H))`` levels per
+    hyperparameter; None when that is fewer than 2 levels."""
+    levels = int(math.floor(n ** (1.0 / len(names)) + 1e-9))
+    if levels < 2:
+        return None
     axes = []
     for name in names:
         lo, hi, scale = RANGES[name]
@@ -436,102 +445,111 @@ def _stn_seed_run(trainer: StnTrainer, cfg: Config):
     return jax.jit(go)
 
 
-def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
-    """STN vs random search vs grid over the same hyperparameters, the same wall-clock.
+def _best_trial(trial, points: np.ndarray, key: jax.Array) -> tuple[dict, list[float]]:
+    """The trial with the lowest validation loss among ``points`` (its losses, its point)."""
+    valid, test, acc = (np.asarray(a) for a in trial(points, jax.random.split(key, len(points))))
+    best = int(np.argmin(np.where(np.isfinite(valid), valid, np.inf)))
+    out = {"valid_loss": valid[best], "test_loss": test[best], "test_accuracy": acc[best]}
+    return {k: float(v) for k, v in out.items()}, [float(x) for x in points[best]]
 
-    Per seed (``eval_seeds``, never used by the run): one STN training; then as many
-    plain trainings as take the same wall-clock (``eval_trials`` if set) for random
-    search, and the largest full grid within that count; each search keeps the trial
-    with the lowest validation loss. Reported: test loss and accuracy, paired over
-    seeds against random search (:func:`metaopt.evaluation.compare`).
+
+def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
+    """STN vs random search and a grid over the same hyperparameters, at budgets of
+    ``eval_budgets`` times STN's wall-clock.
+
+    The wall-clock of one STN training and of one plain training are measured here
+    (compiled, ``block_until_ready``); a budget of ``b`` is ``n = b * t_stn / t_trial``
+    plain trainings (``eval_trials`` overrides the ``b = 1`` count), for random search
+    and for the largest full grid within ``n`` points (none below 2 levels per
+    hyperparameter). Per seed (``eval_seeds``, never used by the run): one STN training,
+    and each search keeps its trial with the lowest validation loss. Reported: test loss
+    and accuracy, paired over seeds against random search at STN's own budget
+    (:func:`metaopt.evaluation.compare`, Holm over every comparison).
     """
     trainer = build(cfg)
     names = tuple(cfg.hyperparameters)
     stn = _stn_seed_run(trainer, cfg)
     trial = plain_trial(cfg, trainer.data, trainer.classes)
-    bar = ev.progress_bar(total=cfg.eval_seeds, desc="stn eval", unit="seed", progress=progress)
-    # compile both, then time one STN run and one plain trial (block_until_ready)
+    # compile both, then time one STN run and one plain trial
     k0 = jax.random.key(cfg.seed + 30_000)
-    jax.block_until_ready(stn(k0))
-    one = np.asarray(random_points(names, 1, np.random.default_rng(0)))
-    jax.block_until_ready(trial(one, k0[None]))
+    one = random_points(names, 1, np.random.default_rng(0))
+    jax.block_until_ready((stn(k0), trial(one, k0[None])))
     t = time.perf_counter()
     jax.block_until_ready(stn(k0))
     t_stn = time.perf_counter() - t
     t = time.perf_counter()
     jax.block_until_ready(trial(one, k0[None]))
     t_trial = time.perf_counter() - t
-    n = cfg.eval_trials or max(2, int(round(t_stn / t_trial)))
-    grid = grid_points(names, n)
-    methods: dict[str, dict[str, list[float]]] = {
-        m: {"test_loss": [], "valid_loss": [], "test_accuracy": []}
-        for m in ("stn", "random search", "grid")
-    }
-    chosen: dict[str, list[list[float]]] = {"random search": [], "grid": []}
+    base = cfg.eval_trials or t_stn / t_trial
+    trials = {b: max(2, int(round(b * base))) for b in cfg.eval_budgets}
+    grids = {b: grid_points(names, n) for b, n in trials.items()}
+    label = lambda kind, b: f"{kind} x{b:g}"
+    reference = label("random search", cfg.eval_budgets[0])
+    methods: dict[str, dict[str, list[float]]] = {"stn": {}}
+    chosen: dict[str, list[list[float]]] = {}
+    bar = ev.progress_bar(total=cfg.eval_seeds, desc="stn eval", unit="seed", progress=progress)
     for s in range(cfg.eval_seeds):
         key = jax.random.key(cfg.seed + 40_000 + s)
-        k_stn, k_rs, k_grid = jax.random.split(key, 3)
-        out = {k: float(v) for k, v in stn(k_stn).items()}
-        for k in methods["stn"]:
-            methods["stn"][k].append(out[k])
+        k_stn, k_search = jax.random.split(key)
+        for k, v in stn(k_stn).items():
+            methods["stn"].setdefault(k, []).append(float(v))
         rng = np.random.default_rng(cfg.seed + 40_000 + s)
-        for m, points, k in (
-            ("random search", random_points(names, n, rng), k_rs),
-            ("grid", grid, k_grid),
-        ):
-            valid, test, acc = (
-                np.asarray(a) for a in trial(points, jax.random.split(k, len(points)))
-            )
-            best = int(np.nanargmin(np.where(np.isfinite(valid), valid, np.inf)))
-            methods[m]["valid_loss"].append(float(valid[best]))
-            methods[m]["test_loss"].append(float(test[best]))
-            methods[m]["test_accuracy"].append(float(acc[best]))
-            chosen[m].append([float(x) for x in points[best]])
+        for i, b in enumerate(cfg.eval_budgets):
+            k_rs, k_grid = jax.random.split(jax.random.fold_in(k_search, i))
+            runs = [(label("random search", b), random_points(names, trials[b], rng), k_rs)]
+            if grids[b] is not None:
+                runs.append((label("grid", b), grids[b], k_grid))
+            for m, points, k in runs:
+                out, point = _best_trial(trial, points, k)
+                for name, v in out.items():
+                    methods.setdefault(m, {}).setdefault(name, []).append(v)
+                chosen.setdefault(m, []).append(point)
         bar.update()
     bar.close()
     scores = {m: {"test loss": np.asarray(v["test_loss"])} for m, v in methods.items()}
-    comparison = ev.compare(scores, "random search", lower_is_better=True)
+    comparison = ev.compare(scores, reference, lower_is_better=True)
     result = {
         "seeds": cfg.eval_seeds,
         "wall_clock_s": {"stn_run": t_stn, "plain_trial": t_trial},
-        "trials": n,
-        "grid_points": len(grid),
+        "budgets": {
+            f"{b:g}": {"trials": trials[b], "grid_points": 0 if grids[b] is None else len(grids[b])}
+            for b in cfg.eval_budgets
+        },
         "hyperparameters": list(names),
         "methods": methods,
         "chosen_by_search": chosen,
         "comparison": comparison,
     }
+    budgets = ", ".join(
+        f"x{b:g}: {trials[b]} random trainings"
+        + (f", a {len(grids[b])}-point grid" if grids[b] is not None else ", no full grid")
+        for b in cfg.eval_budgets
+    )
+    se = lambda v: ev.stderr(np.asarray(v))
     md = (
-        f"STN (one training per seed) vs random search ({n} trainings) and a grid "
-        f"({len(grid)} points) over {', '.join(names)}: the same wall-clock as one STN "
-        f"run ({t_stn:.2f} s; one plain training {t_trial:.3f} s, measured here), "
-        f"{cfg.eval_seeds} seeds, each search selecting by validation loss.\n\n"
+        f"STN (one training per seed) vs random search and a grid over {', '.join(names)}, "
+        f"each selecting by validation loss, at budgets in units of one STN run's "
+        f"wall-clock ({t_stn:.2f} s; one plain training {t_trial:.3f} s, measured here): "
+        f"{budgets}. {cfg.eval_seeds} seeds.\n\n"
         + ev.comparison_table(comparison, task_labels={"test loss": "test loss"}, digits=4)
         + "\n| method | valid loss | test accuracy |\n|---|---|---|\n"
         + "".join(
-            f"| {m} | {np.mean(v['valid_loss']):.4f} +- "
-            f"{ev.stderr(np.asarray(v['valid_loss'])):.4f} | {np.mean(v['test_accuracy']):.4f} |\n"
+            f"| {m} | {np.mean(v['valid_loss']):.4f} +- {se(v['valid_loss']):.4f} | "
+            f"{np.mean(v['test_accuracy']):.4f} +- {se(v['test_accuracy']):.4f} |\n"
             for m, v in methods.items()
         )
     )
-    fig, axes = figure((5.0, 3.3), 1, 1)
+    fig, axes = figure((1.4 * len(methods) + 2.0, 3.3), 1, 1)
     ax = axes[0, 0]
     for i, v in enumerate(methods.values()):
         ax.plot(np.full(len(v["test_loss"]), i), v["test_loss"], "o", alpha=0.5, color=f"C{i}")
-        ax.errorbar(
-            i,
-            np.mean(v["test_loss"]),
-            yerr=ev.stderr(np.asarray(v["test_loss"])),
-            fmt="_",
-            ms=20,
-            capsize=6,
-            color="k",
-        )
-    ax.set_xticks(range(len(methods)), list(methods))
+        mean, err = np.mean(v["test_loss"]), se(v["test_loss"])
+        ax.errorbar(i, mean, yerr=err, fmt="_", ms=20, capsize=6, color="k")
+    ax.set_xticks(range(len(methods)), list(methods), fontsize=7, rotation=20)
     ax.set_ylabel("test loss (selected by validation)")
     ev.write_eval(run_dir, result, md, fig, recipe="stn")
     return {
-        m: f"test loss {np.mean(v['test_loss']):.4f} +- {ev.stderr(np.asarray(v['test_loss'])):.4f}"
+        m: f"test loss {np.mean(v['test_loss']):.4f} +- {se(v['test_loss']):.4f}"
         for m, v in methods.items()
     }
 
