@@ -119,7 +119,9 @@ def test_quick_run_eval_and_export_end_to_end(tmp_path):
     metaopt.evaluate(run.run_dir, progress=False)
     result = json.loads((run.run_dir / "eval.json").read_text())
     rows = result["rows"]
-    assert set(rows) == set(recipe.METHODS)
+    assert set(rows) == {*recipe.METHODS, recipe.EARLY_STOPPED}
+    # 40 steps < STOP_CHECK_EVERY: early stopping checks only the last step
+    assert rows["plain"]["early_stop_test_accuracy"] == rows["plain"]["test_accuracy"]
     assert rows["plain"]["final_weight_noisy_rows"] == pytest.approx(1.0)
     assert rows["oracle"]["final_weight_noisy_rows"] == 0.0
     # the reported accuracies are those of a direct call at the chosen lr (same seeds)

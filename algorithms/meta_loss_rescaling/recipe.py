@@ -48,12 +48,18 @@ from metaopt.rundir import load_artifact, save_artifact
 #: the weightings ``metaopt eval`` compares (``plain`` is the reference)
 METHODS = ("plain", "meta-rescaling", "l2rw", "oracle")
 
+#: the name of plain training with early stopping on clean validation accuracy in eval
+EARLY_STOPPED = "plain + early stopping"
+
 #: asymmetric noise on 10 classes (digits; Patrini et al. 2017's MNIST map):
 #: 2 -> 7, 3 -> 8, 5 <-> 6, 7 -> 1; other classes keep their labels
 ASYMMETRIC_MAP = (0, 1, 7, 8, 4, 6, 5, 1, 8, 9)
 
 #: points of each run's weight curves kept for plots and eval.json
 CURVE_POINTS = 100
+
+#: steps between the clean-validation checks of early stopping (and at the last step)
+STOP_CHECK_EVERY = 50
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,9 +154,12 @@ def _accuracy(logits, y):
 
 def train_one(cfg: Config, method: str, key: jax.Array, lr=None) -> dict:
     """Trains one classifier under ``method``'s weights at learning rate ``lr``
-    (``cfg.lr`` if None; may be traced): final test / validation metrics,
-    the mean weight (times the batch size: 1 = uniform) of clean and of corrupted rows
-    per step (``w_clean``, ``w_noisy`` ``[steps]``) and the final rescaler ``omega``.
+    (``cfg.lr`` if None; may be traced): final test / validation metrics, the test
+    accuracy early stopping would report (``early_stop_test_accuracy``: at the check,
+    every :data:`STOP_CHECK_EVERY` steps and at the end, with the best clean validation
+    accuracy, the first of ties), the mean weight (times the batch size: 1 = uniform)
+    of clean and of corrupted rows per step (``w_clean``, ``w_noisy`` ``[steps]``) and the
+    final rescaler ``omega``.
 
     Example:
       >>> cfg = Config(family="digits-mlp8", steps=5, batch_size=8, meta_batch_size=8)
@@ -174,8 +183,22 @@ def train_one(cfg: Config, method: str, key: jax.Array, lr=None) -> dict:
     def losses_fn(p, x, y):
         return rs.example_losses(logits_fn(p, x), y)
 
+    def accuracies(p):
+        return (
+            _accuracy(logits_fn(p, task["x_valid"]), task["y_valid"]),
+            _accuracy(logits_fn(p, task["x_test"]), task["y_test"]),
+        )
+
+    def early_stop(best, p, t):
+        def check(best):
+            valid, test = accuracies(p)
+            return jax.lax.cond(valid > best[0], lambda: (valid, test), lambda: best)
+
+        due = ((t + 1) % STOP_CHECK_EVERY == 0) | (t == cfg.steps - 1)
+        return jax.lax.cond(due, check, lambda best: best, best)
+
     def step(carry, t):
-        params, opt_state, omega, meta_state = carry
+        params, opt_state, omega, meta_state, best = carry
         k_train, k_meta = jax.random.split(jax.random.fold_in(k_steps, t))
         train = _batch(k_train, task["x_train"], task["y_train"], corrupted, cfg.batch_size)
         progress = t / cfg.steps
@@ -203,15 +226,21 @@ def train_one(cfg: Config, method: str, key: jax.Array, lr=None) -> dict:
         n = cfg.batch_size
         w_noisy = n * jnp.sum(weights * bad) / jnp.maximum(jnp.sum(bad), 1.0)
         w_clean = n * jnp.sum(weights * (1 - bad)) / jnp.maximum(jnp.sum(1 - bad), 1.0)
-        return (params, opt_state, omega, meta_state), (w_clean, w_noisy)
+        best = early_stop(best, params, t)
+        return (params, opt_state, omega, meta_state, best), (w_clean, w_noisy)
 
-    carry = (params, opt.init(params), omega, meta_opt.init(omega))
-    (params, _, omega, _), (w_clean, w_noisy) = jax.lax.scan(step, carry, jnp.arange(cfg.steps))
+    best = (jnp.float32(-1.0), jnp.float32(0.0))
+    carry = (params, opt.init(params), omega, meta_opt.init(omega), best)
+    (params, _, omega, _, best), (w_clean, w_noisy) = jax.lax.scan(
+        step, carry, jnp.arange(cfg.steps)
+    )
     test_logits = logits_fn(params, task["x_test"])
     return {
         "test_accuracy": _accuracy(test_logits, task["y_test"]),
         "test_loss": jnp.mean(rs.example_losses(test_logits, task["y_test"])),
         "valid_accuracy": _accuracy(logits_fn(params, task["x_valid"]), task["y_valid"]),
+        "early_stop_valid_accuracy": best[0],
+        "early_stop_test_accuracy": best[1],
         "w_clean": w_clean,
         "w_noisy": w_noisy,
         "omega": omega,
@@ -315,20 +344,28 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
     """Test accuracy of every method of :data:`METHODS` on ``eval_seeds`` fresh seeds,
     each at its learning rate of ``eval_lrs`` with the best mean clean validation
     accuracy (:func:`metaopt.evaluation.tune_grid`), paired with plain training
-    (:func:`metaopt.evaluation.compare`, Holm-corrected)."""
+    (:func:`metaopt.evaluation.compare`, Holm-corrected); and :data:`EARLY_STOPPED`:
+    plain training stopped at its best clean validation accuracy (lr tuned by it)."""
     key = jax.random.key(cfg.seed + 20_000)  # seeds never used by run
     bar = ev.progress_bar(
         total=len(METHODS), desc="meta-loss-rescaling eval", unit="method", progress=progress
     )
     results, choices = {}, {}
+
+    def pick(name, grid, valid_key):
+        choice = ev.tune_grid(
+            grid[valid_key], list(cfg.eval_lrs), lower_is_better=False, what=f"{name} lr"
+        )
+        choices[name] = choice
+        i = list(cfg.eval_lrs).index(choice.value)
+        results[name] = jax.tree.map(lambda a: a[i], grid)
+
     for method in METHODS:
         grid = train_seeds(cfg, method, key, cfg.eval_seeds, lrs=cfg.eval_lrs)
-        choice = ev.tune_grid(
-            grid["valid_accuracy"], list(cfg.eval_lrs), lower_is_better=False, what=f"{method} lr"
-        )
-        choices[method] = choice
-        i = list(cfg.eval_lrs).index(choice.value)
-        results[method] = jax.tree.map(lambda a, i=i: a[i], grid)
+        pick(method, grid, "valid_accuracy")
+        if method == "plain":
+            stopped = dict(grid, test_accuracy=grid["early_stop_test_accuracy"])
+            pick(EARLY_STOPPED, stopped, "early_stop_valid_accuracy")
         bar.update()
     bar.close()
     rows = {
@@ -338,6 +375,7 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
             "test_accuracy": ev.seed_stats(r["test_accuracy"], "values"),
             "test_loss": ev.seed_stats(r["test_loss"], "values"),
             "valid_accuracy": ev.seed_stats(r["valid_accuracy"], "values"),
+            "early_stop_test_accuracy": ev.seed_stats(r["early_stop_test_accuracy"], "values"),
             "final_weight_clean_rows": float(r["w_clean"][:, -50:].mean()),
             "final_weight_noisy_rows": float(r["w_noisy"][:, -50:].mean()),
         }
@@ -345,7 +383,7 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
     }
     scores = {m: {"test": r["test_accuracy"]} for m, r in results.items()}
     comparison = ev.compare(scores, "plain", lower_is_better=False)
-    curves = {m: {k: _smooth(results[m][k]) for k in ("w_clean", "w_noisy")} for m in METHODS}
+    curves = {m: {k: _smooth(r[k]) for k in ("w_clean", "w_noisy")} for m, r in results.items()}
     result = {
         "noise": cfg.noise,
         "noise_rate": cfg.noise_rate,
@@ -360,6 +398,7 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
     lines = [
         f"| {m} | {r['lr']:g}{' (grid edge)' if r['lr_at_grid_edge'] else ''} | "
         f"{r['test_loss']['mean']:.4f} ± {r['test_loss']['stderr']:.4f} | "
+        f"{r['early_stop_test_accuracy']['mean']:.4f} | "
         f"{r['final_weight_clean_rows']:.2f} | {r['final_weight_noisy_rows']:.2f} |"
         for m, r in rows.items()
     ]
@@ -367,21 +406,22 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
         f"{cfg.family}, {cfg.steps} steps, {cfg.eval_seeds} fresh seeds (paired: the same noisy "
         "labels, initialisation and minibatches per seed); reference: plain training. Each "
         f"method at its lr of {list(cfg.eval_lrs)} with the best mean clean validation "
-        "accuracy.\n\n"
+        f"accuracy; {EARLY_STOPPED}: the test accuracy at the check (every "
+        f"{STOP_CHECK_EVERY} steps) with the best clean validation accuracy.\n\n"
         + ev.comparison_table(comparison, task_labels={"test": label}, digits=4)
-        + "\n| method | lr | test loss | weight of clean rows | weight of noisy rows |\n"
-        + "|---|---|---|---|---|\n"
+        + "\n| method | lr | final test loss | early-stopped test accuracy | weight of clean rows "
+        + "| weight of noisy rows |\n|---|---|---|---|---|---|\n"
         + "\n".join(lines)
         + "\n\nWeights: mean over the last 50 steps, times the batch size (1 = uniform).\n"
     )
     fig, axes = figure((11, 3.6), 1, 2)
     ax = axes[0, 0]
-    for i, m in enumerate(METHODS):
+    for i, m in enumerate(results):
         v = results[m]["test_accuracy"]
         ax.plot(np.full(len(v), i), v, "o", alpha=0.4, color=f"C{i}")
         st = rows[m]["test_accuracy"]
         ax.errorbar(i, st["mean"], yerr=st["stderr"], fmt="_", ms=20, capsize=6, color="k")
-    ax.set_xticks(range(len(METHODS)), METHODS, fontsize=8)
+    ax.set_xticks(range(len(results)), [m.replace(" + ", "\n+ ") for m in results], fontsize=8)
     ax.set_ylabel("test accuracy")
     ax.set_title(f"{cfg.noise} noise {cfg.noise_rate:g}, tuned lr (mean ± SE)")
     ax.grid(alpha=0.3, axis="y")
