@@ -11,6 +11,7 @@ from metaopt.algorithms.in_context import recipe as _in_context
 from metaopt.algorithms.learned_optimizer import recipe as _learned_optimizer
 from metaopt.algorithms.lr_schedule import recipe as _lr_schedule
 from metaopt.algorithms.maml import recipe as _maml
+from metaopt.algorithms.meta_loss_rescaling import recipe as _meta_loss_rescaling
 from metaopt.algorithms.program_search import recipe as _program_search
 from metaopt.algorithms.stn import recipe as _stn
 from metaopt.algorithms.ta_lpg import recipe as _ta_lpg
@@ -25,6 +26,7 @@ RECIPES = {
         _learned_optimizer.RECIPE,
         _lr_schedule.RECIPE,
         _maml.RECIPE,
+        _meta_loss_rescaling.RECIPE,
         _program_search.RECIPE,
         _stn.RECIPE,
         _ta_lpg.RECIPE,

@@ -54,9 +54,13 @@ class Augment:
 
     Attributes:
       label_noise: ``(lo, hi)``; each instance replaces a fraction ``U(lo, hi)`` of its
-        training labels (``floor(fraction * n)`` rows) by wrong ones: another class for
-        integer labels, another row's target for real-valued targets. Validation and
-        test labels stay clean.
+        training labels (``floor(fraction * n)`` rows) by wrong ones: another class drawn
+        uniformly for integer labels (symmetric noise), another row's target for
+        real-valued targets. Validation and test labels stay clean.
+      label_map: asymmetric (class-conditional) noise: ``label_map[c]`` is the wrong
+        class a row of class ``c`` is flipped to (one entry per class; ``c`` itself: the
+        class is never flipped), and the fraction applies to the rows of the classes
+        that are mapped elsewhere (``floor(fraction * n_mapped)`` rows). Empty: symmetric.
       input_scale: ``(lo, hi)``; every split's inputs are multiplied by a log-uniform
         factor in this range.
       init_scale: ``(lo, hi)``; the initial parameters are multiplied by a log-uniform
@@ -71,6 +75,7 @@ class Augment:
     """
 
     label_noise: tuple[float, float] = (0.0, 0.2)
+    label_map: tuple[int, ...] = ()
     input_scale: tuple[float, float] = (0.3, 3.0)
     init_scale: tuple[float, float] = (0.5, 2.0)
     data_fraction: tuple[float, float] = (0.25, 1.0)
@@ -88,6 +93,8 @@ class Augment:
                 )
 
         pair("label_noise", 0.0, 1.0)
+        if any(not isinstance(c, int) or c < 0 for c in self.label_map):
+            raise ConfigError(f"Augment.label_map must be class indices >= 0, got {self.label_map}")
         pair("input_scale", 0.0, float("inf"), positive=True)
         pair("init_scale", 0.0, float("inf"), positive=True)
         pair("data_fraction", 0.0, 1.0, positive=True)
@@ -135,6 +142,12 @@ class Augmented:
     def __post_init__(self):
         data = getattr(self.family, "data", None)
         object.__setattr__(self, "num_classes", getattr(data, "num_classes", None))
+        m = self.augment.label_map
+        if m and (len(m) != self.num_classes or max(m) >= len(m)):
+            raise ConfigError(
+                f"Augment.label_map needs one class index < {self.num_classes} per class of "
+                f"the family, got {m}"
+            )
 
     @property
     def batch_size(self) -> int:
@@ -151,13 +164,23 @@ class Augmented:
         frac = jax.random.uniform(ks[3], (), minval=a.data_fraction[0], maxval=a.data_fraction[1])
         batch = jax.random.choice(ks[4], jnp.asarray(a.batch_sizes, jnp.int32))
         rows_used = jnp.clip(jnp.floor(frac * n).astype(jnp.int32), 1, n)
-        # the first floor(noise * n) rows of a random order get a wrong label
+        integer = jnp.issubdtype(y.dtype, jnp.integer)
+        if integer and self.num_classes is None:
+            raise ConfigError("Augmented: integer labels need family.data.num_classes")
+        if a.label_map and not integer:
+            raise ConfigError("Augment.label_map needs integer class labels")
+        label_map = jnp.asarray(a.label_map or range(self.num_classes or 1), jnp.int32)
+        # rows that may be flipped: all, or those of the classes label_map moves
+        eligible = label_map[y] != y if a.label_map else jnp.ones(n, bool)
+        # the first floor(noise * n_eligible) eligible rows of a random order get a wrong label
         order = jax.random.permutation(ks[6], n)
-        flagged = jnp.arange(n) < jnp.floor(noise * n).astype(jnp.int32)
+        in_order = eligible[order]
+        quota = jnp.floor(noise * jnp.sum(eligible)).astype(jnp.int32)
+        flagged = in_order & (jnp.cumsum(in_order) <= quota)
         corrupted = jnp.zeros(n, bool).at[order].set(flagged)
-        if jnp.issubdtype(y.dtype, jnp.integer):
-            if self.num_classes is None:
-                raise ConfigError("Augmented: integer labels need family.data.num_classes")
+        if a.label_map:
+            wrong = label_map[y]
+        elif integer:
             wrong = (y + jax.random.randint(ks[7], y.shape, 1, self.num_classes)) % self.num_classes
         else:  # another row's target
             shift = jax.random.randint(ks[7], (), 1, max(n, 2))
