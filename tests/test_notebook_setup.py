@@ -205,3 +205,21 @@ def test_setup_cell_installs_metaopt_in_a_fresh_venv(tmp_path: Path):
     # a non-editable install: no link back to the source tree
     pth = list((venv / "lib").glob("python*/site-packages/__editable__*"))
     assert not pth, pth
+
+
+def test_every_package_directory_is_listed_in_pyproject():
+    """A non-editable install (Colab, CI's wheel) ships only the packages pyproject lists."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    missing = []
+    for name, directory in config["package-dir"].items():
+        for init in sorted((ROOT / directory).rglob("__init__.py")):
+            parts = init.parent.relative_to(ROOT / directory).parts
+            if "__pycache__" in parts:
+                continue
+            package = ".".join((name, *parts))
+            if package not in listed:
+                missing.append(package)
+    assert not missing, f"packages missing from pyproject's [tool.setuptools] packages: {missing}"
