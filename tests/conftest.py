@@ -100,3 +100,21 @@ def run_python(code: str, *, devices: int | None = None, timeout: int = 600, cwd
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Test files with the most slow tests first, each file's tests in their own order.
+
+    CI runs ``-n 2 --dist loadfile``: xdist hands whole files to the two workers in
+    collection order, so a heavy file collected last (alphabetically: ``test_ta_lpo.py``)
+    leaves one worker idle while the other finishes it. Longest first (the count of
+    ``slow`` tests stands in for a file's time) keeps the two busy to the end. The order
+    depends only on the collected items, so every worker collects the same sequence.
+    """
+    slow: dict[str, int] = {}
+    first: dict[str, int] = {}
+    for i, item in enumerate(items):
+        path = str(item.path)
+        first.setdefault(path, i)
+        slow[path] = slow.get(path, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: (-slow[str(item.path)], first[str(item.path)]))
