@@ -80,7 +80,12 @@ def shard_leading(tree: Any, mesh: Mesh | None) -> Any:
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
 
 
-def split_over_devices(fn, sharded: Sequence[bool]):
+#: narrowest per-device block (rows) that :func:`split_over_devices` gives a device as
+#: one unit: a narrower unit goes at least twice to each device (a real loop)
+INLINE_EXACT_WIDTH = 3
+
+
+def split_over_devices(fn, sharded: Sequence[bool], unit: int = 1):
     """``fn`` jitted, its work split over this process's devices by blocks of a leading axis.
 
     The arguments marked in ``sharded`` are split along their leading axis, one
@@ -88,23 +93,37 @@ def split_over_devices(fn, sharded: Sequence[bool]):
     and every output is concatenated back along its leading axis, so the result is
     ``fn``'s on the whole batch, in order. ``fn`` must act on each row of the leading
     axis independently (a ``vmap`` or ``lax.map`` over it). With one device, several
-    processes, or a batch that does not divide over the devices, the call is plain
-    ``jax.jit(fn)``.
+    processes, or a batch that does not divide into one block of whole ``unit``-row
+    groups per device, the call is plain ``jax.jit(fn)``.
+
+    ``unit``: rows that must stay on one device together. ``fn`` that trains its rows
+    ``unit`` at a time (``map_chunked``) then computes every row in a ``vmap`` of the
+    same width whether split or not, and so the same numbers bit for bit on any number
+    of devices (tests/test_program_search.py); a block of another width changes XLA's
+    float rounding (matmuls and reductions of another shape: ~1e-7 relative). Blocks
+    narrower than :data:`INLINE_EXACT_WIDTH` rows split only into at least two units
+    per device: XLA compiles a one-trip ``lax.map`` loop inline, and at widths 1 and 2
+    the inlined body rounds differently from the loop (measured; from 3 rows up it does
+    not).
     """
     plain = jax.jit(fn)
     devices = jax.local_devices()
     if len(devices) < 2 or jax.process_count() > 1:
         return plain
+    if unit < 1:
+        raise ValueError(f"unit must be >= 1, got {unit}")
     mesh = Mesh(np.asarray(devices), (AXIS,))
     specs = tuple(PartitionSpec(AXIS) if s else PartitionSpec() for s in sharded)
     split = jax.jit(
         jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(AXIS), check_vma=False)
     )
     first = list(sharded).index(True)
+    step = len(devices) * unit
+    least = step if unit >= INLINE_EXACT_WIDTH else 2 * step
 
     def call(*args):
         rows = jax.tree.leaves(args[first])[0].shape[0]
-        return (split if rows % len(devices) == 0 else plain)(*args)
+        return (split if rows % step == 0 and rows >= least else plain)(*args)
 
     return call
 

@@ -429,3 +429,71 @@ def test_sigterm_then_a_crash_then_resume_repeats_the_uninterrupted_run(
     assert set(fresh.auth) == {f"Bearer {SECRET}"}
     for path in out.rglob("*"):  # the key went in a header only, never to disk
         assert not path.is_file() or SECRET.encode() not in path.read_bytes(), path
+
+
+SHARE = """
+import json, sys
+import jax
+from metaopt.sharding import initialize_distributed
+initialize_distributed(
+    coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2])
+)
+from metaopt.algorithms.program_search.bandit import ProposerBandit
+from metaopt.algorithms.program_search.lm import Reply
+replies = [
+    Reply("update = sign(g)", "", 12, 1), Reply(None, "http 500", 0, 4), Reply("naïve ✓", "", 3, 2)
+]
+calls = []
+class Bandit(ProposerBandit):
+    def _fetch(self, round_, jobs):  # the server's side: only process 0 may get here
+        calls.append(len(jobs))
+        return replies[: len(jobs)]
+b = Bandit({"random": lambda parents, rng: parents[0]})
+got = b._exchange(1, [None] * 3)
+print(json.dumps({"calls": calls, "got": [[r.text, r.error, r.tokens, r.tries] for r in got]}))
+"""
+
+
+def test_only_process_0_asks_the_server_in_a_multi_process_run(tmp_path):
+    """Two real processes (jax.distributed on localhost, gloo): process 0 fetches the
+    round's replies, process 1 never does and receives the same replies (text, error,
+    tokens, tries; non-ASCII intact) -- so both propose the same children."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import OPT_FLAG, ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METAOPT_")}
+    env["XLA_FLAGS"] = OPT_FLAG if OPT_FLAG in env.get("XLA_FLAGS", "") else ""
+    env["JAX_PLATFORMS"] = "cpu"
+    script = tmp_path / "share.py"
+    script.write_text(SHARE)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), f"127.0.0.1:{port}", str(i)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-3000:]
+            outs.append(json.loads(out.splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    expected = [["update = sign(g)", "", 12, 1], [None, "http 500", 0, 4], ["naïve ✓", "", 3, 2]]
+    assert outs[0] == {"calls": [3], "got": expected}
+    assert outs[1] == {"calls": [], "got": expected}

@@ -38,6 +38,7 @@ parent again), ``A_over_budget`` and ``A_fallback``.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -64,6 +65,27 @@ from metaopt.optimizers.program import Program, parse
 
 ARM_COUNTERS = ("chosen", "improved", "failed", "duplicate", "nonstationary", "rejected")
 LM_COUNTERS = ("requests", "retries", "tokens", "errors", "unusable", "over_budget", "fallback")
+
+
+def share_replies(replies: list[Reply] | None, n: int) -> list[Reply]:
+    """Process 0's ``n`` replies on every process (``replies``: process 0's list, ``None``
+    elsewhere), sent as one JSON byte array by ``broadcast_one_to_all``: its length first,
+    then the bytes. Every process must call it at the same point."""
+    from jax.experimental import multihost_utils
+
+    blob = b""
+    if replies is not None:
+        rows = [[r.text, r.error, r.tokens, r.tries] for r in replies]
+        blob = json.dumps(rows).encode("utf-8")
+    size = int(multihost_utils.broadcast_one_to_all(np.asarray([len(blob)], np.int64))[0])
+    buf = np.zeros(size, np.uint8)
+    if replies is not None:
+        buf[:] = np.frombuffer(blob, np.uint8)
+    data = np.asarray(multihost_utils.broadcast_one_to_all(buf), np.uint8).tobytes()
+    rows = json.loads(data.decode("utf-8"))
+    if len(rows) != n:
+        raise RuntimeError(f"process 0 sent {len(rows)} replies for {n} requests")
+    return [Reply(text, error, int(tokens), int(tries)) for text, error, tokens, tries in rows]
 
 
 @dataclasses.dataclass
@@ -154,7 +176,21 @@ class ProposerBandit:
         return list(self.arms)[int(np.argmax(draws))]
 
     def _exchange(self, round_: int, jobs: list[tuple[int, int, str, list[dict], int]]):
-        """Replies for ``(child, attempt, arm, messages, seed)`` jobs: replayed or fetched."""
+        """Replies for ``(child, attempt, arm, messages, seed)`` jobs: replayed or fetched.
+
+        In a multi-process run only process 0 asks the server (and writes
+        ``proposals.jsonl``); the others receive its replies (:func:`share_replies`), so
+        every process proposes the same children and the server sees each request once.
+        Every process calls this at the same point of the same round.
+        """
+        import jax
+
+        if jax.process_count() == 1:
+            return self._fetch(round_, jobs)
+        mine = self._fetch(round_, jobs) if jax.process_index() == 0 else None
+        return share_replies(mine, len(jobs))
+
+    def _fetch(self, round_: int, jobs: list[tuple[int, int, str, list[dict], int]]):
         out: list[Reply | None] = [None] * len(jobs)
         todo = []
         for j, (c, attempt, arm, msgs, seed) in enumerate(jobs):

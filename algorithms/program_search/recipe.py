@@ -368,6 +368,25 @@ PRESETS = {
     "full-ops": {"ops": "full"},  # exp, log, pow and tanh too (about 2x slower)
     # about an hour here: 153,600 children
     "long": {"rounds": 1200, "population": 2000, "tournament": 50, "restart_every": 400},
+    # sized for one accelerator (docs/program_search.md, "The gpu preset": its run time is an
+    # estimate from this CPU's measured throughput, never measured on a GPU). The proxy
+    # stays the validated one (digits-mlp8 + teacher-student-small, 200 steps); the device
+    # buys 8x the children per round in calls of 1,024 programs (the whole call at once on
+    # an accelerator), 4x the seeds per score (a quarter of the noise variance) and a wider
+    # funnel. 204,800 children; the host's share (proposals, filters: ~2.8 ms a child here)
+    # does not shrink on a device and bounds a round at ~3 s
+    "gpu": {
+        "population": 8000,
+        "tournament": 64,
+        "children": 1024,
+        "rounds": 200,
+        "batch": 1024,
+        "seeds": 8,
+        "rescore_top": 32,
+        "leaderboard": 16,
+        "funnel_top": 16,
+        "funnel_seeds": 8,
+    },
     # random mutations and a local language model, mixed by the bandit: 20 rounds x 32
     # children x 2 attempts = at most 1,280 requests (docs/program_search_lm.md)
     "lm": {
@@ -510,6 +529,9 @@ def funnel(cfg: Config, board: list[dict], progress: bool = True, rank: bool = T
         cfg.seed + 999,
         wd_grid=cfg.wd_grid,
         ops=OP_SETS[cfg.ops],
+        # one program at a time (its lr x seed trainings vmapped): split over devices,
+        # a device's programs then train exactly as on one device (sharding.split_over_devices)
+        chunk=1,
     )
     bar = ProgressBar(
         progress,

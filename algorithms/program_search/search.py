@@ -201,6 +201,7 @@ class Scorer:
         self._kernels: dict = {}
         self._ref_kernels: dict = {}
         self._ref_memo: dict = {}
+        self._ref_pending: dict = {}  # (round, stage, screen steps) -> dispatched references
         self.reference_log: dict = {}
 
     # -- kernels ---------------------------------------------------------------------------
@@ -210,7 +211,9 @@ class Scorer:
         if (i, steps) not in self._kernels:
             inner, ops, normalize, chunk = self.inners[i], self.ops, self.normalize, self.chunk
             # programs split over this process's devices (one per core on a CPU, see
-            # sharding.one_cpu_device_per_core), each device training its block
+            # sharding.one_cpu_device_per_core), each device training its block; with a
+            # chunk, only at chunk boundaries, so that every program trains in a vmap of
+            # the same width as on one device: the same scores, bit for bit
             self._kernels[i, steps] = split_over_devices(
                 lambda progs, keys, log_lrs: best_over_grid(
                     grid_losses(
@@ -225,6 +228,7 @@ class Scorer:
                     )
                 ),
                 (True, False, True),
+                unit=chunk or 1,
             )
         return self._kernels[i, steps]
 
@@ -267,6 +271,27 @@ class Scorer:
         steps = self.tasks[task][1]
         return steps if stage == 0 else min(screen_steps, steps)
 
+    def prefetch(self, round_: int, stage: int = 0, screen_steps: int = 0) -> None:
+        """Starts :meth:`reference`'s AdamW trainings for a round without waiting for them.
+
+        JAX dispatches them asynchronously, task ``i`` on local device ``i mod n``, so
+        they run while the host proposes and filters the round's children (the search
+        calls this at the start of a round) and the tasks' references run side by side
+        on a CPU with one device per core. The same compiled kernel on the same seeds:
+        the values are those :meth:`reference` computed before, bit for bit.
+        """
+        memo = (round_, stage, screen_steps)
+        if memo in self._ref_memo or memo in self._ref_pending:
+            return
+        devices = jax.local_devices()
+        self._ref_pending = {m: v for m, v in self._ref_pending.items() if m[0] >= round_}
+        self._ref_pending[memo] = [
+            self._ref_kernel(i, self.horizon(i, stage, screen_steps))(
+                jax.device_put(self.keys(round_, i, stage), devices[i % len(devices)])
+            )
+            for i in range(len(self.tasks))
+        ]
+
     def reference(self, round_: int, stage: int = 0, screen_steps: int = 0) -> np.ndarray:
         """Tuned AdamW's best seed-mean validation loss per task on round ``round_``'s seeds.
 
@@ -274,10 +299,10 @@ class Scorer:
         """
         memo = (round_, stage, screen_steps)
         if memo not in self._ref_memo:
+            self.prefetch(round_, stage, screen_steps)
             best, chosen = [], []
-            for i in range(len(self.tasks)):
-                steps = self.horizon(i, stage, screen_steps)
-                mean = np.asarray(self._ref_kernel(i, steps)(self.keys(round_, i, stage)))
+            for mean in self._ref_pending.pop(memo):
+                mean = np.asarray(mean)
                 mean = np.where(np.isfinite(mean), mean, np.inf)
                 c = int(np.argmin(mean))
                 li, wi = divmod(c, len(self.wd_grid))
@@ -644,6 +669,12 @@ class RegularizedEvolution:
                 {"source": b["source"], "func": b["func"], "born": r} for _ in range(self.size)
             ]
             counts["restarts"] = 1
+
+        prefetch = getattr(self.scorer, "prefetch", None)
+        if prefetch is not None:  # AdamW's reference trains while the host proposes
+            if self.screen_steps:
+                prefetch(r, 1, self.screen_steps)
+            prefetch(r, 0)
 
         # 1. proposals (a proposer with ``propose_round``, the bandit, gets the whole
         #    round's tournaments at once, so its requests can be in flight together)
