@@ -64,3 +64,30 @@ def plot_metrics(log_path: str | Path, png_path: str | Path, title: str = "") ->
     png_path = Path(png_path)
     fig.savefig(png_path, dpi=110)
     return png_path
+
+
+def seed_strip(ax, values: dict, ylabel: str = "", labels=None, alpha: float = 0.4, fontsize=8):
+    """Per-seed values of several methods as a strip plot with each method's mean +- SE.
+
+    ``values``: method name -> per-seed values (one dot each, ``C{i}`` colours); the black
+    bar is the mean with the standard error of the mean (``std(ddof=1) / sqrt(n)``, as
+    :func:`metaopt.evaluation.seed_stats`; none for one seed) as its error bar.
+    ``labels``: tick labels (the names by default). Returns ``ax``.
+
+    Example:
+      >>> fig, axes = figure()
+      >>> ax = seed_strip(axes[0, 0], {"adam": [0.31, 0.29, 0.30], "sgd": [0.40, 0.38]})
+      >>> [t.get_text() for t in ax.get_xticklabels()]
+      ['adam', 'sgd']
+    """
+    import numpy as np
+
+    for i, v in enumerate(values.values()):
+        v = np.asarray(v, np.float64).ravel()
+        ax.plot(np.full(v.size, i), v, "o", alpha=alpha, color=f"C{i}")
+        se = float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else float("nan")
+        ax.errorbar(i, float(np.mean(v)), yerr=se, fmt="_", ms=20, capsize=6, color="k")
+    ax.set_xticks(range(len(values)), list(labels or values), fontsize=fontsize)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    return ax

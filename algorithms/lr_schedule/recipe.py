@@ -41,7 +41,7 @@ from metaopt.inner import (
     seed_losses,
     training_inner_loop,
 )
-from metaopt.plotting import figure
+from metaopt.plotting import figure, seed_strip
 from metaopt.recipes import Export, Recipe, write_summary
 from metaopt.rundir import load_artifact, save_artifact
 from metaopt.runner import Phase, check_train_settings, train_phase
@@ -334,12 +334,7 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
     ax.set_title("test loss along training (target dashed)")
     ax.legend(fontsize=8)
     ax = axes[0, 1]
-    for i, (name, v) in enumerate(losses.items()):
-        ax.plot(np.full(len(v), i), v, "o", alpha=0.4, color=f"C{i}")
-        mean, se = rows[name]["mean"], rows[name]["stderr"]
-        ax.errorbar(i, mean, yerr=se, fmt="_", ms=20, capsize=6, color="k")
-    ax.set_xticks(range(len(losses)), [n.split(" lr=")[0] for n in losses], fontsize=8)
-    ax.set_ylabel("final test loss")
+    seed_strip(ax, losses, "final test loss", labels=[n.split(" lr=")[0] for n in losses])
     ax.set_title("test loss per seed (mean ± SE)")
     ax.grid(alpha=0.3, axis="y")
     ev.write_eval(run_dir, result, md, fig, recipe="lr-schedule")

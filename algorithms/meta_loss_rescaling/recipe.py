@@ -41,7 +41,7 @@ from metaopt import evaluation as ev
 from metaopt.algorithms.meta_loss_rescaling import rescaling as rs
 from metaopt.config import check
 from metaopt.envs import distributions, families
-from metaopt.plotting import figure
+from metaopt.plotting import figure, seed_strip
 from metaopt.recipes import Export, Recipe, write_summary
 from metaopt.rundir import load_artifact, save_artifact
 
@@ -416,13 +416,8 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
     )
     fig, axes = figure((11, 3.6), 1, 2)
     ax = axes[0, 0]
-    for i, m in enumerate(results):
-        v = results[m]["test_accuracy"]
-        ax.plot(np.full(len(v), i), v, "o", alpha=0.4, color=f"C{i}")
-        st = rows[m]["test_accuracy"]
-        ax.errorbar(i, st["mean"], yerr=st["stderr"], fmt="_", ms=20, capsize=6, color="k")
-    ax.set_xticks(range(len(results)), [m.replace(" + ", "\n+ ") for m in results], fontsize=8)
-    ax.set_ylabel("test accuracy")
+    accuracy = {m: results[m]["test_accuracy"] for m in results}
+    seed_strip(ax, accuracy, "test accuracy", labels=[m.replace(" + ", "\n+ ") for m in results])
     ax.set_title(f"{cfg.noise} noise {cfg.noise_rate:g}, tuned lr (mean ± SE)")
     ax.grid(alpha=0.3, axis="y")
     _plot_weights(axes[0, 1], {m: curves[m] for m in ("meta-rescaling", "l2rw")}, cfg.steps)

@@ -46,7 +46,7 @@ from metaopt.bestresponse import (
 )
 from metaopt.config import check
 from metaopt.envs import datasets
-from metaopt.plotting import figure
+from metaopt.plotting import figure, seed_strip
 from metaopt.recipes import Export, Recipe, write_summary
 from metaopt.rundir import load_artifact, save_artifact
 from metaopt.runner import Phase, check_train_settings, train_phase
@@ -541,12 +541,9 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
     )
     fig, axes = figure((1.4 * len(methods) + 2.0, 3.3), 1, 1)
     ax = axes[0, 0]
-    for i, v in enumerate(methods.values()):
-        ax.plot(np.full(len(v["test_loss"]), i), v["test_loss"], "o", alpha=0.5, color=f"C{i}")
-        mean, err = np.mean(v["test_loss"]), se(v["test_loss"])
-        ax.errorbar(i, mean, yerr=err, fmt="_", ms=20, capsize=6, color="k")
-    ax.set_xticks(range(len(methods)), list(methods), fontsize=7, rotation=20)
-    ax.set_ylabel("test loss (selected by validation)")
+    test_loss = {m: v["test_loss"] for m, v in methods.items()}
+    seed_strip(ax, test_loss, "test loss (selected by validation)", alpha=0.5, fontsize=7)
+    ax.tick_params(axis="x", labelrotation=20)
     ev.write_eval(run_dir, result, md, fig, recipe="stn")
     return {
         m: f"test loss {np.mean(v['test_loss']):.4f} +- {se(v['test_loss']):.4f}"
