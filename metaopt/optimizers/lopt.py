@@ -141,6 +141,9 @@ class LOptSpec:
         scheduler feature is invariant to the horizon's length as well as to the loss's
         scale).
       max_log_scale: bound on the scheduler's log step factor (soft, ``tanh``).
+      mup_roles: with ``mup_fan_in``, rescale by the roles :func:`infer_roles` reads off
+        the parameter tree (input layers not rescaled; hidden, recurrent and output
+        tensors by ``mup_fan_in / fan_in``) instead of rescaling every matrix.
     """
 
     hidden: tuple[int, ...] = (16,)
@@ -158,6 +161,7 @@ class LOptSpec:
     scheduler: tuple[int, ...] = ()
     scheduler_progress: bool = False
     max_log_scale: float = 2.0
+    mup_roles: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -182,6 +186,8 @@ class LOptSpec:
             raise ValueError(f"scheduler widths must be >= 1, got {self.scheduler}")
         if self.scheduler_progress and not self.scheduler:
             raise ValueError("scheduler_progress needs a scheduler (scheduler=(h,))")
+        if self.mup_roles and not self.mup_fan_in:
+            raise ValueError("mup_roles needs mup_fan_in > 0 (the reference fan-in)")
         if not self.max_log_scale > 0:
             raise ValueError(f"max_log_scale must be > 0, got {self.max_log_scale}")
 
@@ -521,11 +527,17 @@ def update(
         ]
     else:
         steps = jnp.split(-spec.base_lr * jnp.exp(log_step) * direction, splits)
+    if spec.mup_roles:
+        roles = treedef.flatten_up_to(infer_roles(grads))
+        mults = [
+            role_multiplier(r, jnp.shape(g), spec.mup_fan_in)
+            for r, g in zip(roles, g_leaves, strict=True)
+        ]
+    else:
+        mults = [mup_multiplier(jnp.shape(g), spec.mup_fan_in) for g in g_leaves]
     updates = [
-        (u * mup_multiplier(jnp.shape(g), spec.mup_fan_in))
-        .reshape(jnp.shape(g))
-        .astype(jnp.result_type(g))
-        for u, g in zip(steps, g_leaves, strict=True)
+        (u * m).reshape(jnp.shape(g)).astype(jnp.result_type(g))
+        for u, m, g in zip(steps, mults, g_leaves, strict=True)
     ]
     sched = state.sched
     if spec.scheduler:
@@ -631,6 +643,8 @@ def save(path: str | Path, kind: str, weights: PyTree, horizon: int, spec: LOptS
         if not spec.scheduler:  # likewise
             for key in ("scheduler", "scheduler_progress", "max_log_scale"):
                 del meta["spec"][key]
+        if not spec.mup_roles:
+            del meta["spec"]["mup_roles"]
     weights = jax.tree.map(lambda v: np.asarray(v, np.float32), weights)
     save_artifact(path, weights, "learned-optimizer", **meta)
 
@@ -696,3 +710,103 @@ def as_optax(
     if num_steps is None:
         raise ValueError("num_steps is required when passing weights directly")
     return scale_by_learned_optimizer(weights_or_run_dir, num_steps, spec or LOptSpec())
+
+
+# ---------------------------------------------------------------------------
+# muP roles inferred from the parameter tree.
+# ---------------------------------------------------------------------------
+
+#: the roles :func:`infer_roles` gives a parameter tensor.
+ROLES = ("vector", "input", "hidden", "recurrent", "output", "input_output")
+
+#: path keys that name a recurrent (hidden-to-hidden) matrix: ours (``w_hh``), flax's
+#: ``SimpleCell`` / ``GRUCell`` (``h``, ``hr``, ``hz``, ``hn``), and common spellings.
+RECURRENT_KEYS = frozenset({"w_hh", "h", "hh", "hr", "hz", "hn", "recurrent", "recurrent_kernel"})
+
+
+def infer_roles(params: PyTree) -> PyTree:
+    """The muP role of every tensor of ``params`` (a pytree of the same structure).
+
+    Read from shapes and path names alone, with the ``x @ W`` layout (``W [in, out]``,
+    convolution kernels ``[..., C_in, C_out]``):
+
+    * ``"vector"``: fewer than two axes (biases, gains, scalars);
+    * ``"recurrent"``: a square matrix whose path holds a key of :data:`RECURRENT_KEYS`;
+    * otherwise a matrix or kernel is an *input* layer when no other tensor produces its
+      input width (no other's ``out`` equals its ``in``, nor, for a dense layer read
+      after a flatten, divides it when the tree holds a convolution), an *output* layer
+      when no other tensor consumes its output width, ``"input_output"`` when both (a
+      linear model), and ``"hidden"`` when neither.
+
+    Width scaling (muP with Adam-like steps, Yang et al. 2022) multiplies the steps of
+    hidden, recurrent and output tensors by ``n0 / fan_in`` and leaves input layers and
+    vectors alone (:func:`role_multiplier`); the plain :attr:`LOptSpec.mup_fan_in` rule
+    rescales every matrix, input layers included.
+
+    Example:
+      >>> infer_roles({"w_xh": jnp.ones((5, 16)), "w_hh": jnp.ones((16, 16)),
+      ...              "b_h": jnp.ones(16), "w_hy": jnp.ones((16, 4))})
+      {'b_h': 'vector', 'w_hh': 'recurrent', 'w_hy': 'output', 'w_xh': 'input'}
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    mats = [(path, jnp.shape(x)) for path, x in leaves if len(jnp.shape(x)) >= 2]
+    has_conv = any(len(s) >= 3 for _, s in mats)
+
+    def keys(path) -> set[str]:
+        return {str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path}
+
+    def produced(path, width: int) -> bool:
+        for other, s in mats:
+            if other == path:
+                continue
+            out = s[-1]
+            if out == width or (has_conv and len(s) >= 3 and width % out == 0):
+                return True
+        return False
+
+    def consumed(path, width: int) -> bool:
+        for other, s in mats:
+            if other == path:
+                continue
+            fan_in = s[-2] if len(s) >= 3 else s[0]
+            if fan_in == width or (has_conv and len(s) == 2 and fan_in % width == 0):
+                return True
+        return False
+
+    roles = []
+    for path, x in leaves:
+        shape = jnp.shape(x)
+        if len(shape) < 2:
+            roles.append("vector")
+            continue
+        fan_in = shape[-2] if len(shape) >= 3 else shape[0]
+        if len(shape) == 2 and shape[0] == shape[1] and keys(path) & RECURRENT_KEYS:
+            roles.append("recurrent")
+            continue
+        is_in, is_out = not produced(path, fan_in), not consumed(path, shape[-1])
+        roles.append(
+            "input_output"
+            if is_in and is_out
+            else "input"
+            if is_in
+            else "output"
+            if is_out
+            else "hidden"
+        )
+    return treedef.unflatten(roles)
+
+
+def role_multiplier(role: str, shape: tuple[int, ...], mup_fan_in: int) -> float:
+    """The muP step multiplier of a tensor of ``role`` (:func:`infer_roles`) and ``shape``:
+    ``mup_fan_in / fan_in`` for hidden, recurrent and output tensors, 1 for input layers,
+    linear models and vectors, and 1 when ``mup_fan_in`` is 0.
+
+    Example:
+      >>> role_multiplier("hidden", (64, 32), 32), role_multiplier("input", (64, 32), 32)
+      (0.5, 1.0)
+    """
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if not mup_fan_in or role in ("vector", "input", "input_output"):
+        return 1.0
+    return mup_fan_in / math.prod(shape[:-1])
