@@ -7,7 +7,10 @@
    vs the same step with ``optax.adam``. All run ``steps`` steps per jitted
    call (one ``lax.scan``), calls alternated, medians; compilation excluded.
    Target: ``ratio = learned / adam <= 3``. The wider 13-32-32-2 variant is
-   timed alongside for reference.
+   timed alongside for reference, and so are round 3's optimizer (``--preset
+   celo``: the normalised rule with muP and the learned scheduler, a 5-16-1 MLP on
+   loss and gradient-norm statistics; target <= 3 too) and the same without its
+   scheduler (``--preset mixture``'s rule).
 
 2. PES throughput. The recipe's PES meta-training (preset ``pes``:
    teacher-student-small, T = 1000, truncations of 50, 16 antithetic pairs) run
@@ -18,6 +21,8 @@ Run: ``python benchmarks/learned_optimizer.py [--quick]``; the last line is JSON
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +43,9 @@ BATCH = 128
 class StepRunner:
     """``steps`` training steps of the MLP per jitted call with a given optax optimizer."""
 
-    def __init__(self, opt: optax.GradientTransformation, steps: int, seed: int = 0):
+    def __init__(
+        self, opt: optax.GradientTransformation, steps: int, seed: int = 0, value: bool = False
+    ):
         data = families.make("digits-mlp32").sample(jax.random.key(0))
         x, y = data["x_train"], data["y_train"]
 
@@ -48,9 +55,10 @@ class StepRunner:
         def step(carry, key):
             params, state = carry
             idx = jax.random.randint(key, (BATCH,), 0, x.shape[0])
-            value, grads = jax.value_and_grad(loss)(params, idx)
-            updates, state = opt.update(grads, state, params)
-            return (optax.apply_updates(params, updates), state), value
+            value_, grads = jax.value_and_grad(loss)(params, idx)
+            extra = {"value": value_} if value else {}  # the learned scheduler reads the loss
+            updates, state = opt.update(grads, state, params, **extra)
+            return (optax.apply_updates(params, updates), state), value_
 
         def chunk(carry, key):
             carry, losses = jax.lax.scan(step, carry, jax.random.split(key, steps))
@@ -102,11 +110,21 @@ def main() -> None:
     spec = lopt.LOptSpec()
     wide = lopt.LOptSpec(hidden=(32, 32))
     weights = lopt.init_weights(jax.random.key(0), spec)
+    mixture = lopt.LOptSpec(rule="normalised", base_lr=3e-3, mup_fan_in=32)
+    celo = dataclasses.replace(mixture, scheduler=(16,))
     sides = {
         "adam": StepRunner(optax.adam(1e-3), steps),
         "learned": StepRunner(lopt.as_optax(weights, 1000, spec), steps),
         "learned_2x32": StepRunner(
             lopt.as_optax(lopt.init_weights(jax.random.key(0), wide), 1000, wide), steps
+        ),
+        "learned_mixture": StepRunner(
+            lopt.as_optax(lopt.init_weights(jax.random.key(0), mixture), 1000, mixture), steps
+        ),
+        "learned_celo": StepRunner(
+            lopt.as_optax(lopt.init_weights(jax.random.key(0), celo), 1000, celo),
+            steps,
+            value=True,
         ),
     }
     n = sides["adam"].num_params
@@ -122,6 +140,12 @@ def main() -> None:
     ratio = us["learned"] / us["adam"]
     ratio_wide = us["learned_2x32"] / us["adam"]
     print(f"ratio learned/adam = {ratio:.2f} (2x32: {ratio_wide:.2f}); target <= {TARGET}")
+    ratio_mix = us["learned_mixture"] / us["adam"]
+    ratio_celo = us["learned_celo"] / us["adam"]
+    print(
+        f"ratio with the learned scheduler (--preset celo) = {ratio_celo:.2f}, without it "
+        f"(--preset mixture) = {ratio_mix:.2f}; target <= {TARGET}"
+    )
 
     pes = PESRunner(outer_steps)
     pes_samples = time_interleaved({"pes": pes}, max(3, repeats // 3))
@@ -142,6 +166,11 @@ def main() -> None:
             "target": TARGET,
             "met": ratio <= TARGET,
             "ratio_2x32": round(ratio_wide, 3),
+            "ratio_celo": round(ratio_celo, 3),
+            "met_celo": ratio_celo <= TARGET,
+            "ratio_mixture": round(ratio_mix, 3),
+            "learned_celo_us_per_step": round(us["learned_celo"], 1),
+            "learned_mixture_us_per_step": round(us["learned_mixture"], 1),
             "adam_us_per_step": round(us["adam"], 1),
             "learned_us_per_step": round(us["learned"], 1),
             "learned_2x32_us_per_step": round(us["learned_2x32"], 1),

@@ -751,6 +751,21 @@ register(
     description="copy task: 8 symbols of 8 recalled after a delimiter, tanh RNN 32",
 )
 
+# small recurrent and convolutional families for meta-training mixtures (the round-3
+# mixture, ``--preset celo``); copy-rnn and digits-conv, their larger kin, stay held out
+register(
+    "copy-rnn-small",
+    lambda: CopyRNN(4, 4, 16, 32),
+    steps=200,
+    description="copy task: 4 symbols of 4 recalled after a delimiter, tanh RNN 16",
+)
+register(
+    "digits-conv4",
+    lambda: DatasetConvNet("digits", (4,), (2,), 32),
+    steps=200,
+    description="digits 8x8 images, convnet conv3x3-4 stride 2, dense 10",
+)
+
 
 def make(name: str) -> TaskFamily:
     """The registered family ``name`` (see :data:`FAMILIES`; a ConfigError if unknown)."""

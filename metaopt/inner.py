@@ -367,11 +367,16 @@ class ParametrizedOptimizer(NamedTuple):
         (``lambda p: task.loss(p, batch)``), e.g. for a Hessian estimate (Sophia's
         Hutchinson estimator). Default False: ``update`` is called without it.
         :func:`training_inner_loop` passes it when set.
+      needs_value: the update also takes the keyword argument ``value``, the minibatch
+        loss at the current parameters (optax's name for it), e.g. for a learned
+        scheduler reading training progress. Default False. :func:`training_inner_loop`
+        passes it when set.
     """
 
     init: Callable[[MetaParams, PyTree], PyTree]
     update: Callable[..., tuple[PyTree, PyTree]]
     needs_obj_fn: bool = False
+    needs_value: bool = False
 
 
 class TrainState(NamedTuple):
@@ -419,6 +424,8 @@ def training_inner_loop(
         batch = task.sample_batch(key, state.task)
         loss, grads = jax.value_and_grad(task.loss)(state.params, batch)
         extra = {"obj_fn": lambda p: task.loss(p, batch)} if optimizer.needs_obj_fn else {}
+        if optimizer.needs_value:
+            extra["value"] = loss
         updates, opt_state = optimizer.update(
             meta_params, grads, state.opt_state, state.params, state.progress, **extra
         )

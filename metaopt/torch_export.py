@@ -213,6 +213,10 @@ class LearnedOptimizer(_PerTensor):
                 "use torch.optim.Adam with its hyperparameters"
             )
         self.spec = lopt.LOptSpec(**meta["spec"])
+        if self.spec.scheduler or self.spec.mup_roles:
+            raise ValueError(
+                f"{path}: the learned scheduler and mup_roles have no torch export yet"
+            )
         if lopt.RULES[self.spec.rule] != meta["optimizer"]:
             raise ValueError(f"{path}: optimizer {meta['optimizer']!r} != rule {self.spec.rule!r}")
         self.horizon = float(num_steps or meta["horizon"])

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metaopt.envs import families
+from metaopt.envs import distributions, families
 from metaopt.inner import (
     InnerLoop,
     ParametrizedOptimizer,
@@ -62,6 +62,36 @@ LOSS_FLOOR = 1e-30
 #: unfloored log-ratio is unbounded below, and one such family outweighed all the others
 #: in the mean (its untrained-rule score was -4.5 where the others' are O(1)).
 MIN_LOG_RATIO = -float(np.log(10.0))
+
+
+#: the augmentation ranges of a mixture with ``augment=true``: inputs and initial
+#: parameters rescaled by log-uniform factors, a random part of the training rows, three
+#: batch sizes; no label noise (the held-out families have clean labels).
+AUGMENT = distributions.Augment(
+    label_noise=(0.0, 0.0),
+    input_scale=(0.3, 3.0),
+    init_scale=(0.5, 2.0),
+    data_fraction=(0.5, 1.0),
+    batch_sizes=(16, 32, 64),
+)
+
+
+def augmented_family(name: str) -> families.TaskFamily:
+    """The registered family ``name`` with :data:`AUGMENT`'s per-task augmentations if its
+    instances hold their data as ``x_train`` / ``y_train``
+    (:class:`~metaopt.envs.distributions.Augmented`), else the family as registered.
+
+    Example:
+      >>> type(augmented_family("digits-mlp8")).__name__
+      'Augmented'
+      >>> type(augmented_family("copy-rnn-small")).__name__
+      'CopyRNN'
+    """
+    fam = families.make(name)
+    instance = jax.eval_shape(fam.sample, jax.random.key(0))
+    if isinstance(instance, dict) and {"x_train", "y_train"} <= set(instance):
+        return distributions.augment(fam, AUGMENT)
+    return fam
 
 
 def sample_horizon(key: jax.Array, max_horizon: int, horizon_range: Sequence[float]) -> jax.Array:

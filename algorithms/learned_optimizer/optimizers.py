@@ -52,16 +52,18 @@ def mlp_optimizer(spec: lopt.LOptSpec, horizon: int) -> ParametrizedOptimizer:
 
     ``horizon`` is ``T`` for the ``log T`` feature; ``progress`` comes from the
     inner loop. It computes exactly what ``lopt.as_optax(weights, horizon, spec)`` does.
+    With a learned scheduler (``spec.scheduler``) it reads the minibatch loss
+    (``needs_value``: the inner loop passes ``value=loss``).
     """
 
     def init(meta_params, params):
         del meta_params
         return lopt.init_state(params, spec)
 
-    def update(meta_params, grads, state, params, progress):
-        return lopt.update(meta_params, grads, state, params, progress, horizon, spec)
+    def update(meta_params, grads, state, params, progress, value=None):
+        return lopt.update(meta_params, grads, state, params, progress, horizon, spec, value)
 
-    return ParametrizedOptimizer(init, update)
+    return ParametrizedOptimizer(init, update, needs_value=bool(spec.scheduler))
 
 
 def initial_adam_hyperparams(lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999) -> dict:

@@ -93,6 +93,15 @@ class Config:
     # muP width scaling of the step (0 = off): every matrix's step times mup_fan_in / its
     # fan-in (lopt.LOptSpec.mup_fan_in)
     mup_fan_in: int = 0
+    # the learned scheduler (lopt.LOptSpec.scheduler): hidden widths of a task-level MLP
+    # that scales every step by a bounded factor from scale-free statistics of training
+    # progress (empty: off); scheduler_progress: it also reads t / T (an ablation)
+    scheduler: tuple[int, ...] = ()
+    scheduler_progress: bool = False
+    # task augmentation of a mixture's families (metaopt.envs.distributions.Augment: input
+    # scale, initialisation scale, data fraction, batch size) for those that hold their
+    # data as x_train / y_train; families that do not (copy-rnn-small) run as registered
+    augment: bool = False
     # the outer loop
     outer: Literal["es", "pes", "metagrad"] = "es"
     population: int = 32
@@ -165,6 +174,16 @@ class Config:
         check(all(h >= 1 for h in self.hidden) and self.hidden, "hidden widths must be >= 1")
         check(self.base_lr is None or self.base_lr > 0, "base_lr must be > 0 (or none: tuned)")
         check(self.mup_fan_in >= 0, "mup_fan_in must be >= 0 (0: off)")
+        check(all(h >= 1 for h in self.scheduler), "scheduler widths must be >= 1 (empty: off)")
+        check(
+            not self.scheduler_progress or bool(self.scheduler),
+            "scheduler_progress needs a scheduler: set scheduler=16 (say)",
+        )
+        check(
+            not self.scheduler or self.optimizer == "mlp",
+            "scheduler needs optimizer=mlp (the Adam baseline has no learned scheduler)",
+        )
+        check(not self.augment or bool(self.families), "augment needs a mixture: set families=...")
         check(
             self.base_lr_tuning != "untrained" or (bool(self.families) and self.optimizer == "mlp"),
             "base_lr_tuning=untrained needs optimizer=mlp and a mixture (families=...)",
@@ -218,6 +237,8 @@ class Config:
             nominal=self.nominal,
             rule=self.rule,
             mup_fan_in=self.mup_fan_in,
+            scheduler=self.scheduler,
+            scheduler_progress=self.scheduler_progress,
         )
 
 
@@ -235,6 +256,10 @@ HELD_OUT_FAMILIES = (
     "copy-rnn",
     "digits-ae16",
 )
+
+#: the round-3 mixture (``--preset celo``): the three of :data:`MIXTURE_FAMILIES` plus a
+#: small recurrent and a small convolutional family, none of them held out.
+CELO_FAMILIES = (*MIXTURE_FAMILIES, "copy-rnn-small", "digits-conv4")
 
 #: the default is ES (50 generations x 32 candidates x 4 tasks x T=1000); ``pes`` is PES
 #: at the same number of inner steps (4000 outer steps x 32 particles x 50 steps).
@@ -271,6 +296,28 @@ PRESETS = {
         "mup_fan_in": 32,
         "eval_families": HELD_OUT_FAMILIES,
         "eval_longer_mult": 4,
+        "inner_steps": 400,
+        "population": 32,
+        "seeds": 2,
+        "generations": 200,
+        "steps_per_call": 10,
+        "checkpoint_every": 50,
+        "valid_every": 10,
+    },
+    # round 3 (issue 28): the mixture preset plus a learned scheduler (Celo-style, one task-
+    # level step factor from scale-free progress statistics), task augmentation, and a
+    # small recurrent and a small convolutional family in the training mixture (neither
+    # held out); docs/learned_optimizer.md, "Round 3"
+    "celo": {
+        "families": CELO_FAMILIES,
+        "horizon_range": (0.25, 1.0),
+        "rule": "normalised",
+        "mup_fan_in": 32,
+        "scheduler": (16,),
+        "augment": True,
+        "eval_families": HELD_OUT_FAMILIES,
+        "eval_longer_mult": 4,
+        "eval_widths": (),
         "inner_steps": 400,
         "population": 32,
         "seeds": 2,
@@ -479,12 +526,12 @@ def lr_scaled_optimizer(cfg: Config, horizon: int | None = None) -> Parametrized
     def init(mp, params):
         return base.init(mp["weights"], params)
 
-    def update(mp, grads, state, params, progress):
-        updates, state = base.update(mp["weights"], grads, state, params, progress)
+    def update(mp, grads, state, params, progress, **extra):
+        updates, state = base.update(mp["weights"], grads, state, params, progress, **extra)
         scale = jnp.exp(mp["log_lr"]) / own_lr(mp["weights"])
         return jax.tree.map(lambda u: (scale * u).astype(u.dtype), updates), state
 
-    return ParametrizedOptimizer(init, update)
+    return ParametrizedOptimizer(init, update, base.needs_obj_fn, base.needs_value)
 
 
 def build_inner(cfg: Config, family: str | None = None, horizon: int | None = None) -> InnerLoop:
@@ -509,9 +556,10 @@ def build_mixture_inner(cfg: Config, norms: dict[str, float]) -> InnerLoop:
         return mlp_optimizer(cfg.spec, horizon)  # the task's own T: the log T feature
 
     name = f"learned-optimizer[{cfg.optimizer}]"
+    make = mixture.augmented_family if cfg.augment else families.make
     inners = [
         mixture.sampled_horizon_inner(
-            families.make(fam), make_optimizer, cfg.inner_steps, cfg.horizon_range, name
+            make(fam), make_optimizer, cfg.inner_steps, cfg.horizon_range, name
         )
         for fam in cfg.families
     ]

@@ -46,6 +46,15 @@ With ``spec.mup_fan_in = n0 > 0`` (off by default), the step of every tensor of 
 more axes is then multiplied by ``n0 / fan_in``, muP's width scaling of Adam-like steps
 (Yang et al. 2022): a layer's output moves by about the same amount whatever its width.
 
+With ``spec.scheduler = (h, ...)`` (off by default: ``()``), a second, task-level MLP (the
+*learned scheduler*, in the spirit of Celo, Moudgil et al. 2025) multiplies every tensor's
+step by one bounded factor per step, ``exp(max_log_scale * tanh(o / max_log_scale))``,
+from :data:`NUM_SCHEDULER_FEATURES` scale-free statistics of training progress
+(:func:`scheduler_features`: ratios of loss EMAs, the loss over the first loss, ratios of
+gradient norms; ``t / T`` only with ``spec.scheduler_progress``, an ablation switch). Its
+update needs the minibatch loss: ``opt.update(grads, state, params, value=loss)``. Its
+output layer starts at zero, so the untrained optimizer is the one without a scheduler.
+
 The output layer is initialised small (``spec.out_scale``), so the initial
 optimizer is Adam with learning rate ``base_lr`` plus a small perturbation (with
 the normalised rule: Adam's direction rescaled per tensor to RMS ``base_lr``).
@@ -91,6 +100,15 @@ RULES = {"adam_nominal": "mlp", "normalised": "mlp-normalised"}
 #: added to the per-tensor RMS of the direction in the normalised rule (0/0 -> 0).
 NORM_EPS = 1e-12
 
+#: decays of the scheduler's fast and slow EMAs of the loss and of the gradient norm.
+SCHEDULER_DECAYS = (0.9, 0.99)
+#: scale-free statistics the scheduler reads (:func:`scheduler_features`).
+NUM_SCHEDULER_FEATURES = 5
+#: every scheduler feature (a log-ratio) is clipped to ``+-SCHEDULER_CLIP``.
+SCHEDULER_CLIP = 10.0
+#: losses and gradient norms are floored at this before their logs.
+SCHEDULER_FLOOR = 1e-30
+
 
 @dataclasses.dataclass(frozen=True)
 class LOptSpec:
@@ -117,6 +135,15 @@ class LOptSpec:
         steps with width; ``fan_in`` is the product of all axes but the last, the
         layout of ``x @ W`` with ``W [in, out]`` and of HWIO convolution kernels).
         Vectors and scalars (biases, gains) are not rescaled.
+      scheduler: hidden widths of the learned scheduler, a task-level MLP that scales
+        every step by a bounded factor (see the module docstring); ``()`` = off.
+      scheduler_progress: the scheduler also reads ``t / T`` (an ablation: off, every
+        scheduler feature is invariant to the horizon's length as well as to the loss's
+        scale).
+      max_log_scale: bound on the scheduler's log step factor (soft, ``tanh``).
+      mup_roles: with ``mup_fan_in``, rescale by the roles :func:`infer_roles` reads off
+        the parameter tree (input layers not rescaled; hidden, recurrent and output
+        tensors by ``mup_fan_in / fan_in``) instead of rescaling every matrix.
     """
 
     hidden: tuple[int, ...] = (16,)
@@ -131,6 +158,10 @@ class LOptSpec:
     max_direction: float = 3.0
     rule: str = "adam_nominal"
     mup_fan_in: int = 0
+    scheduler: tuple[int, ...] = ()
+    scheduler_progress: bool = False
+    max_log_scale: float = 2.0
+    mup_roles: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -150,6 +181,15 @@ class LOptSpec:
         if int(self.mup_fan_in) != self.mup_fan_in or self.mup_fan_in < 0:
             raise ValueError(f"mup_fan_in must be an integer >= 0, got {self.mup_fan_in}")
         object.__setattr__(self, "mup_fan_in", int(self.mup_fan_in))
+        object.__setattr__(self, "scheduler", tuple(int(h) for h in self.scheduler))
+        if self.scheduler and min(self.scheduler) < 1:
+            raise ValueError(f"scheduler widths must be >= 1, got {self.scheduler}")
+        if self.scheduler_progress and not self.scheduler:
+            raise ValueError("scheduler_progress needs a scheduler (scheduler=(h,))")
+        if self.mup_roles and not self.mup_fan_in:
+            raise ValueError("mup_roles needs mup_fan_in > 0 (the reference fan-in)")
+        if not self.max_log_scale > 0:
+            raise ValueError(f"max_log_scale must be > 0, got {self.max_log_scale}")
 
     @property
     def num_param_features(self) -> int:
@@ -160,6 +200,11 @@ class LOptSpec:
     def num_global_features(self) -> int:
         """Features shared by every parameter of a step: t/T and log(T)/10."""
         return 2
+
+    @property
+    def num_scheduler_inputs(self) -> int:
+        """Inputs of the scheduler: the scale-free statistics, and ``t / T`` if asked."""
+        return NUM_SCHEDULER_FEATURES + int(self.scheduler_progress)
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
@@ -177,11 +222,31 @@ class LOptState(NamedTuple):
       count: int32 scalar, updates taken so far.
       mom: the parameters' structure, each leaf float32 ``[*leaf.shape, K]`` (momenta).
       nu: the parameters' structure, each leaf float32 ``leaf.shape`` (second moment).
+      sched: ``()`` without a scheduler, else its :class:`SchedulerState`.
     """
 
     count: jax.Array
     mom: PyTree
     nu: PyTree
+    sched: Any = ()
+
+
+class SchedulerState(NamedTuple):
+    """Statistics of training progress the learned scheduler reads (float32 scalars).
+
+    Attributes:
+      loss_ema: ``[2]`` EMAs of the minibatch loss at :data:`SCHEDULER_DECAYS`.
+      loss0: the first step's loss.
+      gnorm_ema: ``[2]`` EMAs of the gradient's global norm.
+      gnorm0: the first step's gradient norm.
+      scale: the step factor of the last update (for logging).
+    """
+
+    loss_ema: jax.Array
+    loss0: jax.Array
+    gnorm_ema: jax.Array
+    gnorm0: jax.Array
+    scale: jax.Array
 
 
 # ---------------------------------------------------------------------------
@@ -195,20 +260,43 @@ def init_weights(key: jax.Array, spec: LOptSpec = LOptSpec()) -> dict:
     Returns ``{"layers": [{"w": [fan_in, fan_out], "b": [fan_out]}, ...]}``; the
     input width is ``num_param_features + num_global_features``, the output width 2
     (direction, log step size).
+
+    With ``spec.scheduler``, also ``"scheduler"``: the scheduler's layers (input width
+    :attr:`LOptSpec.num_scheduler_inputs`, output width 1), its output layer zero (the
+    untrained scheduler's factor is exactly 1). The per-parameter MLP's weights are drawn
+    from the same key either way.
+
+    Example:
+      >>> w = init_weights(jax.random.key(0), LOptSpec(scheduler=(8,)))
+      >>> [layer["w"].shape for layer in w["scheduler"]]
+      [(5, 8), (8, 1)]
     """
     sizes = (spec.num_param_features + spec.num_global_features, *spec.hidden, 2)
+    weights = {"layers": _dense_layers(key, sizes, spec.out_scale)}
+    if spec.scheduler:
+        sched = (spec.num_scheduler_inputs, *spec.scheduler, 1)
+        weights["scheduler"] = _dense_layers(jax.random.fold_in(key, 1), sched, 0.0)
+    return weights
+
+
+def _dense_layers(key: jax.Array, sizes: tuple[int, ...], out_scale: float) -> list[dict]:
+    """LeCun-normal layers of widths ``sizes``, zero biases, the last scaled by ``out_scale``."""
     keys = jax.random.split(key, len(sizes) - 1)
     layers = []
     for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:], strict=True)):
-        scale = (spec.out_scale if i == len(sizes) - 2 else 1.0) / math.sqrt(a)
+        scale = (out_scale if i == len(sizes) - 2 else 1.0) / math.sqrt(a)
         layers.append({"w": scale * jax.random.normal(k, (a, b)), "b": jnp.zeros((b,))})
-    return {"layers": layers}
+    return layers
 
 
 def num_weights(spec: LOptSpec = LOptSpec()) -> int:
     """Number of meta-parameters (MLP weights and biases)."""
     sizes = (spec.num_param_features + spec.num_global_features, *spec.hidden, 2)
-    return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+    n = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+    if spec.scheduler:
+        sched = (spec.num_scheduler_inputs, *spec.scheduler, 1)
+        n += sum(a * b + b for a, b in zip(sched[:-1], sched[1:], strict=True))
+    return n
 
 
 def _mlp(layers: list[dict], x: jax.Array, glob: jax.Array) -> jax.Array:
@@ -258,13 +346,109 @@ def mup_multiplier(shape: tuple[int, ...], mup_fan_in: int) -> float:
 
 
 def init_state(params: PyTree, spec: LOptSpec = LOptSpec()) -> LOptState:
-    """Zero accumulators (float32, whatever the parameters' dtype) and ``count = 0``."""
+    """Zero accumulators (float32, whatever the parameters' dtype) and ``count = 0``;
+    with a scheduler, zero statistics (the first step overwrites them) and factor 1."""
     k = len(spec.decays)
+    sched = ()
+    if spec.scheduler:
+        zero2 = jnp.zeros((2,), jnp.float32)
+        zero = jnp.zeros((), jnp.float32)
+        sched = SchedulerState(zero2, zero, zero2, zero, jnp.ones((), jnp.float32))
     return LOptState(
         count=jnp.zeros((), jnp.int32),
         mom=jax.tree.map(lambda p: jnp.zeros((*jnp.shape(p), k), jnp.float32), params),
         nu=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params),
+        sched=sched,
     )
+
+
+def update_scheduler_state(
+    sched: SchedulerState, count: jax.Array, loss: jax.Array, gnorm: jax.Array
+) -> SchedulerState:
+    """The statistics after a step of minibatch ``loss`` and gradient norm ``gnorm``.
+
+    ``count`` is the number of updates taken before this one; on the first (``count ==
+    0``) every EMA and the first-step values are set to the step's own values (no bias
+    correction needed). Non-finite inputs are replaced by the last finite EMAs' values,
+    so one NaN loss cannot poison the statistics.
+    """
+    d = jnp.asarray(SCHEDULER_DECAYS, jnp.float32)
+    first = count == 0
+    loss = jnp.asarray(loss, jnp.float32)
+    gnorm = jnp.asarray(gnorm, jnp.float32)
+    loss = jnp.where(jnp.isfinite(loss), loss, jnp.where(first, 1.0, sched.loss_ema[0]))
+    gnorm = jnp.where(jnp.isfinite(gnorm), gnorm, jnp.where(first, 1.0, sched.gnorm_ema[0]))
+    loss_ema = jnp.where(first, loss, d * sched.loss_ema + (1.0 - d) * loss)
+    gnorm_ema = jnp.where(first, gnorm, d * sched.gnorm_ema + (1.0 - d) * gnorm)
+    return SchedulerState(
+        loss_ema=loss_ema,
+        loss0=jnp.where(first, loss, sched.loss0),
+        gnorm_ema=gnorm_ema,
+        gnorm0=jnp.where(first, gnorm, sched.gnorm0),
+        scale=sched.scale,
+    )
+
+
+def scheduler_features(sched: SchedulerState, loss: jax.Array, gnorm: jax.Array) -> jax.Array:
+    """The :data:`NUM_SCHEDULER_FEATURES` inputs of the learned scheduler, ``[5]``.
+
+    With ``log r(a, b) = log(max(a, F) / max(b, F))`` (``F`` = :data:`SCHEDULER_FLOOR`),
+    each clipped to ``+-SCHEDULER_CLIP`` (non-finite values to the bounds, NaN to 0):
+
+    1. ``log r(loss_ema_fast, loss_ema_slow)``: the recent rate of progress;
+    2. ``log r(loss, loss0)``: progress so far (the minibatch loss over the first);
+    3. ``log r(loss_ema_fast, loss0)``: the same, smoothed;
+    4. ``log r(gnorm, gnorm_ema_slow)``: the gradient norm now against its recent past;
+    5. ``log r(gnorm_ema_fast, gnorm0)``: the gradient norm against the first step's.
+
+    ``sched`` is the state *after* this step's statistics
+    (:func:`update_scheduler_state`). Invariance (exact in real arithmetic, float32
+    rounding aside): multiplying the loss by ``c > 0`` multiplies every loss statistic
+    and, the gradient being linear in the loss, every gradient norm by ``c``; each
+    feature is a ratio of two of them, so it is unchanged (as long as no value falls
+    below the floor ``F``). Reparameterising ``p -> a p`` changes gradient norms by a
+    factor common to every step, so features 4 and 5 are unchanged by it too.
+
+    Example:
+      >>> s = update_scheduler_state(init_state({}, LOptSpec(scheduler=(4,))).sched,
+      ...                            jnp.int32(0), 2.0, 3.0)
+      >>> scheduler_features(s, 2.0, 3.0).tolist()
+      [0.0, 0.0, 0.0, 0.0, 0.0]
+    """
+
+    def lr(a, b):
+        return jnp.log(jnp.maximum(a, SCHEDULER_FLOOR)) - jnp.log(jnp.maximum(b, SCHEDULER_FLOOR))
+
+    loss = jnp.asarray(loss, jnp.float32)
+    gnorm = jnp.asarray(gnorm, jnp.float32)
+    x = jnp.stack(
+        [
+            lr(sched.loss_ema[0], sched.loss_ema[1]),
+            lr(loss, sched.loss0),
+            lr(sched.loss_ema[0], sched.loss0),
+            lr(gnorm, sched.gnorm_ema[1]),
+            lr(sched.gnorm_ema[0], sched.gnorm0),
+        ]
+    )
+    x = jnp.nan_to_num(x, nan=0.0, posinf=SCHEDULER_CLIP, neginf=-SCHEDULER_CLIP)
+    return jnp.clip(x, -SCHEDULER_CLIP, SCHEDULER_CLIP)
+
+
+def scheduler_scale(layers: list[dict], features: jax.Array, max_log_scale: float) -> jax.Array:
+    """The scheduler's step factor ``exp(M tanh(o / M))`` (``M`` = ``max_log_scale``) of
+    its MLP's output ``o`` on ``features`` (tanh hidden units): always within
+    ``[exp(-M), exp(M)]``, and finite for finite weights (the features are clipped).
+
+    Example:
+      >>> spec = LOptSpec(scheduler=(4,))
+      >>> w = init_weights(jax.random.key(0), spec)["scheduler"]
+      >>> float(scheduler_scale(w, jnp.zeros(5), spec.max_log_scale))  # zero output layer
+      1.0
+    """
+    h = features
+    for i, layer in enumerate(layers):
+        h = (jnp.tanh(h) if i else h) @ layer["w"] + layer["b"]
+    return jnp.exp(max_log_scale * jnp.tanh(h[0] / max_log_scale))
 
 
 def update(
@@ -275,6 +459,7 @@ def update(
     progress: jax.Array,
     horizon: jax.Array | float,
     spec: LOptSpec = LOptSpec(),
+    value: jax.Array | None = None,
 ) -> tuple[PyTree, LOptState]:
     """One learned-optimizer step.
 
@@ -286,11 +471,16 @@ def update(
       progress: float scalar, training progress ``t / T``.
       horizon: the training horizon ``T`` (for the ``log T`` feature).
       spec: the fixed architecture and hyperparameters.
+      value: the minibatch loss (required with a scheduler, ignored without).
 
     Returns:
       ``(updates, new_state)``; updates have the gradients' structure and dtypes
       and are to be *added* to the parameters (optax convention).
     """
+    if spec.scheduler and value is None:
+        raise ValueError(
+            "the learned scheduler needs the loss: call update(grads, state, params, value=loss)"
+        )
     treedef = jax.tree.structure(grads)
     if treedef.num_leaves == 0:  # nothing to train (optax allows empty parameter trees)
         return grads, state._replace(count=state.count + 1)
@@ -337,13 +527,31 @@ def update(
         ]
     else:
         steps = jnp.split(-spec.base_lr * jnp.exp(log_step) * direction, splits)
+    if spec.mup_roles:
+        roles = treedef.flatten_up_to(infer_roles(grads))
+        mults = [
+            role_multiplier(r, jnp.shape(g), spec.mup_fan_in)
+            for r, g in zip(roles, g_leaves, strict=True)
+        ]
+    else:
+        mults = [mup_multiplier(jnp.shape(g), spec.mup_fan_in) for g in g_leaves]
     updates = [
-        (u * mup_multiplier(jnp.shape(g), spec.mup_fan_in))
-        .reshape(jnp.shape(g))
-        .astype(jnp.result_type(g))
-        for u, g in zip(steps, g_leaves, strict=True)
+        (u * m).reshape(jnp.shape(g)).astype(jnp.result_type(g))
+        for u, m, g in zip(steps, mults, g_leaves, strict=True)
     ]
-    new_state = LOptState(count=count, mom=treedef.unflatten(new_m), nu=treedef.unflatten(new_v))
+    sched = state.sched
+    if spec.scheduler:
+        gnorm = jnp.sqrt(sum(jnp.sum(jnp.square(jnp.asarray(g, jnp.float32))) for g in g_leaves))
+        sched = update_scheduler_state(sched, state.count, value, gnorm)
+        x = scheduler_features(sched, value, gnorm)
+        if spec.scheduler_progress:
+            x = jnp.concatenate([x, jnp.asarray(progress, jnp.float32)[None]])
+        scale = scheduler_scale(weights["scheduler"], x, spec.max_log_scale)
+        sched = sched._replace(scale=scale)
+        updates = [(u * scale).astype(u.dtype) for u in updates]
+    new_state = LOptState(
+        count=count, mom=treedef.unflatten(new_m), nu=treedef.unflatten(new_v), sched=sched
+    )
     return treedef.unflatten(updates), new_state
 
 
@@ -368,7 +576,9 @@ def scale_by_learned_optimizer(
       num_steps: the training horizon ``T``: progress is ``min(count / T, 1)``.
       spec: the architecture the weights belong to.
 
-    ``update(grads, state, params)`` requires ``params``.
+    ``update(grads, state, params)`` requires ``params``; with a scheduler
+    (:attr:`LOptSpec.scheduler`) also ``value=loss`` (an
+    ``optax.GradientTransformationExtraArgs``, as optax's own loss-reading transforms).
     """
     if int(num_steps) < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -378,17 +588,22 @@ def scale_by_learned_optimizer(
     def init_fn(params):
         return ScaleByLearnedState(init_state(params, spec))
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, value=None, **extra_args):
+        del extra_args
         if params is None:
             raise ValueError(
                 "the learned optimizer needs params: call update(grads, state, params)"
             )
         inner = state.inner
         progress = jnp.minimum(inner.count.astype(jnp.float32) / jnp.float32(horizon), 1.0)
-        new_updates, inner = update(weights, updates, inner, params, progress, horizon, spec)
+        new_updates, inner = update(
+            weights, updates, inner, params, progress, horizon, spec, value=value
+        )
         return new_updates, ScaleByLearnedState(inner)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    if spec.scheduler:
+        return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformation(init_fn, lambda u, s, p=None: update_fn(u, s, p))
 
 
 def adam_from_hyperparams(hyper: dict) -> optax.GradientTransformation:
@@ -425,6 +640,11 @@ def save(path: str | Path, kind: str, weights: PyTree, horizon: int, spec: LOptS
             del meta["spec"]["rule"]
         if not spec.mup_fan_in:  # likewise; with the option on, older readers refuse the file
             del meta["spec"]["mup_fan_in"]
+        if not spec.scheduler:  # likewise
+            for key in ("scheduler", "scheduler_progress", "max_log_scale"):
+                del meta["spec"][key]
+        if not spec.mup_roles:
+            del meta["spec"]["mup_roles"]
     weights = jax.tree.map(lambda v: np.asarray(v, np.float32), weights)
     save_artifact(path, weights, "learned-optimizer", **meta)
 
@@ -490,3 +710,103 @@ def as_optax(
     if num_steps is None:
         raise ValueError("num_steps is required when passing weights directly")
     return scale_by_learned_optimizer(weights_or_run_dir, num_steps, spec or LOptSpec())
+
+
+# ---------------------------------------------------------------------------
+# muP roles inferred from the parameter tree.
+# ---------------------------------------------------------------------------
+
+#: the roles :func:`infer_roles` gives a parameter tensor.
+ROLES = ("vector", "input", "hidden", "recurrent", "output", "input_output")
+
+#: path keys that name a recurrent (hidden-to-hidden) matrix: ours (``w_hh``), flax's
+#: ``SimpleCell`` / ``GRUCell`` (``h``, ``hr``, ``hz``, ``hn``), and common spellings.
+RECURRENT_KEYS = frozenset({"w_hh", "h", "hh", "hr", "hz", "hn", "recurrent", "recurrent_kernel"})
+
+
+def infer_roles(params: PyTree) -> PyTree:
+    """The muP role of every tensor of ``params`` (a pytree of the same structure).
+
+    Read from shapes and path names alone, with the ``x @ W`` layout (``W [in, out]``,
+    convolution kernels ``[..., C_in, C_out]``):
+
+    * ``"vector"``: fewer than two axes (biases, gains, scalars);
+    * ``"recurrent"``: a square matrix whose path holds a key of :data:`RECURRENT_KEYS`;
+    * otherwise a matrix or kernel is an *input* layer when no other tensor produces its
+      input width (no other's ``out`` equals its ``in``, nor, for a dense layer read
+      after a flatten, divides it when the tree holds a convolution), an *output* layer
+      when no other tensor consumes its output width, ``"input_output"`` when both (a
+      linear model), and ``"hidden"`` when neither.
+
+    Width scaling (muP with Adam-like steps, Yang et al. 2022) multiplies the steps of
+    hidden, recurrent and output tensors by ``n0 / fan_in`` and leaves input layers and
+    vectors alone (:func:`role_multiplier`); the plain :attr:`LOptSpec.mup_fan_in` rule
+    rescales every matrix, input layers included.
+
+    Example:
+      >>> infer_roles({"w_xh": jnp.ones((5, 16)), "w_hh": jnp.ones((16, 16)),
+      ...              "b_h": jnp.ones(16), "w_hy": jnp.ones((16, 4))})
+      {'b_h': 'vector', 'w_hh': 'recurrent', 'w_hy': 'output', 'w_xh': 'input'}
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    mats = [(path, jnp.shape(x)) for path, x in leaves if len(jnp.shape(x)) >= 2]
+    has_conv = any(len(s) >= 3 for _, s in mats)
+
+    def keys(path) -> set[str]:
+        return {str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path}
+
+    def produced(path, width: int) -> bool:
+        for other, s in mats:
+            if other == path:
+                continue
+            out = s[-1]
+            if out == width or (has_conv and len(s) >= 3 and width % out == 0):
+                return True
+        return False
+
+    def consumed(path, width: int) -> bool:
+        for other, s in mats:
+            if other == path:
+                continue
+            fan_in = s[-2] if len(s) >= 3 else s[0]
+            if fan_in == width or (has_conv and len(s) == 2 and fan_in % width == 0):
+                return True
+        return False
+
+    roles = []
+    for path, x in leaves:
+        shape = jnp.shape(x)
+        if len(shape) < 2:
+            roles.append("vector")
+            continue
+        fan_in = shape[-2] if len(shape) >= 3 else shape[0]
+        if len(shape) == 2 and shape[0] == shape[1] and keys(path) & RECURRENT_KEYS:
+            roles.append("recurrent")
+            continue
+        is_in, is_out = not produced(path, fan_in), not consumed(path, shape[-1])
+        roles.append(
+            "input_output"
+            if is_in and is_out
+            else "input"
+            if is_in
+            else "output"
+            if is_out
+            else "hidden"
+        )
+    return treedef.unflatten(roles)
+
+
+def role_multiplier(role: str, shape: tuple[int, ...], mup_fan_in: int) -> float:
+    """The muP step multiplier of a tensor of ``role`` (:func:`infer_roles`) and ``shape``:
+    ``mup_fan_in / fan_in`` for hidden, recurrent and output tensors, 1 for input layers,
+    linear models and vectors, and 1 when ``mup_fan_in`` is 0.
+
+    Example:
+      >>> role_multiplier("hidden", (64, 32), 32), role_multiplier("input", (64, 32), 32)
+      (0.5, 1.0)
+    """
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if not mup_fan_in or role in ("vector", "input", "input_output"):
+        return 1.0
+    return mup_fan_in / math.prod(shape[:-1])
