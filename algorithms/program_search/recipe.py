@@ -71,6 +71,7 @@ from metaopt.algorithms.program_search.search import (
     RegularizedEvolution,
     Scorer,
     SearchState,
+    curve_fitness,
 )
 from metaopt.algorithms.program_search.selection import ValidationSelection
 from metaopt.algorithms.program_search.simplify import fold_constants, remove_dead_code
@@ -79,6 +80,7 @@ from metaopt.config import check
 from metaopt.driver import ProgressBar
 from metaopt.envs import distributions, families
 from metaopt.evaluation import Thresholdout
+from metaopt.evaluation.early_stopping import CurvePredictor
 from metaopt.optimizers.program import (
     ALL_OPS,
     BUILTINS,
@@ -169,6 +171,16 @@ class Config:
         "logistic-cond1000",
     )
     funnel_seeds: int = 4
+    # learning-curve early stopping in the funnel (docs/early_stopping.md; 0 = off, the
+    # default): the false-stop rate alpha of metaopt.evaluation.early_stopping's rule. The
+    # top funnel_fit_programs train to the end (curves of funnel_curve_points points; the
+    # first half fit the predictor, the second half calibrate it, their best funnel score
+    # is the incumbent); every later program trains funnel_stop_after points and is
+    # stopped when even its optimistic predicted funnel score is worse than the incumbent
+    funnel_early_stop: float = 0.0
+    funnel_curve_points: int = 20
+    funnel_stop_after: int = 2
+    funnel_fit_programs: int = 8
     heldout_task: str = "breast_cancer-mlp16"
     heldout_every: int = 5
     # the meta-overfitting picture (overfitting.py; off by default): the best program per
@@ -292,6 +304,24 @@ class Config:
         check(self.eval_seeds >= 2, "eval_seeds must be >= 2 (paired standard errors)")
         check(self.eval_top >= 1, "eval_top must be >= 1")
         check(self.funnel_top >= 0, "funnel_top must be >= 0 (0 turns the funnel off)")
+        check(
+            0.0 <= self.funnel_early_stop < 1.0,
+            f"funnel_early_stop is a false-stop rate in [0, 1) (0: off), got "
+            f"{self.funnel_early_stop}",
+        )
+        if self.funnel_early_stop:
+            points, seen = self.funnel_curve_points, self.funnel_stop_after
+            check(
+                2 <= seen < points,
+                f"need 2 <= funnel_stop_after < funnel_curve_points, got {seen} and {points}",
+            )
+            check(self.funnel_fit_programs >= 2, "funnel_fit_programs must be >= 2")
+            for name in self.funnel_tasks:
+                check(
+                    families.steps(name) % points == 0,
+                    f"funnel task {name}'s {families.steps(name)} steps do not divide into "
+                    f"funnel_curve_points={points} points",
+                )
         check(len(self.proposers) >= 1, "proposers must name at least one proposer")
         check(
             len(set(self.proposers)) == len(self.proposers),
@@ -508,7 +538,13 @@ def entry(state: SearchState, func: str) -> dict:
     }
 
 
-def funnel(cfg: Config, board: list[dict], progress: bool = True, rank: bool = True) -> list[dict]:
+def funnel(
+    cfg: Config,
+    board: list[dict],
+    progress: bool = True,
+    rank: bool = True,
+    stats: dict | None = None,
+) -> list[dict]:
     """Stage 1: re-scores the top ``funnel_top`` entries of ``board`` on ``funnel_tasks``.
 
     Every funnel task runs at its family's suggested horizon (longer than the proxy's)
@@ -516,6 +552,9 @@ def funnel(cfg: Config, board: list[dict], progress: bool = True, rank: bool = T
     grids. Returns the entries with ``fitness_funnel`` and ``lr_funnel`` added,
     best first (``rank=False``: in ``board``'s order, the funnel only scoring them);
     entries past ``funnel_top`` keep no funnel score and follow in ``board``'s order.
+    With ``cfg.funnel_early_stop`` (:func:`early_stopped_scores`) a stopped program keeps
+    no funnel score either and is ranked after the scored ones; ``stats`` (a dict) then
+    receives the early-stopping record.
     """
     top = [dict(m) for m in board[: cfg.funnel_top]]
     if not top:
@@ -543,14 +582,101 @@ def funnel(cfg: Config, board: list[dict], progress: bool = True, rank: bool = T
         "(loss_best = best fitness there, relative to tuned AdamW)",
     )
     t0 = time.perf_counter()
-    fit, lrs = scorer([parse(m["source"]) for m in top], 0)
-    bar.update([{"loss_best": float(np.min(fit))}], time.perf_counter() - t0)
+    programs = [parse(m["source"]) for m in top]
+    if cfg.funnel_early_stop:
+        fit, lrs, marks, record = early_stopped_scores(cfg, scorer, programs)
+        if stats is not None:
+            stats.update(record)
+    else:
+        fit, lrs = scorer(programs, 0)
+        marks = [{}] * len(top)
+    bar.update([{"loss_best": float(np.nanmin(fit))}], time.perf_counter() - t0)
     bar.close()
-    for m, f, lr in zip(top, fit, lrs, strict=True):
-        m["fitness_funnel"], m["lr_funnel"] = float(f), lr.tolist()
-    if rank:
-        top.sort(key=lambda m: m["fitness_funnel"])
+    for m, f, lr, mark in zip(top, fit, lrs, marks, strict=True):
+        m.update(mark)
+        if not mark.get("funnel_stopped"):
+            m["fitness_funnel"], m["lr_funnel"] = float(f), lr.tolist()
+    if rank:  # stopped programs (no funnel score) after the others, by their prediction
+        top.sort(key=lambda m: (m.get("funnel_stopped", False), m.get("fitness_funnel", 0.0)))
     return top + [dict(m) for m in board[cfg.funnel_top :]]
+
+
+def early_stopped_scores(cfg: Config, scorer: Scorer, programs: list):
+    """Funnel scores with learning-curve early stopping (``cfg.funnel_early_stop`` = alpha).
+
+    The first ``funnel_fit_programs`` programs (the best by the proxy) train to the end,
+    recording ``funnel_curve_points`` points per (task, learning rate): curves of the first
+    half fit a :class:`~metaopt.evaluation.early_stopping.CurvePredictor` that reads
+    ``funnel_stop_after`` points, those of the second half calibrate it at false-stop rate
+    alpha, and their best funnel score is the *incumbent*. Every later program trains
+    ``funnel_stop_after`` points; its optimistic predicted funnel score (each curve's
+    predicted final loss minus the calibrated margin, then the best learning rate per task
+    and the tasks' power mean, as :func:`~.search.curve_fitness`) decides: worse than the
+    incumbent, it stops; otherwise it is scored to the end from the start (the ``k`` points
+    run twice; a continued training would save them).
+
+    Returns:
+      fitness ``[n]`` (``nan`` where stopped), learning rates ``[n, tasks]``, per program a
+      dict for its leaderboard entry (``funnel_stopped``, ``funnel_role`` = "fit" or
+      "screened", ``funnel_predicted`` for screened ones) and the record for
+      ``funnel_early_stop.json``: the incumbent, the rule, the budget spent and saved
+      (in program trainings of the full funnel; the AdamW reference is shared, not counted).
+
+    Example:
+      >>> from metaopt.envs import families
+      >>> from metaopt.optimizers.program import BUILTINS, parse
+      >>> cfg = Config(funnel_early_stop=0.05, funnel_fit_programs=4, funnel_curve_points=4)
+      >>> s = Scorer([(families.make("digits-mlp8"), 20)], (1e-3, 1e-2, 1e-1), 2, 8)
+      >>> names = ("adamw_nobc", "adamw", "lion", "signsgd", "sgd")
+      >>> progs = [parse(BUILTINS[n]) for n in names]
+      >>> fit, lrs, marks, record = early_stopped_scores(cfg, s, progs)
+      >>> [m["funnel_role"] for m in marks], record["programs"], record["screened"]
+      (['fit', 'fit', 'fit', 'fit', 'screened'], 5, 1)
+    """
+    points, seen, alpha = cfg.funnel_curve_points, cfg.funnel_stop_after, cfg.funnel_early_stop
+    n, n_fit = len(programs), min(cfg.funnel_fit_programs, len(programs))
+    full = scorer.curves(programs[:n_fit], 0, points)  # [n_fit, tasks, G, points]
+    fit = np.full(n, np.nan)
+    fit[:n_fit] = curve_fitness(full, scorer.power)
+    grids = scorer.grids(n).astype(np.float32).astype(np.float64)  # as Scorer.__call__ has it
+    final = np.where(np.isfinite(full[..., -1]), full[..., -1], np.inf)
+    lrs = np.zeros(grids.shape[:2])
+    lrs[:n_fit] = np.exp(np.take_along_axis(grids[:n_fit], final.argmin(-1)[..., None], -1)[..., 0])
+    incumbent = float(np.nanmin(np.where(np.isfinite(fit[:n_fit]), fit[:n_fit], np.nan)))
+    marks = [{"funnel_stopped": False, "funnel_role": "fit"} for _ in range(n_fit)]
+    half = max(n_fit // 2, 1)
+    fit_curves = full[:half].reshape(-1, points)
+    fit_curves = fit_curves[np.all(np.isfinite(fit_curves), axis=1)]
+    rule = CurvePredictor.fit(fit_curves, seen).calibrate(full[half:].reshape(-1, points), alpha)
+    stopped = np.zeros(n - n_fit, bool)
+    if n > n_fit:
+        prefix = scorer.curves(programs[n_fit:], 0, points, seen)  # [r, tasks, G, seen]
+        log_pred = rule.predict_log(prefix.reshape(-1, seen)) - rule.margin
+        optimistic = curve_fitness(np.exp(log_pred).reshape(prefix.shape[:-1]), scorer.power)
+        stopped = optimistic > incumbent
+        keep = [n_fit + j for j in np.flatnonzero(~stopped)]
+        if keep:
+            f, lr = scorer([programs[j] for j in keep], 0)
+            fit[keep], lrs[keep] = f, lr
+        marks += [
+            {"funnel_stopped": bool(s), "funnel_role": "screened", "funnel_predicted": float(o)}
+            for s, o in zip(stopped, optimistic, strict=True)
+        ]
+    spent = n_fit + (n - n_fit) * seen / points + int(np.sum(~stopped))
+    record = {
+        "alpha": alpha,
+        "incumbent": incumbent,
+        "programs": n,
+        "fit_programs": n_fit,
+        "screened": n - n_fit,
+        "stopped": int(stopped.sum()),
+        "points": points,
+        "stop_after": seen,
+        "budget_spent": spent / n,  # of n full funnel trainings
+        "budget_saved": 1.0 - spent / n,
+        "predictor": rule.to_json(),
+    }
+    return fit, lrs, marks, record
 
 
 def plot_search(rows: list[dict], path: Path) -> None:
@@ -684,11 +810,14 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
         ][: cfg.leaderboard]
     write_json_atomic(out / "state.json", state.to_json())
     rows = read_metrics(out / "metrics.jsonl")
+    stopping: dict = {}
     if board:
-        board = funnel(cfg, board, progress, rank=False)
+        board = funnel(cfg, board, progress, rank=False, stats=stopping)
     else:  # the proxy's ranking (also when every validation query was refused)
-        board = funnel(cfg, leaderboard(state, cfg.leaderboard), progress)
+        board = funnel(cfg, leaderboard(state, cfg.leaderboard), progress, stats=stopping)
     write_json_atomic(out / "leaderboard.json", board)
+    if stopping:
+        write_json_atomic(out / "funnel_early_stop.json", stopping)
     winner = board[0] if board else state.best
     # shown folded (r1 = sqrt(-0.8); div(m, r1) -> div(m, 0.894427)): the same update
     best_source = to_source(fold_constants(parse(winner["source"])))
@@ -705,6 +834,13 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     }
     if "fitness_funnel" in winner:
         summary["funnel_fitness (larger tasks)"] = f"{winner['fitness_funnel']:.4f}"
+    if stopping:
+        summary["funnel_early_stop"] = (
+            f"{stopping['stopped']} of {stopping['screened']} screened programs stopped after "
+            f"{stopping['stop_after']}/{stopping['points']} points (alpha {stopping['alpha']}, "
+            f"incumbent {stopping['incumbent']:.4f}); {stopping['budget_saved']:.1%} of the "
+            "funnel's training saved"
+        )
     if selector:
         sel, guard = state.selection, state.selection["thresholdout"]
         summary["selected_on_validation (Thresholdout)"] = (

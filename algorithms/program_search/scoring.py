@@ -142,6 +142,7 @@ def train_grid(
     weight_decays: jax.Array,
     keys: jax.Array,
     normalize: bool = False,
+    curve: tuple[int, int] | None = None,
 ) -> jax.Array:
     """Validation losses of ``rule`` at every (lr, wd) config and seed: ``[C, S]``.
 
@@ -154,6 +155,19 @@ def train_grid(
 
     Args:
       normalize: divide each training's update by its RMS at step 1 (frozen).
+      curve: ``(points, run)``: the learning curve instead, ``[C, S, run]``: the validation
+        loss after every ``horizon / points`` steps, for the first ``run`` of the
+        ``points`` (the schedule stays the ``horizon``-step one, so a prefix is the start
+        of the full training and the last of all ``points`` is the final loss).
+
+    Example:
+      >>> from metaopt.envs import families
+      >>> task, keys = families.make("digits-mlp8"), jax.random.split(jax.random.key(0), 2)
+      >>> lrs, wds = jnp.log(jnp.array([1e-2])), jnp.zeros(1)
+      >>> final = train_grid(task, 20, adamw_rule(), lrs, wds, keys)
+      >>> c = train_grid(task, 20, adamw_rule(), lrs, wds, keys, curve=(4, 4))
+      >>> c.shape, bool(jnp.allclose(c[..., -1], final, rtol=1e-5))
+      ((1, 2, 4), True)
     """
     task = as_family(task)
     num_c, num_s = log_lrs.shape[0], keys.shape[0]
@@ -193,12 +207,28 @@ def train_grid(
         return (w, state, scale), None
 
     carry = (w0, rule.init(w0.reshape(-1)), jnp.ones((num_c, num_s, 1), w0.dtype))
-    (w, _, _), _ = jax.lax.scan(body, carry, (step_keys, jnp.arange(horizon)))
 
-    def valid(ws, instance):
-        return task.valid_loss(unravel(ws), instance)
+    def valid_all(w):
+        return jax.vmap(
+            lambda wc: jax.vmap(lambda ws, i: task.valid_loss(unravel(ws), i))(wc, inst)
+        )(w)
 
-    return jax.vmap(lambda wc: jax.vmap(valid)(wc, inst))(w)
+    if curve is None:
+        (w, _, _), _ = jax.lax.scan(body, carry, (step_keys, jnp.arange(horizon)))
+        return valid_all(w)
+    points, run_points = curve
+    if horizon % points or not 1 <= run_points <= points:
+        raise ValueError(f"curve=(points, run) needs points | {horizon} and 1 <= run <= points")
+    every = horizon // points
+    seg_keys = step_keys[: run_points * every].reshape(run_points, every, *step_keys.shape[1:])
+    seg_t = jnp.arange(run_points * every).reshape(run_points, every)
+
+    def segment(carry, xs):
+        carry, _ = jax.lax.scan(body, carry, xs)
+        return carry, valid_all(carry[0])
+
+    _, losses = jax.lax.scan(segment, carry, (seg_keys, seg_t))
+    return jnp.moveaxis(losses, 0, -1)
 
 
 def grid_losses(
@@ -211,6 +241,7 @@ def grid_losses(
     normalize: bool = False,
     horizon: int | None = None,
     chunk: int | None = None,
+    curve: tuple[int, int] | None = None,
 ):
     """Validation losses of every (program, learning rate, seed): ``[P, G, S]``.
 
@@ -230,6 +261,8 @@ def grid_losses(
         faster than 256 at once (:func:`default_chunk`). ``None``: every program at once
         (best with several cores or an accelerator). Losses agree to float rounding
         (batched matmuls of another shape); a given ``chunk`` is deterministic.
+      curve: ``(points, run)``: learning curves ``[P, G, S, run]`` (:func:`train_grid`;
+        flat layout only).
     """
     if isinstance(inner, ProgramInnerLoop):
         wds = jnp.full(log_lrs.shape[-1:], inner.weight_decay, jnp.float32)
@@ -241,13 +274,20 @@ def grid_losses(
 
         def one(p, lr):
             return train_grid(
-                inner.task, horizon or inner.horizon, program_rule(p, ops), lr, wds, keys, normalize
+                inner.task,
+                horizon or inner.horizon,
+                program_rule(p, ops),
+                lr,
+                wds,
+                keys,
+                normalize,
+                curve,
             )
 
         return map_chunked(one, (programs, grids), chunk)
-    if normalize or horizon is not None or ops is not None or log_lrs.ndim != 1 or chunk:
+    if normalize or horizon is not None or ops is not None or log_lrs.ndim != 1 or chunk or curve:
         raise ValueError(
-            "normalize/horizon/ops/chunk/per-program grids need an inner loop from "
+            "normalize/horizon/ops/chunk/curve/per-program grids need an inner loop from "
             "program_inner_loop"
         )
     num_p, num_g = programs.op.shape[0], log_lrs.shape[0]

@@ -206,26 +206,30 @@ class Scorer:
 
     # -- kernels ---------------------------------------------------------------------------
 
+    def _losses(self, i: int, steps: int, progs, keys, log_lrs, curve=None):
+        """:func:`~.scoring.grid_losses` of task ``i`` at this scorer's settings."""
+        return grid_losses(
+            self.inners[i],
+            progs,
+            log_lrs,
+            keys,
+            ops=self.ops,
+            normalize=self.normalize,
+            horizon=steps,
+            chunk=self.chunk,
+            curve=curve,
+        )
+
     def _kernel(self, i: int, steps: int):
         """``(programs [P], keys, log_lrs [P, G]) -> (best seed-mean loss [P], grid index [P])``."""
         if (i, steps) not in self._kernels:
-            inner, ops, normalize, chunk = self.inners[i], self.ops, self.normalize, self.chunk
             # programs split over this process's devices (one per core on a CPU, see
             # sharding.one_cpu_device_per_core), each device training its block; with a
             # chunk, only at chunk boundaries, so that every program trains in a vmap of
             # the same width as on one device: the same scores, bit for bit
             self._kernels[i, steps] = split_over_devices(
                 lambda progs, keys, log_lrs: best_over_grid(
-                    grid_losses(
-                        inner,
-                        progs,
-                        log_lrs,
-                        keys,
-                        ops=ops,
-                        normalize=normalize,
-                        horizon=steps,
-                        chunk=chunk,
-                    )
+                    self._losses(i, steps, progs, keys, log_lrs)
                 ),
                 (True, False, True),
                 unit=chunk or 1,
@@ -348,27 +352,72 @@ class Scorer:
             raise ValueError(f"programs use {sorted(extra)} outside the scorer's op set")
         n, out_l, out_i = len(programs), [], []
         grids = self.grids(n, centres).astype(np.float32)
-        spans = chunk_spans(n, self.batch)
         for i in range(len(self.tasks)):
             steps = self.horizon(i, stage, screen_steps)
-            keys, kernel = self.keys(round_, i, stage), self._kernel(i, steps)
-            losses, idx = [], []
-            for lo, size, rows in spans:
-                chunk = list(programs[lo : lo + size])
-                lrs = grids[lo : lo + size, i]
-                longest = max(length(p) for p in chunk)
-                bucket = next((b for b in BUCKETS if b >= longest), MAX_LEN)
-                lrs = np.concatenate([lrs, np.repeat(lrs[:1], rows - size, 0)])
-                chunk += [chunk[0]] * (rows - size)
-                batch = trim(stack_programs(chunk), bucket)
-                loss, j = jax.device_get(kernel(batch, keys, jnp.asarray(lrs)))
-                losses.append(np.asarray(loss[:size], np.float64))
-                idx.append(np.asarray(j[:size]))
-            out_l.append(np.concatenate(losses))
-            out_i.append(np.concatenate(idx))
+            kernel = self._kernel(i, steps)
+            loss, j = self._batched(kernel, programs, self.keys(round_, i, stage), grids[:, i])
+            out_l.append(np.asarray(loss, np.float64))
+            out_i.append(j)
         idx = np.stack(out_i, axis=1)
         lrs = np.exp(np.take_along_axis(grids.astype(np.float64), idx[..., None], -1)[..., 0])
         return np.stack(out_l, axis=1), idx, lrs
+
+    def _batched(self, kernel, programs: list, keys, grids: np.ndarray):
+        """``kernel(programs, keys, grids)`` over :func:`chunk_spans` calls (padded to
+        their rows, each cut to its length bucket); outputs concatenated per program."""
+        outs = []
+        for lo, size, rows in chunk_spans(len(programs), self.batch):
+            chunk = list(programs[lo : lo + size])
+            lrs = grids[lo : lo + size]
+            longest = max(length(p) for p in chunk)
+            bucket = next((b for b in BUCKETS if b >= longest), MAX_LEN)
+            lrs = np.concatenate([lrs, np.repeat(lrs[:1], rows - size, 0)])
+            chunk += [chunk[0]] * (rows - size)
+            batch = trim(stack_programs(chunk), bucket)
+            out = jax.device_get(kernel(batch, keys, jnp.asarray(lrs)))
+            outs.append([np.asarray(x[:size]) for x in out])
+        return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
+
+    def _curve_kernel(self, i: int, points: int, run: int):
+        """``(programs, keys, log_lrs) -> (seed-mean curves [P, G, run],)`` on task ``i``."""
+        if ("curve", i, points, run) not in self._kernels:
+            steps = self.tasks[i][1]
+            self._kernels["curve", i, points, run] = split_over_devices(
+                lambda progs, keys, log_lrs: (
+                    jnp.mean(self._losses(i, steps, progs, keys, log_lrs, (points, run)), axis=2),
+                ),
+                (True, False, True),
+            )
+        return self._kernels["curve", i, points, run]
+
+    def curves(self, programs: list, round_: int, points: int, run: int | None = None):
+        """Learning curves of every program on every task and grid learning rate.
+
+        Returns ``[n, tasks, G, run]`` seed-mean validation losses *relative to tuned
+        AdamW's final loss* on the same seeds, after every ``steps / points`` steps of each
+        task's full horizon, for the first ``run`` (default: all) of the ``points``
+        (stage-0 seeds and ``lr_grid``: the last of all ``points`` is what :meth:`__call__`
+        scores, up to float rounding). :func:`curve_fitness` turns complete curves into
+        the fitness :meth:`__call__` gives.
+
+        Example:
+          >>> from metaopt.envs import families
+          >>> from metaopt.optimizers.program import BUILTINS, parse
+          >>> s = Scorer([(families.make("digits-mlp8"), 20)], (1e-2, 1e-1), 2, 4)
+          >>> progs = [parse(BUILTINS["adamw_nobc"])]
+          >>> c = s.curves(progs, 0, points=4)
+          >>> c.shape, bool(np.allclose(curve_fitness(c, s.power)[0], s(progs, 0)[0], 1e-4))
+          ((1, 1, 2, 4), True)
+        """
+        run = points if run is None else run
+        grids = self.grids(len(programs)).astype(np.float32)
+        ref = self.reference(round_)
+        out = []
+        for i in range(len(self.tasks)):
+            kernel = self._curve_kernel(i, points, run)
+            (c,) = self._batched(kernel, programs, self.keys(round_, i), grids[:, i])
+            out.append(np.asarray(c, np.float64) / ref[i])
+        return np.stack(out, axis=1)
 
     def __call__(
         self, programs: list, round_: int, stage: int = 0, screen_steps: int = 0, centres=None
@@ -390,6 +439,21 @@ class Scorer:
         rel = loss / ref[None, :]
         rel = np.where(np.isfinite(rel), rel, np.inf)
         return power_mean(rel, self.power), lrs
+
+
+def curve_fitness(curves: np.ndarray, power: float = 1.0) -> np.ndarray:
+    """The fitness :meth:`Scorer.__call__` gives, from (predicted) final points
+    ``[n, tasks, G]`` or complete curves ``[n, tasks, G, E]`` (their last point): per task
+    the best grid point (non-finite never wins), tasks combined by :func:`power_mean`.
+
+    Example:
+      >>> float(curve_fitness(np.array([[[0.9, np.nan], [1.2, 1.1]]]))[0])
+      1.0
+    """
+    final = np.asarray(curves, np.float64)
+    final = final[..., -1] if final.ndim == 4 else final
+    best = np.min(np.where(np.isfinite(final), final, np.inf), axis=-1)
+    return power_mean(best, power)
 
 
 @dataclasses.dataclass

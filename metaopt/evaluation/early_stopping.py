@@ -92,7 +92,8 @@ class CurvePredictor:
     def predict_log(self, prefix: np.ndarray) -> np.ndarray:
         """Predicted final log losses of prefixes ``[N, >= k]`` (the first ``k`` points)."""
         prefix = np.asarray(prefix, np.float64)[:, : self.k]
-        z = (features(prefix) - self.mean) / self.scale
+        with np.errstate(invalid="ignore"):  # inf - inf in a diverged prefix's differences
+            z = (features(prefix) - self.mean) / self.scale
         out = z @ self.weights[:-1] + self.weights[-1]
         # a prefix that already diverged predicts a diverged run
         return np.where(np.all(np.isfinite(prefix), axis=1), out, np.inf)
