@@ -21,7 +21,6 @@ from metaopt.optimizers.program import BUILTINS, parse
 TASK = "digits-mlp8"
 
 
-@pytest.mark.slow  # ~40 s at load 9: the interpreter compiles in two layouts
 def test_flat_curves_match_the_core_inner_loop_point_by_point():
     """The flat trainer's curve (every 5 of 20 steps) is rollout_curve's on the core's
     inner loop, an independent implementation (its last point is rollout_loss's); a
@@ -41,7 +40,6 @@ def test_flat_curves_match_the_core_inner_loop_point_by_point():
         train_grid(task, steps, adamw_rule(), log_lrs, wds, keys, curve=(3, 3))
 
 
-@pytest.mark.slow  # ~50 s at load 9 (kernels for curves, prefixes and scores)
 def test_early_stopped_funnel_scores_agree_and_stop_only_losers():
     """Programs trained to the end score as Scorer does; a stopped program really ends
     worse than the incumbent; the budget is counted by hand."""
