@@ -232,7 +232,7 @@ class Scorer:
                     self._losses(i, steps, progs, keys, log_lrs)
                 ),
                 (True, False, True),
-                unit=chunk or 1,
+                unit=self.chunk or 1,
             )
         return self._kernels[i, steps]
 
