@@ -7,7 +7,7 @@
    vs the same step with ``optax.adam``. All run ``steps`` steps per jitted
    call (one ``lax.scan``), calls alternated, medians; compilation excluded.
    Target: ``ratio = learned / adam <= 3``. The wider 13-32-32-2 variant is
-   timed alongside for reference, and so are round 3's optimizer (``--preset
+   timed alongside for reference, and so are the scheduler optimizer (``--preset
    celo``: the normalised rule with muP and the learned scheduler, a 5-16-1 MLP on
    loss and gradient-norm statistics; target <= 3 too) and the same without its
    scheduler (``--preset mixture``'s rule).

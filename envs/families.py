@@ -751,8 +751,8 @@ register(
     description="copy task: 8 symbols of 8 recalled after a delimiter, tanh RNN 32",
 )
 
-# small recurrent and convolutional families for meta-training mixtures (the round-3
-# mixture, ``--preset celo``); copy-rnn and digits-conv, their larger kin, stay held out
+# small recurrent and convolutional families for meta-training mixtures (the
+# ``--preset celo`` mixture); copy-rnn and digits-conv, their larger kin, stay held out
 register(
     "copy-rnn-small",
     lambda: CopyRNN(4, 4, 16, 32),

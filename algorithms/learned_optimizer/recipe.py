@@ -257,7 +257,7 @@ HELD_OUT_FAMILIES = (
     "digits-ae16",
 )
 
-#: the round-3 mixture (``--preset celo``): the three of :data:`MIXTURE_FAMILIES` plus a
+#: the ``--preset celo`` mixture: the three of :data:`MIXTURE_FAMILIES` plus a
 #: small recurrent and a small convolutional family, none of them held out.
 CELO_FAMILIES = (*MIXTURE_FAMILIES, "copy-rnn-small", "digits-conv4")
 
@@ -304,28 +304,17 @@ PRESETS = {
         "checkpoint_every": 50,
         "valid_every": 10,
     },
-    # round 3 (issue 28): the mixture preset plus a learned scheduler (Celo-style, one task-
-    # level step factor from scale-free progress statistics), task augmentation, and a
-    # small recurrent and a small convolutional family in the training mixture (neither
-    # held out); docs/learned_optimizer.md, "Round 3"
-    "celo": {
-        "families": CELO_FAMILIES,
-        "horizon_range": (0.25, 1.0),
-        "rule": "normalised",
-        "mup_fan_in": 32,
-        "scheduler": (16,),
-        "augment": True,
-        "eval_families": HELD_OUT_FAMILIES,
-        "eval_longer_mult": 4,
-        "eval_widths": (),
-        "inner_steps": 400,
-        "population": 32,
-        "seeds": 2,
-        "generations": 200,
-        "steps_per_call": 10,
-        "checkpoint_every": 50,
-        "valid_every": 10,
-    },
+}
+# the mixture preset plus a learned scheduler (Celo-style: one task-level step factor from
+# scale-free progress statistics), task augmentation, and a small recurrent and a small
+# convolutional family in the training mixture (neither held out); no width sweep in its
+# evaluation; docs/learned_optimizer.md, "Round 3"
+PRESETS["celo"] = {
+    **PRESETS["mixture"],
+    "families": CELO_FAMILIES,
+    "scheduler": (16,),
+    "augment": True,
+    "eval_widths": (),
 }
 
 

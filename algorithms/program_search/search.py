@@ -206,6 +206,12 @@ class Scorer:
 
     # -- kernels ---------------------------------------------------------------------------
 
+    def _split(self, fn):
+        """``fn(programs, keys, log_lrs)`` jitted, its programs split over this process's
+        devices at whole chunks (:func:`~metaopt.sharding.split_over_devices`' ``unit``), so
+        a program trains in a vmap of the same width on any number of devices."""
+        return split_over_devices(fn, (True, False, True), unit=self.chunk or 1)
+
     def _losses(self, i: int, steps: int, progs, keys, log_lrs, curve=None):
         """:func:`~.scoring.grid_losses` of task ``i`` at this scorer's settings."""
         return grid_losses(
@@ -227,12 +233,10 @@ class Scorer:
             # sharding.one_cpu_device_per_core), each device training its block; with a
             # chunk, only at chunk boundaries, so that every program trains in a vmap of
             # the same width as on one device: the same scores, bit for bit
-            self._kernels[i, steps] = split_over_devices(
+            self._kernels[i, steps] = self._split(
                 lambda progs, keys, log_lrs: best_over_grid(
                     self._losses(i, steps, progs, keys, log_lrs)
-                ),
-                (True, False, True),
-                unit=self.chunk or 1,
+                )
             )
         return self._kernels[i, steps]
 
@@ -382,11 +386,10 @@ class Scorer:
         """``(programs, keys, log_lrs) -> (seed-mean curves [P, G, run],)`` on task ``i``."""
         if ("curve", i, points, run) not in self._kernels:
             steps = self.tasks[i][1]
-            self._kernels["curve", i, points, run] = split_over_devices(
+            self._kernels["curve", i, points, run] = self._split(
                 lambda progs, keys, log_lrs: (
                     jnp.mean(self._losses(i, steps, progs, keys, log_lrs, (points, run)), axis=2),
-                ),
-                (True, False, True),
+                )
             )
         return self._kernels["curve", i, points, run]
 

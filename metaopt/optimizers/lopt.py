@@ -271,12 +271,18 @@ def init_weights(key: jax.Array, spec: LOptSpec = LOptSpec()) -> dict:
       >>> [layer["w"].shape for layer in w["scheduler"]]
       [(5, 8), (8, 1)]
     """
-    sizes = (spec.num_param_features + spec.num_global_features, *spec.hidden, 2)
+    sizes, sched = _widths(spec)
     weights = {"layers": _dense_layers(key, sizes, spec.out_scale)}
-    if spec.scheduler:
-        sched = (spec.num_scheduler_inputs, *spec.scheduler, 1)
+    if sched:
         weights["scheduler"] = _dense_layers(jax.random.fold_in(key, 1), sched, 0.0)
     return weights
+
+
+def _widths(spec: LOptSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Layer widths of the per-parameter MLP and of the scheduler (``()`` without one)."""
+    sizes = (spec.num_param_features + spec.num_global_features, *spec.hidden, 2)
+    sched = (spec.num_scheduler_inputs, *spec.scheduler, 1) if spec.scheduler else ()
+    return sizes, sched
 
 
 def _dense_layers(key: jax.Array, sizes: tuple[int, ...], out_scale: float) -> list[dict]:
@@ -291,12 +297,9 @@ def _dense_layers(key: jax.Array, sizes: tuple[int, ...], out_scale: float) -> l
 
 def num_weights(spec: LOptSpec = LOptSpec()) -> int:
     """Number of meta-parameters (MLP weights and biases)."""
-    sizes = (spec.num_param_features + spec.num_global_features, *spec.hidden, 2)
-    n = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
-    if spec.scheduler:
-        sched = (spec.num_scheduler_inputs, *spec.scheduler, 1)
-        n += sum(a * b + b for a, b in zip(sched[:-1], sched[1:], strict=True))
-    return n
+    return sum(
+        a * b + b for sizes in _widths(spec) for a, b in zip(sizes[:-1], sizes[1:], strict=True)
+    )
 
 
 def _mlp(layers: list[dict], x: jax.Array, glob: jax.Array) -> jax.Array:
