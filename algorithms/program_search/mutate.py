@@ -60,12 +60,19 @@ class SearchSpace:
       allow_t: whether programs may read the step counter ``t``.
       ops: operations available (default: :data:`~.program.CHEAP_OPS`).
       max_len: statements per program.
+      state_moves: also propose the *state move*: insert ``s = interp(s, x, c)`` for a
+        slot ``s`` and make one later statement read ``s``. It is the only single
+        mutation that turns a stateless program into a stateful one; without it a slot's
+        write alone is dead code and its read alone reads zeros
+        (``benchmarks/reachability.py`` counts this). Off by default, so the proposals of
+        a run without it are unchanged.
     """
 
     slots: int = 2
     allow_t: bool = False
     ops: tuple[str, ...] = CHEAP_OPS
     max_len: int = 8
+    state_moves: bool = False
 
     def violation(self, program: Program) -> str | None:
         """Why ``program`` is outside the space, or ``None`` if it is inside."""
@@ -124,7 +131,9 @@ def _mutate_once(stmts, rng, space: SearchSpace):
     slots = space.slots
     dests = [d for d in _DESTS if d not in SLOT_NAMES[slots:]]
     op_names = [n for n in _OP_NAMES if n in space.ops]
-    kind = rng.choice(["insert", "delete", "modify"])
+    kind = rng.choice(["insert", "delete", "modify", *(["state"] if space.state_moves else [])])
+    if kind == "state":
+        return _state_move(stmts, rng, space) if slots and "interp" in space.ops else None
     if kind == "insert" and len(stmts) < space.max_len:
         pos = int(rng.integers(0, len(stmts) + 1))
         op = str(rng.choice(op_names))
@@ -152,6 +161,26 @@ def _mutate_once(stmts, rng, space: SearchSpace):
             if sum(_is_const(a) for a in args) > 1:
                 return None
         stmts[i] = (dst, op, args)
+    return stmts
+
+
+def _state_move(stmts, rng, space: SearchSpace):
+    """Insert ``s = interp(s, x, c)`` before a statement and make a later statement read ``s``."""
+    if not stmts or len(stmts) >= space.max_len:
+        return None
+    slot = str(rng.choice(SLOT_NAMES[: space.slots]))
+    pos = int(rng.integers(0, len(stmts)))  # a statement at pos or later reads the slot
+    inputs = [a for a in _available(stmts, pos, 0, space.allow_t) if a not in SLOT_NAMES]
+    stmts.insert(
+        pos, (slot, "interp", [slot, str(rng.choice(inputs)), _fmt(rng.uniform(0.01, 0.5))])
+    )
+    j = int(rng.integers(pos + 1, len(stmts)))
+    dst, op, args = stmts[j]
+    k = [i for i, a in enumerate(args) if not _is_const(a)]
+    if not k:
+        return None
+    args[k[int(rng.integers(len(k)))]] = slot
+    stmts[j] = (dst, op, args)
     return stmts
 
 

@@ -136,6 +136,8 @@ class Config:
     allow_t: bool = False  # programs may read the step counter t (ablation only)
     ops: str = "cheap"  # "cheap" (no exp/log/pow/tanh) or "full"
     max_len: int = 8  # statements per program
+    # also propose the state move (a slot's EMA and a read of it in one mutation; SearchSpace)
+    state_moves: bool = False
     warm_start: str = ""  # a built-in program; "" = adamw_nobc (slots=2) or sgd_momentum
     # regularized evolution
     # population >> children per round: every evaluated child joins and the oldest
@@ -352,7 +354,9 @@ class Config:
 
     @property
     def space(self) -> SearchSpace:
-        return SearchSpace(self.slots, self.allow_t, OP_SETS[self.ops], self.max_len)
+        return SearchSpace(
+            self.slots, self.allow_t, OP_SETS[self.ops], self.max_len, self.state_moves
+        )
 
     @property
     def lm_arms(self) -> dict[str, LMConfig]:
