@@ -185,7 +185,9 @@ def test_recipe_eval_writes_the_verdict(tmp_path, monkeypatch):
     monkeypatch.setattr(heldout, "BASELINES", ("adamw", "sgd_momentum"))
     board = [{"source": "update = sign(g)\n", "fitness": 1.0}]
     (tmp_path / "leaderboard.json").write_text(json.dumps(board))
-    summary = recipe.evaluate(tmp_path, recipe.Config(), progress=False, top=1)
+    # the funnel scores the held-out workload's problem: the verdict must say so
+    cfg = recipe.Config(funnel_tasks=("quadratic-10d", "logistic-cond10"))
+    summary = recipe.evaluate(tmp_path, cfg, progress=False, top=1)
     record = json.loads((tmp_path / "eval.json").read_text())
     assert record["recipe"] == "program-search" and record["seeds"] == 8
     names = set(record["workloads"]["quad"]["optimizers"])
@@ -199,7 +201,22 @@ def test_recipe_eval_writes_the_verdict(tmp_path, monkeypatch):
         row[k] for k in ("won", "tied", "lost")
     ]
     assert verdict["source"] == board[0]["source"] and verdict["others"] == []
+    assert verdict["funnel_overlap"] == {"quad": "quadratic-10d"}
+    assert "**Not untouched:**" in (tmp_path / "eval.md").read_text()
     assert [r["outcome"] for r in verdict["workloads"]] == [row["tasks"]["quad"]["outcome"]]
+
+
+def test_the_default_funnel_scores_two_held_out_problems():
+    # digits-mlp16x16-v40 is digits-mlp16x16 with another validation split; logistic is
+    # logistic-cond1000 itself; the other four are problems the funnel never scores
+    from metaopt.algorithms.program_search import recipe
+
+    loads = heldout.workloads()
+    assert heldout.funnel_overlap(recipe.Config().funnel_tasks, loads) == {
+        "digits-mlp16x16": "digits-mlp16x16",
+        "logistic": "logistic-cond1000",
+    }
+    assert heldout.funnel_overlap(("digits-mlp32", "logistic-cond100"), loads) == {}
 
 
 def test_decoupled_sophia_is_optax_sophia_with_a_cosine_schedule():

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -729,6 +730,26 @@ def _g(x: float | None, digits: int = 3) -> str:
     if x is None:
         return "-"
     return f"{x:.{digits}g}" if np.isfinite(x) else "inf"
+
+
+def funnel_overlap(funnel_tasks: Sequence[str], loads: dict[str, Workload]) -> dict[str, str]:
+    """Held-out workloads whose problem the funnel also scores: ``{workload: funnel task}``.
+
+    Two tasks are the same problem when their families agree up to the validation-split
+    suffix (``digits-mlp16x16-v40`` is ``digits-mlp16x16`` with a 40% validation split:
+    the same model on the same data). The funnel picks the reported program, so a
+    workload listed here was not untouched by the selection.
+
+    Example:
+      >>> funnel_overlap(["digits-mlp16x16", "teacher-student-large"], workloads())
+      {'digits-mlp16x16': 'digits-mlp16x16'}
+    """
+
+    def base(name: str) -> str:
+        return re.sub(r"-v\d+$", "", parse_task(name).family)
+
+    seen = {base(t): t for t in funnel_tasks}
+    return {k: seen[base(w.family)] for k, w in loads.items() if base(w.family) in seen}
 
 
 def verdict_markdown(result: dict[str, Any]) -> str:

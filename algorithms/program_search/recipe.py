@@ -893,25 +893,35 @@ def evaluate(run_dir: Path, cfg: Config, progress: bool = True, top: int = 0) ->
     entries = {f"discovered-{i + 1}": m["source"] for i, m in enumerate(leaders)}
     baselines, no_decay = heldout.baseline_entries()
     entries.update(baselines)
+    loads = heldout.workloads(cfg.eval_heldout)
     result = heldout.evaluate(
         entries,
         seeds=cfg.eval_seeds,
         seed=cfg.seed + 1234,
         no_decay=no_decay,
         progress=progress,
-        workloads=heldout.workloads(cfg.eval_heldout),
+        workloads=loads,
+    )
+    overlap = heldout.funnel_overlap(cfg.funnel_tasks, loads)
+    note = (
+        "\n\n**Not untouched:** the funnel, which ranks the programs reported here, also "
+        "scores the problem of "
+        + ", ".join(f"`{w}` (funnel task `{t}`)" for w, t in overlap.items())
+        + "; those workloads' verdicts are not from problems the selection never saw.\n"
+        if overlap
+        else ""
     )
     evaluation.write_eval(
         run_dir,
         result,
-        heldout.verdict_markdown(result),
+        heldout.verdict_markdown(result) + note,
         lambda p: heldout.plot(result, p),
         recipe="program-search",
     )
     found = [n for n in entries if n.startswith("discovered")]
     verdicts = [heldout.verdict_record(result, n, entries[n]) for n in found]
     if verdicts:
-        record = verdicts[0] | {"others": verdicts[1:]}
+        record = verdicts[0] | {"funnel_overlap": overlap, "others": verdicts[1:]}
         write_json_atomic(Path(run_dir) / "heldout_verdict.json", evaluation.strict_json(record))
     agg, paired = result["aggregate"], result["paired"]["per_method"]
     return {
