@@ -94,7 +94,7 @@ TINY = ps.Config(
 )
 
 
-@pytest.mark.slow  # ~30 s: three tiny runs
+@pytest.mark.slow  # ~40 s: four tiny runs
 def test_selection_on_validation_picks_the_report_and_resumes_exactly(tmp_path):
     """Every round's best and the final leaderboard are asked; the leaderboard is ordered by
     the answers and its first entry is the reported program; each answer is the proxy value
@@ -105,6 +105,12 @@ def test_selection_on_validation_picks_the_report_and_resumes_exactly(tmp_path):
     ps.run(TINY, tmp_path / "run", resume=True, progress=False)
     a, b = (json.loads((tmp_path / d / "state.json").read_text()) for d in ("run", "ref"))
     assert a == b
+    # selection changes only what is reported: without it the search is the same search,
+    # so the selection run's top programs are the plain run's (the top-50 tau's premise)
+    plain = dataclasses.replace(TINY, validation_tasks=(), select_on_validation=False)
+    ps.run(plain, tmp_path / "plain", progress=False)
+    c = json.loads((tmp_path / "plain" / "state.json").read_text())
+    assert "selection" not in c and c == {k: v for k, v in b.items() if k != "selection"}
     sel = b["selection"]
     answers = sel["answers"]
     rows = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
