@@ -32,8 +32,9 @@ import numpy as np
 from metaopt.algorithms.program_search.mutate import RandomMutator, SearchSpace
 from metaopt.algorithms.program_search.simplify import (
     fingerprint_inputs,
+    function_class,
     functional_fingerprints,
-    functional_hash,
+    keeps_state,
     remove_dead_code,
     structural_hash,
 )
@@ -46,11 +47,9 @@ def kind(program, parent_hash: str) -> str:
     """Which of the four classes above ``program`` (already dead-code free) is in."""
     if structural_hash(program) == parent_hash:
         return "same"
-    stmts = statements(program)
-    written = {d for d, _, _ in stmts} & {"m", "v"}
-    read = {a for _, _, args in stmts for a in args} & {"m", "v"}
-    if written:
+    if keeps_state(program):
         return "stateful"
+    read = {a for _, _, args in statements(program) for a in args} & {"m", "v"}
     return "reads zero state" if read else "stateless"
 
 
@@ -58,7 +57,7 @@ def function_of(programs) -> list[str]:
     """The search's functional hash of each program (``"zero"``: an all-zero update)."""
     inputs = fingerprint_inputs(jax.random.key(1))
     fps = np.asarray(functional_fingerprints(stack_programs(programs), *inputs))
-    return ["zero" if not np.any(f) else functional_hash(f) for f in fps]
+    return [function_class(f) for f in fps]
 
 
 def children(source: str, n: int, rng: np.random.Generator, space: SearchSpace):

@@ -16,7 +16,7 @@ from metaopt.algorithms.program_search.mutate import (
 )
 from metaopt.algorithms.program_search.scoring import program_optimizer
 from metaopt.algorithms.program_search.search import RegularizedEvolution
-from metaopt.algorithms.program_search.simplify import structural_hash
+from metaopt.algorithms.program_search.simplify import keeps_state, structural_hash
 from metaopt.config import ConfigError
 from metaopt.inner import seed_losses, training_inner_loop
 from metaopt.optimizers.program import CHEAP_OPS, length, ops_used
@@ -77,14 +77,6 @@ def test_default_search_space_has_no_step_counter_and_cheap_ops_only():
     assert SearchSpace(allow_t=True).violation(parse("update = mul(g, t)")) is None
 
 
-def _stateful(program) -> bool:
-    """Writes a slot that the update reads at a later step (after dead-code removal)."""
-    from metaopt.algorithms.program_search.simplify import remove_dead_code
-    from metaopt.optimizers.program import statements
-
-    return any(d in ("m", "v") for d, _, _ in statements(remove_dead_code(program)))
-
-
 def test_only_the_state_move_makes_sgd_stateful_in_one_mutation():
     # a slot's write alone is dead code and its read alone reads zeros, so without the
     # state move no single mutation of SGD keeps state (benchmarks/reachability.py)
@@ -93,13 +85,13 @@ def test_only_the_state_move_makes_sgd_stateful_in_one_mutation():
         rng = np.random.default_rng(0)
         propose = RandomMutator(SearchSpace(state_moves=moves))
         kids = [parse(propose([sgd], rng)) for _ in range(200)]
-        n = sum(_stateful(k) for k in kids)
+        n = sum(keeps_state(k) for k in kids)
         assert (n > 40) if expect else (n == 0), (moves, n)
     # the move itself: an EMA of an input, read by a later statement; inside the space
     rng = np.random.default_rng(3)
     space = SearchSpace(slots=1, state_moves=True)
     child = next(
-        c for c in (parse(RandomMutator(space)([sgd], rng)) for _ in range(50)) if _stateful(c)
+        c for c in (parse(RandomMutator(space)([sgd], rng)) for _ in range(50)) if keeps_state(c)
     )
     assert space.violation(child) is None and "m = interp(m, g, " in to_source(child)
     assert ps.Config(state_moves=True).space.state_moves and not ps.Config().space.state_moves

@@ -170,10 +170,8 @@ def _state_move(stmts, rng, space: SearchSpace):
         return None
     slot = str(rng.choice(SLOT_NAMES[: space.slots]))
     pos = int(rng.integers(0, len(stmts)))  # a statement at pos or later reads the slot
-    inputs = [a for a in _available(stmts, pos, 0, space.allow_t) if a not in SLOT_NAMES]
-    stmts.insert(
-        pos, (slot, "interp", [slot, str(rng.choice(inputs)), _fmt(rng.uniform(0.01, 0.5))])
-    )
+    x = str(rng.choice(_available(stmts, pos, 0, space.allow_t)))  # slots=0: no m, v
+    stmts.insert(pos, (slot, "interp", [slot, x, _fmt(rng.uniform(0.01, 0.5))]))
     j = int(rng.integers(pos + 1, len(stmts)))
     dst, op, args = stmts[j]
     k = [i for i, a in enumerate(args) if not _is_const(a)]

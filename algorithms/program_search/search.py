@@ -66,8 +66,8 @@ from metaopt.algorithms.program_search.scoring import (
 from metaopt.algorithms.program_search.simplify import (
     FitnessCache,
     fingerprint_inputs,
+    function_class,
     functional_fingerprints,
-    functional_hash,
     remove_dead_code,
     stationarity_ratios,
     structural_hash,
@@ -624,13 +624,7 @@ class RegularizedEvolution:
         """Functional hash of each program, or ``"nonfinite"``, ``"zero"``, ``"nonstationary"``."""
         if not programs:
             return []
-        fps = self._padded(self._fingerprint, programs)
-        out = []
-        for f in fps:
-            h = functional_hash(f)
-            if h != "nonfinite" and not np.any(f):
-                h = "zero"
-            out.append(h)
+        out = [function_class(f) for f in self._padded(self._fingerprint, programs)]
         if self.stationarity_factor > 0:
             valid = [i for i, h in enumerate(out) if h not in ("nonfinite", "zero")]
             if valid:

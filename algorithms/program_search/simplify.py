@@ -40,6 +40,7 @@ from metaopt.optimizers.program import (
     Program,
     encode,
     run,
+    statements,
 )
 
 _LIVE_OUT = (REG[OUTPUT], REG["m"], REG["v"])
@@ -238,6 +239,17 @@ def functional_hash(fingerprint: np.ndarray, digits: int = 4) -> str:
         return "nonfinite"
     r = np.round(f, digits) + 0.0
     return hashlib.sha1(r.tobytes()).hexdigest()
+
+
+def function_class(fingerprint: np.ndarray) -> str:
+    """:func:`functional_hash`, or ``"zero"`` for a finite all-zero update (rejected)."""
+    h = functional_hash(fingerprint)
+    return "zero" if h != "nonfinite" and not np.any(fingerprint) else h
+
+
+def keeps_state(program: Program) -> bool:
+    """Whether ``program`` writes a slot that its update reads at a later step."""
+    return any(d in ("m", "v") for d, _, _ in statements(remove_dead_code(program)))
 
 
 class FitnessCache:
